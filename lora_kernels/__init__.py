@@ -1,0 +1,22 @@
+"""lora_kernels: fused NF4 (QLoRA) and LoRA kernels, bitsandbytes-compatible storage.
+
+Public API (this release: the storage format and its kernels):
+  quantize_nf4(w, blocksize=64, double_quant=True) -> NF4Weight
+  dequantize_nf4(q, dtype=None, out=None) -> Tensor
+  NF4Weight (state_dict / from_state_dict in bitsandbytes' keys, from_bnb / to_bnb_params)
+  NF4Linear, quantize_model(model, device=...)
+  available_backends(device)
+"""
+
+from .codes import NF4_CODE, dynamic_code, nf4_code
+from .convert import quantize_model
+from .library import available_backends, dequantize_nf4, quantize_nf4, select_backend
+from .modules import NF4Linear
+from .nf4 import NF4FormatError, NF4Weight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NF4_CODE", "NF4FormatError", "NF4Linear", "NF4Weight", "available_backends", "dequantize_nf4",
+    "dynamic_code", "nf4_code", "quantize_model", "quantize_nf4", "select_backend",
+]

@@ -1,0 +1,42 @@
+"""Optional compiled extensions.  Importing this never raises: a missing or broken extension is
+logged once (one line) and reported as None, and the dispatcher falls back."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+logger = logging.getLogger("lora_kernels")
+
+_cache: dict[str, object] = {}
+
+
+def _load(name: str, what: str):
+    if name not in _cache:
+        try:
+            _cache[name] = importlib.import_module(f"lora_kernels.{name}")
+        except Exception as e:  # ImportError, or an undefined symbol from an ABI mismatch
+            _cache[name] = None
+            if os.environ.get("LORA_KERNELS_QUIET") != "1":
+                logger.warning("lora_kernels: %s extension unavailable (%s: %s); using the fallback",
+                               what, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+    return _cache[name]
+
+
+def cpu_ext():
+    """``lora_kernels._C`` (C++ CPU kernels) or None."""
+    return _load("_C", "C++ CPU")
+
+
+def cuda_ext():
+    """``lora_kernels._C_cuda`` (CUDA C++ kernels) or None."""
+    return _load("_C_cuda", "CUDA C++")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True

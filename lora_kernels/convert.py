@@ -1,0 +1,58 @@
+"""Whole-model conversion: replace ``nn.Linear`` layers by ``NF4Linear``, one layer at a time."""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .modules import NF4Linear
+
+
+def _progress(items: list, enabled: bool, desc: str) -> Iterable:
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # a plain counter on stderr
+        def gen():
+            for i, item in enumerate(items, 1):
+                print(f"\r{desc}: {i}/{len(items)}", end="" if i < len(items) else "\n", file=sys.stderr)
+                yield item
+        return gen()
+    return tqdm(items, desc=desc, unit="layer", file=sys.stderr)
+
+
+def quantize_model(model: nn.Module, *, blocksize: int = 64, double_quant: bool = True,
+                   device: torch.device | str | None = None, compute_dtype: torch.dtype | None = None,
+                   skip: Iterable[str] = ("lm_head", "*.lm_head"),
+                   filter_fn: Callable[[str, nn.Linear], bool] | None = None,
+                   backend: str | None = None, progress: bool = True) -> dict[str, NF4Linear]:
+    """Replace every ``nn.Linear`` of ``model`` (in place) by an ``NF4Linear``.
+
+    Layers are converted one at a time: the bf16 weight of one layer is copied to ``device`` (the
+    GPU, say, while the model stays on the CPU), quantized, and the original layer is dropped
+    before the next one, so at most one layer's dense copy exists beyond the model itself.
+    ``skip``: fnmatch patterns of module names to leave alone; ``filter_fn(name, linear)`` may veto
+    more.  Returns {name: new layer}.
+    """
+    skip = tuple(skip)
+    names = [name for name, mod in model.named_modules()
+             if type(mod) is nn.Linear and not any(fnmatch.fnmatch(name, p) for p in skip)
+             and (filter_fn is None or filter_fn(name, mod))]
+    converted: dict[str, NF4Linear] = {}
+    for name in _progress(names, progress, "quantizing to NF4"):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
+        new = NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant, device=device,
+                                    compute_dtype=compute_dtype, backend=backend)
+        setattr(parent, child, new)
+        # Free the dense weight now, even if someone still holds the old module.
+        linear.weight = None
+        del linear
+        converted[name] = new
+    return converted

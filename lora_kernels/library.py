@@ -1,0 +1,168 @@
+"""The op boundary: input checks, and the ONE place that picks an implementation.
+
+Backends (each exposes ``quantize_blocks``, ``quantize_absmax_nested``, ``dequantize`` with the
+same signatures; see ``reference.py`` for the math):
+
+=========== ================================ =====================================
+name        implementation                   used for
+=========== ================================ =====================================
+"cuda"      lora_kernels._C_cuda (csrc/cuda)  CUDA tensors, first choice
+"triton"    lora_kernels/triton/nf4_quant.py  CUDA tensors when the CUDA ext is missing
+"cpp"       lora_kernels._C (csrc/cpu)        CPU tensors, first choice
+"reference" lora_kernels/reference.py         everything else; the test oracle
+=========== ================================ =====================================
+
+``LORA_KERNELS_BACKEND=<name>`` forces a backend for every call (tests and benchmarks pass
+``backend=`` instead).
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+import torch
+
+from . import _ext, reference
+from .codes import VALID_BLOCKSIZES, dynamic_code, nf4_code
+from .nf4 import NF4Weight
+
+BACKENDS = ("cuda", "triton", "cpp", "reference")
+_PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_reference_backend = types.SimpleNamespace(
+    quantize_blocks=reference.quantize_blocks_reference,
+    quantize_absmax_nested=reference.quantize_absmax_nested_reference,
+    dequantize=lambda *a, out=None: _fill(out, reference.dequantize_reference(*a)),
+)
+
+
+def _fill(out: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return value
+    out.copy_(value)
+    return out
+
+
+def _triton_on(device: torch.device) -> bool:
+    # Triton runs CUDA tensors on the GPU, or CPU tensors only through its interpreter.
+    if device.type == "cuda":
+        return _ext.triton_available()
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and _ext.triton_available()
+
+
+def backend_module(name: str):
+    """The module implementing backend ``name`` (raises if it is not available here)."""
+    if name == "reference":
+        return _reference_backend
+    if name == "cpp":
+        mod = _ext.cpu_ext()
+    elif name == "cuda":
+        mod = _ext.cuda_ext()
+    elif name == "triton":
+        mod = None
+        if _ext.triton_available():
+            from .triton import nf4_quant as mod
+    else:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    if mod is None:
+        raise RuntimeError(f"backend {name!r} is not available in this installation")
+    return mod
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Backends that can run on ``device``, best first."""
+    device = torch.device(device)
+    out = []
+    for name in BACKENDS:
+        if name == "reference":
+            ok = True
+        elif name == "cpp":
+            ok = device.type == "cpu" and _ext.cpu_ext() is not None
+        elif name == "cuda":
+            ok = device.type == "cuda" and _ext.cuda_ext() is not None
+        else:
+            ok = _triton_on(device)
+        if ok:
+            out.append(name)
+    prefs = _PREFERENCE.get(device.type, ("reference",))
+    return sorted(out, key=lambda b: prefs.index(b) if b in prefs else len(prefs))
+
+
+def select_backend(device: torch.device, requested: str | None = None) -> str:
+    """Pick the backend for a call on ``device``: ``requested``, else $LORA_KERNELS_BACKEND, else the
+    first available in the device's preference list."""
+    requested = requested or os.environ.get("LORA_KERNELS_BACKEND") or None
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"unknown backend {requested!r}; expected one of {BACKENDS}")
+        if requested not in available_backends(device):
+            raise RuntimeError(f"backend {requested!r} cannot run on {device} here "
+                               f"(available: {available_backends(device)})")
+        return requested
+    for name in _PREFERENCE.get(device.type, ("reference",)):
+        if name in available_backends(device):
+            return name
+    return "reference"
+
+
+# ---------------------------------------------------------------------------------------------
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, *,
+                 backend: str | None = None, check_finite: bool = True) -> NF4Weight:
+    """Quantize ``w`` (any shape, fp32/bf16/fp16, at least one element) to NF4.
+
+    Bit-identical to ``bitsandbytes.functional.quantize_4bit(w, blocksize, compress_statistics=
+    double_quant, quant_type="nf4")``.  A non-contiguous ``w`` is read in its logical row-major
+    order.  NaN/inf raise ValueError (pass ``check_finite=False`` to skip that scan).
+    """
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"quantize_nf4: w must be a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"quantize_nf4: w must be float32, bfloat16 or float16, got {w.dtype}")
+    if w.numel() == 0:
+        raise ValueError(f"quantize_nf4: w is empty (shape {tuple(w.shape)})")
+    if blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"quantize_nf4: blocksize must be one of {VALID_BLOCKSIZES}, got {blocksize}")
+    if w.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"quantize_nf4: w must be on a CPU or CUDA device, got {w.device}")
+    if check_finite and not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"quantize_nf4: w has {bad} NaN/inf element(s); NF4 cannot represent them")
+    impl = backend_module(select_backend(w.device, backend))
+    flat = w.detach().reshape(-1).contiguous()
+    packed, absmax = impl.quantize_blocks(flat, blocksize)
+    nested_absmax = nested_code = offset = None
+    if double_quant:
+        # bitsandbytes' offset is torch's mean: keep it for bit-identical results.
+        offset = absmax.mean()
+        nested_code = dynamic_code(w.device)
+        absmax, nested_absmax = impl.quantize_absmax_nested(absmax, offset, nested_code)
+    return NF4Weight(packed=packed.reshape(-1, 1), absmax=absmax, code=nf4_code(w.device), shape=w.shape,
+                     dtype=w.dtype, blocksize=blocksize, nested_absmax=nested_absmax,
+                     nested_code=nested_code, offset=offset)
+
+
+def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, *, backend: str | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense weight of shape ``q.shape`` in ``dtype`` (default: the weight's original dtype).
+
+    Bit-identical to ``bitsandbytes.functional.dequantize_4bit``.  ``out``, if given, must be a
+    contiguous tensor of ``q.numel`` elements of ``dtype`` on ``q``'s device; it is filled and returned
+    (viewed as ``q.shape``).
+    """
+    if not isinstance(q, NF4Weight):
+        raise TypeError(f"dequantize_nf4: q must be an NF4Weight, got {type(q).__name__}")
+    dtype = dtype or q.dtype
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dequantize_nf4: dtype must be float32, bfloat16 or float16, got {dtype}")
+    if out is not None:
+        if out.dtype != dtype or out.numel() != q.numel or out.device != q.device or not out.is_contiguous():
+            raise ValueError(f"dequantize_nf4: out must be a contiguous {dtype} tensor of {q.numel} elements on "
+                             f"{q.device}, got {out.dtype} {tuple(out.shape)} on {out.device} "
+                             f"(contiguous={out.is_contiguous()})")
+        out = out.view(-1)
+    impl = backend_module(select_backend(q.device, backend))
+    res = impl.dequantize(q.packed.view(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code,
+                          q.numel, q.blocksize, dtype, out=out)
+    return res.view(q.shape)

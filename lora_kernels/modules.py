@@ -1,0 +1,98 @@
+"""``nn.Module``s over the NF4 format.
+
+``NF4Linear``: a frozen linear layer whose weight is an ``NF4Weight``; its state dict uses
+``bnb.nn.Linear4bit``'s keys, so checkpoints move both ways.  (The LoRA layers build on it.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .library import dequantize_nf4, quantize_nf4
+from .nf4 import NF4FormatError, NF4Weight, is_nf4_state_dict
+
+
+def _target_device(fn) -> torch.device:
+    """The device an ``nn.Module._apply`` function moves tensors to (dtype casts are ignored)."""
+    return fn(torch.empty(0)).device
+
+
+class NF4Linear(nn.Module):
+    """y = x · dequant(W)ᵀ + bias, W [out_features, in_features] stored as NF4 (frozen).
+
+    x: [..., in_features] (fp32/bf16/fp16; computed in ``compute_dtype`` if set, else x's dtype).
+    """
+
+    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ValueError(f"NF4Linear: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+        self.weight = weight
+        self.out_features, self.in_features = weight.shape
+        self.compute_dtype = compute_dtype
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
+                    device: torch.device | str | None = None, compute_dtype: torch.dtype | None = None,
+                    backend: str | None = None) -> "NF4Linear":
+        """Quantize ``linear.weight`` (on ``device`` if given: only this layer's copy goes there)."""
+        w = linear.weight.detach()
+        if device is not None:
+            w = w.to(device)
+        q = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant, backend=backend)
+        bias = linear.bias.detach().to(q.device) if linear.bias is not None else None
+        return cls(q, bias, compute_dtype=compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"NF4Linear: x's last dim is {x.shape[-1]}, expected in_features={self.in_features}")
+        if x.device != self.weight.device:
+            raise ValueError(f"NF4Linear: x is on {x.device} but the weight is on {self.weight.device}")
+        dtype = self.compute_dtype or x.dtype
+        w = dequantize_nf4(self.weight, dtype=dtype)
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        return F.linear(x.to(dtype), w, bias)
+
+    # --- device moves keep the format's dtypes; state dict in bitsandbytes' keys ---------------
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        device = _target_device(fn)
+        if device != self.weight.device:
+            self.weight = self.weight.to(device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for k, v in self.weight.state_dict("weight").items():
+            destination[prefix + k] = v if keep_vars else v.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        sub = {k[len(prefix):]: v for k, v in state_dict.items()
+               if k.startswith(prefix + "weight")}
+        if not is_nf4_state_dict(sub):
+            if strict:
+                missing_keys.append(prefix + "weight.quant_state.bitsandbytes__nf4")
+        else:
+            try:
+                w = NF4Weight.from_state_dict(sub, "weight", device=self.weight.device)
+            except NF4FormatError as e:
+                error_msgs.append(f"{prefix}weight: {e}")
+            else:
+                if w.shape != self.weight.shape:
+                    error_msgs.append(f"{prefix}weight: shape {tuple(w.shape)} in the checkpoint, "
+                                      f"{tuple(self.weight.shape)} in the model")
+                else:
+                    self.weight = w
+        consumed = {prefix + k for k in sub}
+        rest = {k: v for k, v in state_dict.items() if k not in consumed}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {self.weight!r}")
