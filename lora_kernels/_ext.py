@@ -34,9 +34,10 @@ def cuda_ext():
     return _load("_C_cuda", "CUDA C++")
 
 
+def triton_kernels():
+    """``lora_kernels.triton.nf4_quant`` (needs triton) or None."""
+    return _load("triton.nf4_quant", "Triton")
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    return triton_kernels() is not None

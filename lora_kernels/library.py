@@ -61,9 +61,7 @@ def backend_module(name: str):
     elif name == "cuda":
         mod = _ext.cuda_ext()
     elif name == "triton":
-        mod = None
-        if _ext.triton_available():
-            from .triton import nf4_quant as mod
+        mod = _ext.triton_kernels()
     else:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
     if mod is None:

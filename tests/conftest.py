@@ -1,0 +1,58 @@
+"""Shared test setup.
+
+* Without CUDA, Triton kernels run through the interpreter (TRITON_INTERPRET=1 must be set before
+  triton is imported, so it is set here).  The interpreter gets bf16 wrong: bf16 cases are GPU-only.
+* ``@pytest.mark.gpu`` tests are skipped without CUDA; on the GPU run them with ``pytest -m gpu``.
+* ``rng`` gives each test a freshly seeded generator and prints the seed on failure.
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("LORA_KERNELS_QUIET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng():
+    """A generator with a fresh seed; pytest shows the printed seed when the test fails."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"rng seed: {seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def no_dynamo():
+    """bitsandbytes' CPU dequantize is wrapped in torch.compile; compiling per shape is slow on CPU."""
+    old = torch._dynamo.config.disable
+    torch._dynamo.config.disable = True
+    yield
+    torch._dynamo.config.disable = old
+
+
+def bnb_cpu_available():
+    try:
+        import bitsandbytes  # noqa: F401
+        import bitsandbytes.functional  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def randn(shape, dtype, gen, device="cpu", scale=1.0):
+    """Fresh normal data drawn on the CPU from ``gen`` (reproducible from its seed)."""
+    return (torch.randn(shape, generator=gen) * scale).to(dtype=dtype, device=device)
