@@ -1,0 +1,110 @@
+"""``lora-kernels`` / ``python -m lora_kernels``: the package's command line.
+
+  demo   quantize an embedded small Llama-style model's linear layers to NF4 and report sizes,
+         weight and output error, and which backend ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from torch import nn
+
+
+class _TinyBlock(nn.Module):
+    """A Llama-style block without attention's softmax details: q/k/v/o and a SwiGLU MLP."""
+
+    def __init__(self, d: int, ff: int, kv: int):
+        super().__init__()
+        self.q_proj, self.k_proj = nn.Linear(d, d, bias=False), nn.Linear(d, kv, bias=False)
+        self.v_proj, self.o_proj = nn.Linear(d, kv, bias=False), nn.Linear(d, d, bias=False)
+        self.gate_proj, self.up_proj = nn.Linear(d, ff, bias=False), nn.Linear(d, ff, bias=False)
+        self.down_proj = nn.Linear(ff, d, bias=False)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, x):
+        h = self.norm1(x)
+        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        rep = q.shape[-1] // k.shape[-1]
+        att = torch.softmax(q @ k.repeat_interleave(rep, -1).transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
+        x = x + self.o_proj(att @ v.repeat_interleave(rep, -1))
+        h = self.norm2(x)
+        return x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def tiny_llama(d: int = 512, ff: int = 1408, kv: int = 128, layers: int = 4, vocab: int = 2048,
+               dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> nn.Module:
+    """An embedded small Llama-shaped model (random weights, fixed seed)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Embedding(vocab, d), *[_TinyBlock(d, ff, kv) for _ in range(layers)],
+                          nn.LayerNorm(d))
+    model.lm_head = nn.Linear(d, vocab, bias=False)
+    return model.to(dtype)
+
+
+def _bytes(model: nn.Module) -> int:
+    from .modules import NF4Linear
+
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(m.weight.nbytes() for m in model.modules() if isinstance(m, NF4Linear))
+    return total
+
+
+def cmd_demo(args) -> int:
+    from . import available_backends, quantize_model, select_backend
+    from .modules import NF4Linear
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = tiny_llama(layers=args.layers)
+    tokens = torch.randint(0, 2048, (2, 64), generator=torch.Generator().manual_seed(1))
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and n != "lm_head"}
+    with torch.no_grad():
+        y_ref = model(tokens).float()
+    before = _bytes(model)
+    print(f"device {device}; backends here: {available_backends(device)}; using "
+          f"'{select_backend(device)}'")
+    t0 = time.perf_counter()
+    converted = quantize_model(model, device=device, blocksize=args.blocksize, double_quant=not args.no_double_quant)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    model.to(device)
+    print(f"\n{'layer':<22}{'shape':>14}{'bf16 KiB':>10}{'NF4 KiB':>9}{'bits/w':>8}{'rel. err':>10}")
+    for name, layer in converted.items():
+        w = dense[name].to(device).float()
+        err = ((layer.weight.dequantize(torch.float32) - w).norm() / w.norm()).item()
+        print(f"{name:<22}{str(tuple(layer.weight.shape)):>14}{w.numel() * 2 / 1024:>10.0f}"
+              f"{layer.weight.nbytes() / 1024:>9.1f}{layer.weight.bits_per_param:>8.3f}{err:>10.4f}")
+    with torch.no_grad():
+        y = model(tokens.to(device)).float().cpu()
+    out_err = ((y - y_ref).norm() / y_ref.norm()).item()
+    after = _bytes(model)
+    n_lin = sum(isinstance(m, NF4Linear) for m in model.modules())
+    print(f"\nquantized {n_lin} linear layers in {dt * 1e3:.0f} ms "
+          f"(blocksize {args.blocksize}, double quant {not args.no_double_quant})")
+    print(f"model size: {before / 2**20:.2f} MiB bf16 -> {after / 2**20:.2f} MiB "
+          f"({before / after:.2f}x smaller; lm_head and embeddings stay bf16)")
+    print(f"relative output error of the NF4 model vs bf16: {out_err:.4f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lora-kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    demo = sub.add_parser("demo", help="quantize an embedded small model and report size and error")
+    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    demo.add_argument("--layers", type=int, default=4)
+    demo.add_argument("--blocksize", type=int, default=64)
+    demo.add_argument("--no-double-quant", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
