@@ -120,3 +120,31 @@ def quantize_reference(w: torch.Tensor, blocksize: int = 64, double_quant: bool 
         out.update(absmax=q, nested_absmax=nested_absmax, nested_code=code, offset=offset)
     out["code"] = nf4_code(w.device)
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# LoRA / QLoRA linear
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scale: float | torch.Tensor = 1.0,
+    bias: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """y = x · Wᵀ + ((x · Aᵀ) ⊙ s) · Bᵀ + bias, computed in ``compute_dtype``, returned in x's dtype.
+
+    x: [..., K]; weight: dense [N, K] (dequantize an NF4 weight first); lora_a: [r, K];
+    lora_b: [N, r]; scale: a float (alpha / r, or alpha / sqrt(r) for rsLoRA) or an [r] vector
+    (AdaLoRA: E ⊙ mask · scaling); bias: [N] or None.  No LoRA term when lora_a is None.
+    """
+    xc = x.to(compute_dtype)
+    y = xc @ weight.to(compute_dtype).t()
+    if lora_a is not None:
+        t = xc @ lora_a.to(compute_dtype).t()
+        s = scale.to(compute_dtype) if isinstance(scale, torch.Tensor) else scale
+        y = y + (t * s) @ lora_b.to(compute_dtype).t()
+    if bias is not None:
+        y = y + bias.to(compute_dtype)
+    return y.to(x.dtype)
