@@ -1,7 +1,9 @@
 """NF4 quantize / dequantize benchmark: our backends against bitsandbytes, and against the copy floor.
 
 GPU mode, per bf16 weight shape N_out x K_in (blocksize 64, double quantization):
-  dequantize  ours per GPU backend, into a preallocated ``out=`` ("out") and allocating ("alloc");
+  dequantize  ours per GPU backend, into a preallocated ``out=`` ("out") and allocating ("alloc"),
+              and "out" captured in a CUDA graph ("out_graph": GPU time without the Python and
+              launch overhead, which dominates the small shapes' ~15 us floors);
               bitsandbytes' dequantize_4bit on the same weight quantized by bitsandbytes;
   quantize    ours per backend (default call, and with check_finite=False: "no_check");
               bitsandbytes' quantize_4bit(compress_statistics=True, quant_type="nf4");
@@ -13,7 +15,7 @@ GPU mode, per bf16 weight shape N_out x K_in (blocksize 64, double quantization)
 CPU mode (no GPU): only the quantizer, ours ("cpp", "reference") against bitsandbytes' CPU path.
 
     python -m benchmarks.bench_nf4 [--quick] [--out benchmarks/results] [--backends cuda,triton]
-                                   [--shapes 4096x4096,64x128] [--reps 3] [--graph]
+                                   [--shapes 4096x4096,64x128] [--reps 3]
 """
 
 from __future__ import annotations
@@ -200,15 +202,13 @@ def _fill_derived(rows: list[dict], bw: float | None) -> None:
 
 
 # ------------------------------------------------------------------------------------ GPU mode
-def _timed_row(base: dict, fn, sets, args, peak_fn=None, **extra) -> dict:
+def _timed_row(base: dict, fn, sets, args, peak_fn=None, use_graph=False, **extra) -> dict:
     """Time ``fn`` over ``sets`` into a row; an exception becomes the row's note (the run goes on).
 
-    ``--graph`` applies to dequantize only: quantize synchronizes (finite check, offset), which
-    a CUDA-graph capture does not allow.
+    Graphs are for dequantize only: our quantize synchronizes (finite check), which a capture forbids.
     """
     row = new_row(**base, **extra)
     try:
-        use_graph = args.graph and base["op"] == "dequantize"
         t = harness.time_cuda(fn, sets, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, use_graph=use_graph)
         for k in ("median_ms", "p20_ms", "p80_ms", "n_reps", "n_sets", "graph"):
             row[k] = t[k]
@@ -240,8 +240,7 @@ def run_gpu(args, lk, env, device: str = "cuda") -> tuple[list[dict], dict, list
     mm = harness.measure_bf16_matmul_rate()
     meta = {"mode": "quick" if args.quick else "full", "blocksize": BLOCKSIZE, "double_quant": True,
             "dtype": "bfloat16", "copy_bw_gbps": bw / 1e9, "bf16_matmul_tflops": mm / 1e12,
-            "l2_bytes": harness.l2_bytes(), "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
-            "graph": args.graph}
+            "l2_bytes": harness.l2_bytes(), "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms}
     print(f"  copy {bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s", flush=True)
     has_check_finite = _supports_check_finite(lk)
     rows: list[dict] = []
@@ -275,8 +274,11 @@ def run_gpu(args, lk, env, device: str = "cuda") -> tuple[list[dict], dict, list
                 rows.append(new_row(**dq, **dict(check, method=method, variant="-",
                                                  note=f"quantize failed: {_short_error(e)}")))
                 continue
-            rows.append(_timed_row(dq, lambda q, o, b=b: lk.dequantize_nf4(q, dtype=DTYPE, backend=b, out=o),
-                                   list(zip(qs[:n_out], outs)), args, method=method, variant="out", **check))
+            deq_out = lambda q, o, b=b: lk.dequantize_nf4(q, dtype=DTYPE, backend=b, out=o)  # noqa: E731
+            rows.append(_timed_row(dq, deq_out, list(zip(qs[:n_out], outs)), args, method=method, variant="out",
+                                   **check))
+            rows.append(_timed_row(dq, deq_out, list(zip(qs[:n_out], outs)), args, use_graph=True, method=method,
+                                   variant="out_graph", **check))
             rows.append(_timed_row(dq, lambda q, b=b: lk.dequantize_nf4(q, dtype=DTYPE, backend=b),
                                    [(q,) for q in qs[:n_alloc]], args,
                                    peak_fn=lambda q=qs[0], b=b: lk.dequantize_nf4(q, dtype=DTYPE, backend=b),
@@ -300,9 +302,11 @@ def run_gpu(args, lk, env, device: str = "cuda") -> tuple[list[dict], dict, list
                 rows.append(new_row(**dq, method=method, variant="-", note=f"bnb quantize failed: {_short_error(e)}"))
                 bqs = []
             if bqs:
-                rows.append(_timed_row(dq, lambda bq, st, o: F.dequantize_4bit(bq, st, out=o),
-                                       [(bq, st, o) for (bq, st), o in zip(bqs[:n_out], outs)], args,
-                                       method=method, variant="out"))
+                bnb_out = lambda bq, st, o: F.dequantize_4bit(bq, st, out=o)  # noqa: E731
+                bnb_sets = [(bq, st, o) for (bq, st), o in zip(bqs[:n_out], outs)]
+                rows.append(_timed_row(dq, bnb_out, bnb_sets, args, method=method, variant="out"))
+                rows.append(_timed_row(dq, bnb_out, bnb_sets, args, use_graph=True, method=method,
+                                       variant="out_graph"))
                 rows.append(_timed_row(dq, lambda bq, st: F.dequantize_4bit(bq, st), bqs[:n_alloc], args,
                                        peak_fn=lambda p=bqs[0]: F.dequantize_4bit(*p), method=method, variant="alloc"))
             del bqs
@@ -396,7 +400,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="CPU mode: quantize with check_finite=False")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
-    p.add_argument("--graph", action="store_true", help="GPU: time CUDA-graph replays (no launch overhead)")
     p.add_argument("--cpu", action="store_true", help="CPU mode even when a GPU is present")
     return p
 
