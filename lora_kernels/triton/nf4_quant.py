@@ -189,11 +189,10 @@ def _absmax_nested_quantize_kernel(
 
     # q = #{i in 0..254 : bound[i] < s}, bound[i] = (code[i] + code[i+1]) * 0.5; 8-step search.
     q = tl.zeros([ROWS, NBS], dtype=tl.int32)
-    for k in tl.static_range(8):
-        step: tl.constexpr = 128 >> k
-        j = q + (step - 1)                               # <= 254 always
+    for k in tl.static_range(8):                         # step = 128 >> k
+        j = q + ((128 >> k) - 1)                         # <= 254 always
         bound = (tl.load(code_ptr + j) + tl.load(code_ptr + j + 1)) * 0.5
-        q = tl.where(bound < s, q + step, q)
+        q = tl.where(bound < s, q + (128 >> k), q)
     # Exact tie with bound[q] goes to the even neighbour (bitsandbytes' CUDA search).
     qc = tl.minimum(q, 254)
     bq = (tl.load(code_ptr + qc) + tl.load(code_ptr + qc + 1)) * 0.5
