@@ -1,0 +1,549 @@
+// NF4 (+ double quantization) CUDA kernels: blockwise quantize, nested absmax quantize,
+// dequantize.  Bit-exact with lora_kernels/reference.py: every fp32 product/sum is a separately
+// rounded __fmul_rn/__fadd_rn (build with --fmad=false too), reciprocals are IEEE
+// (__frcp_rn == fl(1/x)), conversions to bf16/fp16 are round-to-nearest-even.
+// No torch headers: this file compiles with a bare nvcc (see csrc/cuda/nf4_cuda.h).
+//
+// Memory layout of the two big kernels ("unit" = one 16-byte vector of the wide tensor):
+//   quantize:   a thread owns 16 input elements per tile as K 16-byte units (K = 4 for fp32,
+//               2 for bf16/fp16); unit k of lane l of a warp covers elements
+//               [warp_base + k*32*E + l*E, +E) with E = 16/sizeof(T), so each load instruction
+//               of a warp reads 512 contiguous bytes and each store writes 32*E/2 contiguous
+//               bytes.  CTA = 256 threads = 4096 elements per tile; grid-stride over tiles.
+//               Block max: in-thread max over a unit, then xor-shuffles over the lanes/units of
+//               one quantization block, through shared memory when a block spans warps
+//               (blocksize > 512).  NF4 index: 33-cell lookup table in shared memory
+//               (nf4_common.h), one LDS.64 + one compare per element.
+//   dequantize: a thread owns K = 4 output units per warp tile (32 fp32 or 16-bit... elements
+//               E = 16/sizeof(out) per unit), loads E/2 packed bytes per unit (coalesced), writes
+//               one 16-byte vector per unit (a warp writes 512 contiguous bytes per store).
+//               The per-block absmax (double quant decoded in place: nested code in shared
+//               memory) is computed once per unit.  Single launch in both modes.
+// Tiles that are partial (the tail of n) or whose pointers are not aligned for the vector
+// path take a scalar path with bounds checks.
+
+#include "cuda/nf4_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstring>
+
+#include "nf4_common.h"
+
+namespace lora_kernels {
+namespace cuda {
+namespace {
+
+using nf4::LutEntry;
+using nf4::QuantLut;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr uint32_t kAbsMask = 0x7fffffffu;
+
+// ---------------------------------------------------------------------------------------------
+// Element types
+// ---------------------------------------------------------------------------------------------
+template <DType D>
+struct Elem;
+
+template <>
+struct Elem<DType::kFloat32> {
+  static constexpr int kSize = 4;
+  static __device__ __forceinline__ void unpack(const uint4& v, float* x) {
+    x[0] = __uint_as_float(v.x);
+    x[1] = __uint_as_float(v.y);
+    x[2] = __uint_as_float(v.z);
+    x[3] = __uint_as_float(v.w);
+  }
+  static __device__ __forceinline__ float load1(const void* p, int64_t i) {
+    return static_cast<const float*>(p)[i];
+  }
+  static __device__ __forceinline__ uint4 pack(const float* v) {
+    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
+                      __float_as_uint(v[3]));
+  }
+  static __device__ __forceinline__ void store1(void* p, int64_t i, float v) {
+    static_cast<float*>(p)[i] = v;
+  }
+};
+
+__device__ __forceinline__ uint32_t bf162_bits(__nv_bfloat162 h) {
+  uint32_t u;
+  memcpy(&u, &h, sizeof(u));
+  return u;
+}
+__device__ __forceinline__ uint32_t half2_bits(__half2 h) {
+  uint32_t u;
+  memcpy(&u, &h, sizeof(u));
+  return u;
+}
+
+template <>
+struct Elem<DType::kBFloat16> {
+  static constexpr int kSize = 2;
+  static __device__ __forceinline__ void unpack_word(uint32_t w, float* x) {
+    x[0] = __uint_as_float(w << 16);          // lower address = first element
+    x[1] = __uint_as_float(w & 0xffff0000u);
+  }
+  static __device__ __forceinline__ void unpack(const uint4& v, float* x) {
+    unpack_word(v.x, x + 0);
+    unpack_word(v.y, x + 2);
+    unpack_word(v.z, x + 4);
+    unpack_word(v.w, x + 6);
+  }
+  static __device__ __forceinline__ float load1(const void* p, int64_t i) {
+    return __uint_as_float(static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i]) << 16);
+  }
+  static __device__ __forceinline__ uint4 pack(const float* v) {
+    return make_uint4(bf162_bits(__floats2bfloat162_rn(v[0], v[1])),
+                      bf162_bits(__floats2bfloat162_rn(v[2], v[3])),
+                      bf162_bits(__floats2bfloat162_rn(v[4], v[5])),
+                      bf162_bits(__floats2bfloat162_rn(v[6], v[7])));
+  }
+  static __device__ __forceinline__ void store1(void* p, int64_t i, float v) {
+    static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+  }
+};
+
+template <>
+struct Elem<DType::kFloat16> {
+  static constexpr int kSize = 2;
+  static __device__ __forceinline__ float h2f(uint32_t bits16) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(bits16)));
+  }
+  static __device__ __forceinline__ void unpack_word(uint32_t w, float* x) {
+    x[0] = h2f(w & 0xffffu);
+    x[1] = h2f(w >> 16);
+  }
+  static __device__ __forceinline__ void unpack(const uint4& v, float* x) {
+    unpack_word(v.x, x + 0);
+    unpack_word(v.y, x + 2);
+    unpack_word(v.z, x + 4);
+    unpack_word(v.w, x + 6);
+  }
+  static __device__ __forceinline__ float load1(const void* p, int64_t i) {
+    return h2f(static_cast<const uint16_t*>(p)[i]);
+  }
+  static __device__ __forceinline__ uint4 pack(const float* v) {
+    return make_uint4(half2_bits(__floats2half2_rn(v[0], v[1])),
+                      half2_bits(__floats2half2_rn(v[2], v[3])),
+                      half2_bits(__floats2half2_rn(v[4], v[5])),
+                      half2_bits(__floats2half2_rn(v[6], v[7])));
+  }
+  static __device__ __forceinline__ void store1(void* p, int64_t i, float v) {
+    static_cast<__half*>(p)[i] = __float2half_rn(v);
+  }
+};
+
+__device__ __forceinline__ uint32_t umax(uint32_t a, uint32_t b) { return a > b ? a : b; }
+
+// fl(1 / max(absmax, 1e-38)); a NaN absmax stays NaN (as torch's clamp).
+__device__ __forceinline__ float inv_scale(float amax) {
+  return __frcp_rn(amax < nf4::kMinAbsmax ? nf4::kMinAbsmax : amax);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blockwise NF4 quantization
+// ---------------------------------------------------------------------------------------------
+template <DType D, int BS>
+__global__ void __launch_bounds__(kThreads)
+    quantize_blocks_kernel(const void* __restrict__ w, int64_t n, uint8_t* __restrict__ packed,
+                           float* __restrict__ absmax, QuantLut lut_in, bool vec_ok) {
+  using In = Elem<D>;
+  constexpr int E = 16 / In::kSize;          // elements per 16-byte unit: 4 (fp32) or 8
+  constexpr int K = 16 / E;                  // units per thread per tile: 16 elements
+  constexpr int kRow = 32 * E;               // elements of one unit row of a warp
+  constexpr int kWarpTile = K * kRow;        // 512
+  constexpr int kTile = kWarps * kWarpTile;  // 4096
+  constexpr int U = BS / E;                  // units per quantization block
+  static_assert(BS % E == 0 && kTile % BS == 0, "blocksize must divide the tile");
+
+  __shared__ LutEntry lut[nf4::kLutCells];
+  __shared__ uint32_t red[2][kWarps];
+  if (threadIdx.x < nf4::kLutCells) lut[threadIdx.x] = lut_in.e[threadIdx.x];
+  __syncthreads();
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t ntiles = (n + kTile - 1) / kTile;
+  int parity = 0;
+
+  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+    const int64_t base = tile * kTile + warp * kWarpTile + lane * E;  // unit k: base + k*kRow
+    const bool fast = vec_ok && (tile + 1) * kTile <= n;             // uniform per CTA
+    float x[K][E];
+    if (fast) {
+      const uint4* src =
+          reinterpret_cast<const uint4*>(static_cast<const char*>(w) + base * In::kSize);
+      uint4 v[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) v[k] = __ldg(src + k * 32);  // kRow * kSize = 512 bytes
+#pragma unroll
+      for (int k = 0; k < K; ++k) In::unpack(v[k], x[k]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          const int64_t i = base + k * kRow + e;
+          x[k][e] = i < n ? In::load1(w, i) : 0.0f;  // zero padding, as the reference
+        }
+      }
+    }
+
+    // max |x| per unit on the bit patterns (= float order for |x|; NaN propagates like amax).
+    uint32_t m[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      m[k] = 0;
+#pragma unroll
+      for (int e = 0; e < E; ++e) m[k] = umax(m[k], __float_as_uint(x[k][e]) & kAbsMask);
+    }
+    if constexpr (U <= 32) {
+      // a block = U consecutive lanes of one unit row
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+#pragma unroll
+        for (int off = U / 2; off > 0; off >>= 1)
+          m[k] = umax(m[k], __shfl_xor_sync(kFullMask, m[k], off));
+      }
+    } else if constexpr (U <= 32 * K) {
+      // a block = R whole unit rows of the warp
+      constexpr int R = U / 32;
+#pragma unroll
+      for (int g = 0; g < K / R; ++g) {
+        uint32_t mm = m[g * R];
+#pragma unroll
+        for (int r = 1; r < R; ++r) mm = umax(mm, m[g * R + r]);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) mm = umax(mm, __shfl_xor_sync(kFullMask, mm, off));
+#pragma unroll
+        for (int r = 0; r < R; ++r) m[g * R + r] = mm;
+      }
+    } else {
+      // a block = W whole warps of the CTA
+      constexpr int W = BS / kWarpTile;
+      uint32_t mm = m[0];
+#pragma unroll
+      for (int k = 1; k < K; ++k) mm = umax(mm, m[k]);
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) mm = umax(mm, __shfl_xor_sync(kFullMask, mm, off));
+      if (lane == 0) red[parity][warp] = mm;
+      __syncthreads();  // every thread runs the same number of tiles: uniform
+      const int first = (warp / W) * W;
+      mm = red[parity][first];
+#pragma unroll
+      for (int j = 1; j < W; ++j) mm = umax(mm, red[parity][first + j]);
+      parity ^= 1;  // double buffer: the next tile's writes cannot race this tile's reads
+#pragma unroll
+      for (int k = 0; k < K; ++k) m[k] = mm;
+    }
+
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t s = base + k * kRow;  // first element of the unit
+      const float amax = __uint_as_float(m[k]);
+      if (s < n && (s % BS) == 0) absmax[s / BS] = amax;
+      const float inv = inv_scale(amax);
+      uint32_t idx[E];
+#pragma unroll
+      for (int e = 0; e < E; ++e) idx[e] = nf4::nf4_index(__fmul_rn(x[k][e], inv), lut);
+      if (fast) {
+        uint32_t word = 0;
+#pragma unroll
+        for (int p = 0; p < E / 2; ++p) word |= ((idx[2 * p] << 4) | idx[2 * p + 1]) << (8 * p);
+        if constexpr (E == 8) {
+          *reinterpret_cast<uint32_t*>(packed + s / 2) = word;
+        } else {
+          *reinterpret_cast<uint16_t*>(packed + s / 2) = static_cast<uint16_t>(word);
+        }
+      } else {
+#pragma unroll
+        for (int p = 0; p < E / 2; ++p) {
+          const int64_t i = s + 2 * p;
+          if (i < n) {
+            const uint32_t lo = i + 1 < n ? idx[2 * p + 1] : uint32_t(nf4::kPadNibble);
+            packed[i / 2] = static_cast<uint8_t>((idx[2 * p] << 4) | lo);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nested (double) quantization of absmax - offset, one CTA per block of 256 values
+// ---------------------------------------------------------------------------------------------
+static_assert(kThreads == nf4::kNestedBlocksize, "one thread per absmax value");
+
+__global__ void __launch_bounds__(kThreads)
+    quantize_absmax_nested_kernel(const float* __restrict__ absmax, int64_t nb,
+                                  const float* __restrict__ offset,
+                                  const float* __restrict__ code, uint8_t* __restrict__ q,
+                                  float* __restrict__ nested_absmax) {
+  __shared__ float bounds[nf4::kDynamicCodeSize];
+  __shared__ uint32_t red[kWarps];
+  const int t = threadIdx.x;
+  const int lane = t & 31;
+  const int warp = t >> 5;
+  // midpoints fl(fl(code[j] + code[j+1]) * 0.5), padded with +inf (never read by the search)
+  bounds[t] = t < nf4::kDynamicCodeSize - 1 ? __fmul_rn(__fadd_rn(code[t], code[t + 1]), 0.5f)
+                                            : __int_as_float(0x7f800000);
+  const float off = __ldg(offset);
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + t;
+  const float d = i < nb ? __fsub_rn(absmax[i], off) : 0.0f;
+  uint32_t m = __float_as_uint(d) & kAbsMask;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = umax(m, __shfl_xor_sync(kFullMask, m, o));
+  if (lane == 0) red[warp] = m;
+  __syncthreads();  // also publishes bounds[]
+  m = red[0];
+#pragma unroll
+  for (int j = 1; j < kWarps; ++j) m = umax(m, red[j]);
+  const float am = __uint_as_float(m);
+  if (t == 0) nested_absmax[blockIdx.x] = am;
+  if (i < nb) {
+    uint32_t qi = 0;  // a nested block with max |d| == 0 stores index 0
+    if (am != 0.0f) qi = nf4::nearest_dynamic_index(__fmul_rn(d, inv_scale(am)), bounds);
+    q[i] = static_cast<uint8_t>(qi);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantization (one launch, double quant decoded in place)
+// ---------------------------------------------------------------------------------------------
+template <DType D, bool kNested>
+__global__ void __launch_bounds__(kThreads)
+    dequantize_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax_f32,
+                      const uint8_t* __restrict__ absmax_q,
+                      const float* __restrict__ nested_absmax,
+                      const float* __restrict__ nested_code, const float* __restrict__ offset,
+                      const float* __restrict__ code, int64_t n, int log2_bs,
+                      void* __restrict__ out, bool vec_ok) {
+  using Out = Elem<D>;
+  constexpr int E = 16 / Out::kSize;  // elements per 16-byte output unit: 4 (fp32) or 8
+  constexpr int P = E / 2;            // packed bytes per unit
+  constexpr int K = 4;                // units per thread per warp tile
+  constexpr int kRow = 32 * E;
+  constexpr int kWarpTile = K * kRow;  // 512 (fp32) or 1024 elements
+
+  __shared__ float s_code[nf4::kNumCodes];
+  __shared__ float s_ncode[kNested ? nf4::kDynamicCodeSize : 1];
+  if (threadIdx.x < nf4::kNumCodes) s_code[threadIdx.x] = code[threadIdx.x];
+  if constexpr (kNested) {
+    static_assert(kThreads == nf4::kDynamicCodeSize, "one thread per nested code entry");
+    s_ncode[threadIdx.x] = nested_code[threadIdx.x];
+  }
+  const float off = kNested ? __ldg(offset) : 0.0f;
+  __syncthreads();
+
+  // absmax of quantization block b: fl(fl(nested_code[q[b]] * nested_absmax[b / 256]) + offset)
+  auto block_absmax = [&](int64_t b) -> float {
+    if constexpr (kNested) {
+      return __fadd_rn(__fmul_rn(s_ncode[__ldg(absmax_q + b)], __ldg(nested_absmax + (b >> 8))),
+                       off);
+    } else {
+      return __ldg(absmax_f32 + b);
+    }
+  };
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t ntiles = (n + kWarpTile - 1) / kWarpTile;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+
+  for (int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarps + warp; tile < ntiles;
+       tile += stride) {
+    const int64_t base = tile * kWarpTile + lane * E;  // unit k: base + k*kRow
+    if (vec_ok && (tile + 1) * kWarpTile <= n) {        // uniform per warp
+      const uint8_t* pk_ptr = packed + base / 2;
+      uint32_t pk[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if constexpr (P == 4) {
+          pk[k] = __ldg(reinterpret_cast<const uint32_t*>(pk_ptr + k * (kRow / 2)));
+        } else {
+          pk[k] = __ldg(reinterpret_cast<const unsigned short*>(pk_ptr + k * (kRow / 2)));
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        // a unit never crosses a block (32 | blocksize, unit <= 8 elements)
+        const float a = block_absmax((base + k * kRow) >> log2_bs);
+        float v[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          // byte p = e/2 sits at bits [8p, 8p+8); the first element is its high nibble
+          const int shift = 8 * (e / 2) + ((e & 1) ? 0 : 4);
+          v[e] = __fmul_rn(s_code[(pk[k] >> shift) & 15u], a);
+        }
+        const int64_t s = base + k * kRow;
+        *reinterpret_cast<uint4*>(static_cast<char*>(out) + s * Out::kSize) = Out::pack(v);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int64_t s = base + k * kRow;
+        if (s < n) {
+          const float a = block_absmax(s >> log2_bs);
+#pragma unroll
+          for (int e = 0; e < E; ++e) {
+            const int64_t i = s + e;
+            if (i < n) {
+              const uint32_t byte = packed[i >> 1];
+              const uint32_t nib = (i & 1) ? (byte & 15u) : (byte >> 4);
+              Out::store1(out, i, __fmul_rn(s_code[nib], a));
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launch helpers
+// ---------------------------------------------------------------------------------------------
+bool aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) % a) == 0; }
+
+// CTAs that fill the current device once (grid-stride kernels); at least 1.
+template <typename Kernel>
+cudaError_t resident_ctas(Kernel kernel, int* ctas) {
+  int dev = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err != cudaSuccess) return err;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+  if (err != cudaSuccess) return err;
+  *ctas = sms * (per_sm > 0 ? per_sm : 1);
+  if (*ctas < 1) *ctas = 1;
+  return cudaSuccess;
+}
+
+int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+template <DType D, int BS>
+cudaError_t quantize_blocks_launch(const void* w, int64_t n, uint8_t* packed, float* absmax,
+                                   cudaStream_t stream) {
+  constexpr int E = 16 / Elem<D>::kSize;
+  constexpr int kTile = 4096;
+  constexpr QuantLut kLut = nf4::make_quant_lut();
+  auto kernel = quantize_blocks_kernel<D, BS>;
+  int ctas = 0;
+  cudaError_t err = resident_ctas(kernel, &ctas);
+  if (err != cudaSuccess) return err;
+  const int64_t ntiles = (n + kTile - 1) / kTile;
+  const int grid = static_cast<int>(min64(ntiles, ctas));
+  const bool vec_ok = aligned(w, 16) && aligned(packed, E / 2);
+  kernel<<<grid, kThreads, 0, stream>>>(w, n, packed, absmax, kLut, vec_ok);
+  return cudaGetLastError();
+}
+
+template <DType D>
+cudaError_t quantize_blocks_dispatch_bs(const void* w, int64_t n, int blocksize, uint8_t* packed,
+                                        float* absmax, cudaStream_t stream) {
+  switch (blocksize) {
+    case 32: return quantize_blocks_launch<D, 32>(w, n, packed, absmax, stream);
+    case 64: return quantize_blocks_launch<D, 64>(w, n, packed, absmax, stream);
+    case 128: return quantize_blocks_launch<D, 128>(w, n, packed, absmax, stream);
+    case 256: return quantize_blocks_launch<D, 256>(w, n, packed, absmax, stream);
+    case 512: return quantize_blocks_launch<D, 512>(w, n, packed, absmax, stream);
+    case 1024: return quantize_blocks_launch<D, 1024>(w, n, packed, absmax, stream);
+    case 2048: return quantize_blocks_launch<D, 2048>(w, n, packed, absmax, stream);
+    case 4096: return quantize_blocks_launch<D, 4096>(w, n, packed, absmax, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <DType D, bool kNested>
+cudaError_t dequantize_launch(const uint8_t* packed, const float* absmax_f32,
+                              const uint8_t* absmax_q, const float* nested_absmax,
+                              const float* nested_code, const float* offset, const float* code,
+                              int64_t n, int log2_bs, void* out, cudaStream_t stream) {
+  constexpr int E = 16 / Elem<D>::kSize;
+  constexpr int kWarpTile = 4 * 32 * E;
+  auto kernel = dequantize_kernel<D, kNested>;
+  int ctas = 0;
+  cudaError_t err = resident_ctas(kernel, &ctas);
+  if (err != cudaSuccess) return err;
+  const int64_t ntiles = (n + kWarpTile - 1) / kWarpTile;
+  const int grid = static_cast<int>(min64((ntiles + kWarps - 1) / kWarps, ctas));
+  const bool vec_ok = aligned(packed, E / 2) && aligned(out, 16);
+  kernel<<<grid, kThreads, 0, stream>>>(packed, absmax_f32, absmax_q, nested_absmax, nested_code,
+                                        offset, code, n, log2_bs, out, vec_ok);
+  return cudaGetLastError();
+}
+
+template <DType D>
+cudaError_t dequantize_dispatch_nested(const uint8_t* packed, const float* absmax_f32,
+                                       const uint8_t* absmax_q, const float* nested_absmax,
+                                       const float* nested_code, const float* offset,
+                                       const float* code, int64_t n, int log2_bs, void* out,
+                                       cudaStream_t stream) {
+  if (absmax_q != nullptr) {
+    return dequantize_launch<D, true>(packed, absmax_f32, absmax_q, nested_absmax, nested_code,
+                                      offset, code, n, log2_bs, out, stream);
+  }
+  return dequantize_launch<D, false>(packed, absmax_f32, absmax_q, nested_absmax, nested_code,
+                                     offset, code, n, log2_bs, out, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_quantize_blocks(const void* w, DType dtype, int64_t n, int blocksize,
+                                   uint8_t* packed, float* absmax, cudaStream_t stream) {
+  if (n < 1 || !nf4::is_valid_blocksize(blocksize)) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::kFloat32:
+      return quantize_blocks_dispatch_bs<DType::kFloat32>(w, n, blocksize, packed, absmax, stream);
+    case DType::kBFloat16:
+      return quantize_blocks_dispatch_bs<DType::kBFloat16>(w, n, blocksize, packed, absmax,
+                                                           stream);
+    case DType::kFloat16:
+      return quantize_blocks_dispatch_bs<DType::kFloat16>(w, n, blocksize, packed, absmax, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_quantize_absmax_nested(const float* absmax, int64_t nb, const float* offset,
+                                          const float* code, uint8_t* q, float* nested_absmax,
+                                          cudaStream_t stream) {
+  if (nb < 1) return cudaErrorInvalidValue;
+  const int64_t grid = (nb + nf4::kNestedBlocksize - 1) / nf4::kNestedBlocksize;
+  if (grid > 0x7fffffffLL) return cudaErrorInvalidValue;
+  quantize_absmax_nested_kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+      absmax, nb, offset, code, q, nested_absmax);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dequantize(const uint8_t* packed, const float* absmax_f32,
+                              const uint8_t* absmax_q, const float* nested_absmax,
+                              const float* nested_code, const float* offset, const float* code,
+                              int64_t n, int blocksize, DType out_dtype, void* out,
+                              cudaStream_t stream) {
+  if (n < 1 || !nf4::is_valid_blocksize(blocksize)) return cudaErrorInvalidValue;
+  int log2_bs = 0;
+  while ((1 << log2_bs) < blocksize) ++log2_bs;
+  switch (out_dtype) {
+    case DType::kFloat32:
+      return dequantize_dispatch_nested<DType::kFloat32>(packed, absmax_f32, absmax_q,
+                                                         nested_absmax, nested_code, offset, code,
+                                                         n, log2_bs, out, stream);
+    case DType::kBFloat16:
+      return dequantize_dispatch_nested<DType::kBFloat16>(packed, absmax_f32, absmax_q,
+                                                          nested_absmax, nested_code, offset,
+                                                          code, n, log2_bs, out, stream);
+    case DType::kFloat16:
+      return dequantize_dispatch_nested<DType::kFloat16>(packed, absmax_f32, absmax_q,
+                                                         nested_absmax, nested_code, offset, code,
+                                                         n, log2_bs, out, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace lora_kernels
