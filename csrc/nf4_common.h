@@ -144,14 +144,16 @@ NF4_HD uint32_t nf4_index(float s, const LutEntry* lut) {
 
 // Branch-free lower bound over the 255 midpoints of the sorted dynamic code, padded to 256 with
 // +inf at index 255: returns #{j : bounds[j] < s} in 0..255, then an exact tie on an odd
-// count moves to the even index above (reference.nearest_dynamic_index).
+// count moves to the even index above (reference.nearest_dynamic_index).  The comparison is
+// written as torch.searchsorted's (!(bound >= s)), so a NaN s (e.g. an offset that overflowed
+// to inf) gives 255 like the reference.  Only indices <= 254 are read by the search.
 NF4_HD uint32_t nearest_dynamic_index(float s, const float* bounds256) {
   uint32_t pos = 0;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (uint32_t step = 128; step > 0; step >>= 1) {
-    pos += bounds256[pos + step - 1] < s ? step : 0u;
+    pos += !(bounds256[pos + step - 1] >= s) ? step : 0u;  // a NaN s goes to the end (255)
   }
   if ((pos & 1u) && pos < 255u && bounds256[pos] == s) ++pos;
   return pos;
