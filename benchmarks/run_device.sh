@@ -51,7 +51,7 @@ if [ $TEST_LIMIT -gt 20 ]; then
   TIMEOUT_FLAG=""
   python3 -c "import pytest_timeout" 2>/dev/null && TIMEOUT_FLAG="--timeout=300"
   echo "=== pytest -m gpu (limit ${TEST_LIMIT}s), log: $OUT/gpu_tests.log"
-  timeout $TEST_LIMIT python3 -m pytest -m gpu -q -x $TIMEOUT_FLAG tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  timeout $TEST_LIMIT python3 -m pytest -m gpu -q $TIMEOUT_FLAG ${PYTEST_ARGS:-} tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
   echo "pytest rc=$?"
 else
   echo "run_device: no time left for the GPU tests" | tee "$OUT/gpu_tests.log"
