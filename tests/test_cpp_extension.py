@@ -15,6 +15,7 @@ import pathlib
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,12 +24,17 @@ from lora_kernels.codes import VALID_BLOCKSIZES, dynamic_code, nf4_code, nf4_thr
 
 try:
     import lora_kernels._C as C
+
+    _IMPORT_ERROR = None
 except ImportError as exc:  # pragma: no cover - depends on the build
-    pytestmark = pytest.mark.skip(
-        reason=f"lora_kernels._C is not built ({exc}); install with "
-        "`pip install --no-build-isolation -e .`"
-    )
     C = None
+    _IMPORT_ERROR = exc
+
+needs_c = pytest.mark.skipif(
+    C is None,
+    reason=f"lora_kernels._C cannot be imported ({_IMPORT_ERROR}); build it with "
+    "`pip install --no-build-isolation -e .`",
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -78,6 +84,7 @@ def _check_all(w: torch.Tensor, blocksize: int, what: str = "") -> None:
 # ------------------------------------------------------------------------------------ parity
 
 
+@needs_c
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocksize", VALID_BLOCKSIZES)
 def test_parity_random(dtype, blocksize):
@@ -91,6 +98,7 @@ def test_parity_random(dtype, blocksize):
         _check_all(w, blocksize)
 
 
+@needs_c
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_parity_shapes_and_special_blocks(dtype):
     g = _gen(100 + DTYPES.index(dtype))
@@ -109,6 +117,7 @@ def test_parity_shapes_and_special_blocks(dtype):
     _check_all(signs, 64, "+-1 weights")
 
 
+@needs_c
 @pytest.mark.parametrize("scale", [1e-30, 1e-38, 1e-42, 1e30, 1e36])
 def test_parity_extreme_magnitudes_fp32(scale):
     g = _gen(200)
@@ -118,6 +127,7 @@ def test_parity_extreme_magnitudes_fp32(scale):
         _check_all(w, bs, f"scale={scale}")
 
 
+@needs_c
 def test_parity_extreme_magnitudes_half_bf16():
     g = _gen(300)
     for dtype, big, tiny in [(torch.float16, 6e4, 6e-8), (torch.bfloat16, 3e38, 1e-39)]:
@@ -129,6 +139,7 @@ def test_parity_extreme_magnitudes_half_bf16():
     _check_all(torch.randn(999, generator=g) * 1e6, 64, "fp16 overflow")
 
 
+@needs_c
 def test_nf4_index_at_every_boundary():
     """All fp32 values within +-2048 ulps of every NF4 threshold and every lookup-table cell edge
     (k + 0.5) / 16, quantized with inv == 1 (each 4096-block holds a 1.0): idx == bucketize."""
@@ -154,6 +165,7 @@ def test_nf4_index_at_every_boundary():
     assert torch.equal(idx.long(), torch.bucketize(x, thr, right=False))
 
 
+@needs_c
 def test_nested_ties_and_bounds():
     """Values exactly on the midpoints of the dynamic code (ties -> even index), around them,
     a zero-spread block, and a partial last block."""
@@ -188,6 +200,7 @@ def test_nested_ties_and_bounds():
         assert torch.equal(nested, nested_r) and torch.equal(q, q_r), f"seed={SEED} nb={nb}"
 
 
+@needs_c
 def test_dequantize_out_and_offsets():
     g = _gen(500)
     w = torch.randn(3 * 64 + 7, generator=g)
@@ -223,6 +236,7 @@ def _raises(fn, *names):
         assert name in msg, f"message does not name {name!r}: {msg}"
 
 
+@needs_c
 def test_quantize_blocks_checks():
     w = torch.randn(256)
     _raises(lambda: C.quantize_blocks(w.double(), 64), "w", "float32")
@@ -235,6 +249,7 @@ def test_quantize_blocks_checks():
     _raises(lambda: C.quantize_blocks(w.to("meta"), 64), "w", "CPU")
 
 
+@needs_c
 def test_quantize_absmax_nested_checks():
     a, off, code8 = torch.rand(300), torch.tensor(0.5), dynamic_code()
     _raises(lambda: C.quantize_absmax_nested(a.double(), off, code8), "absmax", "Float")
@@ -248,6 +263,7 @@ def test_quantize_absmax_nested_checks():
     _raises(lambda: C.quantize_absmax_nested(a, off, code8.view(16, 16)), "code", "1-D")
 
 
+@needs_c
 def test_dequantize_checks():
     n, bs = 1000, 64
     st = ref.quantize_reference(torch.randn(n), bs, double_quant=True)
@@ -291,6 +307,97 @@ def test_dequantize_checks():
     _raises(lambda: deq(out=torch.empty(n, 2, dtype=bf)[:, 0]), "out")
     _raises(lambda: deq(out=torch.empty(2, n // 2, dtype=bf)), "out", "1-D")
     _raises(lambda: deq(packed=p.to("meta")), "packed", "CPU")
+
+
+# ------------------------------------------------------------- CUDA index-math emulation
+# The CUDA kernels cannot run here; these numpy functions replay their thread -> element
+# mapping (tiles, 16-byte units, lanes, the three block-max reduction shapes, the vector and
+# the bounds-checked paths, packing and the nibble shifts) and check that every output is
+# written exactly once with the reference's value.  Keep in sync with csrc/cuda/nf4_cuda.cu.
+
+def _emu_cuda_quantize(w, bs, vec_ok=True):
+    size = w.element_size(); n = w.numel()
+    x_all = w.float().numpy()
+    E = 16 // size; K = 16 // E; kRow = 32 * E; WT = K * kRow; TILE = 8 * WT; U = bs // E
+    assert TILE == 4096
+    ntiles = -(-n // TILE)
+    packed = np.full((n + 1) // 2, -1, np.int32); absmax = np.full(-(-n // bs), np.nan, np.float32)
+    writes = np.zeros((n + 1) // 2, np.int32); awrites = np.zeros(absmax.shape, np.int32)
+    thr = nf4_thresholds().numpy()
+    for tile in range(ntiles):
+        fast = vec_ok and (tile + 1) * TILE <= n
+        wv, kv, lv, ev = np.meshgrid(np.arange(8), np.arange(K), np.arange(32), np.arange(E), indexing="ij")
+        s = tile * TILE + wv * WT + kv * kRow + lv * E   # [8,K,32,E] unit starts
+        i = s + ev
+        if fast: assert (i < n).all()
+        x = np.where(i < n, x_all[np.minimum(i, n - 1)], 0.0).astype(np.float32)
+        m = np.abs(x).max(-1)   # [8,K,32]
+        if U <= 32:
+            g = m.reshape(8, K, 32 // U, U).max(-1, keepdims=True)
+            m = np.broadcast_to(g, (8, K, 32 // U, U)).reshape(8, K, 32)
+        elif U <= 32 * K:
+            R = U // 32
+            g = m.reshape(8, K // R, R, 32).max(axis=(2, 3), keepdims=True)
+            m = np.broadcast_to(g, (8, K // R, R, 32)).reshape(8, K, 32)
+        else:
+            W = bs // WT
+            g = m.reshape(8 // W, W, K, 32).max(axis=(1, 2, 3), keepdims=True)
+            m = np.broadcast_to(g, (8 // W, W, K, 32)).reshape(8, K, 32)
+        s0 = s[..., 0]
+        sel = (s0 < n) & (s0 % bs == 0)
+        absmax[s0[sel] // bs] = m[sel]; np.add.at(awrites, s0[sel] // bs, 1)
+        inv = (np.float32(1.0) / np.maximum(m, np.float32(1e-38))).astype(np.float32)
+        sc = (x * inv[..., None]).astype(np.float32)
+        idx = (sc[..., None] > thr).sum(-1)
+        for p in range(E // 2):
+            ii = s0 + 2 * p
+            ok = np.ones_like(ii, bool) if fast else ii < n
+            lo = np.where(ii + 1 < n, idx[..., 2 * p + 1], 7) if not fast else idx[..., 2 * p + 1]
+            byte = (idx[..., 2 * p] << 4) | lo
+            packed[ii[ok] // 2] = byte[ok]; np.add.at(writes, ii[ok] // 2, 1)
+    assert (writes == 1).all() and (awrites == 1).all()
+    return torch.from_numpy(packed.astype(np.uint8)), torch.from_numpy(absmax)
+
+def _emu_cuda_dequantize(packed, absmax_eff, n, bs, dtype, vec_ok=True):
+    size = torch.empty((), dtype=dtype).element_size()
+    E = 16 // size; P = E // 2; K = 4; kRow = 32 * E; WT = K * kRow
+    code = nf4_code().numpy(); pk = packed.numpy().astype(np.uint32); a = absmax_eff.numpy()
+    out = np.full(n, np.nan, np.float32); writes = np.zeros(n, np.int32)
+    lg = bs.bit_length() - 1
+    for tile in range(-(-n // WT)):
+        kv, lv = np.meshgrid(np.arange(K), np.arange(32), indexing="ij")
+        s = tile * WT + lv * E + kv * kRow
+        if vec_ok and (tile + 1) * WT <= n:
+            word = sum(pk[s // 2 + j] << (8 * j) for j in range(P))
+            for e in range(E):
+                shift = 8 * (e // 2) + (0 if e & 1 else 4)
+                v = (code[(word >> shift) & 15] * a[s >> lg]).astype(np.float32)
+                out[s + e] = v; np.add.at(writes, s + e, 1)
+        else:
+            for e in range(E):
+                i = s + e; ok = (s < n) & (i < n); i = i[ok]
+                byte = pk[i >> 1]; nib = np.where(i & 1, byte & 15, byte >> 4)
+                out[i] = (code[nib] * a[i >> lg]).astype(np.float32); np.add.at(writes, i, 1)
+    assert (writes == 1).all()
+    return torch.from_numpy(out).to(dtype)
+
+
+@pytest.mark.parametrize("blocksize", VALID_BLOCKSIZES)
+def test_cuda_index_math_emulation(blocksize):
+    g = _gen(600 + blocksize)
+    for dtype in DTYPES:
+        for n in (3, 4096, 2 * 4096 + 1001):
+            w = torch.randn(n, generator=g).to(dtype)
+            p_r, a_r = ref.quantize_blocks_reference(w, blocksize)
+            for vec in (True, False):
+                p, a = _emu_cuda_quantize(w, blocksize, vec)
+                assert torch.equal(p, p_r) and torch.equal(a, a_r), (dtype, n, vec)
+            out_dtype = DTYPES[(DTYPES.index(dtype) + 1) % 3]
+            for odt in (dtype, out_dtype):
+                exp = ref.dequantize_reference(p_r, a_r, None, None, None, nf4_code(), n, blocksize, odt)
+                for vec in (True, False):
+                    got = _emu_cuda_dequantize(p_r, a_r, n, blocksize, odt, vec)
+                    assert torch.equal(got, exp), (dtype, n, odt, vec)
 
 
 # ------------------------------------------------------------------------------------ nvcc
