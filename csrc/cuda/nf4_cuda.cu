@@ -27,6 +27,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <cstring>
 
 #include "nf4_common.h"
@@ -409,18 +410,24 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------
 bool aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) % a) == 0; }
 
-// CTAs that fill the current device once (grid-stride kernels); at least 1.
+// CTAs that fill the current device once (grid-stride kernels); at least 1.  The occupancy of
+// a kernel is queried once per kernel (it only sizes the grid, never affects results).
 template <typename Kernel>
 cudaError_t resident_ctas(Kernel kernel, int* ctas) {
-  int dev = 0, sms = 0, per_sm = 0;
+  static std::atomic<int> cached_per_sm{0};
+  int dev = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err != cudaSuccess) return err;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
-  if (err != cudaSuccess) return err;
-  *ctas = sms * (per_sm > 0 ? per_sm : 1);
-  if (*ctas < 1) *ctas = 1;
+  int per_sm = cached_per_sm.load(std::memory_order_relaxed);
+  if (per_sm == 0) {
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+    if (err != cudaSuccess) return err;
+    per_sm = per_sm > 0 ? per_sm : 1;
+    cached_per_sm.store(per_sm, std::memory_order_relaxed);
+  }
+  *ctas = sms * per_sm > 0 ? sms * per_sm : 1;
   return cudaSuccess;
 }
 
