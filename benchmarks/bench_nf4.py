@@ -194,9 +194,10 @@ def _fill_derived(rows: list[dict], bw: float | None) -> None:
                 r["frac_copy_bw"] = r["floor_ms"] / r["median_ms"]
     bnb = {(r["shape"], r["op"], r["variant"]): r for r in rows if r["method"].startswith("bnb") and r["median_ms"]}
     for r in rows:
-        if r["method"].startswith("bnb") or not r["median_ms"]:
+        if r["method"].startswith("bnb") or r["op"] == "copy" or not r["median_ms"]:
             continue
-        ref = bnb.get((r["shape"], r["op"], r["variant"])) or bnb.get((r["shape"], r["op"], "default"))
+        variant = "graph" if r["variant"] == "no_check_graph" else r["variant"]
+        ref = bnb.get((r["shape"], r["op"], variant)) or bnb.get((r["shape"], r["op"], "default"))
         if ref:
             r["ratio_vs_bnb"] = r["median_ms"] / ref["median_ms"]
 
@@ -205,7 +206,8 @@ def _fill_derived(rows: list[dict], bw: float | None) -> None:
 def _timed_row(base: dict, fn, sets, args, peak_fn=None, use_graph=False, **extra) -> dict:
     """Time ``fn`` over ``sets`` into a row; an exception becomes the row's note (the run goes on).
 
-    Graphs are for dequantize only: our quantize synchronizes (finite check), which a capture forbids.
+    Our default quantize synchronizes (its finite check), which a capture forbids: graph rows of
+    quantize use check_finite=False.
     """
     row = new_row(**base, **extra)
     try:
@@ -292,6 +294,9 @@ def run_gpu(args, lk, env, device: str = "cuda") -> tuple[list[dict], dict, list
                                                           backend=b, check_finite=False)
                 rows.append(_timed_row(qz, quant_nc, ws[:n_quant], args, peak_fn=lambda w=ws[0]: quant_nc(w),
                                        method=method, variant="no_check", **check))
+                # the GPU time of the three kernels (blocks, torch's mean, nested), no Python overhead
+                rows.append(_timed_row(qz, quant_nc, ws[:n_quant], args, use_graph=True, method=method,
+                                       variant="no_check_graph", **check))
             torch.cuda.empty_cache()
 
         if F is not None:
@@ -312,8 +317,18 @@ def run_gpu(args, lk, env, device: str = "cuda") -> tuple[list[dict], dict, list
             del bqs
             rows.append(_timed_row(qz, lambda w: bnb_quantize(F, w), ws[:n_quant], args,
                                    peak_fn=lambda w=ws[0]: bnb_quantize(F, w), method=method, variant="default"))
+            rows.append(_timed_row(qz, lambda w: bnb_quantize(F, w), ws[:n_quant], args, use_graph=True,
+                                   method=method, variant="graph"))
         elif why:
             rows.append(new_row(**dq, method="bnb", variant="-", note=why))
+        # what a plain device copy of the same number of bytes achieves at this size (read + write
+        # = bytes_moved of dequantize): the small shapes' ramp-up and tail cost a copy too
+        half = dequant_bytes(n) // 2
+        srcs = [torch.empty(half, dtype=torch.uint8, device=dev) for _ in range(n_out)]
+        dsts = [torch.empty_like(t) for t in srcs]
+        rows.append(_timed_row(dict(dq, op="copy"), lambda a, b: b.copy_(a), list(zip(srcs, dsts)), args,
+                               use_graph=True, method="torch", variant="same_bytes_graph"))
+        del srcs, dsts
         del ws, outs
         torch.cuda.empty_cache()
         _fill_derived(rows, bw)

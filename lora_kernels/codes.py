@@ -44,9 +44,22 @@ def _dynamic_code_values() -> tuple[float, ...]:
     return tuple(sorted(torch.tensor(values, dtype=torch.float32).tolist()))
 
 
+_on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _cached(name: str, values, device) -> torch.Tensor:
+    """A fresh copy of a table on ``device``, cloned from a per-device cache (no host->device copy
+    or sync after the first call; fresh, so that saved state dicts share no storage)."""
+    device = torch.device(device)
+    key = (name, device)
+    if key not in _on_device:
+        _on_device[key] = torch.tensor(values, dtype=torch.float32).to(device)
+    return _on_device[key].clone()
+
+
 def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
     """The NF4 levels as an fp32 tensor [16]."""
-    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    return _cached("nf4", NF4_CODE, device)
 
 
 def nf4_thresholds(device: torch.device | str = "cpu") -> torch.Tensor:
@@ -57,4 +70,4 @@ def nf4_thresholds(device: torch.device | str = "cpu") -> torch.Tensor:
 
 def dynamic_code(device: torch.device | str = "cpu") -> torch.Tensor:
     """The signed dynamic 8-bit map as an fp32 tensor [256], sorted ascending."""
-    return torch.tensor(_dynamic_code_values(), dtype=torch.float32, device=device)
+    return _cached("dynamic", _dynamic_code_values(), device)

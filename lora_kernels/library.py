@@ -124,9 +124,8 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         raise ValueError(f"quantize_nf4: blocksize must be one of {VALID_BLOCKSIZES}, got {blocksize}")
     if w.device.type not in ("cpu", "cuda"):
         raise ValueError(f"quantize_nf4: w must be on a CPU or CUDA device, got {w.device}")
-    if check_finite and not bool(torch.isfinite(w).all()):
-        bad = int((~torch.isfinite(w)).sum())
-        raise ValueError(f"quantize_nf4: w has {bad} NaN/inf element(s); NF4 cannot represent them")
+    if check_finite:
+        _check_finite(w)
     impl = backend_module(select_backend(w.device, backend))
     flat = w.detach().reshape(-1).contiguous()
     packed, absmax = impl.quantize_blocks(flat, blocksize)
@@ -138,7 +137,18 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         absmax, nested_absmax = impl.quantize_absmax_nested(absmax, offset, nested_code)
     return NF4Weight(packed=packed.reshape(-1, 1), absmax=absmax, code=nf4_code(w.device), shape=w.shape,
                      dtype=w.dtype, blocksize=blocksize, nested_absmax=nested_absmax,
-                     nested_code=nested_code, offset=offset)
+                     nested_code=nested_code, offset=offset, check_tables=False)
+
+
+def _check_finite(w: torch.Tensor) -> None:
+    """ValueError if ``w`` holds NaN/inf.  A finite fp32 sum proves every element finite (NaN and
+    inf propagate through addition) without a weight-sized temporary; only a non-finite sum
+    (a bad element, or an overflow of huge finite values) pays for the exact count."""
+    if bool(torch.isfinite(w.sum(dtype=torch.float32))):
+        return
+    bad = int((~torch.isfinite(w)).sum())
+    if bad:
+        raise ValueError(f"quantize_nf4: w has {bad} NaN/inf element(s); NF4 cannot represent them")
 
 
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, *, backend: str | None = None,

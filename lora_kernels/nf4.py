@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import InitVar, dataclass, fields, replace
 from typing import Any, Mapping
 
 import torch
@@ -58,10 +58,13 @@ class NF4Weight:
     nested_absmax: torch.Tensor | None = None
     nested_code: torch.Tensor | None = None
     offset: torch.Tensor | None = None
+    #: also compare the code tables with the format's values (a device sync); the quantizer,
+    #: which writes those tables itself, skips it
+    check_tables: InitVar[bool] = True
 
-    def __post_init__(self):
+    def __post_init__(self, check_tables: bool = True):
         self.shape = torch.Size(self.shape)
-        self.validate()
+        self.validate(check_tables)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -98,8 +101,9 @@ class NF4Weight:
         return 8 * (self.packed.numel() + scale_bytes) / self.numel
 
     # ------------------------------------------------------------------ checks
-    def validate(self) -> None:
-        """Raise NF4FormatError naming the first field that is inconsistent."""
+    def validate(self, check_tables: bool = True) -> None:
+        """Raise NF4FormatError naming the first field that is inconsistent (``check_tables``:
+        also compare the NF4 table's values, which costs a device sync)."""
         n = self.numel
         if n < 1:
             raise NF4FormatError(f"shape {tuple(self.shape)} has no elements")
@@ -119,7 +123,7 @@ class NF4Weight:
                                  f"got {self.absmax.dtype} with {self.absmax.numel()}")
         if self.code.dtype != torch.float32 or self.code.numel() != 16:
             raise NF4FormatError(f"code (quant_map) must be fp32 [16], got {self.code.dtype} {tuple(self.code.shape)}")
-        if not torch.equal(self.code.cpu(), nf4_code()):
+        if check_tables and not torch.equal(self.code.cpu(), nf4_code()):
             raise NF4FormatError("code (quant_map) is not the NF4 table (an fp4 or corrupted weight?)")
         if self.double_quant:
             nn_ = -(-nb // NESTED_BLOCKSIZE)
@@ -139,7 +143,7 @@ class NF4Weight:
     # ------------------------------------------------------------------ conversions
     def to(self, device: torch.device | str) -> "NF4Weight":
         """A copy on ``device`` (dtypes never change: the format is fixed)."""
-        return replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
+        return replace(self, **{k: v.to(device) for k, v in self.tensors().items()}, check_tables=False)
 
     def dequantize(self, dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
         """The weight as a dense tensor of ``self.shape`` (see ``lora_kernels.dequantize_nf4``)."""

@@ -1,7 +1,8 @@
 // NF4 (+ double quantization) CUDA kernels: blockwise quantize, nested absmax quantize,
-// dequantize.  Bit-exact with lora_kernels/reference.py: every fp32 product/sum is a separately
-// rounded __fmul_rn/__fadd_rn (build with --fmad=false too), reciprocals are IEEE
-// (__frcp_rn == fl(1/x)), conversions to bf16/fp16 are round-to-nearest-even.
+// dequantize.  Bit-exact with bitsandbytes' CUDA kernels, and with lora_kernels/reference.py up to
+// the block-scale reciprocal (see inv_scale): every fp32 product/sum is a separately rounded
+// __fmul_rn/__fadd_rn (build with --fmad=false too), conversions to bf16/fp16 are
+// round-to-nearest-even.
 // No torch headers: this file compiles with a bare nvcc (see csrc/cuda/nf4_cuda.h).
 //
 // Memory layout of the two big kernels ("unit" = one 16-byte vector of the wide tensor):
@@ -141,8 +142,19 @@ struct Elem<DType::kFloat16> {
 
 __device__ __forceinline__ uint32_t umax(uint32_t a, uint32_t b) { return a > b ? a : b; }
 
-// fl(1 / max(absmax, 1e-38)); a NaN absmax stays NaN (as torch's clamp).
+// The block scale 1 / absmax.  bitsandbytes' CUDA kernels (built with fast math) take it from the
+// hardware's approximate reciprocal, MUFU.RCP (rcp.approx.ftz.f32; seen in the SASS of its
+// kQuantizeBlockwise): we use the same instruction for every normal absmax so that our bytes equal
+// bitsandbytes' bytes on the GPU.  It differs from the IEEE fl(1/x) of the CPU reference by at most
+// an ulp, which moves an index by one level only where x * inv sits on a threshold (rare; the
+// GPU tests allow exactly that).  Zero or subnormal absmax (an all-zero block) takes the
+// reference's clamped IEEE path, so such a block stores the 0.0 level; NaN stays NaN.
 __device__ __forceinline__ float inv_scale(float amax) {
+  if (amax >= 1.17549435e-38f) {  // FLT_MIN: the ftz instruction is exact only for normal inputs
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(amax));
+    return r;
+  }
   return __frcp_rn(amax < nf4::kMinAbsmax ? nf4::kMinAbsmax : amax);
 }
 

@@ -12,8 +12,12 @@ elements, a fixed size chosen by blocksize -- no autotuning), so the per-block a
 reduction / a row broadcast and no element needs an integer division.
 
 Exactness notes (each one matters for torch.equal against the reference):
-* ``1 / absmax`` uses ``tl.math.div_rn`` (IEEE round-to-nearest, like torch); a plain ``/``
-  lowers to an approximate divide on some Triton versions.
+* The block scale ``1 / absmax`` (``_block_reciprocal``): on the GPU the hardware's approximate
+  reciprocal ``rcp.approx.ftz.f32`` for normal absmax -- the instruction bitsandbytes' CUDA
+  kernels use (its library is built with fast math), so our bytes equal its bytes there; it
+  differs from the reference's IEEE ``1 / x`` by at most an ulp (an index moves by one level
+  only where the scaled value sits on a threshold).  Under the interpreter, and for zero or
+  subnormal absmax, ``tl.math.div_rn`` (IEEE, like torch and the reference).
 * Every launch passes ``enable_fp_fusion=False``: the nested absmax decode
   ``fl(fl(code[q] * nested_absmax) + offset)`` must not become an FMA.
 * Thresholds are the fp32 midpoints of the NF4 levels (``codes.nf4_thresholds``) and the
@@ -48,6 +52,20 @@ _NESTED_ROWS = 16
 _NESTED_WARPS = 4
 
 _MIN_ABSMAX: tl.constexpr = tl.constexpr(1e-38)
+_FLT_MIN: tl.constexpr = tl.constexpr(1.1754943508222875e-38)  # smallest normal fp32
+
+
+@triton.jit
+def _block_reciprocal(a, APPROX_RCP: tl.constexpr):
+    """1 / a for block scales (fp32 [ROWS]); see the module docstring for the two modes."""
+    # triton 3.6 types a subnormal Python float as fp64: build the clamp as an fp32 tensor
+    ieee = tl.math.div_rn(tl.full(a.shape, 1.0, tl.float32),
+                          tl.maximum(a, tl.full(a.shape, _MIN_ABSMAX, tl.float32)))
+    if APPROX_RCP:
+        approx = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [a], dtype=tl.float32,
+                                           is_pure=True, pack=1)
+        return tl.where(a >= _FLT_MIN, approx, ieee)
+    return ieee
 
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -79,7 +97,7 @@ def _check_blocksize(blocksize: int) -> None:
 @triton.jit
 def _nf4_quantize_kernel(
     w_ptr, packed_ptr, absmax_ptr, thr_ptr, n, nbytes, nblocks,
-    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, VEC: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, VEC: tl.constexpr, APPROX_RCP: tl.constexpr,
 ):
     # Bytes moved per program: ROWS*BLOCKSIZE*w.itemsize read, ROWS*BLOCKSIZE/2 + 4*ROWS written
     # (bf16, 8192 elements: 16 KiB in, 4 KiB + absmax out).
@@ -97,7 +115,7 @@ def _nf4_quantize_kernel(
     amax = tl.max(tl.abs(x), axis=1)                     # [ROWS]; padding is 0, never wins
     blk = pid * ROWS + rows
     tl.store(absmax_ptr + blk, amax, mask=blk < nblocks)
-    inv = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), tl.maximum(amax, _MIN_ABSMAX))
+    inv = _block_reciprocal(amax, APPROX_RCP)
     s = x * inv[:, None]
 
     # idx = #{t in thresholds : s > t} by a 4-level select tree (ties go to the lower index).
@@ -160,7 +178,8 @@ def quantize_blocks(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torc
     grid = (triton.cdiv(nblocks, rows),)
     _nf4_quantize_kernel[grid](
         w, packed, absmax, _thresholds(w.device), n, (n + 1) // 2, nblocks,
-        BLOCKSIZE=blocksize, ROWS=rows, VEC=8 // w.element_size(), num_warps=_QUANT_WARPS, enable_fp_fusion=False,
+        BLOCKSIZE=blocksize, ROWS=rows, VEC=8 // w.element_size(), APPROX_RCP=w.is_cuda,
+        num_warps=_QUANT_WARPS, enable_fp_fusion=False,
     )
     return packed, absmax
 
@@ -171,7 +190,7 @@ def quantize_blocks(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torc
 @triton.jit
 def _absmax_nested_quantize_kernel(
     absmax_ptr, offset_ptr, code_ptr, q_ptr, nested_ptr, nb, nnested,
-    ROWS: tl.constexpr, NBS: tl.constexpr,
+    ROWS: tl.constexpr, NBS: tl.constexpr, APPROX_RCP: tl.constexpr,
 ):
     # Bytes moved per program: ROWS*NBS*4 read, ROWS*NBS + ROWS*4 written (16 KiB / 4 KiB),
     # plus 18 L1-resident gathers per value from the 1 KiB code table.
@@ -184,7 +203,7 @@ def _absmax_nested_quantize_kernel(
     d = tl.where(m, a - off, 0.0)
     nabs = tl.max(tl.abs(d), axis=1)
     tl.store(nested_ptr + rows, nabs, mask=rows < nnested)
-    inv = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), tl.maximum(nabs, _MIN_ABSMAX))
+    inv = _block_reciprocal(nabs, APPROX_RCP)
     s = d * inv[:, None]
 
     # q = #{i in 0..254 : bound[i] < s}, bound[i] = (code[i] + code[i+1]) * 0.5; 8-step search.
@@ -229,7 +248,8 @@ def quantize_absmax_nested(
     grid = (triton.cdiv(nnested, _NESTED_ROWS),)
     _absmax_nested_quantize_kernel[grid](
         absmax, offset, code, q, nested, nb, nnested,
-        ROWS=_NESTED_ROWS, NBS=NESTED_BLOCKSIZE, num_warps=_NESTED_WARPS, enable_fp_fusion=False,
+        ROWS=_NESTED_ROWS, NBS=NESTED_BLOCKSIZE, APPROX_RCP=absmax.is_cuda, num_warps=_NESTED_WARPS,
+        enable_fp_fusion=False,
     )
     return q, nested
 
