@@ -6,11 +6,12 @@ Public API (this release: the storage format and its kernels):
   NF4Weight (state_dict / from_state_dict in bitsandbytes' keys, from_bnb / to_bnb_params)
   NF4Linear, quantize_model(model, device=...)
   available_backends(device)
+  lora_linear(x, weight, lora_a, lora_b, scale, bias) -> y   (fused forward; forward_route() says which kernel)
 """
 
 from .codes import NF4_CODE, dynamic_code, nf4_code
 from .convert import quantize_model
-from .library import available_backends, dequantize_nf4, quantize_nf4, select_backend
+from .library import available_backends, dequantize_nf4, forward_route, lora_linear, quantize_nf4, select_backend
 from .modules import NF4Linear
 from .nf4 import NF4FormatError, NF4Weight
 
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NF4_CODE", "NF4FormatError", "NF4Linear", "NF4Weight", "available_backends", "dequantize_nf4",
-    "dynamic_code", "nf4_code", "quantize_model", "quantize_nf4", "select_backend",
+    "dynamic_code", "forward_route", "lora_linear", "nf4_code", "quantize_model", "quantize_nf4", "select_backend",
 ]

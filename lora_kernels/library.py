@@ -174,3 +174,77 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, *, backend: s
     res = impl.dequantize(q.packed.view(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code,
                           q.numel, q.blocksize, dtype, out=out)
     return res.view(q.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused LoRA / QLoRA linear (forward)
+#
+# Routes:
+#   "triton-gemv"    M <= 16 on CUDA: split-K GEMV streaming the 4-bit weight (decode)
+#   "triton-tiled"   larger M on CUDA: tiled GEMM dequantizing weight tiles in registers
+#   "dequant-cublas" CUDA fallback: K not a multiple of the blocksize, or fp32 activations;
+#                    materializes the dense weight (the only route that does)
+#   "reference"      CPU (and anything else): reference.lora_linear_reference in fp32
+FORWARD_ROUTES = ("triton-gemv", "triton-tiled", "dequant-cublas", "reference")
+
+
+def forward_route(M: int, weight, x_dtype: torch.dtype, device: torch.device) -> str:
+    """The route ``lora_linear`` takes for M rows of x on ``device`` (one visible decision)."""
+    if device.type != "cuda":
+        return "reference"
+    if x_dtype not in (torch.bfloat16, torch.float16) or not _ext.triton_available():
+        return "dequant-cublas"
+    if isinstance(weight, NF4Weight) and weight.shape[1] % weight.blocksize != 0:
+        return "dequant-cublas"
+    from .triton.nf4_lora_matmul import pick_route
+
+    return "triton-" + pick_route(M, weight.shape[0], weight.shape[1])
+
+
+def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
+                scale: float | torch.Tensor = 1.0, bias: torch.Tensor | None = None, *,
+                route: str | None = None, config: dict | None = None) -> torch.Tensor:
+    """y = x · Ŵᵀ + ((x · Aᵀ) ⊙ s) · Bᵀ + bias.
+
+    x: [..., K] bf16/fp16 (fp32 takes the fallback route); weight: ``NF4Weight`` (N, K) or a dense
+    [N, K] tensor; lora_a: [r, K] and lora_b: [N, r] (x's dtype), or None for no low-rank term;
+    scale: float (alpha / r) or an fp32 [r] vector (AdaLoRA); bias: [N] or None.  Returns
+    [..., N] in x's dtype.  ``route``: one of FORWARD_ROUTES to force; default ``forward_route``.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise TypeError("lora_linear: x must be a tensor [..., K]")
+    if isinstance(weight, NF4Weight):
+        if len(weight.shape) != 2:
+            raise ValueError(f"lora_linear: weight must be 2-D (N, K), got {tuple(weight.shape)}")
+        N, K = weight.shape
+        wdev = weight.device
+    elif isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        N, K = weight.shape
+        wdev = weight.device
+    else:
+        raise TypeError("lora_linear: weight must be an NF4Weight or a 2-D tensor [N, K]")
+    if x.shape[-1] != K:
+        raise ValueError(f"lora_linear: x's last dim is {x.shape[-1]}, the weight expects K={K}")
+    if x.device != wdev:
+        raise ValueError(f"lora_linear: x is on {x.device} but the weight is on {wdev}")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("lora_linear: give both lora_a and lora_b, or neither")
+    x2d = x.reshape(-1, K)
+    route = route or forward_route(x2d.shape[0], weight, x.dtype, x.device)
+    if route not in FORWARD_ROUTES:
+        raise ValueError(f"lora_linear: unknown route {route!r}; expected one of {FORWARD_ROUTES}")
+    if route.startswith("triton-"):
+        from .triton.nf4_lora_matmul import lora_matmul
+
+        y = lora_matmul(x2d, weight, lora_a, lora_b, scale, bias, route=route[len("triton-"):], config=config)
+    else:
+        dense = weight.dequantize(x.dtype) if isinstance(weight, NF4Weight) else weight
+        if route == "reference":
+            y = reference.lora_linear_reference(x2d, dense, lora_a, lora_b, scale, bias)
+        else:  # dequant-cublas
+            y = torch.nn.functional.linear(x2d, dense.to(x.dtype), None if bias is None else bias.to(x.dtype))
+            if lora_a is not None:
+                t = x2d @ lora_a.to(x.dtype).t()
+                t = t * (scale.to(t.dtype) if isinstance(scale, torch.Tensor) else scale)
+                y = y + t @ lora_b.to(x.dtype).t()
+    return y.reshape(*x.shape[:-1], N)
