@@ -1,0 +1,116 @@
+"""The forward op at the library boundary: route choice, shapes, bad input, and (on the GPU) every
+route against a float64 reference with the "at most 2x PyTorch's own error" rule.
+Kernel-level cases (configs, interpreter) live in test_forward_triton.py."""
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels.reference import lora_linear_reference
+
+from .conftest import HAS_CUDA, randn
+
+
+def _err(y, ref):
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def _setup(M, K, N, r, dtype, gen, device="cpu", nf4=True, bias=True, vec_scale=False):
+    W = randn((N, K), torch.float32, gen, scale=0.05)
+    weight = lk.quantize_nf4(W.to(device)) if nf4 else W.to(dtype).to(device)
+    x = randn((M, K), dtype, gen, device=device)
+    A = randn((r, K), dtype, gen, device=device, scale=0.05)
+    B = randn((N, r), dtype, gen, device=device, scale=0.05)
+    s = torch.rand(r, generator=gen).to(device) + 0.5 if vec_scale else 2.0
+    b = randn((N,), dtype, gen, device=device) if bias else None
+    return x, weight, A, B, s, b
+
+
+def _check_against_reference(x, weight, A, B, s, b, route=None):
+    dense = weight.dequantize(torch.float32) if isinstance(weight, lk.NF4Weight) else weight.float()
+    ref = lora_linear_reference(x.double(), dense.double(), A.double(), B.double(),
+                                s.double() if isinstance(s, torch.Tensor) else s,
+                                None if b is None else b.double(), torch.float64).double()
+    y = lk.lora_linear(x, weight, A, B, s, b, route=route)
+    assert y.dtype == x.dtype and y.shape == ref.shape and torch.isfinite(y).all()
+    # PyTorch computing the same formula in x's dtype
+    dq = dense.to(x.dtype)
+    t = (x @ A.t()) * (s.to(x.dtype) if isinstance(s, torch.Tensor) else s)
+    torch_y = torch.nn.functional.linear(x, dq, b) + t @ B.t()
+    assert _err(y, ref) <= 2 * _err(torch_y, ref) + 1e-6, (_err(y, ref), _err(torch_y, ref))
+
+
+def test_cpu_route_is_reference(rng):
+    x, w, A, B, s, b = _setup(5, 128, 40, 8, torch.float32, rng)
+    assert lk.forward_route(5, w, torch.float32, torch.device("cpu")) == "reference"
+    y = lk.lora_linear(x, w, A, B, s, b)
+    ref = lora_linear_reference(x, w.dequantize(torch.float32), A, B, s, b)
+    torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("lead", [(), (2,), (2, 3)], ids=["1d", "2d", "3d"])
+def test_leading_dims_and_non_contiguous(lead, rng):
+    x, w, A, B, s, b = _setup(1, 64, 24, 4, torch.float32, rng)
+    xx = randn((*lead, 64 * 2), torch.float32, rng)[..., ::2]  # non-contiguous last dim
+    y = lk.lora_linear(xx, w, A, B, s, b)
+    assert y.shape == (*lead, 24)
+    ref = lora_linear_reference(xx.contiguous(), w.dequantize(torch.float32), A, B, s, b)
+    torch.testing.assert_close(y, ref)
+
+
+def test_no_lora_term_and_vector_scale(rng):
+    x, w, A, B, s, b = _setup(3, 64, 24, 4, torch.float32, rng, vec_scale=True)
+    torch.testing.assert_close(lk.lora_linear(x, w), x @ w.dequantize(torch.float32).t())
+    ref = lora_linear_reference(x, w.dequantize(torch.float32), A, B, s, b)
+    torch.testing.assert_close(lk.lora_linear(x, w, A, B, s, b), ref)
+
+
+def test_bad_input(rng):
+    x, w, A, B, s, b = _setup(3, 64, 24, 4, torch.float32, rng)
+    with pytest.raises(ValueError, match="K=64"):
+        lk.lora_linear(x[:, :63], w, A, B)
+    with pytest.raises(ValueError, match="both lora_a and lora_b"):
+        lk.lora_linear(x, w, A, None)
+    with pytest.raises(ValueError, match="unknown route"):
+        lk.lora_linear(x, w, A, B, route="fast")
+    with pytest.raises(TypeError, match="NF4Weight or a 2-D"):
+        lk.lora_linear(x, torch.randn(24), A, B)
+    with pytest.raises(ValueError, match="meta"):
+        lk.lora_linear(x.to("meta"), w, A, B)
+
+
+# ----------------------------------------------------------------------------------- GPU
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("M", [1, 3, 16, 17, 100, 4096])
+def test_gpu_routes_against_reference(M, dtype, rng):
+    for K, N in ((4096, 4096 + 8 + 3), (1024, 4096 + 1)):
+        for r, nf4, bias, vec in ((1, True, True, False), (16, True, False, True), (128, True, True, False),
+                                  (64, False, True, False)):
+            x, w, A, B, s, b = _setup(M, K, N, r, dtype, rng, "cuda", nf4=nf4, bias=bias, vec_scale=vec)
+            route = lk.forward_route(M, w, dtype, x.device)
+            assert route == ("triton-gemv" if M <= 16 else "triton-tiled")
+            _check_against_reference(x, w, A, B, s, b)
+
+
+@gpu
+def test_gpu_fallback_routes(rng):
+    # K not a multiple of the blocksize -> dequant-cublas; fp32 x -> dequant-cublas
+    x, w, A, B, s, b = _setup(7, 96, 40, 8, torch.bfloat16, rng, "cuda")
+    assert lk.forward_route(7, w, torch.bfloat16, x.device) == "dequant-cublas"
+    _check_against_reference(x, w, A, B, s, b)
+    x, w, A, B, s, b = _setup(7, 128, 40, 8, torch.float32, rng, "cuda")
+    assert lk.forward_route(7, w, torch.float32, x.device) == "dequant-cublas"
+    _check_against_reference(x, w, A, B, s, b)
+
+
+@gpu
+def test_gpu_3d_noncontiguous_bf16(rng):
+    x, w, A, B, s, b = _setup(1, 4096, 1024, 16, torch.bfloat16, rng, "cuda")
+    xx = randn((4, 33, 4096 * 2), torch.bfloat16, rng, device="cuda")[..., ::2]
+    y = lk.lora_linear(xx, w, A, B, s, b)
+    y2 = lk.lora_linear(xx.contiguous(), w, A, B, s, b)
+    assert y.shape == (4, 33, 1024) and torch.equal(y, y2)
