@@ -46,12 +46,13 @@ echo "build rc=$RC in $(( SECONDS - T )) s"
 python3 -c "import lora_kernels as lk, torch; print('backends on cuda:', lk.available_backends(torch.device('cuda')))" 2>&1 | tail -3
 
 # --- GPU tests (the run goes on when they fail) ----------------------------------------------------
-TEST_LIMIT=$(( $(left) - 200 )); [ $TEST_LIMIT -gt 240 ] && TEST_LIMIT=240
+TEST_MAX=${TEST_LIMIT_MAX:-240}
+TEST_LIMIT=$(( $(left) - 200 )); [ $TEST_LIMIT -gt $TEST_MAX ] && TEST_LIMIT=$TEST_MAX
 if [ $TEST_LIMIT -gt 20 ]; then
   TIMEOUT_FLAG=""
   python3 -c "import pytest_timeout" 2>/dev/null && TIMEOUT_FLAG="--timeout=300"
   echo "=== pytest -m gpu (limit ${TEST_LIMIT}s), log: $OUT/gpu_tests.log"
-  timeout $TEST_LIMIT python3 -m pytest -m gpu -q $TIMEOUT_FLAG ${PYTEST_ARGS:-} tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  timeout $TEST_LIMIT python3 -m pytest -m gpu -q -rf --durations=12 $TIMEOUT_FLAG ${PYTEST_ARGS:-} tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
   echo "pytest rc=$?"
 else
   echo "run_device: no time left for the GPU tests" | tee "$OUT/gpu_tests.log"
