@@ -4,7 +4,8 @@
 //
 // Definitions mirror lora_kernels/codes.py and lora_kernels/reference.py bit for bit:
 //   * kCode: the 16 NF4 levels (fp32, sorted).
-//   * kThresholds: fl(fl(kCode[i] + kCode[i+1]) * 0.5f), i = 0..14 (codes.nf4_thresholds()).
+//   * kThresholds: fl(fl(kCode[i] + kCode[i+1]) * 0.5f), i = 0..14 (codes.nf4_thresholds()),
+//     used on the CPU; kThresholdsCuda: bitsandbytes' CUDA values, used on the GPU (see below).
 //   * NF4 index of a scaled value s: #{t in kThresholds : s > t}  (an exact tie -> lower index).
 #pragma once
 
@@ -39,8 +40,18 @@ constexpr int kMaxBlocksize = 4096;
       -0x1.1a7178p-3f, -0x1.74f0e2p-5f, 0x1.45f5fep-5f, 0x1.ec90c4p-4f, 0x1.a0cfcp-3f,       \
       0x1.2b05a8p-2f, 0x1.8ea7f2p-2f, 0x1.00da08p-1f, 0x1.491b5ep-1f, 0x1.b913b4p-1f
 
+// bitsandbytes' CUDA kernel compares against decimal literals that nvcc rounds straight to fp32;
+// four of them (indices 0, 8, 12, 14) land one ulp away from the fp32 midpoints above (read off
+// the FSETP immediates of its kQuantizeBlockwise SASS; codes.NF4_THRESHOLDS_CUDA).  Our CUDA
+// kernels use these so their bytes equal bitsandbytes' CUDA bytes.
+#define LORA_NF4_THRESHOLD_VALUES_CUDA                                                       \
+  -0x1.b239b2p-1f, -0x1.38a4ep-1f, -0x1.d709p-2f, -0x1.5bd4ecp-2f, -0x1.e079d8p-3f,          \
+      -0x1.1a7178p-3f, -0x1.74f0e2p-5f, 0x1.45f5fep-5f, 0x1.ec90c6p-4f, 0x1.a0cfcp-3f,       \
+      0x1.2b05a8p-2f, 0x1.8ea7f2p-2f, 0x1.00da06p-1f, 0x1.491b5ep-1f, 0x1.b913b2p-1f
+
 constexpr float kCode[kNumCodes] = {LORA_NF4_CODE_VALUES};
 constexpr float kThresholds[kNumThresholds] = {LORA_NF4_THRESHOLD_VALUES};
+constexpr float kThresholdsCuda[kNumThresholds] = {LORA_NF4_THRESHOLD_VALUES_CUDA};
 
 constexpr bool is_valid_blocksize(int64_t b) {
   return b == 32 || b == 64 || b == 128 || b == 256 || b == 512 || b == 1024 || b == 2048 ||
@@ -74,7 +85,7 @@ struct QuantLut {
   bool ok;  // every cell holds at most one threshold, none on a cell edge
 };
 
-constexpr QuantLut make_quant_lut() {
+constexpr QuantLut make_quant_lut(const float* thresholds = kThresholds) {
   QuantLut lut{};
   lut.ok = true;
   const float inf = __builtin_huge_valf();
@@ -84,7 +95,7 @@ constexpr QuantLut make_quant_lut() {
     int base = 0, inside = 0;
     float thr = inf;
     for (int k = 0; k < kNumThresholds; ++k) {
-      const float t = kThresholds[k];
+      const float t = thresholds[k];
       if (t < lo) {
         ++base;
       } else if (t <= hi) {
@@ -100,6 +111,7 @@ constexpr QuantLut make_quant_lut() {
   return lut;
 }
 static_assert(make_quant_lut().ok, "NF4 lookup table: a cell holds more than one threshold");
+static_assert(make_quant_lut(kThresholdsCuda).ok, "NF4 lookup table (CUDA thresholds): a cell holds two");
 
 NF4_HD int32_t float_bits(float f) {
 #if defined(__CUDA_ARCH__)

@@ -19,6 +19,15 @@ NF4_CODE = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
 
+#: bitsandbytes' CUDA kernel decides NF4 indices against decimal literals that nvcc rounds
+#: straight to fp32; four of them (indices 0, 8, 12, 14) sit one ulp away from the fp32
+#: midpoints that its CPU path (and ``nf4_thresholds``) uses.  Read off the FSETP immediates of
+#: its kQuantizeBlockwise SASS (bitsandbytes 0.50.2).  Our GPU quantizers use these.
+NF4_THRESHOLDS_CUDA = tuple(float.fromhex(h) for h in (
+    "-0x1.b239b2p-1", "-0x1.38a4ep-1", "-0x1.d709p-2", "-0x1.5bd4ecp-2", "-0x1.e079d8p-3",
+    "-0x1.1a7178p-3", "-0x1.74f0e2p-5", "0x1.45f5fep-5", "0x1.ec90c6p-4", "0x1.a0cfcp-3",
+    "0x1.2b05a8p-2", "0x1.8ea7f2p-2", "0x1.00da06p-1", "0x1.491b5ep-1", "0x1.b913b2p-1"))
+
 #: The nested (double) quantization always uses blocks of 256 absmax values.
 NESTED_BLOCKSIZE = 256
 #: Block sizes the format allows (bitsandbytes' list).
@@ -66,6 +75,11 @@ def nf4_thresholds(device: torch.device | str = "cpu") -> torch.Tensor:
     """fp32 midpoints between neighbouring NF4 levels [15]; index = #thresholds strictly below x."""
     code = nf4_code(device)
     return (code[:-1] + code[1:]) * 0.5
+
+
+def nf4_thresholds_cuda(device: torch.device | str = "cuda") -> torch.Tensor:
+    """bitsandbytes' CUDA decision thresholds [15] (see ``NF4_THRESHOLDS_CUDA``)."""
+    return _cached("nf4_thresholds_cuda", NF4_THRESHOLDS_CUDA, device)
 
 
 def dynamic_code(device: torch.device | str = "cpu") -> torch.Tensor:

@@ -98,14 +98,16 @@ def test_gpu_matches_reference_all_blocksizes_and_poison(backend, cuda_gen):
 
 
 def test_all_zero_blocks_on_gpu_dequantize_to_zero():
-    F = _bnb()
+    """Our zero blocks store the 0.0 level and decode to exact zeros, double-quantized or not.
+    (bitsandbytes' CUDA kernel computes 0 * (1/0) = NaN there and stores level 0, which decodes
+    to -absmax; with double quantization that absmax is the offset's rounding residue, not 0 --
+    a documented difference, so bitsandbytes is not asserted on here.)"""
     w = torch.zeros(64, 256, dtype=torch.bfloat16, device="cuda")
     w[3, 7] = 1.5
     for backend in GPU_BACKENDS:
-        q = lk.quantize_nf4(w, 64, True, backend=backend)
-        assert torch.equal(q.dequantize(), w)
-    qb, sb = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-    assert torch.equal(F.dequantize_4bit(qb, sb), w)  # bitsandbytes may pick another nibble for 0 * (1/0)
+        for dq in (True, False):
+            q = lk.quantize_nf4(w, 64, dq, backend=backend)
+            assert torch.equal(q.dequantize(), w), (backend, dq)
 
 
 def test_quantize_model_to_gpu_holds_one_layer_extra():

@@ -450,7 +450,7 @@ cudaError_t quantize_blocks_launch(const void* w, int64_t n, uint8_t* packed, fl
                                    cudaStream_t stream) {
   constexpr int E = 16 / Elem<D>::kSize;
   constexpr int kTile = 4096;
-  constexpr QuantLut kLut = nf4::make_quant_lut();
+  constexpr QuantLut kLut = nf4::make_quant_lut(nf4::kThresholdsCuda);  // bitsandbytes' CUDA thresholds
   auto kernel = quantize_blocks_kernel<D, BS>;
   int ctas = 0;
   cudaError_t err = resident_ctas(kernel, &ctas);

@@ -20,7 +20,8 @@ Exactness notes (each one matters for torch.equal against the reference):
   subnormal absmax, ``tl.math.div_rn`` (IEEE, like torch and the reference).
 * Every launch passes ``enable_fp_fusion=False``: the nested absmax decode
   ``fl(fl(code[q] * nested_absmax) + offset)`` must not become an FMA.
-* Thresholds are the fp32 midpoints of the NF4 levels (``codes.nf4_thresholds``) and the
+* Thresholds are the fp32 midpoints of the NF4 levels (``codes.nf4_thresholds``) under the
+  interpreter and bitsandbytes' CUDA values (``codes.NF4_THRESHOLDS_CUDA``) on the GPU; the
   dynamic-code midpoints ``(code[i] + code[i + 1]) * 0.5`` are formed in fp32, as the reference
   forms them.
 """
@@ -31,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..codes import NESTED_BLOCKSIZE, VALID_BLOCKSIZES, nf4_thresholds
+from ..codes import NESTED_BLOCKSIZE, VALID_BLOCKSIZES, nf4_thresholds, nf4_thresholds_cuda
 
 __all__ = ["quantize_blocks", "quantize_absmax_nested", "dequantize"]
 
@@ -77,7 +78,8 @@ def _thresholds(device: torch.device) -> torch.Tensor:
     t = _THRESHOLDS.get(device)
     if t is None:
         t = torch.zeros(16, dtype=torch.float32, device=device)
-        t[:15] = nf4_thresholds(device)
+        # GPU: bitsandbytes' CUDA thresholds (codes.NF4_THRESHOLDS_CUDA); interpreter: the midpoints
+        t[:15] = nf4_thresholds_cuda(device) if device.type == "cuda" else nf4_thresholds(device)
         _THRESHOLDS[device] = t
     return t
 
