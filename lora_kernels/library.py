@@ -181,9 +181,13 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, *, backend: s
 #
 # Routes:
 #   "triton-gemv"    M <= 16 on CUDA: split-K GEMV streaming the 4-bit weight (decode)
-#   "triton-tiled"   larger M on CUDA: tiled GEMM dequantizing weight tiles in registers
-#   "dequant-cublas" CUDA fallback: K not a multiple of the blocksize, or fp32 activations;
-#                    materializes the dense weight (the only route that does)
+#   "triton-tiled"   tiled GEMM dequantizing weight tiles in registers (never writes the dense
+#                    weight).  NOT chosen automatically yet: measured on an H100 it is 7-30x
+#                    slower than dequantize + cuBLAS (benchmarks/results/forward_*_quick*.md);
+#                    reachable with route="triton-tiled" until it is fixed
+#   "dequant-cublas" M > 16 on CUDA (measured faster, see above), and the fallback for K not a
+#                    multiple of the blocksize or fp32 activations; materializes the dense
+#                    weight for the duration of the call
 #   "reference"      CPU (and anything else): reference.lora_linear_reference in fp32
 FORWARD_ROUTES = ("triton-gemv", "triton-tiled", "dequant-cublas", "reference")
 
@@ -196,9 +200,9 @@ def forward_route(M: int, weight, x_dtype: torch.dtype, device: torch.device) ->
         return "dequant-cublas"
     if isinstance(weight, NF4Weight) and weight.shape[1] % weight.blocksize != 0:
         return "dequant-cublas"
-    from .triton.nf4_lora_matmul import pick_route
+    from .triton.nf4_lora_matmul import GEMV_MAX_M
 
-    return "triton-" + pick_route(M, weight.shape[0], weight.shape[1])
+    return "triton-gemv" if M <= GEMV_MAX_M else "dequant-cublas"
 
 
 def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
@@ -241,10 +245,10 @@ def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None = None, lor
         dense = weight.dequantize(x.dtype) if isinstance(weight, NF4Weight) else weight
         if route == "reference":
             y = reference.lora_linear_reference(x2d, dense, lora_a, lora_b, scale, bias)
-        else:  # dequant-cublas
+        else:  # dequant-cublas: base GEMM, then the low-rank GEMM accumulated into y in place
             y = torch.nn.functional.linear(x2d, dense.to(x.dtype), None if bias is None else bias.to(x.dtype))
             if lora_a is not None:
                 t = x2d @ lora_a.to(x.dtype).t()
-                t = t * (scale.to(t.dtype) if isinstance(scale, torch.Tensor) else scale)
-                y = y + t @ lora_b.to(x.dtype).t()
+                t = t.mul_(scale.to(t.dtype) if isinstance(scale, torch.Tensor) else scale)
+                y.addmm_(t, lora_b.to(x.dtype).t())
     return y.reshape(*x.shape[:-1], N)

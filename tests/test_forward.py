@@ -92,8 +92,10 @@ def test_gpu_routes_against_reference(M, dtype, rng):
                                   (64, False, True, False)):
             x, w, A, B, s, b = _setup(M, K, N, r, dtype, rng, "cuda", nf4=nf4, bias=bias, vec_scale=vec)
             route = lk.forward_route(M, w, dtype, x.device)
-            assert route == ("triton-gemv" if M <= 16 else "triton-tiled")
+            assert route == ("triton-gemv" if M <= 16 else "dequant-cublas")
             _check_against_reference(x, w, A, B, s, b)
+            if M > 16:  # the fused tiled kernel, not auto-selected yet (see library.forward_route)
+                _check_against_reference(x, w, A, B, s, b, route="triton-tiled")
 
 
 @gpu
@@ -114,3 +116,13 @@ def test_gpu_3d_noncontiguous_bf16(rng):
     y = lk.lora_linear(xx, w, A, B, s, b)
     y2 = lk.lora_linear(xx.contiguous(), w, A, B, s, b)
     assert y.shape == (4, 33, 1024) and torch.equal(y, y2)
+
+
+@pytest.mark.parametrize("vec_scale", [False, True], ids=["scalar", "per-rank"])
+def test_dequant_cublas_route_on_cpu(vec_scale, rng):
+    """The dequantize + matmul route is plain torch: forced here so CI exercises it."""
+    x, w, A, B, s, b = _setup(9, 128, 40, 8, torch.float32, rng, vec_scale=vec_scale)
+    y = lk.lora_linear(x, w, A, B, s, b, route="dequant-cublas")
+    ref = lora_linear_reference(x, w.dequantize(torch.float32), A, B, s, b)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(lk.lora_linear(x, w, route="dequant-cublas"), x @ w.dequantize(torch.float32).t())
