@@ -1,0 +1,223 @@
+"""Autograd for the LoRA / QLoRA linear: thin ``torch.autograd.Function``s over ``ops.py``.
+
+    y = x · Ŵᵀ + ((xd · Aᵀ) ⊙ s) · Bᵀ + bias,   xd = dropout(x)  (the base path sees x itself)
+
+The base weight Ŵ (NF4 or dense) is frozen: it gets no gradient.  With T = xd · Aᵀ [M, r] and
+U = dY · B [M, r]:
+
+    dX    = dY · Ŵ + ((s ⊙ U) · A) ⊙ mask / (1 - p)
+    dA    = (s ⊙ U)ᵀ · xd          dB = dYᵀ · (s ⊙ T)          dbias = Σ_m dY
+    ds    = Σ_m T ⊙ U  (vector s, AdaLoRA)   or  Σ T ⊙ U  (0-d tensor s)
+
+Saved for backward (``ctx.save_for_backward`` only, each only when a gradient needs it):
+x (2-D view; for dA), the dropout mask as bool (only when p > 0; xd is rebuilt from x and the
+mask, never stored), T (for dB, ds), A (for dX), B (for dX, dA, ds), s, and the base weight's
+tensors (for dX).  Never y, never a dequantized weight.  ``ctx`` attributes hold only Python
+scalars (N, K, blocksize, p, flags, the device type).
+
+Public entry: ``qlora_linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers torch.ops.lora_kernels.*)
+from .nf4 import NF4Weight
+
+__all__ = ["qlora_linear", "QLoRAFunction", "LoRAFunction", "dropout_mask"]
+
+
+def dropout_mask(x2d: Tensor, p: float) -> Tensor:
+    """The keep-mask (bool, x2d's shape) the Functions draw for dropout probability ``p``, from the
+    default generator of x's device: reseeding and calling this reproduces a forward's mask."""
+    return torch.empty(x2d.shape, dtype=torch.bool, device=x2d.device).bernoulli_(1.0 - p)
+
+
+def _apply_mask(t: Tensor, mask: Tensor, p: float) -> Tensor:
+    # One expression for the forward's xd and the backward's rebuilt xd / masked dX (bit-identical).
+    return t * mask * (1.0 / (1.0 - p))
+
+
+def _forward_common(ctx, x2d, lora_a, lora_b, scale, dropout_p, training, needs, weight_tensors, run_op):
+    """Run the forward op and save what backward needs.  ``needs``: (x, A, B, scale, bias) flags."""
+    nx, nA, nB, ns, nbias = needs
+    has_lora = lora_a is not None
+    p = float(dropout_p) if (training and has_lora) else 0.0
+    mask = x_lora = None
+    if p > 0.0:
+        mask = dropout_mask(x2d, p)
+        x_lora = _apply_mask(x2d, mask, p)
+    y, t = run_op(x_lora)
+    need_u = has_lora and (nx or nA or ns)
+    ctx.has_lora = has_lora
+    ctx.p = p
+    ctx.device_type = x2d.device.type
+    ctx.needs = (nx, nA and has_lora, nB and has_lora, ns and has_lora, nbias)
+    ctx.save_for_backward(
+        x2d if (has_lora and nA) else None,
+        mask if (p > 0.0 and (nA or nx)) else None,
+        t if (has_lora and (nB or ns)) else None,
+        lora_a if (has_lora and nx) else None,
+        lora_b if need_u else None,
+        scale if has_lora else None,
+        *(w if nx else None for w in weight_tensors),
+    )
+    return y
+
+
+def _backward_common(ctx, dy, run_dx):
+    """(dx, dA, dB, ds, dbias) from the saved tensors; ``run_dx(dy, u_scaled, lora_a, weights)``."""
+    nx, nA, nB, ns, nbias = ctx.needs
+    x2d, mask, t, lora_a, lora_b, scale, *weights = ctx.saved_tensors
+    p = ctx.p
+    dx = dA = dB = ds = dbias = None
+    with torch.autocast(ctx.device_type, enabled=False):
+        dy = dy.contiguous()
+        su = u = None
+        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32  # scale math precision
+        if nx or nA or ns:
+            if ctx.has_lora:
+                u = dy @ lora_b.to(dy.dtype)                              # U [M, r]
+                su = (u.to(acc) * scale.to(acc)).to(dy.dtype)             # s ⊙ U
+        if nx:
+            if su is None or p == 0.0:
+                dx = run_dx(dy, su, lora_a, weights)
+            else:  # the low-rank term saw dropout(x): its gradient goes through the mask
+                dx = run_dx(dy, None, None, weights)
+                dx = dx + _apply_mask(su @ lora_a.to(dy.dtype), mask, p)
+        if nA:
+            xd = x2d if p == 0.0 else _apply_mask(x2d, mask, p)
+            dA = su.t() @ xd.to(dy.dtype)
+        if nB:
+            dB = dy.t() @ (t.to(acc) * scale.to(acc)).to(dy.dtype)
+        if ns:
+            tu = t.to(acc) * u.to(acc)
+            ds = (tu.sum(0) if scale.dim() == 1 else tu.sum()).to(scale.dtype)
+        if nbias:
+            dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+    return dx, dA, dB, ds, dbias
+
+
+class QLoRAFunction(torch.autograd.Function):
+    """y [M, N] for 2-D x [M, K] and an NF4 base weight given as its tensors + (N, K, blocksize).
+
+    ``apply(x, packed, absmax, nested_absmax, nested_code, offset, code, N, K, blocksize,
+    lora_a, lora_b, scale, bias, dropout_p, training)``; A, B, bias in x's dtype, scale an fp32
+    tensor (0-d or [r]; float64 with float64 x).  Prefer ``qlora_linear``, which checks and casts its arguments.
+    """
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, nested_absmax, nested_code, offset, code, N, K, blocksize,
+                lora_a, lora_b, scale, bias, dropout_p, training):
+        ni = ctx.needs_input_grad
+        ctx.N, ctx.K, ctx.blocksize = N, K, blocksize
+        wt = (packed, absmax, nested_absmax, nested_code, offset, code)
+        run = lambda x_lora: torch.ops.lora_kernels.nf4_lora_forward(  # noqa: E731
+            x, *wt, N, K, blocksize, lora_a, lora_b, scale, bias, x_lora)
+        return _forward_common(ctx, x, lora_a, lora_b, scale, dropout_p, training,
+                               (ni[0], ni[10], ni[11], ni[12], ni[13]), wt, run)
+
+    @staticmethod
+    def backward(ctx, dy):
+        N, K, bs = ctx.N, ctx.K, ctx.blocksize
+        run_dx = lambda dy_, su, a, w: torch.ops.lora_kernels.nf4_lora_backward_dx(  # noqa: E731
+            dy_, *w, N, K, bs, su, a)
+        dx, dA, dB, ds, dbias = _backward_common(ctx, dy, run_dx)
+        return (dx, None, None, None, None, None, None, None, None, None, dA, dB, ds, dbias, None, None)
+
+
+class LoRAFunction(torch.autograd.Function):
+    """y [M, N] for 2-D x [M, K] and a dense frozen base weight [N, K] (x's dtype).
+
+    ``apply(x, weight, lora_a, lora_b, scale, bias, dropout_p, training)``; see ``QLoRAFunction``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, scale, bias, dropout_p, training):
+        ni = ctx.needs_input_grad
+        run = lambda x_lora: torch.ops.lora_kernels.dense_lora_forward(  # noqa: E731
+            x, weight, lora_a, lora_b, scale, bias, x_lora)
+        return _forward_common(ctx, x, lora_a, lora_b, scale, dropout_p, training,
+                               (ni[0], ni[2], ni[3], ni[4], ni[5]), (weight,), run)
+
+    @staticmethod
+    def backward(ctx, dy):
+        run_dx = lambda dy_, su, a, w: torch.ops.lora_kernels.dense_lora_backward_dx(dy_, w[0], su, a)  # noqa: E731
+        dx, dA, dB, ds, dbias = _backward_common(ctx, dy, run_dx)
+        return dx, None, dA, dB, ds, dbias, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+def qlora_linear(x: Tensor, weight: NF4Weight | Tensor, lora_a: Tensor | None = None,
+                 lora_b: Tensor | None = None, scale: float | Tensor = 1.0, bias: Tensor | None = None,
+                 dropout: float = 0.0, training: bool = True) -> Tensor:
+    """y = x · Ŵᵀ + ((dropout(x) · Aᵀ) ⊙ s) · Bᵀ + bias, differentiable in x, A, B, s, bias.
+
+    x: [..., K] fp32/bf16/fp16 (float64 too, for gradcheck); weight: ``NF4Weight`` (N, K) or a
+    dense frozen [N, K] tensor (no gradient: it must not require grad); lora_a [r, K], lora_b
+    [N, r] (or both None); scale: a float (alpha / r, alpha / sqrt(r)) or an fp32 tensor, 0-d or
+    [r] (AdaLoRA: E ⊙ mask · scaling; its gradient is Σ_m T ⊙ U); bias [N] or None; dropout: the
+    LoRA dropout probability in [0, 1), applied to the low-rank path only and only when
+    ``training``.  Returns [..., N] in the compute dtype.
+
+    Compute dtype: x's dtype, or under autocast the autocast dtype (as ``nn.Linear``); A, B, bias
+    and a dense weight are cast to it (their gradients flow back through the cast).
+    """
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise TypeError("qlora_linear: x must be a tensor [..., K]")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"qlora_linear: dropout must be a float in [0, 1), got {dropout!r}")
+    if isinstance(weight, NF4Weight):
+        if len(weight.shape) != 2:
+            raise ValueError(f"qlora_linear: weight must be 2-D (N, K), got {tuple(weight.shape)}")
+        N, K = weight.shape
+    elif isinstance(weight, Tensor) and weight.dim() == 2:
+        N, K = weight.shape
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError("qlora_linear: the base weight is frozen (it gets no gradient); "
+                             "call weight.requires_grad_(False) or pass weight.detach()")
+    else:
+        raise TypeError(f"qlora_linear: weight must be an NF4Weight or a 2-D tensor [N, K], got "
+                        f"{type(weight).__name__}{tuple(weight.shape) if isinstance(weight, Tensor) else ''}")
+    if x.shape[-1] != K:
+        raise ValueError(f"qlora_linear: x's last dim is {x.shape[-1]}, the weight expects K={K}")
+    if x.device != weight.device:
+        raise ValueError(f"qlora_linear: x is on {x.device} but the weight is on {weight.device}")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("qlora_linear: give both lora_a and lora_b, or neither")
+    if lora_a is not None:
+        if lora_a.dim() != 2 or lora_a.shape[1] != K:
+            raise ValueError(f"qlora_linear: lora_a must be [r, K={K}], got {tuple(lora_a.shape)}")
+        r = lora_a.shape[0]
+        if lora_b.dim() != 2 or tuple(lora_b.shape) != (N, r):
+            raise ValueError(f"qlora_linear: lora_b must be [N={N}, r={r}], got {tuple(lora_b.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
+        raise ValueError(f"qlora_linear: bias must be [N={N}], got {tuple(bias.shape)}")
+    sdt = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64: gradcheck
+    if isinstance(scale, Tensor):
+        if lora_a is not None and not (scale.dim() == 0 or (scale.dim() == 1 and scale.shape[0] == lora_a.shape[0])):
+            raise ValueError(f"qlora_linear: scale must be a float, a 0-d tensor or an [r={lora_a.shape[0]}] "
+                             f"vector, got shape {tuple(scale.shape)}")
+        s = scale.to(device=x.device, dtype=sdt)
+    elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        s = torch.tensor(float(scale), dtype=sdt, device=x.device)
+    else:
+        raise TypeError(f"qlora_linear: scale must be a float or a tensor, got {type(scale).__name__}")
+
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        x = x.to(torch.get_autocast_dtype(dev))
+    cdt = x.dtype
+    cast = lambda t: None if t is None else t.to(cdt)  # noqa: E731
+    lora_a, lora_b, bias = cast(lora_a), cast(lora_b), cast(bias)
+    x2d = x.reshape(-1, K)
+    with torch.autocast(dev, enabled=False):
+        if isinstance(weight, NF4Weight):
+            y = QLoRAFunction.apply(x2d, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code,
+                                    weight.offset, weight.code, N, K, weight.blocksize, lora_a, lora_b, s, bias,
+                                    float(dropout), bool(training))
+        else:
+            y = LoRAFunction.apply(x2d, weight.to(cdt), lora_a, lora_b, s, bias, float(dropout), bool(training))
+    return y.reshape(*x.shape[:-1], N)
