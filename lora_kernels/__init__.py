@@ -7,8 +7,10 @@ Public API (this release: the storage format and its kernels):
   NF4Linear, quantize_model(model, device=...)
   available_backends(device)
   lora_linear(x, weight, lora_a, lora_b, scale, bias) -> y   (fused forward; forward_route() says which kernel)
+  qlora_linear(x, weight, lora_a, lora_b, scale, bias, dropout, training) -> y   (differentiable)
 """
 
+from .autograd import qlora_linear
 from .codes import NF4_CODE, dynamic_code, nf4_code
 from .convert import quantize_model
 from .library import available_backends, dequantize_nf4, forward_route, lora_linear, quantize_nf4, select_backend
@@ -19,5 +21,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NF4_CODE", "NF4FormatError", "NF4Linear", "NF4Weight", "available_backends", "dequantize_nf4",
-    "dynamic_code", "forward_route", "lora_linear", "nf4_code", "quantize_model", "quantize_nf4", "select_backend",
+    "dynamic_code", "forward_route", "lora_linear", "nf4_code", "qlora_linear", "quantize_model", "quantize_nf4", "select_backend",
 ]
