@@ -8,11 +8,13 @@ Public API (this release: the storage format and its kernels):
   available_backends(device)
   lora_linear(x, weight, lora_a, lora_b, scale, bias) -> y   (fused forward; forward_route() says which kernel)
   qlora_linear(x, weight, lora_a, lora_b, scale, bias, dropout, training) -> y   (differentiable)
+  patch_peft_model(peft_model) -> PatchReport; unpatch_peft_model(peft_model)
 """
 
 from .autograd import qlora_linear
 from .codes import NF4_CODE, dynamic_code, nf4_code
 from .convert import quantize_model
+from .integrations.peft import PatchReport, patch_peft_model, unpatch_peft_model
 from .library import available_backends, dequantize_nf4, forward_route, lora_linear, quantize_nf4, select_backend
 from .modules import NF4Linear
 from .nf4 import NF4FormatError, NF4Weight
@@ -21,5 +23,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NF4_CODE", "NF4FormatError", "NF4Linear", "NF4Weight", "available_backends", "dequantize_nf4",
-    "dynamic_code", "forward_route", "lora_linear", "nf4_code", "qlora_linear", "quantize_model", "quantize_nf4", "select_backend",
+    "PatchReport", "dynamic_code", "forward_route", "lora_linear", "nf4_code", "patch_peft_model", "qlora_linear",
+    "unpatch_peft_model", "quantize_model", "quantize_nf4", "select_backend",
 ]
