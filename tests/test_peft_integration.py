@@ -172,3 +172,34 @@ def test_adalora_layers_are_patched_and_match(rng, monkeypatch):
     loss.backward()
     for n, g in _lora_grads(pm).items():
         torch.testing.assert_close(g, grads_ref[n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, gen, n=8, length=12):
+        self.data = torch.randint(0, 128, (n, length), generator=gen)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.data[i], "labels": self.data[i]}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-ckpt"])
+def test_transformers_trainer_runs_patched_with_the_same_losses(checkpointing, rng, tmp_path):
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    data = _Tokens(rng)
+    losses = {}
+    for patched in (False, True):
+        pm = _peft(_llama(seed))
+        if patched:
+            assert len(patch_peft_model(pm).patched) == 2 * len(TARGETS)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(patched)), max_steps=3, per_device_train_batch_size=4,
+            learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+            gradient_checkpointing=checkpointing, seed=seed, data_seed=seed, dataloader_num_workers=0)
+        trainer = transformers.Trainer(model=pm, args=args, train_dataset=data)
+        trainer.train()
+        losses[patched] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses[True]) == 3
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-3, atol=1e-4)
