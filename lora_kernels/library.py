@@ -111,8 +111,10 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     """Quantize ``w`` (any shape, fp32/bf16/fp16, at least one element) to NF4.
 
     Bit-identical to ``bitsandbytes.functional.quantize_4bit(w, blocksize, compress_statistics=
-    double_quant, quant_type="nf4")``.  A non-contiguous ``w`` is read in its logical row-major
-    order.  NaN/inf raise ValueError (pass ``check_finite=False`` to skip that scan).
+    double_quant, quant_type="nf4")`` on the same device: its CUDA kernels for CUDA tensors, its CPU
+    path for CPU tensors (the two differ in the last ulp; see ``reference``'s "GPU flavour").  A
+    non-contiguous ``w`` is read in its logical row-major order.  NaN/inf raise ValueError (pass
+    ``check_finite=False`` to skip that scan).
     """
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"quantize_nf4: w must be a torch.Tensor, got {type(w).__name__}")
