@@ -5,6 +5,7 @@ Public API (this release: the storage format and its kernels):
   dequantize_nf4(q, dtype=None, out=None) -> Tensor
   NF4Weight (state_dict / from_state_dict in bitsandbytes' keys, from_bnb / to_bnb_params)
   NF4Linear, quantize_model(model, device=...)
+  LoRALinear / QLoRALinear (from_linear, from_bnb, merge/unmerge, adapter_state_dict)
   available_backends(device)
   lora_linear(x, weight, lora_a, lora_b, scale, bias) -> y   (fused forward; forward_route() says which kernel)
   qlora_linear(x, weight, lora_a, lora_b, scale, bias, dropout, training) -> y   (differentiable)
@@ -16,13 +17,14 @@ from .codes import NF4_CODE, dynamic_code, nf4_code
 from .convert import quantize_model
 from .integrations.peft import PatchReport, patch_peft_model, unpatch_peft_model
 from .library import available_backends, dequantize_nf4, forward_route, lora_linear, quantize_nf4, select_backend
+from .lora_modules import LoRALinear, QLoRALinear
 from .modules import NF4Linear
 from .nf4 import NF4FormatError, NF4Weight
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "NF4_CODE", "NF4FormatError", "NF4Linear", "NF4Weight", "available_backends", "dequantize_nf4",
+    "LoRALinear", "QLoRALinear", "NF4_CODE", "NF4FormatError", "NF4Linear", "NF4Weight", "available_backends", "dequantize_nf4",
     "PatchReport", "dynamic_code", "forward_route", "lora_linear", "nf4_code", "patch_peft_model", "qlora_linear",
     "unpatch_peft_model", "quantize_model", "quantize_nf4", "select_backend",
 ]

@@ -24,16 +24,12 @@ from torch import nn
 
 from .autograd import qlora_linear
 from .library import dequantize_nf4, quantize_nf4
-from .nf4 import NF4FormatError, NF4Weight, is_nf4_state_dict
+from .modules import NF4WeightMixin
+from .nf4 import NF4FormatError, NF4Weight
 
 __all__ = ["LoRALinear", "QLoRALinear"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _target_device(fn) -> torch.device:
-    """The device an ``nn.Module._apply`` function moves tensors to (dtype casts are ignored)."""
-    return fn(torch.empty(0)).device
 
 
 def _frozen(t: torch.Tensor | None) -> nn.Parameter | None:
@@ -274,7 +270,7 @@ class LoRALinear(nn.Module):
                 f"adaLoRA={self.lora_E is not None}, merged={self.merged}")
 
 
-class QLoRALinear(LoRALinear):
+class QLoRALinear(NF4WeightMixin, LoRALinear):
     """Same as ``LoRALinear`` with an ``NF4Weight`` base (double quantization on by default when
     quantizing).
 
@@ -285,8 +281,10 @@ class QLoRALinear(LoRALinear):
     The weight is not a Parameter: ``_apply`` moves it between devices (dtype casts such as
     ``.half()`` never touch the NF4 tensors, only bias and adapters), and the state dict holds it in
     bitsandbytes' keys (``weight``, ``weight.absmax``, ``weight.quant_map``, ...) beside ``bias``,
-    ``lora_A``, ``lora_B``.
+    ``lora_A``, ``lora_B`` (both from ``NF4WeightMixin``).
     """
+
+    _nf4_attrs = ("weight", "_unmerged_weight")
 
     def __init__(self, weight: NF4Weight, bias: torch.Tensor | None, r: int, lora_alpha: float,
                  lora_dropout: float = 0.0, use_rslora: bool = False,
@@ -413,42 +411,3 @@ class QLoRALinear(LoRALinear):
         w = self.weight
         return (f"base=NF4 ({w.bits_per_param:.3f} bits/param, blocksize={w.blocksize}, "
                 f"double_quant={w.double_quant}, dtype={w.dtype}), compute_dtype={self.compute_dtype}")
-
-    # ------------------------------------------------------------------ device moves, state dict
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        device = _target_device(fn)
-        if device != self.weight.device:
-            self.weight = self.weight.to(device)
-        if self._unmerged_weight is not None and device != self._unmerged_weight.device:
-            self._unmerged_weight = self._unmerged_weight.to(device)
-        return self
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        for k, v in self.weight.state_dict("weight").items():
-            destination[prefix + k] = v if keep_vars else v.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        # The NF4 keys are read here; the rest (bias, lora_A, lora_B, lora_E) by nn.Module.
-        sub = {k[len(prefix):]: v for k, v in state_dict.items()
-               if k.startswith(prefix + "weight") and (k == prefix + "weight" or k.startswith(prefix + "weight."))}
-        if not is_nf4_state_dict(sub):
-            if strict:
-                missing_keys.append(prefix + "weight.quant_state.bitsandbytes__nf4")
-        else:
-            try:
-                w = NF4Weight.from_state_dict(sub, "weight", device=self.weight.device)
-            except NF4FormatError as e:
-                error_msgs.append(f"{prefix}weight: {e}")
-            else:
-                if w.shape != self.weight.shape:
-                    error_msgs.append(f"{prefix}weight: shape {tuple(w.shape)} in the checkpoint, "
-                                      f"{tuple(self.weight.shape)} in the model")
-                else:
-                    self.weight = w
-        consumed = {prefix + k for k in sub}
-        rest = {k: v for k, v in state_dict.items() if k not in consumed}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)

@@ -19,7 +19,54 @@ def _target_device(fn) -> torch.device:
     return fn(torch.empty(0)).device
 
 
-class NF4Linear(nn.Module):
+class NF4WeightMixin(nn.Module):
+    """For modules whose ``weight`` is an ``NF4Weight``: device moves keep the format's dtypes
+    (``model.half()`` leaves the scales fp32), and the state dict holds the weight in
+    ``bnb.nn.Linear4bit``'s keys (``weight``, ``weight.absmax``, ...).  ``_nf4_attrs`` names every
+    NF4Weight attribute to move (the first one is the saved ``weight``)."""
+
+    _nf4_attrs: tuple[str, ...] = ("weight",)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        device = _target_device(fn)
+        for name in self._nf4_attrs:
+            w = getattr(self, name, None)
+            if w is not None and device != w.device:
+                setattr(self, name, w.to(device))
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for k, v in self.weight.state_dict("weight").items():
+            destination[prefix + k] = v if keep_vars else v.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # The NF4 keys are read here; everything else (bias, adapters) by nn.Module.
+        sub = {k[len(prefix):]: v for k, v in state_dict.items()
+               if k == prefix + "weight" or k.startswith(prefix + "weight.")}
+        if not is_nf4_state_dict(sub):
+            if strict:
+                missing_keys.append(prefix + "weight.quant_state.bitsandbytes__nf4")
+        else:
+            try:
+                w = NF4Weight.from_state_dict(sub, "weight", device=self.weight.device)
+            except NF4FormatError as e:
+                error_msgs.append(f"{prefix}weight: {e}")
+            else:
+                if w.shape != self.weight.shape:
+                    error_msgs.append(f"{prefix}weight: shape {tuple(w.shape)} in the checkpoint, "
+                                      f"{tuple(self.weight.shape)} in the model")
+                else:
+                    self.weight = w
+        consumed = {prefix + k for k in sub}
+        rest = {k: v for k, v in state_dict.items() if k not in consumed}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+class NF4Linear(NF4WeightMixin, nn.Module):
     """y = x · dequant(W)ᵀ + bias, W [out_features, in_features] stored as NF4 (frozen).
 
     x: [..., in_features] (fp32/bf16/fp16; computed in ``compute_dtype`` if set, else x's dtype).
@@ -56,42 +103,6 @@ class NF4Linear(nn.Module):
         w = dequantize_nf4(self.weight, dtype=dtype)
         bias = self.bias.to(dtype) if self.bias is not None else None
         return F.linear(x.to(dtype), w, bias)
-
-    # --- device moves keep the format's dtypes; state dict in bitsandbytes' keys ---------------
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        device = _target_device(fn)
-        if device != self.weight.device:
-            self.weight = self.weight.to(device)
-        return self
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        for k, v in self.weight.state_dict("weight").items():
-            destination[prefix + k] = v if keep_vars else v.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        sub = {k[len(prefix):]: v for k, v in state_dict.items()
-               if k.startswith(prefix + "weight")}
-        if not is_nf4_state_dict(sub):
-            if strict:
-                missing_keys.append(prefix + "weight.quant_state.bitsandbytes__nf4")
-        else:
-            try:
-                w = NF4Weight.from_state_dict(sub, "weight", device=self.weight.device)
-            except NF4FormatError as e:
-                error_msgs.append(f"{prefix}weight: {e}")
-            else:
-                if w.shape != self.weight.shape:
-                    error_msgs.append(f"{prefix}weight: shape {tuple(w.shape)} in the checkpoint, "
-                                      f"{tuple(self.weight.shape)} in the model")
-                else:
-                    self.weight = w
-        consumed = {prefix + k for k in sub}
-        rest = {k: v for k, v in state_dict.items() if k not in consumed}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
