@@ -1,7 +1,12 @@
 """``lora-kernels`` / ``python -m lora_kernels``: the package's command line.
 
-  demo   quantize an embedded small Llama-style model's linear layers to NF4 and report sizes,
-         weight and output error, and which backend ran.
+  demo           a QLoRA fine-tune end to end, nothing downloaded: a small transformers Llama over
+                 an embedded text, NF4 base (bitsandbytes Linear4bit from quantize_nf4), PEFT LoRA
+                 patched onto lora_kernels, AdamW, save in PEFT's format, reload with plain PEFT,
+                 merge (see finetune.py).
+  quantize-demo  quantize an embedded small Llama-style model's linear layers to NF4 and report
+                 sizes, weight and output error, and which backend ran.
+  size           a LoRA adapter's size (and the NF4 base's) for a Hugging Face config.json.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ def _bytes(model: nn.Module) -> int:
     return total
 
 
-def cmd_demo(args) -> int:
+def cmd_quantize_demo(args) -> int:
     from . import available_backends, quantize_model, select_backend
     from .modules import NF4Linear
 
@@ -92,16 +97,69 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .finetune import DemoConfig, run_demo
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = DemoConfig(steps=args.steps, device=device, out=args.out, lr=args.lr, seed=args.seed)
+    if args.tiny:  # a smaller model for the tests
+        cfg.hidden, cfg.layers, cfg.intermediate, cfg.seq_len, cfg.batch, cfg.log_every = 64, 2, 160, 32, 4, 2
+    if cfg.steps < 1:
+        print("lora-kernels demo: error: --steps must be at least 1", file=sys.stderr)
+        return 2
+    res = run_demo(cfg)
+    ok = res.losses[-1][1] < res.losses[0][1] and res.reload_max_diff < 1e-4 and res.merge_max_diff < 1e-3
+    print(f"\nloss {res.losses[0][1]:.4f} -> {res.losses[-1][1]:.4f}; reload diff {res.reload_max_diff:.2e}; "
+          f"merge diff {res.merge_max_diff:.2e}: {'OK' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+def cmd_size(args) -> int:
+    from .adapter_size import ConfigError, adapter_size, format_report, load_config, report_json
+
+    try:
+        shape = load_config(args.config, ignore_unknown=args.ignore_unknown)
+        rep = adapter_size(shape, args.r, args.target, alpha=args.alpha, dtype=args.dtype)
+    except ConfigError as e:
+        print(f"lora-kernels size: error: {e}", file=sys.stderr)
+        return 2
+    print(report_json(rep) if args.json else format_report(rep))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lora-kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    demo = sub.add_parser("demo", help="quantize an embedded small model and report size and error")
+
+    demo = sub.add_parser("demo", help="QLoRA fine-tune a small embedded Llama, save, reload and merge the adapter")
+    demo.add_argument("--steps", type=int, default=30)
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    demo.add_argument("--layers", type=int, default=4)
-    demo.add_argument("--blocksize", type=int, default=64)
-    demo.add_argument("--no-double-quant", action="store_true")
+    demo.add_argument("--out", default=None, help="where to save the adapter (default: a new temporary folder)")
+    demo.add_argument("--lr", type=float, default=3e-3)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     demo.set_defaults(func=cmd_demo)
+
+    qdemo = sub.add_parser("quantize-demo", help="quantize an embedded small model and report size and error")
+    qdemo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    qdemo.add_argument("--layers", type=int, default=4)
+    qdemo.add_argument("--blocksize", type=int, default=64)
+    qdemo.add_argument("--no-double-quant", action="store_true")
+    qdemo.set_defaults(func=cmd_quantize_demo)
+
+    size = sub.add_parser("size", help="a LoRA adapter's size for a Hugging Face config.json")
+    size.add_argument("config", help="path to a config.json (Llama/Mistral/Qwen2 or ChatGLM style)")
+    size.add_argument("--r", type=int, required=True, help="LoRA rank")
+    size.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2*r; only reported)")
+    size.add_argument("--target", default="all-linear",
+                      help="comma-separated module names (e.g. q_proj,v_proj), or all-linear (the default: every "
+                           "linear layer of the decoder, not lm_head)")
+    size.add_argument("--dtype", default="bf16", help="adapter dtype: bf16, fp16 or fp32")
+    size.add_argument("--json", action="store_true", help="print JSON")
+    size.add_argument("--ignore-unknown", action="store_true", help="skip config fields this tool does not know")
+    size.set_defaults(func=cmd_size)
+
     args = parser.parse_args(argv)
     return args.func(args)
 
