@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 
@@ -100,6 +101,11 @@ def cmd_quantize_demo(args) -> int:
 def cmd_demo(args) -> int:
     from .finetune import DemoConfig, run_demo
 
+    missing = [m for m in ("transformers", "peft", "bitsandbytes") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"lora-kernels demo: error: needs {', '.join(missing)} (pip install 'lora_kernels[compat]', or "
+              "scripts/setup-env); `lora-kernels quantize-demo` runs without them", file=sys.stderr)
+        return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = DemoConfig(steps=args.steps, device=device, out=args.out, lr=args.lr, seed=args.seed)
     if args.tiny:  # a smaller model for the tests
