@@ -10,11 +10,13 @@ Public API (this release: the storage format and its kernels):
   lora_linear(x, weight, lora_a, lora_b, scale, bias) -> y   (fused forward; forward_route() says which kernel)
   qlora_linear(x, weight, lora_a, lora_b, scale, bias, dropout, training) -> y   (differentiable)
   patch_peft_model(peft_model) -> PatchReport; unpatch_peft_model(peft_model)
+  add_lora(model, target_modules, r, lora_alpha); save_adapter / load_adapter (PEFT's file format)
 """
 
 from .autograd import qlora_linear
 from .codes import NF4_CODE, dynamic_code, nf4_code
 from .convert import quantize_model
+from .integrations.adapters import add_lora, load_adapter, save_adapter
 from .integrations.peft import PatchReport, patch_peft_model, unpatch_peft_model
 from .library import available_backends, dequantize_nf4, forward_route, lora_linear, quantize_nf4, select_backend
 from .lora_modules import LoRALinear, QLoRALinear
@@ -24,7 +26,7 @@ from .nf4 import NF4FormatError, NF4Weight
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoRALinear", "QLoRALinear", "NF4_CODE", "NF4FormatError", "NF4Linear", "NF4Weight", "available_backends", "dequantize_nf4",
+    "LoRALinear", "QLoRALinear", "NF4_CODE", "add_lora", "load_adapter", "save_adapter", "NF4FormatError", "NF4Linear", "NF4Weight", "available_backends", "dequantize_nf4",
     "PatchReport", "dynamic_code", "forward_route", "lora_linear", "nf4_code", "patch_peft_model", "qlora_linear",
     "unpatch_peft_model", "quantize_model", "quantize_nf4", "select_backend",
 ]
