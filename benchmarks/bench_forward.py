@@ -27,6 +27,14 @@ Input sets rotate (``harness.sets_for_l2``) so the L2 never holds a call's input
 larger than 2x the L2 is not replicated (one weight, only x rotates; a note says so).
 CPU mode (no GPU): ``ours`` through the "reference" route on one tiny shape, to exercise the code.
 
+Run time on one H100 (an estimate from the per-row budget, not a measured total): each timed row
+costs ~0.1-0.3 s (warm-up 10 ms + 50 ms of repetitions + peak-memory call + first-call compile),
+about 7 rows per (shape, M), plus ~5-20 s per shape for quantizing the rotated weights and building
+the two PEFT stacks.  Default M list 1, 16, 256, 1024, 4096, 16384 (6 values, was 4) and 8 shapes
+(was 5): ``--quick`` (2 shapes) ~1-2 min, the full run ~5-10 min, ``--sweep`` adds minutes per
+shape; the full run has grown ~2.5x with the Qwen2 shapes and the two extra M, so give it a
+10-minute budget or split it with ``--shapes``.
+
     python -m benchmarks.bench_forward [--quick] [--sweep] [--out DIR] [--shapes 4096x4096,...]
                                        [--ms 1,16,4096] [--ranks 16] [--methods ours,bnb_peft,...]
 """
@@ -47,10 +55,13 @@ import torch.nn.functional as F
 
 from . import harness
 
-#: Layer shapes (K_in, N_out): Llama-3-8B q/o, k/v, gate/up, down; Llama-3-70B gate/up.
-GPU_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), (8192, 28672)]
+#: Layer shapes (K_in, N_out): Llama-3-8B q/o, k/v, gate/up, down (Mistral-7B has the same four:
+#: 4096->4096 q/o, 4096->1024 k/v, 4096->14336 gate/up, 14336->4096 down); Llama-3-70B gate/up;
+#: Qwen2-7B q/o, gate/up, down.
+GPU_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), (8192, 28672),
+              (3584, 3584), (3584, 18944), (18944, 3584)]
 QUICK_SHAPES = [GPU_SHAPES[0], GPU_SHAPES[2]]
-GPU_MS = [1, 16, 4096, 16384]
+GPU_MS = [1, 16, 256, 1024, 4096, 16384]
 CPU_SHAPES = [(128, 72)]
 CPU_MS = [1, 33]
 RANKS = [16]
