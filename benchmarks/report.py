@@ -275,8 +275,10 @@ def forward_table(doc: dict) -> list[str]:
     rows = doc["rows"]
     out = [f"Fused QLoRA forward (r = 16, NF4 double quant, bf16) on {doc['env'].get('gpu')}, from `{doc['name']}`: "
            "median time of `lora_linear` and its ratio to bf16 `F.linear` (no LoRA) and to bitsandbytes + PEFT "
-           "in the same timing mode (graph = CUDA-graph replay, eager = per-call events; < 1 is faster):", "",
-           "| layer K→N | M | timing | ours | ours / bf16 F.linear | ours / bnb+PEFT |", "|---|---|---|---|---|---|"]
+           "in the same timing mode (graph = CUDA-graph replay, eager = per-call events; < 1 is faster); "
+           "route = the kernel `forward_route` picked when the file was measured:", "",
+           "| layer K→N | M | route | timing | ours | ours / bf16 F.linear | ours / bnb+PEFT |",
+           "|---|---|---|---|---|---|---|"]
     n = 0
     for shape in dict.fromkeys(r["shape"] for r in rows if r.get("method") == "ours"):
         for M, variant in ((1, "graph"), (16, "graph"), (4096, "eager"), (16384, "eager")):
@@ -284,7 +286,7 @@ def forward_table(doc: dict) -> list[str]:
             if r is None or not r.get("median_ms"):
                 continue
             n += 1
-            out.append(f"| {shape.replace('x', '→')} | {M} | {variant} | {_us(r['median_ms'])} "
+            out.append(f"| {shape.replace('x', '→')} | {M} | {r.get('route') or '?'} | {variant} | {_us(r['median_ms'])} "
                        f"| {_x(r.get('ratio_vs_bf16_linear'))} | {_x(r.get('ratio_vs_bnb_peft'))} |")
     return out if n else []
 

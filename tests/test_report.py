@@ -33,6 +33,7 @@ def _forward_rows():
         for method, ms in (("ours", 0.5 * M / 1000 + 0.031), ("bnb_peft", 0.04 + M / 1000), ("bf16_linear", 0.02 + M / 4000)):
             rows.append({"bench": "forward", "device": "cuda", "shape": "4096x4096", "M": M, "r": 16, "method": method,
                          "variant": variant, "median_ms": ms, "floor_ms": 0.003 + M / 20000,
+                         "route": ("triton-gemv" if M <= 16 else "dequant-cublas") if method == "ours" else None,
                          "ratio_vs_bf16_linear": 1.234 if method == "ours" else None,
                          "ratio_vs_bnb_peft": 0.567 if method == "ours" else None})
     return rows
@@ -113,7 +114,7 @@ def test_readme_rewrites_only_the_marked_block(results, tmp_path, capsys):
            "| 297 µs eager |" in block
     assert "3026 GB/s" in block
     # forward: M = 1/16 graph, M = 4096/16384 eager, ratios from the file
-    assert "| 4096→4096 | 1 | graph | 31.5 µs | 1.23× | 0.57× |" in block
+    assert "| 4096→4096 | 1 | triton-gemv | graph | 31.5 µs | 1.23× | 0.57× |" in block
     assert "| 4096→4096 | 16384 | eager | 8.22 ms | 1.23× | 0.57× |" in block
     # training
     assert "| 4096→14336 | 4096 | 1 ms | 2.00× | 1.25× | 0.50× | 321 |" in block
