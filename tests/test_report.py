@@ -115,7 +115,7 @@ def test_readme_rewrites_only_the_marked_block(results, tmp_path, capsys):
     assert "3026 GB/s" in block
     # forward: M = 1/16 graph, M = 4096/16384 eager, ratios from the file
     assert "| 4096→4096 | 1 | triton-gemv | graph | 31.5 µs | 1.23× | 0.57× |" in block
-    assert "| 4096→4096 | 16384 | eager | 8.22 ms | 1.23× | 0.57× |" in block
+    assert "| 4096→4096 | 16384 | dequant-cublas | eager | 8.22 ms | 1.23× | 0.57× |" in block
     # training
     assert "| 4096→14336 | 4096 | 1 ms | 2.00× | 1.25× | 0.50× | 321 |" in block
     # one line per GPU result file; the CPU file is left out
