@@ -61,12 +61,17 @@ def test_quantize_matches_bitsandbytes(backend, dtype, double_quant, rng):
                 assert torch.equal(ours.offset, sb.offset), ctx
                 assert torch.equal(ours.nested_absmax, sb.state2.absmax), ctx
                 assert torch.equal(ours.nested_code, sb.state2.code), ctx
-                # bitsandbytes' CPU backend finds the 8-bit code through a lookup table that can be
-                # one code off; ours is the exact nearest code (what its CUDA kernel computes).
-                diff = (ours.absmax.int() - sb.absmax.int()).abs()
-                assert int(diff.max()) <= 1, ctx
+                # bitsandbytes' CPU backend finds the 8-bit code through a lookup table that can
+                # pick a neighbouring code: one code where the dynamic map is sparse (spacing 0.014
+                # near +-1), several where it is dense (near 0, codes 1e-6 apart); over 9000 random
+                # cases the decoded values never differed by more than 0.0141 (one sparse step).
+                # Ours is the exact nearest code (what its CUDA kernel computes).
                 exact = reference.quantize_reference(w, blocksize, True)
                 assert torch.equal(ours.absmax, exact["absmax"]), ctx
+                differ = ours.absmax != sb.absmax  # up to ~12% of the values on small tensors
+                dyn = ours.nested_code
+                gap = (dyn[ours.absmax[differ].long()] - dyn[sb.absmax[differ].long()]).abs()
+                assert gap.numel() == 0 or float(gap.max()) <= 0.015, (ctx, gap.max())
             else:
                 assert torch.equal(ours.absmax, sb.absmax), ctx
             # dequantized values: ours of ours == bitsandbytes' of ours, and ours of theirs == theirs
