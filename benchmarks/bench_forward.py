@@ -46,7 +46,6 @@ import contextlib
 import gc
 import math
 import os
-import sys
 import time
 import traceback
 
@@ -760,25 +759,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     t0 = time.perf_counter()
     args = build_parser().parse_args(argv)
     os.environ.setdefault("LORA_KERNELS_QUIET", "1")
-    try:
-        import lora_kernels as lk
-        missing = [a for a in ("quantize_nf4", "lora_linear", "forward_route") if not hasattr(lk, a)]
-        if missing:
-            raise ImportError(f"lora_kernels lacks {missing}")
-    except ImportError as e:
-        print(f"bench_forward: cannot run without the lora_kernels API: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    env = harness.env_info()
-    gpu = torch.cuda.is_available() and not args.cpu
-    if not gpu:
-        print(f"bench_forward: no GPU ({env.get('note') or 'CPU mode requested'}): "
-              f"ours vs the reference on a tiny shape only", flush=True)
-        env = dict(env, device="cpu", key="cpu")
-        rows, meta, notes = run_cpu(args, lk, env, t0)
-    else:
-        print(f"bench_forward: {env['gpu']} sm_{env['compute_capability']}, torch {env['torch']}, "
-              f"triton {env['triton']}, bitsandbytes {env['bitsandbytes']}, peft {env['peft']}", flush=True)
-        rows, meta, notes = run_gpu(args, lk, env, t0)
+    lk, env, gpu = harness.start("bench_forward", ("quantize_nf4", "lora_linear", "forward_route"), args.cpu,
+                                 "ours vs the reference on a tiny shape only")
+    rows, meta, notes = (run_gpu if gpu else run_cpu)(args, lk, env, t0)
     jpath, mpath = _write(args, env, rows, meta, notes)
     print(f"\n{_elapsed(t0)} wrote {jpath} and {mpath}")
     ceil = f"copy {meta['copy_bw_gbps']:.0f} GB/s"

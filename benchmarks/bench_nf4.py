@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 import traceback
 
 import torch
@@ -422,25 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("LORA_KERNELS_QUIET", "1")
-    try:
-        import lora_kernels as lk
-        missing = [a for a in ("quantize_nf4", "dequantize_nf4", "available_backends") if not hasattr(lk, a)]
-        if missing:
-            raise ImportError(f"lora_kernels lacks {missing}")
-    except ImportError as e:
-        print(f"bench_nf4: cannot run without the lora_kernels API: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    env = harness.env_info()
-    gpu = torch.cuda.is_available() and not args.cpu
-    if not gpu:
-        print(f"bench_nf4: no GPU ({env.get('note') or 'CPU mode requested'}): timing the CPU quantizer only",
-              flush=True)
-        env = dict(env, device="cpu", key="cpu")
-        rows, meta, notes = run_cpu(args, lk, env)
-    else:
-        print(f"bench_nf4: {env['gpu']} sm_{env['compute_capability']}, torch {env['torch']}, "
-              f"triton {env['triton']}, bitsandbytes {env['bitsandbytes']}", flush=True)
-        rows, meta, notes = run_gpu(args, lk, env)
+    lk, env, gpu = harness.start("bench_nf4", ("quantize_nf4", "dequantize_nf4", "available_backends"), args.cpu,
+                                 "timing the CPU quantizer only")
+    rows, meta, notes = (run_gpu if gpu else run_cpu)(args, lk, env)
     jpath, mpath = _write(args, env, rows, meta, notes)
     print(f"\nwrote {jpath} and {mpath}")
     print(f"\n== short table: nf4 on {env.get('gpu') or 'CPU'} "

@@ -19,6 +19,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -397,3 +398,25 @@ def main() -> None:  # pragma: no cover - a quick look at the machine
 
 if __name__ == "__main__":
     main()
+
+
+def start(prog: str, required: tuple[str, ...], cpu_only: bool, cpu_what: str):
+    """Common start of a benchmark's main(): import lora_kernels (exit 2 naming what is missing),
+    read the environment, decide GPU or CPU mode and print one header line.
+    Returns (lora_kernels module, env, gpu: bool); in CPU mode env is keyed "cpu"."""
+    try:
+        import lora_kernels as lk
+        missing = [a for a in required if not hasattr(lk, a)]
+        if missing:
+            raise ImportError(f"lora_kernels lacks {missing}")
+    except ImportError as e:
+        print(f"{prog}: cannot run without the lora_kernels API: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    env = env_info()
+    gpu = torch.cuda.is_available() and not cpu_only
+    if not gpu:
+        print(f"{prog}: no GPU ({env.get('note') or 'CPU mode requested'}): {cpu_what}", flush=True)
+        return lk, dict(env, device="cpu", key="cpu"), False
+    print(f"{prog}: {env['gpu']} sm_{env['compute_capability']}, torch {env['torch']}, triton {env['triton']}, "
+          f"bitsandbytes {env['bitsandbytes']}, peft {env['peft']}", flush=True)
+    return lk, env, True
