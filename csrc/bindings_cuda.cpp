@@ -12,6 +12,7 @@
 #include "nf4_checks.h"
 #include "nf4_common.h"
 #include "nf4_docs.h"
+#include "nf4_module.h"
 
 namespace lora_kernels {
 namespace {
@@ -92,15 +93,7 @@ at::Tensor dequantize(const at::Tensor& packed, const at::Tensor& absmax,
 }  // namespace lora_kernels
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  namespace py = pybind11;
-  m.doc() = "lora_kernels CUDA kernels: NF4 quantize / nested absmax quantize / dequantize";
-  m.def("quantize_blocks", &lora_kernels::quantize_blocks, lora_kernels::docs::kQuantizeBlocks,
-        py::arg("w"), py::arg("blocksize"));
-  m.def("quantize_absmax_nested", &lora_kernels::quantize_absmax_nested,
-        lora_kernels::docs::kQuantizeAbsmaxNested, py::arg("absmax"), py::arg("offset"),
-        py::arg("code"));
-  m.def("dequantize", &lora_kernels::dequantize, lora_kernels::docs::kDequantize,
-        py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"),
-        py::arg("offset"), py::arg("code"), py::arg("n"), py::arg("blocksize"), py::arg("dtype"),
-        py::arg("out") = py::none());
+  lora_kernels::define_nf4_module(
+      m, "lora_kernels CUDA kernels: NF4 quantize / nested absmax quantize / dequantize",
+      &lora_kernels::quantize_blocks, &lora_kernels::quantize_absmax_nested, &lora_kernels::dequantize);
 }
