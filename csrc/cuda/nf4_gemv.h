@@ -1,0 +1,55 @@
+// Launcher of the fused QLoRA decode kernel (csrc/cuda/nf4_gemv.cu): for M <= 16 rows of x,
+//   y[M, N] = x · Ŵᵀ + ((x · Aᵀ) ⊙ s) · Bᵀ + bias,
+// reading the NF4 weight as 4 bits (never written dense).  Plain CUDA, no torch headers; the
+// caller (csrc/bindings_cuda.cpp) validates shapes, dtypes, devices and alignment.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "cuda/nf4_cuda.h"
+
+namespace lora_kernels {
+namespace cuda {
+
+constexpr int kGemvMaxM = 16;      // rows of x one launch handles (the MMA's M)
+constexpr int kGemvKChunk = 64;    // K must be a multiple of this, and of the blocksize
+constexpr int kGemvMaxRank = 256;
+
+struct GemvArgs {
+  // x [M, K] and y [M, N]: dtype (bf16 or fp16), row-major, 16-byte aligned rows.
+  const void* x = nullptr;
+  void* y = nullptr;
+  DType dtype = DType::kBFloat16;
+  int M = 0, N = 0, K = 0;
+  // The NF4 weight (N, K): packed uint8 [N*K/2] (8-byte aligned), blocksize a multiple of 64.
+  // Double quant when absmax_q != nullptr (then nested_absmax, nested_code [256], offset [1]);
+  // else absmax_f32 [N*K/blocksize].  code: fp32 [16].
+  const uint8_t* packed = nullptr;
+  const float* absmax_f32 = nullptr;
+  const uint8_t* absmax_q = nullptr;
+  const float* nested_absmax = nullptr;
+  const float* nested_code = nullptr;
+  const float* offset = nullptr;
+  const float* code = nullptr;
+  int blocksize = 64;
+  // Low-rank term (lora_a == nullptr: none): lora_a [r, K] and lora_b [N, r] of dtype, s = the
+  // scalar `scale` or scale_vec [r] (fp32) when given; t_ws: fp32 [M, r] scratch for x·Aᵀ ⊙ s.
+  const void* lora_a = nullptr;
+  const void* lora_b = nullptr;
+  int r = 0;
+  float scale = 1.f;
+  const float* scale_vec = nullptr;
+  float* t_ws = nullptr;
+  // bias [N] (nullptr: none), of dtype or fp32 (bias_f32).
+  const void* bias = nullptr;
+  bool bias_f32 = false;
+};
+
+// Two launches on `stream`: T = (x · Aᵀ) ⊙ s into t_ws (only with a low-rank term), then the GEMV
+// with the low-rank product and bias in its epilogue.
+cudaError_t launch_nf4_lora_gemv(const GemvArgs& args, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace lora_kernels
