@@ -1,0 +1,368 @@
+"""Merged LoRA weight (lora_kernels.triton.nf4_merge.dequantize_merge) against a float64 reference.
+
+Reference: W_exact = the NF4 weight dequantized to fp32 by ``reference.dequantize_reference``
+(exact: every Ŵ value is an fp32 number) or the dense weight, as float64; LR = (B ⊙ s) · A in
+float64 from the very operands the kernel got; want = W_exact + LR.
+
+Tolerance, elementwise (``_tolerance``):
+|got - want| <= eps_out * |want| + eps_op * S + (r + 2) * 2**-24 * (S + |W|) + tiny, where
+* eps_out * |want| (eps_out = finfo(out dtype).eps, one ulp at the bottom of |want|'s binade): the
+  single final rounding costs half an ulp; the other half is slack;
+* S = Σ_j |B[n, j] s_j A[j, k]|; each dot operand is rounded at most once to the dot's dtype (the
+  output dtype): fl32(B * s), and A when given in a wider dtype, relative finfo(op).eps / 2 each,
+  so eps_op = finfo(out dtype).eps;
+* the low-rank products are accumulated in fp32 into the Ŵ tile (Ŵ is the dot's accumulator):
+  r + 2 roundings of partial sums bounded by S + |W| (the GPU's fp32 "ieee" dot is an FMA chain,
+  so this term is what bounds an fp32 output);
+* tiny = one subnormal ulp of the output dtype (values that round into the subnormal range).
+fp16/bf16 outputs are also held to max error <= eps * max |W_eff| (the brief's criterion).
+The test is not vacuous about "one rounding": ``test_single_rounding`` checks that nearly every
+fp16 output equals the correctly rounded value of Ŵ + (the kernel's dot operands' exact product),
+which a kernel rounding Ŵ to fp16 before adding the low-rank term fails (shown on the same data).
+
+Outputs are poisoned with NaN first (``out=``), so an unwritten element fails.  Without CUDA the
+kernel runs under the Triton interpreter (fp16 / fp32 only: the interpreter gets bf16 wrong) on
+small shapes; ``gpu`` cases (bf16 + fp16, 4096-wide) run with ``pytest -m gpu``.  Each test draws
+fresh data from a seed taken from os.urandom; the seed is in every assertion message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+import lora_kernels as lk  # noqa: E402
+from lora_kernels.nf4 import NF4FormatError  # noqa: E402
+from lora_kernels.triton.nf4_merge import DEFAULT_CONFIG, dequantize_merge  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+NAN = float("nan")
+_LAST_LORA = None          # (a, b, s) of the last _run, for the single-rounding checks
+
+
+def _gen() -> tuple[torch.Generator, int]:
+    seed = int.from_bytes(os.urandom(8), "little") & (2**63 - 1)
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed), seed
+
+
+def _make(N, K, r, *, kind, g, blocksize=64, lora_dtype=torch.float16, scale="scalar", wdtype=torch.float32):
+    """kind: "nf4dq" (double quant), "nf4" (single), "dense" (a ``wdtype`` tensor).
+    scale: "scalar" (python float), "vector" ([r] fp32 with some zeros) or "tensor0" (0-d fp32).
+    Rows of W span 2**-2 .. 2**2 of 1/sqrt(K); the low-rank term is about as large as W."""
+    w = torch.randn(N, K, generator=g) * (1.0 / K**0.5)
+    w *= torch.exp2(torch.randint(-2, 3, (N, 1), generator=g).float())
+    if kind == "dense":
+        weight = w.to(wdtype).to(DEVICE)
+        w_exact = weight.double()
+    else:
+        weight = lk.quantize_nf4(w.to(wdtype).to(DEVICE), blocksize, double_quant=(kind == "nf4dq"))
+        w_exact = weight.dequantize(torch.float32, backend="reference").double()
+    a = b = s = None
+    if r:
+        a = (torch.randn(r, K, generator=g) / K**0.5).to(lora_dtype).to(DEVICE)
+        b = torch.randn(N, r, generator=g).to(lora_dtype).to(DEVICE)
+        if scale == "scalar":
+            s = 1.0 / r**0.5 * 1.37
+        elif scale == "vector":
+            s = (torch.rand(r, generator=g) * 2 / r**0.5).to(DEVICE)
+            s[torch.rand(r, generator=g) < 0.25] = 0.0        # AdaLoRA-style pruned ranks
+        else:
+            s = torch.tensor(0.75 / r**0.5, device=DEVICE)
+    return weight, w_exact, a, b, s
+
+
+def _reference(w_exact, a, b, s):
+    """(want, S) in float64: want = W + (B ⊙ s) · A, S = |B ⊙ s| · |A| (the low-rank term's abs-sum)."""
+    if a is None:
+        return w_exact, torch.zeros_like(w_exact)
+    s64 = s.double().reshape(-1) if isinstance(s, torch.Tensor) else torch.tensor([s], dtype=torch.float64)
+    bs = b.double() * s64.to(b.device)[None, :]
+    return w_exact + bs @ a.double(), bs.abs() @ a.double().abs()
+
+
+def _tolerance(want, S, w_exact, out_dtype, r):
+    """See the module docstring (dot operands are in the output dtype)."""
+    fo = torch.finfo(out_dtype)
+    tiny = fo.smallest_normal * fo.eps
+    return fo.eps * want.abs() + fo.eps * S + (r + 2) * 2.0**-24 * (S + w_exact.abs()) + tiny
+
+
+def _check(got, want, S, w_exact, out_dtype, r, msg):
+    assert got.dtype == out_dtype, f"{msg}: dtype {got.dtype}"
+    assert not torch.isnan(got).any(), f"{msg}: NaN left in the output (unwritten elements?)"
+    err = (got.double() - want).abs()
+    tol = _tolerance(want, S, w_exact, out_dtype, r)
+    # fp16/bf16 also globally: within eps * max |W_eff| (1-2 ulps of the largest element).  Not for
+    # fp32, where the fp32 accumulation error of the low-rank sum (~ sqrt(r) * 2**-24 * S) is
+    # itself of the output's ulp size and S can exceed max |W_eff| (seen at r = 256).
+    if out_dtype != torch.float32:
+        bound = torch.finfo(out_dtype).eps * want.abs().max().item()
+        assert err.max().item() <= bound, f"{msg}: max error {err.max().item():.3g} > eps * max|W_eff| = {bound:.3g}"
+    bad = err > tol
+    if bad.any():
+        i = int(bad.reshape(-1).nonzero()[0])
+        raise AssertionError(f"{msg}: {int(bad.sum())} elements off; first flat index {i}: got "
+                             f"{got.reshape(-1)[i].item()!r} want {want.reshape(-1)[i].item()!r} "
+                             f"(err {err.reshape(-1)[i].item():.3g} > tol {tol.reshape(-1)[i].item():.3g})")
+
+
+def _run(N, K, r, *, dtype, kind="nf4dq", blocksize=64, scale="scalar", lora_dtype=None, config=None,
+         wdtype=torch.float32):
+    g, seed = _gen()
+    lora_dtype = lora_dtype or dtype
+    weight, w_exact, a, b, s = _make(N, K, r, kind=kind, g=g, blocksize=blocksize, lora_dtype=lora_dtype,
+                                     scale=scale, wdtype=wdtype)
+    msg = (f"seed={seed} N={N} K={K} r={r} out={dtype} {kind} bs={blocksize} scale={scale} "
+           f"lora={lora_dtype} config={config}")
+    out = torch.full((N, K), NAN, dtype=dtype, device=DEVICE)
+    got = dequantize_merge(weight, a, b, s if r else 1.0, dtype, out=out, config=config)
+    assert got is out, msg
+    want, S = _reference(w_exact, a, b, s)
+    _check(got, want, S, w_exact, dtype, r, msg)
+    global _LAST_LORA
+    _LAST_LORA = (a, b, s)
+    return got, want, weight
+
+
+# ------------------------------------------------------------------------------------------------
+# Interpreter-sized cases (fp16, fp32)
+SMALL = dict(BLOCK_N=16, BLOCK_K=64, R_BLOCK=16)       # several K tiles and rank chunks
+CASES = [
+    # id, (N, K, r), kwargs
+    ("dq-bs64-r1-oddN", (37, 192, 1), dict(kind="nf4dq", blocksize=64)),
+    ("single-bs64-r8-vec", (5, 64, 8), dict(kind="nf4", blocksize=64, scale="vector")),
+    ("dq-bs128-r16-vec", (37, 256, 16), dict(kind="nf4dq", blocksize=128, scale="vector")),
+    ("single-bs128-r33", (5, 256, 33), dict(kind="nf4", blocksize=128)),
+    ("dq-bs256-r33-tensor0", (37, 256, 33), dict(kind="nf4dq", blocksize=256, scale="tensor0")),
+    ("single-bs256-r16", (5, 256, 16), dict(kind="nf4", blocksize=256)),
+    ("dq-bs64-r33-vec-small", (37, 256, 33), dict(kind="nf4dq", scale="vector", config=SMALL)),
+    ("single-bs128-r16-small", (37, 256, 16), dict(kind="nf4", blocksize=128, config=SMALL)),
+    ("dq-bs256-r8-small", (5, 256, 8), dict(kind="nf4dq", blocksize=256, scale="vector", config=SMALL)),
+    ("single-bs64-r1-oddK-small", (37, 192, 1), dict(kind="nf4", config=SMALL)),
+    # 296 blocks > 256: two nested absmax blocks; 8 quantization blocks per 256-wide tile
+    ("dq-bs32-r16-2nested", (37, 256, 16), dict(kind="nf4dq", blocksize=32)),
+    ("dq-r8-lora-fp32", (37, 192, 8), dict(kind="nf4dq", lora_dtype=torch.float32, scale="vector")),
+    ("dense-r8", (37, 192, 8), dict(kind="dense")),
+    ("dense-r33-vec-small", (5, 256, 33), dict(kind="dense", scale="vector", config=SMALL)),
+    ("dense-fp16-r16", (37, 64, 16), dict(kind="dense", wdtype=torch.float16)),
+    ("dq-r16-rblock32", (37, 256, 33), dict(kind="nf4dq", config=dict(R_BLOCK=32, BLOCK_K=128, num_stages=1))),
+]
+DTYPES_CPU = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.float32, id="fp32")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES_CPU)
+@pytest.mark.parametrize("shape,kw", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_merge_small(shape, kw, dtype):
+    _run(*shape, dtype=dtype, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES_CPU)
+@pytest.mark.parametrize("kind", ["nf4dq", "nf4"])
+@pytest.mark.parametrize("blocksize", [64, 128, 256])
+def test_no_lora_is_dequantize_nf4(kind, blocksize, dtype):
+    g, seed = _gen()
+    weight, *_ = _make(37, 256, 0, kind=kind, blocksize=blocksize, g=g)
+    out = torch.full((37, 256), NAN, dtype=dtype, device=DEVICE)
+    got = dequantize_merge(weight, None, None, 1.0, dtype, out=out)
+    assert got is out
+    assert torch.equal(got, lk.dequantize_nf4(weight, dtype)), f"seed={seed} {kind} bs={blocksize} {dtype}"
+    # small tiles: BLOCK_K below and above the blocksize
+    got = dequantize_merge(weight, None, None, dtype=dtype, config=SMALL)
+    assert torch.equal(got, lk.dequantize_nf4(weight, dtype)), f"seed={seed} {kind} bs={blocksize} {dtype} SMALL"
+
+
+def test_default_dtype_and_dense_no_lora():
+    g, seed = _gen()
+    w16 = torch.randn(5, 128, generator=g).half().to(DEVICE)
+    q = lk.quantize_nf4(w16, 64)
+    got = dequantize_merge(q, None, None)
+    assert got.dtype == torch.float16 and got.shape == (5, 128)
+    assert torch.equal(got, lk.dequantize_nf4(q)), f"seed={seed}"
+    assert torch.equal(dequantize_merge(w16, None, None), w16)
+    assert torch.equal(dequantize_merge(w16, None, None, dtype=torch.float32), w16.float())
+    # a dense weight with a row stride (a slice of a wider tensor): rows contiguous is enough
+    wide = torch.randn(5, 256, generator=g).to(DEVICE)
+    assert torch.equal(dequantize_merge(wide[:, :128], None, None, dtype=torch.float16), wide[:, :128].half())
+    # default dtype with LoRA: the weight's dtype (fp32 here), lora operands in fp16
+    wf = torch.randn(5, 64, generator=g).to(DEVICE)
+    a = torch.randn(2, 64, generator=g).half().to(DEVICE)
+    b = torch.randn(5, 2, generator=g).half().to(DEVICE)
+    assert dequantize_merge(wf, a, b, 0.5).dtype == torch.float32
+
+
+def _modeled(w_exact, a, b, s, op_dtype):
+    """float64 W + bs·A with the kernel's dot operands: bs = op_dtype(fl32(B * s)), A in op_dtype."""
+    sf = s.float().reshape(-1) if isinstance(s, torch.Tensor) else torch.tensor([s], dtype=torch.float32)
+    bs = (b.float() * sf.to(b.device)[None, :]).to(op_dtype)
+    return w_exact + bs.double() @ a.to(op_dtype).double()
+
+
+@pytest.mark.parametrize("scale", ["scalar", "vector"])
+def test_single_rounding(scale):
+    """fp16 out: given the dot operands (``_modeled``), the fp32 sum Ŵ + bs·A is within ~2**-20
+    relative of exact, so at most a tiny fraction of outputs may differ from the correctly rounded
+    value.  Rounding Ŵ to fp16 before adding the low-rank term changes a large fraction of them."""
+    got, want, weight = _run(64, 256, 16, dtype=torch.float16, kind="nf4dq", scale=scale)
+    w_exact = weight.dequantize(torch.float32, backend="reference").double()
+    a, b, s = _LAST_LORA
+    exact = _modeled(w_exact, a, b, s, torch.float16)
+    # torch rounds float64 -> fp16 through fp32: a double rounding only within 2**-24 of a tie
+    frac = (got != exact.to(torch.float16)).double().mean().item()
+    assert frac < 0.01, f"{frac:.2%} of outputs are not the correctly rounded value"
+    twice = (lk.dequantize_nf4(weight, torch.float16).double() + (exact - w_exact)).to(torch.float16)
+    assert (twice != exact.to(torch.float16)).double().mean().item() > 0.05   # the check above catches it
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+def test_bad_input(monkeypatch):
+    g, _ = _gen()
+    N, K, r = 8, 128, 4
+    weight, _, a, b, s = _make(N, K, r, kind="nf4dq", g=g)
+    dm = dequantize_merge
+    f16 = dict(dtype=torch.float16, device=DEVICE)
+
+    def raises(exc, match, *args, **kw):
+        with pytest.raises(exc, match=match):
+            dm(*args, **kw)
+
+    # weight
+    w96 = lk.quantize_nf4(torch.randn(4, 96, generator=g).to(DEVICE), 64)
+    raises(ValueError, r"K=96 is not a multiple of the NF4 blocksize 64", w96, None, None)
+    raises(ValueError, "2-D", lk.quantize_nf4(torch.randn(2, 4, 64, generator=g).to(DEVICE), 64), None, None)
+    raises(TypeError, "NF4Weight or a dense tensor", [[1.0]], None, None)
+    raises(TypeError, "dense weight must be float32", torch.zeros(N, K, dtype=torch.int32, device=DEVICE), None, None)
+    raises(ValueError, "dense weight must be 2-D", torch.zeros(2, N, K, device=DEVICE), None, None)
+    raises(ValueError, "contiguous rows", torch.zeros(K, N, device=DEVICE).t(), None, None)
+    strided = torch.zeros(weight.packed.numel(), 2, dtype=torch.uint8, device=DEVICE)[:, :1]
+    strided.copy_(weight.packed)
+    assert not strided.is_contiguous()
+    raises(ValueError, "packed must be contiguous", dataclasses.replace(weight, packed=strided, check_tables=False),
+           None, None)
+    broken = dataclasses.replace(weight, check_tables=False)
+    broken.absmax = broken.absmax[:-1]                      # corrupted after construction
+    raises(NF4FormatError, "absmax", broken, None, None)
+    # dtype
+    raises(TypeError, "dtype must be", weight, a, b, s, torch.int8)
+    raises(TypeError, "dtype must be", weight, a, b, s, torch.float64)
+    # LoRA factors
+    raises(ValueError, "both be given", weight, a, None, s)
+    raises(ValueError, "both be given", weight, None, b, s)
+    raises(TypeError, "lora_a must be float32", weight, a.double(), b, s)
+    raises(TypeError, "lora_b must be float32", weight, a, b.to(torch.int32), s)
+    raises(TypeError, "lora_a must be a torch.Tensor", weight, a.tolist(), b, s)
+    raises(ValueError, "lora_a must be 2-D", weight, a[0], b, s)
+    raises(ValueError, r"lora_a must be \[r, K=128\]", weight, a[:, :64], b, s)
+    raises(ValueError, r"lora_b must be \[N=8, r=4\]", weight, a, b[:, :3], s)
+    raises(ValueError, r"lora_b must be \[N=8, r=4\]", weight, a, b[:5], s)
+    raises(ValueError, "rank r=0", weight, torch.zeros(0, K, **f16), torch.zeros(N, 0, **f16), 1.0)
+    raises(ValueError, "rank r=257", weight, torch.zeros(257, K, **f16), torch.zeros(N, 257, **f16), 1.0)
+    # scale
+    raises(ValueError, r"shape \[\] or \[r=4\]", weight, a, b, torch.ones(5, device=DEVICE))
+    raises(ValueError, r"shape \[\] or \[r=4\]", weight, a, b, torch.ones(1, 4, device=DEVICE))
+    raises(TypeError, "float tensor", weight, a, b, torch.ones(4, dtype=torch.int64, device=DEVICE))
+    raises(TypeError, "scale must be a float", weight, a, b, "0.5")
+    raises(TypeError, "scale must be a float", weight, a, b, True)
+    # out
+    raises(ValueError, "out must be", weight, a, b, s, torch.float16, out=torch.empty(N, K + 1, **f16))
+    raises(ValueError, "out must be", weight, a, b, s, torch.float16, out=torch.empty(N, K, device=DEVICE))
+    raises(ValueError, "out must be", weight, a, b, s, torch.float16, out=torch.empty(K, N, **f16).t())
+    raises(TypeError, "out must be a torch.Tensor", weight, a, b, s, out=[0.0])
+    # config
+    raises(ValueError, "unknown config key", weight, a, b, s, config=dict(BLOCK_M=64))
+    raises(ValueError, "BLOCK_N must be a power of two >= 16", weight, a, b, s, config=dict(BLOCK_N=24))
+    raises(ValueError, "BLOCK_N must be a power of two >= 16", weight, a, b, s, config=dict(BLOCK_N=8))
+    raises(ValueError, "BLOCK_K must be a power of two >= 32", weight, a, b, s, config=dict(BLOCK_K=16))
+    raises(ValueError, "R_BLOCK must be a power of two >= 16", weight, a, b, s, config=dict(R_BLOCK=8))
+    raises(ValueError, "BLOCK_N \\* BLOCK_K", weight, a, b, s, config=dict(BLOCK_N=256, BLOCK_K=512))
+    raises(ValueError, "num_warps", weight, a, b, s, config=dict(num_warps=3))
+    raises(ValueError, "num_stages", weight, a, b, s, config=dict(num_stages=0))
+    raises(TypeError, "config must be a dict", weight, a, b, s, config=[("BLOCK_N", 64)])
+    # devices
+    raises(ValueError, "lora_a is on meta", weight, a.to("meta"), b, s)
+    raises(ValueError, "scale is on meta", weight, a, b, torch.ones(4, device="meta"))
+    raises(ValueError, "CUDA device", torch.zeros(N, K, device="meta"), None, None)
+    if HAS_CUDA:
+        raises(ValueError, "is on cpu", weight, a, b.cpu(), s)
+        raises(ValueError, "CUDA device", weight.to("cpu"), None, None)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        raises(ValueError, "CUDA device", weight, a, b, s)
+    assert set(DEFAULT_CONFIG) == {"BLOCK_N", "BLOCK_K", "R_BLOCK", "num_warps", "num_stages"}
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU cases (bf16 + fp16, real sizes)
+DTYPES_GPU = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES_GPU)
+@pytest.mark.parametrize("r", [16, 64, 128, 256])
+@pytest.mark.parametrize("NK", [(4096, 4096), (1000, 4096)], ids=["4096x4096", "1000x4096"])
+@pytest.mark.parametrize("kind", ["nf4dq", "nf4", "dense"])
+def test_gpu_merge(kind, NK, r, dtype):
+    _run(*NK, r, dtype=dtype, kind=kind, scale="vector" if r in (64, 256) else "scalar",
+         wdtype=dtype if kind == "dense" else torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind,r,scale", [("nf4dq", 16, "vector"), ("nf4", 256, "scalar"), ("dense", 64, "tensor0")])
+def test_gpu_fp32(kind, r, scale):
+    """fp32 output: fp32 dot operands with input_precision="ieee" (tf32 would fail the tolerance)."""
+    _run(1000, 1024, r, dtype=torch.float32, kind=kind, scale=scale, lora_dtype=torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES_GPU)
+@pytest.mark.parametrize("blocksize", [64, 128, 256, 1024])
+def test_gpu_no_lora_is_dequantize_nf4(blocksize, dtype):
+    g, seed = _gen()
+    weight, *_ = _make(1000, 4096, 0, kind="nf4dq", blocksize=blocksize, g=g)
+    want = lk.dequantize_nf4(weight, dtype)
+    for cfg in (None, dict(BLOCK_N=128, BLOCK_K=128), dict(BLOCK_N=32, BLOCK_K=512, num_warps=8)):
+        got = dequantize_merge(weight, None, None, dtype=dtype, config=cfg)
+        assert torch.equal(got, want), f"seed={seed} bs={blocksize} {dtype} {cfg}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES_GPU)
+def test_gpu_single_rounding_and_configs(dtype):
+    """Nearly every output is the correctly rounded value (see test_single_rounding), every config."""
+    for cfg in (None, dict(BLOCK_N=128, BLOCK_K=128), dict(BLOCK_N=32, BLOCK_K=512, R_BLOCK=32, num_warps=8),
+                dict(BLOCK_N=16, BLOCK_K=64, R_BLOCK=128, num_stages=1)):
+        got, _, weight = _run(1000, 4096, 128, dtype=dtype, kind="nf4dq", blocksize=128, config=cfg,
+                              scale="vector")
+        w_exact = weight.dequantize(torch.float32, backend="reference").double()
+        frac = (got != _modeled(w_exact, *_LAST_LORA, dtype).to(dtype)).double().mean().item()
+        assert frac < 0.01, f"{cfg}: {frac:.2%} of outputs are not the correctly rounded value"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_forward_route():
+    """F.linear(x, W_eff) is the LoRA forward x·Ŵᵀ + ((x·Aᵀ) ⊙ s)·Bᵀ (float64 reference)."""
+    from lora_kernels.reference import lora_linear_reference
+
+    g, seed = _gen()
+    weight, w_exact, a, b, s = _make(1000, 4096, 64, kind="nf4dq", g=g, lora_dtype=torch.bfloat16, scale="vector")
+    x = torch.randn(512, 4096, generator=g).bfloat16().cuda()
+    y = torch.nn.functional.linear(x, dequantize_merge(weight, a, b, s, torch.bfloat16))
+    ref = lora_linear_reference(x.double(), w_exact, a.double(), b.double(), s.double(), None, torch.float64)
+    err = (y.double() - ref).norm() / ref.norm()
+    assert err < 1e-2, f"seed={seed}: relative Frobenius error {err:.3g}"
