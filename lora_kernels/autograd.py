@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers torch.ops.lora_kernels.*)
+from . import library, ops  # noqa: F401  (ops registers torch.ops.lora_kernels.*)
 from .nf4 import NF4Weight
 
 __all__ = ["qlora_linear", "QLoRAFunction", "LoRAFunction", "dropout_mask"]
@@ -195,6 +195,21 @@ def qlora_linear(x: Tensor, weight: NF4Weight | Tensor, lora_a: Tensor | None = 
             raise ValueError(f"qlora_linear: lora_b must be [N={N}, r={r}], got {tuple(lora_b.shape)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
         raise ValueError(f"qlora_linear: bias must be [N={N}], got {tuple(bias.shape)}")
+    if isinstance(scale, Tensor) and lora_a is not None and not (
+            scale.dim() == 0 or (scale.dim() == 1 and scale.shape[0] == lora_a.shape[0])):
+        raise ValueError(f"qlora_linear: scale must be a float, a 0-d tensor or an [r={lora_a.shape[0]}] "
+                         f"vector, got shape {tuple(scale.shape)}")
+    if (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and x.dtype != torch.float64
+            and (dropout == 0.0 or not training or lora_a is None)):
+        # Inference: no graph to record and nothing to save, so skip the Function and the
+        # custom-op dispatch and call the op boundary directly (one extension call on the decode
+        # route).  Same routes and kernels, so the same numbers as the autograd path.
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            x = x.to(torch.get_autocast_dtype(dev))
+        with torch.autocast(dev, enabled=False):
+            return library.lora_linear(x, weight if isinstance(weight, NF4Weight) else weight.to(x.dtype),
+                                       lora_a, lora_b, scale, bias)
     sdt = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64: gradcheck
     if isinstance(scale, Tensor):
         if lora_a is not None and not (scale.dim() == 0 or (scale.dim() == 1 and scale.shape[0] == lora_a.shape[0])):

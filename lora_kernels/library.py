@@ -18,6 +18,7 @@ name        implementation                   used for
 
 from __future__ import annotations
 
+import math
 import os
 import types
 
@@ -181,30 +182,140 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, *, backend: s
 # ---------------------------------------------------------------------------------------------
 # The fused LoRA / QLoRA linear (forward)
 #
-# Routes:
-#   "triton-gemv"    M <= 16 on CUDA: split-K GEMV streaming the 4-bit weight (decode)
+# Routes (benchmarks/results/forward_*.md name the route every row was measured on):
+#   "cuda-gemv"      M <= 16 on CUDA, NF4 weight with blocksize >= 64, K % 64 == 0, bf16/fp16 x:
+#                    csrc/cuda/nf4_gemv.cu -- tensor-core GEMV reading the 4-bit weight once,
+#                    low-rank term and bias in its epilogue (decode)
+#   "triton-gemv"    M <= 16 on CUDA otherwise (dense base weight, blocksize 32, no CUDA ext):
+#                    split-K GEMV in Triton
+#   "merge-cublas"   M > 16 on CUDA: a memory-bound Triton pass writes the merged weight
+#                    W_eff = Ŵ + B·diag(s)·A in x's dtype (triton/nf4_merge.py), then cuBLAS
+#                    computes y = x · W_effᵀ + bias; the LoRA term costs no pass over y.  The
+#                    merged weight exists for the call (like bitsandbytes' matmul_4bit), or in
+#                    row chunks with LORA_KERNELS_MERGE_CHUNK_MB (MERGE_CHUNK_BYTES)
 #   "triton-tiled"   tiled GEMM dequantizing weight tiles in registers (never writes the dense
-#                    weight).  NOT chosen automatically yet: measured on an H100 it is 7-30x
-#                    slower than dequantize + cuBLAS (benchmarks/results/forward_*_quick*.md);
-#                    reachable with route="triton-tiled" until it is fixed
-#   "dequant-cublas" M > 16 on CUDA (measured faster, see above), and the fallback for K not a
-#                    multiple of the blocksize or fp32 activations; materializes the dense
-#                    weight for the duration of the call
+#                    weight).  NOT chosen automatically: measured 7-30x slower than cuBLAS on an
+#                    H100 (benchmarks/results/forward_*_quick*.md); reachable with route=
+#   "dequant-cublas" the fallback: K not a multiple of the blocksize, fp32 activations, no Triton
 #   "reference"      CPU (and anything else): reference.lora_linear_reference in fp32
-FORWARD_ROUTES = ("triton-gemv", "triton-tiled", "dequant-cublas", "reference")
+FORWARD_ROUTES = ("cuda-gemv", "triton-gemv", "merge-cublas", "triton-tiled", "dequant-cublas", "reference")
+GEMV_MAX_M = 16
+
+
+def _cuda_gemv_ok(weight) -> bool:
+    if not isinstance(weight, NF4Weight):
+        return False
+    K = weight.shape[1]
+    if weight.blocksize < 64 or K % 64 != 0 or K % weight.blocksize != 0:
+        return False
+    ext = _ext.cuda_ext()
+    return ext is not None and hasattr(ext, "lora_gemv")
 
 
 def forward_route(M: int, weight, x_dtype: torch.dtype, device: torch.device) -> str:
     """The route ``lora_linear`` takes for M rows of x on ``device`` (one visible decision)."""
     if device.type != "cuda":
         return "reference"
-    if x_dtype not in (torch.bfloat16, torch.float16) or not _ext.triton_available():
+    if x_dtype not in (torch.bfloat16, torch.float16):
         return "dequant-cublas"
     if isinstance(weight, NF4Weight) and weight.shape[1] % weight.blocksize != 0:
         return "dequant-cublas"
-    from .triton.nf4_lora_matmul import GEMV_MAX_M
+    if M <= GEMV_MAX_M:
+        if _cuda_gemv_ok(weight):
+            return "cuda-gemv"
+        return "triton-gemv" if _ext.triton_available() else "dequant-cublas"
+    return "merge-cublas" if _ext.triton_available() else "dequant-cublas"
 
-    return "triton-gemv" if M <= GEMV_MAX_M else "dequant-cublas"
+
+def _aligned16(t: torch.Tensor) -> torch.Tensor:
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _cuda_gemv(x2d, weight: NF4Weight, lora_a, lora_b, scale, bias) -> torch.Tensor:
+    dt = x2d.dtype
+    x2d = _aligned16(x2d.contiguous())
+    scale_vec, s = None, 1.0
+    if lora_a is not None:
+        lora_a = _aligned16(lora_a.to(dt).contiguous())
+        lora_b = lora_b.to(dt).contiguous()
+        if isinstance(scale, torch.Tensor):
+            scale_vec = scale.detach().to(device=x2d.device, dtype=torch.float32).reshape(-1)
+            scale_vec = scale_vec.expand(lora_a.shape[0]).contiguous()
+        else:
+            s = float(scale)
+    if bias is not None and bias.dtype not in (dt, torch.float32):
+        bias = bias.to(dt)
+    q = weight
+    nested = q.double_quant
+    return _ext.cuda_ext().lora_gemv(
+        x2d, q.packed.view(-1), q.absmax, q.nested_absmax if nested else None, q.nested_code if nested else None,
+        q.offset if nested else None, q.code, q.shape[0], q.blocksize, lora_a, lora_b, s, scale_vec,
+        None if bias is None else bias.contiguous())
+
+
+#: LORA_KERNELS_MERGE_CHUNK_MB > 0: merge-cublas streams the merged weight through a workspace of
+#: at most this many bytes (at least 1024 rows per GEMM), so the dense weight never exists whole.
+#: Off by default: measured on an H100 (benchmarks/results/forward_*_session2_largem*.md) the
+#: per-chunk Python + launch overhead made M = 4096 up to 2.4x slower with 16 MB chunks; at
+#: M = 16384 both are within a few percent.
+MERGE_CHUNK_BYTES = int(os.environ.get("LORA_KERNELS_MERGE_CHUNK_MB", "0")) << 20
+_MERGE_MIN_ROWS = 1024
+
+
+def _nf4_rows(q: NF4Weight, n0: int, n1: int) -> NF4Weight:
+    """Rows [n0, n1) of ``q`` as an NF4Weight of views (n0 * blocks-per-row % 256 == 0 when
+    double-quantized, so the nested absmax blocks line up)."""
+    K = q.shape[1]
+    bpr = K // q.blocksize
+    b0, b1 = n0 * bpr, n1 * bpr
+    kw = dict(packed=q.packed.view(-1)[n0 * K // 2:n1 * K // 2], absmax=q.absmax[b0:b1], code=q.code,
+              shape=(n1 - n0, K), dtype=q.dtype, blocksize=q.blocksize, check_tables=False)
+    if q.double_quant:
+        kw.update(nested_absmax=q.nested_absmax[b0 // 256:(b1 + 255) // 256], nested_code=q.nested_code,
+                  offset=q.offset)
+    return NF4Weight(**kw)
+
+
+def _merge_rows(N: int, K: int, weight) -> int:
+    """Rows of the merged weight per chunk (>= N: one chunk)."""
+    if MERGE_CHUNK_BYTES <= 0:
+        return N
+    unit = 128
+    if isinstance(weight, NF4Weight):
+        bpr = K // weight.blocksize
+        nested_unit = 256 // math.gcd(256, bpr)
+        unit = unit * nested_unit // math.gcd(unit, nested_unit)
+    rows = max(_MERGE_MIN_ROWS, MERGE_CHUNK_BYTES // (2 * K))
+    return -(-rows // unit) * unit
+
+
+def _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias) -> torch.Tensor:
+    dt = x2d.dtype
+    if bias is not None:
+        bias = bias.to(dt)
+    if lora_a is None and not isinstance(weight, NF4Weight):
+        return torch.nn.functional.linear(x2d, weight.to(dt), bias)
+    from .triton.nf4_merge import dequantize_merge
+
+    if lora_a is not None:
+        lora_a, lora_b = lora_a.to(dt), lora_b.to(dt)
+    base = weight if isinstance(weight, NF4Weight) else weight.to(dt)
+    N, K = base.shape
+    rows = _merge_rows(N, K, base)
+    if rows >= N:
+        return torch.nn.functional.linear(x2d, dequantize_merge(base, lora_a, lora_b, scale, dtype=dt), bias)
+    y = torch.empty((x2d.shape[0], N), dtype=dt, device=x2d.device)
+    ws = torch.empty((rows, K), dtype=dt, device=x2d.device)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        part = _nf4_rows(base, n0, n1) if isinstance(base, NF4Weight) else base[n0:n1]
+        w_eff = dequantize_merge(part, lora_a, None if lora_b is None else lora_b[n0:n1], scale, dtype=dt,
+                                 out=ws[:n1 - n0])
+        if bias is None:
+            torch.mm(x2d, w_eff.t(), out=y[:, n0:n1])          # cuBLAS writes the column slice in place
+        else:
+            torch.addmm(bias[n0:n1], x2d, w_eff.t(), out=y[:, n0:n1])
+    return y
 
 
 def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
@@ -216,6 +327,7 @@ def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None = None, lor
     [N, K] tensor; lora_a: [r, K] and lora_b: [N, r] (x's dtype), or None for no low-rank term;
     scale: float (alpha / r) or an fp32 [r] vector (AdaLoRA); bias: [N] or None.  Returns
     [..., N] in x's dtype.  ``route``: one of FORWARD_ROUTES to force; default ``forward_route``.
+    ``config``: a Triton config override (triton-* routes only).
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise TypeError("lora_linear: x must be a tensor [..., K]")
@@ -235,13 +347,37 @@ def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None = None, lor
         raise ValueError(f"lora_linear: x is on {x.device} but the weight is on {wdev}")
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_linear: give both lora_a and lora_b, or neither")
+    if lora_a is not None:
+        r = lora_a.shape[0] if lora_a.dim() == 2 else -1
+        if lora_a.dim() != 2 or lora_a.shape[1] != K or lora_b.dim() != 2 or tuple(lora_b.shape) != (N, r):
+            raise ValueError(f"lora_linear: lora_a must be [r, K={K}] and lora_b [N={N}, r], got "
+                             f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+        if r < 1:
+            raise ValueError("lora_linear: the rank r must be >= 1 (lora_a has 0 rows)")
+        if lora_a.device != wdev or lora_b.device != wdev:
+            raise ValueError(f"lora_linear: lora_a/lora_b must be on the weight's device {wdev}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,) or bias.device != wdev):
+        raise ValueError(f"lora_linear: bias must be a [N={N}] tensor on {wdev}, got "
+                         f"{getattr(bias, 'shape', type(bias).__name__)}")
     x2d = x.reshape(-1, K)
-    route = route or forward_route(x2d.shape[0], weight, x.dtype, x.device)
+    M = x2d.shape[0]
+    route = route or forward_route(M, weight, x.dtype, x.device)
     if route not in FORWARD_ROUTES:
         raise ValueError(f"lora_linear: unknown route {route!r}; expected one of {FORWARD_ROUTES}")
-    if route.startswith("triton-"):
+    if route == "cuda-gemv":
+        if not _cuda_gemv_ok(weight) or M > GEMV_MAX_M or M < 1 or x.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError("lora_linear: route 'cuda-gemv' needs the CUDA extension, an NF4 weight with "
+                             f"blocksize >= 64 and K % 64 == 0, bf16/fp16 x and 1 <= M <= {GEMV_MAX_M}")
+        y = _cuda_gemv(x2d, weight, lora_a, lora_b, scale, bias)
+    elif route == "merge-cublas":
+        y = _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias)
+    elif route.startswith("triton-"):
         from .triton.nf4_lora_matmul import lora_matmul
 
+        if lora_a is not None:
+            lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        if bias is not None and bias.dtype not in (x.dtype, torch.float32):
+            bias = bias.to(x.dtype)
         y = lora_matmul(x2d, weight, lora_a, lora_b, scale, bias, route=route[len("triton-"):], config=config)
     else:
         dense = weight.dequantize(x.dtype) if isinstance(weight, NF4Weight) else weight

@@ -92,10 +92,14 @@ def test_gpu_routes_against_reference(M, dtype, rng):
                                   (64, False, True, False)):
             x, w, A, B, s, b = _setup(M, K, N, r, dtype, rng, "cuda", nf4=nf4, bias=bias, vec_scale=vec)
             route = lk.forward_route(M, w, dtype, x.device)
-            assert route == ("triton-gemv" if M <= 16 else "dequant-cublas")
+            assert route == (("cuda-gemv" if nf4 else "triton-gemv") if M <= 16 else "merge-cublas")
             _check_against_reference(x, w, A, B, s, b)
-            if M > 16:  # the fused tiled kernel, not auto-selected yet (see library.forward_route)
-                _check_against_reference(x, w, A, B, s, b, route="triton-tiled")
+            # every other route that can take this shape
+            others = ["triton-gemv"] if M <= 16 and nf4 else []
+            if M > 16:  # the fused tiled kernel is not auto-selected (see library.forward_route)
+                others += ["triton-tiled", "dequant-cublas"]
+            for other in others:
+                _check_against_reference(x, w, A, B, s, b, route=other)
 
 
 @gpu
@@ -126,3 +130,34 @@ def test_dequant_cublas_route_on_cpu(vec_scale, rng):
     ref = lora_linear_reference(x, w.dequantize(torch.float32), A, B, s, b)
     torch.testing.assert_close(y, ref)
     torch.testing.assert_close(lk.lora_linear(x, w, route="dequant-cublas"), x @ w.dequantize(torch.float32).t())
+
+
+@pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "dense"])
+@pytest.mark.parametrize("bs", [64, 128])
+def test_merge_route_chunks_under_interpreter(nf4, bs, rng, monkeypatch):
+    """merge-cublas in row chunks (a tiny chunk size forces several; rows not a multiple of the
+    chunk) equals the reference; fp16 under the interpreter (mm on the CPU)."""
+    import os
+
+    from lora_kernels import library
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not HAS_CUDA:
+        pytest.skip("needs the Triton interpreter or a GPU")
+    monkeypatch.setattr(library, "MERGE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(library, "_MERGE_MIN_ROWS", 1)
+    dev = "cuda" if HAS_CUDA else "cpu"
+    dtype = torch.float16
+    N, K = 300, 256
+    W = randn((N, K), torch.float32, rng, scale=0.05)
+    weight = lk.quantize_nf4(W.to(dev), blocksize=bs) if nf4 else W.to(dtype).to(dev)
+    rows = library._merge_rows(N, K, weight)
+    assert rows < N and rows % 128 == 0
+    x = randn((5, K), dtype, rng, device=dev)
+    A = randn((8, K), dtype, rng, device=dev, scale=0.05)
+    B = randn((N, 8), dtype, rng, device=dev, scale=0.05)
+    b = randn((N,), dtype, rng, device=dev)
+    y = lk.lora_linear(x, weight, A, B, 2.0, b, route="merge-cublas")
+    dense = weight.dequantize(torch.float32) if nf4 else weight.float()
+    ref = lora_linear_reference(x.double(), dense.double(), A.double(), B.double(), 2.0, b.double(), torch.float64)
+    assert y.shape == (5, N) and torch.isfinite(y).all()
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-3
