@@ -4,6 +4,8 @@ y = x·Ŵᵀ + ((x·Aᵀ)⊙s)·Bᵀ (no bias), x [M, K] bf16, Ŵ NF4 (N, K) wit
 s = alpha / r = 2.0.  Layer shapes are written K x N (in -> out, as ``nn.Linear(K, N)``).
 
 GPU mode, per layer shape, rank and M (rows keyed shape, M, r, method, variant):
+  ours_layer      ``QLoRALinear(q, None, r, 2r, lora_A=A, lora_B=B)(x)`` under no_grad: the drop-in
+                  layer's call, timed like PEFT's layer (same variants as ``ours``)
   ours            ``lk.lora_linear(x, q, A, B, 2.0)`` under no_grad, "eager" and, for M <= 16,
                   "graph" (CUDA-graph replay: the kernels' time without Python / launch overhead);
                   ``route`` = ``lk.forward_route(M, q, x.dtype, x.device)``
@@ -67,9 +69,9 @@ RANKS = [16]
 SCALE = 2.0                      # alpha / r with alpha = 2 r (r = 16, alpha = 32)
 GRAPH_MAX_M = 16
 DTYPE = torch.bfloat16
-METHODS = ("ours", "bnb_peft", "bf16_linear", "bf16_lora_peft")
-LORA_METHODS = ("ours", "ours-sweep", "bnb_peft", "bf16_lora_peft")
-NF4_METHODS = ("ours", "ours-sweep", "bnb_peft")
+METHODS = ("ours", "ours_layer", "bnb_peft", "bf16_linear", "bf16_lora_peft")
+LORA_METHODS = ("ours", "ours_layer", "ours-sweep", "bnb_peft", "bf16_lora_peft")
+NF4_METHODS = ("ours", "ours_layer", "ours-sweep", "bnb_peft")
 
 #: Every row has exactly these keys (None where not applicable), in this order.
 ROW_KEYS = (
@@ -567,6 +569,23 @@ def _run_shape_m(args, lk, reference, t0, shape, K, N, M, r, first_rank, methods
                             n_weights=nwq_used, **chk)
             rows.append(row)
             _progress(t0, row)
+
+    if "ours_layer" in methods:
+        # The drop-in layer (QLoRALinear.forward under no_grad, adapters in bf16): what a model
+        # calls, to compare with PEFT's wrapped layer (bnb_peft) call for call.
+        from lora_kernels import QLoRALinear
+
+        layers = {}
+        for i in range(nwq_used):
+            q, A, B = q_sets[i][1:]
+            layers[id(q)] = QLoRALinear(q, None, r, SCALE * r, lora_A=torch.nn.Parameter(A), lora_B=torch.nn.Parameter(B))
+        ql_sets = [(layers[id(q)], x) for (x, q, A, B) in q_sets]
+        for variant, g in (("eager", False),) + ((("graph", True),) if use_graph else ()):
+            row = _time_row(lora_base, lambda layer, x: layer(x), ql_sets, args, use_graph=g, method="ours_layer",
+                            variant=variant, route=route, n_weights=nwq_used, **chk)
+            rows.append(row)
+            _progress(t0, row)
+        del layers, ql_sets
 
     if bnb_layers is not None:
         bchk: dict = {}

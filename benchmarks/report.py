@@ -321,8 +321,13 @@ def readme_block(results_dir: str, readme_dir: str = ".") -> str:
         png = os.path.join(results_dir, f"{nf4['name']}.png")
         if os.path.exists(png):
             parts += [f"![NF4 quantize/dequantize throughput]({os.path.relpath(png, readme_dir)})", ""]
-    fwd = _pick(docs, "forward", ("full", "quick"))
-    if fwd is not None:
+    # Every full forward run (decode and large-M runs are separate files), else the newest quick one.
+    fwds = [d for d in docs if d["name"].startswith("forward") and str(d.get("meta", {}).get("mode", "")) == "full"
+            and not d["meta"].get("merge_chunk_mb")]  # the chunked variant is kept for reference only
+    if not fwds:
+        fwd = _pick(docs, "forward", ("full", "quick"))
+        fwds = [fwd] if fwd is not None else []
+    for fwd in fwds:
         t = forward_table(fwd)
         if t:
             parts += t + [""]
