@@ -212,9 +212,6 @@ def qlora_linear(x: Tensor, weight: NF4Weight | Tensor, lora_a: Tensor | None = 
                                        lora_a, lora_b, scale, bias)
     sdt = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64: gradcheck
     if isinstance(scale, Tensor):
-        if lora_a is not None and not (scale.dim() == 0 or (scale.dim() == 1 and scale.shape[0] == lora_a.shape[0])):
-            raise ValueError(f"qlora_linear: scale must be a float, a 0-d tensor or an [r={lora_a.shape[0]}] "
-                             f"vector, got shape {tuple(scale.shape)}")
         s = scale.to(device=x.device, dtype=sdt)
     elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
         s = torch.tensor(float(scale), dtype=sdt, device=x.device)
