@@ -132,15 +132,10 @@ def config_str(cfg: dict) -> str:
 
 # ------------------------------------------------------------------------------------ rows
 def new_row(**kw) -> dict:
-    unknown = set(kw) - set(ROW_KEYS)
-    if unknown:
-        raise KeyError(f"unknown row keys {sorted(unknown)}")
-    return {k: kw.get(k) for k in ROW_KEYS}
+    return harness.make_row(ROW_KEYS, **kw)
 
 
-def _short_error(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {msg}"[:160]
+_short_error = harness.short_error
 
 
 def _add_note(row: dict, text: str) -> None:

@@ -84,15 +84,10 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def new_row(**kw) -> dict:
-    unknown = set(kw) - set(ROW_KEYS)
-    if unknown:
-        raise KeyError(f"unknown row keys {sorted(unknown)}")
-    return {k: kw.get(k) for k in ROW_KEYS}
+    return harness.make_row(ROW_KEYS, **kw)
 
 
-def _short_error(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {msg}"[:160]
+_short_error = harness.short_error
 
 
 def _ne_count(a: torch.Tensor | None, b: torch.Tensor | None) -> int | None:

@@ -145,6 +145,20 @@ def env_header(env: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------ timing
+def make_row(row_keys: Sequence[str], **kw) -> dict[str, Any]:
+    """A result row with exactly ``row_keys`` (missing ones None); an unknown key is a bug."""
+    unknown = set(kw) - set(row_keys)
+    if unknown:
+        raise KeyError(f"unknown row keys {sorted(unknown)}")
+    return {k: kw.get(k) for k in row_keys}
+
+
+def short_error(e: BaseException) -> str:
+    """'Type: first line of the message', at most 160 characters (a row's note)."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}"[:160]
+
+
 def _summary(times_ms: Sequence[float], n_sets: int, graph: bool) -> dict[str, Any]:
     t = sorted(times_ms)
     q = lambda p: t[min(len(t) - 1, max(0, int(round(p * (len(t) - 1)))))]  # noqa: E731

@@ -361,11 +361,14 @@ def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None = None, lor
                          f"{getattr(bias, 'shape', type(bias).__name__)}")
     x2d = x.reshape(-1, K)
     M = x2d.shape[0]
+    forced = route is not None
     route = route or forward_route(M, weight, x.dtype, x.device)
     if route not in FORWARD_ROUTES:
         raise ValueError(f"lora_linear: unknown route {route!r}; expected one of {FORWARD_ROUTES}")
     if route == "cuda-gemv":
-        if not _cuda_gemv_ok(weight) or M > GEMV_MAX_M or M < 1 or x.dtype not in (torch.bfloat16, torch.float16):
+        # forward_route only picks it when these hold; a forced route is checked here
+        if M < 1 or (forced and (not _cuda_gemv_ok(weight) or M > GEMV_MAX_M
+                                 or x.dtype not in (torch.bfloat16, torch.float16))):
             raise ValueError("lora_linear: route 'cuda-gemv' needs the CUDA extension, an NF4 weight with "
                              f"blocksize >= 64 and K % 64 == 0, bf16/fp16 x and 1 <= M <= {GEMV_MAX_M}")
         y = _cuda_gemv(x2d, weight, lora_a, lora_b, scale, bias)

@@ -454,7 +454,7 @@ def candidate_configs(M: int, N: int, K: int, capability: tuple[int, int] = (9, 
 
 
 def _is_pow2(v) -> bool:
-    return isinstance(v, int) and v > 0 and (v & (v - 1)) == 0
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0 and (v & (v - 1)) == 0
 
 
 def _resolve_config(route: str, M: int, N: int, K: int, device: torch.device, override: dict | None) -> dict:
@@ -490,12 +490,13 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def _check_device(device: torch.device) -> None:
+def _check_device(device: torch.device, op: str = "lora_matmul") -> None:
+    """Triton runs CUDA tensors, or CPU tensors under the interpreter (TRITON_INTERPRET=1)."""
     if device.type == "cuda":
         return
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         return
-    raise ValueError(f"lora_matmul: tensors must be on a CUDA device (or on the CPU with TRITON_INTERPRET=1), "
+    raise ValueError(f"{op}: tensors must be on a CUDA device (or on the CPU with TRITON_INTERPRET=1), "
                      f"got {device}")
 
 

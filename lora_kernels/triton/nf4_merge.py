@@ -47,14 +47,13 @@ No ``triton.autotune``: one small config dict (``DEFAULT_CONFIG``) that ``config
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ..codes import NESTED_BLOCKSIZE
 from ..nf4 import NF4Weight
+from .nf4_lora_matmul import _absmax_of, _check_device, _is_pow2, _next_pow2
 
 __all__ = ["dequantize_merge", "DEFAULT_CONFIG", "MAX_RANK"]
 
@@ -73,20 +72,6 @@ _CONFIG_KEYS = frozenset(DEFAULT_CONFIG)
 # =============================================================================================
 # Kernel
 # =============================================================================================
-@triton.jit
-def _absmax_of(blk, mask, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr,
-               NESTED: tl.constexpr, NBS: tl.constexpr):
-    """fp32 absmax of the blocks ``blk`` (int64 tensor): double-quantized
-    fl(fl(nested_code[q] * nested_absmax[blk // 256]) + offset) (launched without fp fusion)."""
-    if NESTED:
-        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        prod = tl.load(ncode_ptr + q) * tl.load(nested_ptr + blk // NBS, mask=mask, other=0.0)
-        a = prod + tl.load(offset_ptr)
-    else:
-        a = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
-    return a
-
-
 @triton.jit
 def _merge_kernel(
     w_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, code_ptr,
@@ -159,14 +144,6 @@ def _merge_kernel(
 # =============================================================================================
 # Launcher
 # =============================================================================================
-def _is_pow2(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0 and (v & (v - 1)) == 0
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (v - 1).bit_length())
-
-
 def _resolve_config(override: dict | None) -> dict:
     cfg = dict(DEFAULT_CONFIG)
     if override is not None:
@@ -188,15 +165,6 @@ def _resolve_config(override: dict | None) -> dict:
     if not isinstance(cfg["num_stages"], int) or isinstance(cfg["num_stages"], bool) or cfg["num_stages"] < 1:
         raise ValueError(f"dequantize_merge: config num_stages must be an int >= 1, got {cfg['num_stages']!r}")
     return cfg
-
-
-def _check_device(device: torch.device) -> None:
-    if device.type == "cuda":
-        return
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    raise ValueError(f"dequantize_merge: tensors must be on a CUDA device (or on the CPU with TRITON_INTERPRET=1), "
-                     f"got {device}")
 
 
 def _check_float_tensor(name: str, t, device: torch.device) -> None:
@@ -263,7 +231,7 @@ def dequantize_merge(
         default_dtype = weight.dtype
     else:
         raise TypeError(f"dequantize_merge: weight must be an NF4Weight or a dense tensor, got {type(weight).__name__}")
-    _check_device(device)
+    _check_device(device, "dequantize_merge")
 
     if dtype is None:
         dtype = default_dtype
