@@ -68,15 +68,17 @@ ROW_KEYS = (
     "median_ms", "p20_ms", "p80_ms", "n_reps", "n_sets", "graph",
     "flops", "bytes", "floor_ms", "frac_floor", "tflops",
     "ratio_vs_cublas_floor", "ratio_vs_bf16_lora", "ratio_vs_bnb_peft", "peak_mem_mb",
-    "rel_err_dx", "rel_err_da", "rel_err_db", "rel_err_dx_bf16_torch", "rel_err_da_bf16_torch",
+    "resident_mb", "total_mem_mb", "max_alloc_mb", "dense_weight_mb", "rel_err_dx", "rel_err_da", "rel_err_db", "rel_err_dx_bf16_torch", "rel_err_da_bf16_torch",
     "rel_err_db_bf16_torch", "err_ratio", "within_2x", "note",
 )
 MD_COLUMNS = ("shape", "M", "r", "method", "median_ms", "p20_ms", "p80_ms", "floor_ms", "frac_floor", "tflops",
-              "ratio_vs_cublas_floor", "ratio_vs_bf16_lora", "ratio_vs_bnb_peft", "peak_mem_mb",
+              "ratio_vs_cublas_floor", "ratio_vs_bf16_lora", "ratio_vs_bnb_peft", "peak_mem_mb", "resident_mb",
+              "total_mem_mb", "max_alloc_mb", "dense_weight_mb",
               "rel_err_dx", "rel_err_da", "rel_err_db", "err_ratio", "within_2x", "n_sets", "note")
-SHORT_COLUMNS = ("shape", "M", "method", "median_ms", "frac_floor", "ratio_vs_cublas_floor", "ratio_vs_bf16_lora",
-                 "ratio_vs_bnb_peft", "peak_mem_mb", "err_ratio")
-SHORT_HEADERS = ("KxN", "M", "method", "ms", "/floor", "/cublas", "/bf16lora", "/bnb", "MB", "err/bf16")
+SHORT_COLUMNS = ("shape", "M", "r", "method", "median_ms", "frac_floor", "ratio_vs_cublas_floor", "ratio_vs_bf16_lora",
+                 "ratio_vs_bnb_peft", "total_mem_mb", "max_alloc_mb", "err_ratio")
+SHORT_HEADERS = ("KxN", "M", "r", "method", "ms", "/floor", "/cublas", "/bf16lora", "/bnb", "MB", "max alloc MB",
+                 "err/bf16")
 
 
 # ------------------------------------------------------------------------------------ arithmetic
@@ -181,6 +183,9 @@ def _time_row(args, base: dict, fn, sets, **extra) -> dict:
         for k in ("median_ms", "p20_ms", "p80_ms", "n_reps", "n_sets", "graph"):
             row[k] = t[k]
         row["peak_mem_mb"] = harness.peak_memory(fn, *sets[0]) / 2**20
+        if row.get("resident_mb") is not None:
+            row["total_mem_mb"] = row["resident_mb"] + row["peak_mem_mb"]
+        row["max_alloc_mb"] = harness.largest_allocation(fn, *sets[0]) / 2**20
     except Exception as e:
         _add_note(row, bf._short_error(e))
         print(f"    ! {row['shape']} M={row['M']} {row['method']}: {row['note']}", flush=True)
@@ -231,6 +236,10 @@ def run_gpu(args, lk, env, t0: float, device: str = "cuda") -> tuple[list[dict],
         "rel_err_d* = ||grad - ref||_F / ||ref||_F, ref = float32 on the same dequantized weight; *_bf16_torch = "
         "the same formula in bf16 PyTorch; err_ratio = max over dX, dA, dB of ours / bf16 torch (rule: <= 2)",
         "one weight and one adapter pair per shape; x and g rotate over sets totalling > 2x L2",
+        "peak_mem_mb = peak allocated during one step above what was allocated before it; resident_mb = the "
+        "frozen base as held (NF4 bytes, + our merge workspace for ours; 2NK for bf16 LoRA); total_mem_mb = "
+        "resident + peak; max_alloc_mb = the largest single allocation in the step (allocator history); "
+        "dense_weight_mb = N*K*2 (issue 4: no allocation that large)",
     ]
     rows: list[dict] = []
     for (K, N) in shapes:
@@ -268,18 +277,24 @@ def run_gpu(args, lk, env, t0: float, device: str = "cuda") -> tuple[list[dict],
                     chk = correctness(lk, reference, xs[0], q, A, B, gs[0]) if "ours" in methods else {}
                     if "note" not in chk and chk:
                         print(f"  {bf._elapsed(t0)} {shape} M={M} check: err_ratio {chk['err_ratio']:.2f}", flush=True)
-                    base = dict(bench="training", device=dev.type, shape=shape, K=K, N=N, M=M, variant="eager")
+                    base = dict(bench="training", device=dev.type, shape=shape, K=K, N=N, M=M, variant="eager",
+                                dense_weight_mb=2 * N * K / 2**20)
                     lora = dict(base, r=r, flops=training_flops(M, K, N, r))
                     if "ours" in methods:
+                        from lora_kernels import library
+
+                        ours_step(lk)(xs[0], q, A, B, gs[0])          # the workspace exists from here on
+                        ws = sum(t.numel() * t.element_size() for t in library._workspaces.values())
                         rows.append(_time_row(args, dict(lora, bytes=training_bytes(M, K, N, r, q.nbytes())),
                                               ours_step(lk), [(xs[i], q, A, B, gs[i]) for i in range(n)],
-                                              method="ours", **chk))
+                                              method="ours", resident_mb=(q.nbytes() + ws) / 2**20, **chk))
                     for method in ("bnb_peft", "bf16_lora_peft"):
                         if method in layers:
                             wb = q.nbytes() if method == "bnb_peft" else 2 * N * K
                             layer = layers[method][1]
                             rows.append(_time_row(args, dict(lora, bytes=training_bytes(M, K, N, r, wb)), peft_step,
-                                                  [(layer, xs[i], gs[i]) for i in range(n)], method=method))
+                                                  [(layer, xs[i], gs[i]) for i in range(n)], method=method,
+                                                  resident_mb=wb / 2**20))
                     if "cublas_floor" in methods:
                         cb = dict(base, r=r, flops=training_flops(M, K, N, None),
                                   bytes=training_bytes(M, K, N, None, 2 * N * K))

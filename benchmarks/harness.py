@@ -288,6 +288,21 @@ def peak_memory(fn: Callable, *args) -> int:
     return int(peak)
 
 
+def largest_allocation(fn: Callable, *args) -> int:
+    """Bytes of the largest single CUDA caching-allocator allocation made during ``fn(*args)``
+    (read from the allocator's recorded history)."""
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(enabled="all", max_entries=1_000_000)
+    try:
+        out = fn(*args)
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    del out
+    return max((e["size"] for trace in snap["device_traces"] for e in trace if e["action"] == "alloc"), default=0)
+
+
 def measure_copy_bandwidth(nbytes: int = 2 * 1024**3, rep_ms: float = 200.0) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read + written (2 x nbytes), median."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 256)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU run for the fused forward: build (or reuse a carried _C_cuda build), the GPU tests named in
-# $TESTS, a config sweep and/or the forward benchmark.  Writes few files to $OUT.
-#   STEPS="build tests probe sweep bench" TESTS="tests/test_gpu_nf4.py" bash benchmarks/run_forward_device.sh
+# GPU run for the fused forward and the training step: build (or reuse a carried _C_cuda build),
+# the GPU tests named in $TESTS, a config sweep, the forward benchmark and/or the training
+# benchmark ($TRAIN_ARGS).  Writes few files to $OUT.
+#   STEPS="build tests probe sweep bench train" TESTS="tests/test_gpu_nf4.py" bash benchmarks/run_forward_device.sh
 set -o pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -33,6 +34,11 @@ fi
 if has bench; then
   timeout ${BENCH_LIMIT:-240} python3 -m benchmarks.bench_forward ${BENCH_ARGS:-} --out "$OUT" > "$OUT/bench.log" 2>&1; echo "bench rc=$?"
 fi
+if has train; then
+  timeout ${TRAIN_LIMIT:-300} python3 -m benchmarks.bench_training ${TRAIN_ARGS:-} --out "$OUT" > "$OUT/train.log" 2>&1
+  echo "train rc=$?"
+fi
 echo "total $SECONDS s"
 has sweep && grep -E "best|^!|Error" "$OUT/sweep.log" | tail -40
 has bench && sed -n '/short table/,$p' "$OUT/bench.log" | cut -c1-130
+has train && { grep -E "^ *!|check" "$OUT/train.log" | tail -20; sed -n '/short table/,$p' "$OUT/train.log" | cut -c1-170; }

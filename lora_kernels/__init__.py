@@ -18,7 +18,8 @@ from .codes import NF4_CODE, dynamic_code, nf4_code
 from .convert import quantize_model
 from .integrations.adapters import add_lora, load_adapter, save_adapter
 from .integrations.peft import PatchReport, patch_peft_model, unpatch_peft_model
-from .library import available_backends, dequantize_nf4, forward_route, lora_linear, quantize_nf4, select_backend
+from .library import (available_backends, backward_route, dequantize_nf4, forward_route, lora_linear, lora_linear_dx,
+                      quantize_nf4, select_backend)
 from .lora_modules import LoRALinear, QLoRALinear
 from .modules import NF4Linear
 from .nf4 import NF4FormatError, NF4Weight
@@ -27,6 +28,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LoRALinear", "QLoRALinear", "NF4_CODE", "add_lora", "load_adapter", "save_adapter", "NF4FormatError", "NF4Linear", "NF4Weight", "available_backends", "dequantize_nf4",
-    "PatchReport", "dynamic_code", "forward_route", "lora_linear", "nf4_code", "patch_peft_model", "qlora_linear",
+    "PatchReport", "backward_route", "dynamic_code", "forward_route", "lora_linear", "lora_linear_dx", "nf4_code", "patch_peft_model", "qlora_linear",
     "unpatch_peft_model", "quantize_model", "quantize_nf4", "select_backend",
 ]

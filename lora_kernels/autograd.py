@@ -5,14 +5,16 @@
 The base weight Ŵ (NF4 or dense) is frozen: it gets no gradient.  With T = xd · Aᵀ [M, r] and
 U = dY · B [M, r]:
 
-    dX    = dY · Ŵ + ((s ⊙ U) · A) ⊙ mask / (1 - p)
+    dX    = dY · (Ŵ + (B ⊙ s) · A)                     (p = 0: one merged GEMM, library.lora_linear_dx)
+          = dY · Ŵ + ((s ⊙ U) · A) ⊙ mask / (1 - p)    (dropout p > 0)
     dA    = (s ⊙ U)ᵀ · xd          dB = dYᵀ · (s ⊙ T)          dbias = Σ_m dY
     ds    = Σ_m T ⊙ U  (vector s, AdaLoRA)   or  Σ T ⊙ U  (0-d tensor s)
 
 Saved for backward (``ctx.save_for_backward`` only, each only when a gradient needs it):
 x (2-D view; for dA), the dropout mask as bool (only when p > 0; xd is rebuilt from x and the
 mask, never stored), T (for dB, ds), A (for dX), B (for dX, dA, ds), s, and the base weight's
-tensors (for dX).  Never y, never a dequantized weight.  ``ctx`` attributes hold only Python
+tensors (for dX).  Never y, never a dequantized weight (on the GPU neither pass ever holds the
+whole dense weight: ``library``'s merge-cublas routes stream it through a workspace in chunks).  ``ctx`` attributes hold only Python
 scalars (N, K, blocksize, p, flags, the device type).
 
 Public entry: ``qlora_linear``.
@@ -55,49 +57,73 @@ def _forward_common(ctx, x2d, lora_a, lora_b, scale, dropout_p, training, needs,
     ctx.p = p
     ctx.device_type = x2d.device.type
     ctx.needs = (nx, nA and has_lora, nB and has_lora, ns and has_lora, nbias)
+    scale_is_tensor = isinstance(scale, Tensor)
+    ctx.scale_float = None if scale_is_tensor else float(scale)   # a Python float, never a tensor
     ctx.save_for_backward(
         x2d if (has_lora and nA) else None,
         mask if (p > 0.0 and (nA or nx)) else None,
         t if (has_lora and (nB or ns)) else None,
         lora_a if (has_lora and nx) else None,
         lora_b if need_u else None,
-        scale if has_lora else None,
+        scale if (has_lora and scale_is_tensor) else None,
         *(w if nx else None for w in weight_tensors),
     )
     return y
 
 
 def _backward_common(ctx, dy, run_dx):
-    """(dx, dA, dB, ds, dbias) from the saved tensors; ``run_dx(dy, u_scaled, lora_a, weights)``."""
+    """(dx, dA, dB, ds, dbias) from the saved tensors; ``run_dx(dy, weights, lora_a, lora_b, scale)``
+    returns dy · (Ŵ + (B ⊙ s) · A) (lora_a = lora_b = None: dy · Ŵ)."""
     nx, nA, nB, ns, nbias = ctx.needs
     x2d, mask, t, lora_a, lora_b, scale, *weights = ctx.saved_tensors
+    if scale is None:
+        scale = ctx.scale_float
     p = ctx.p
     dx = dA = dB = ds = dbias = None
     with torch.autocast(ctx.device_type, enabled=False):
         dy = dy.contiguous()
-        su = u = None
+        u = None
         acc = torch.float64 if dy.dtype == torch.float64 else torch.float32  # scale math precision
-        if nx or nA or ns:
-            if ctx.has_lora:
-                u = dy @ lora_b.to(dy.dtype)                              # U [M, r]
-                su = (u.to(acc) * scale.to(acc)).to(dy.dtype)             # s ⊙ U
+        if ctx.has_lora and (nA or ns or (nx and p > 0.0)):
+            u = dy @ lora_b.to(dy.dtype)                                  # U [M, r]
         if nx:
-            if su is None or p == 0.0:
-                dx = run_dx(dy, su, lora_a, weights)
+            if not ctx.has_lora:
+                dx = run_dx(dy, weights, None, None, scale)
+            elif p == 0.0:  # the low-rank term rides inside the merged weight
+                dx = run_dx(dy, weights, lora_a, lora_b, scale)
             else:  # the low-rank term saw dropout(x): its gradient goes through the mask
-                dx = run_dx(dy, None, None, weights)
-                dx = dx + _apply_mask(su @ lora_a.to(dy.dtype), mask, p)
+                dx = run_dx(dy, weights, None, None, scale)
+                dx = dx + _apply_mask(_scaled(u, scale, acc) @ lora_a.to(dy.dtype), mask, p)
         if nA:
             xd = x2d if p == 0.0 else _apply_mask(x2d, mask, p)
-            dA = su.t() @ xd.to(dy.dtype)
+            if isinstance(scale, Tensor):
+                dA = _scaled(u, scale, acc).t() @ xd.to(dy.dtype)
+            else:  # a float scale: one GEMM, then the small [r, K] result scaled
+                dA = (u.t() @ xd.to(dy.dtype)).mul_(scale)
         if nB:
-            dB = dy.t() @ (t.to(acc) * scale.to(acc)).to(dy.dtype)
+            if isinstance(scale, Tensor):
+                dB = dy.t() @ _scaled(t, scale, acc)
+            else:
+                dB = (dy.t() @ t.to(dy.dtype)).mul_(scale)
         if ns:
             tu = t.to(acc) * u.to(acc)
             ds = (tu.sum(0) if scale.dim() == 1 else tu.sum()).to(scale.dtype)
         if nbias:
             dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
     return dx, dA, dB, ds, dbias
+
+
+def _scaled(v: Tensor, scale, acc: torch.dtype) -> Tensor:
+    """v ⊙ s in v's dtype, the product formed in ``acc`` (s a float or a 0-d / [r] tensor)."""
+    s = scale.to(acc) if isinstance(scale, Tensor) else scale
+    return (v.to(acc) * s).to(v.dtype)
+
+
+def _op_scale(scale, x: Tensor) -> Tensor:
+    # The torch.library ops take the scale as a tensor (traced graphs only; eager passes floats).
+    if isinstance(scale, Tensor):
+        return scale
+    return torch.tensor(scale, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
 
 
 class QLoRAFunction(torch.autograd.Function):
@@ -114,16 +140,24 @@ class QLoRAFunction(torch.autograd.Function):
         ni = ctx.needs_input_grad
         ctx.N, ctx.K, ctx.blocksize = N, K, blocksize
         wt = (packed, absmax, nested_absmax, nested_code, offset, code)
-        run = lambda x_lora: torch.ops.lora_kernels.nf4_lora_forward(  # noqa: E731
-            x, *wt, N, K, blocksize, lora_a, lora_b, scale, bias, x_lora)
+        if torch.compiler.is_compiling():   # through the registered op: one node, no graph break
+            run = lambda x_lora: torch.ops.lora_kernels.nf4_lora_forward(  # noqa: E731
+                x, *wt, N, K, blocksize, lora_a, lora_b, _op_scale(scale, x), bias, x_lora)
+        else:                               # eager: the op's implementation without the dispatcher's cost
+            w = ops._nf4_view(*wt, N, K, blocksize, x.dtype)
+            run = lambda x_lora: ops._forward_impl(x, w, lora_a, lora_b, scale, bias, x_lora, None)  # noqa: E731
         return _forward_common(ctx, x, lora_a, lora_b, scale, dropout_p, training,
                                (ni[0], ni[10], ni[11], ni[12], ni[13]), wt, run)
 
     @staticmethod
     def backward(ctx, dy):
         N, K, bs = ctx.N, ctx.K, ctx.blocksize
-        run_dx = lambda dy_, su, a, w: torch.ops.lora_kernels.nf4_lora_backward_dx(  # noqa: E731
-            dy_, *w, N, K, bs, su, a)
+        if torch.compiler.is_compiling():
+            run_dx = lambda dy_, w, a, b, s: torch.ops.lora_kernels.nf4_lora_backward_dx(  # noqa: E731
+                dy_, *w, N, K, bs, a, b, _op_scale(s, dy_))
+        else:
+            run_dx = lambda dy_, w, a, b, s: library.lora_linear_dx(  # noqa: E731
+                dy_, ops._nf4_view(*w, N, K, bs, dy_.dtype), a, b, 1.0 if s is None else s)
         dx, dA, dB, ds, dbias = _backward_common(ctx, dy, run_dx)
         return (dx, None, None, None, None, None, None, None, None, None, dA, dB, ds, dbias, None, None)
 
@@ -137,14 +171,22 @@ class LoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scale, bias, dropout_p, training):
         ni = ctx.needs_input_grad
-        run = lambda x_lora: torch.ops.lora_kernels.dense_lora_forward(  # noqa: E731
-            x, weight, lora_a, lora_b, scale, bias, x_lora)
+        if torch.compiler.is_compiling():
+            run = lambda x_lora: torch.ops.lora_kernels.dense_lora_forward(  # noqa: E731
+                x, weight, lora_a, lora_b, _op_scale(scale, x), bias, x_lora)
+        else:
+            run = lambda x_lora: ops._forward_impl(x, weight, lora_a, lora_b, scale, bias, x_lora, None)  # noqa: E731
         return _forward_common(ctx, x, lora_a, lora_b, scale, dropout_p, training,
                                (ni[0], ni[2], ni[3], ni[4], ni[5]), (weight,), run)
 
     @staticmethod
     def backward(ctx, dy):
-        run_dx = lambda dy_, su, a, w: torch.ops.lora_kernels.dense_lora_backward_dx(dy_, w[0], su, a)  # noqa: E731
+        if torch.compiler.is_compiling():
+            run_dx = lambda dy_, w, a, b, s: torch.ops.lora_kernels.dense_lora_backward_dx(  # noqa: E731
+                dy_, w[0], a, b, _op_scale(s, dy_))
+        else:
+            run_dx = lambda dy_, w, a, b, s: library.lora_linear_dx(  # noqa: E731
+                dy_, w[0], a, b, 1.0 if s is None else s)
         dx, dA, dB, ds, dbias = _backward_common(ctx, dy, run_dx)
         return dx, None, dA, dB, ds, dbias, None, None
 
@@ -214,7 +256,7 @@ def qlora_linear(x: Tensor, weight: NF4Weight | Tensor, lora_a: Tensor | None = 
     if isinstance(scale, Tensor):
         s = scale.to(device=x.device, dtype=sdt)
     elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        s = torch.tensor(float(scale), dtype=sdt, device=x.device)
+        s = float(scale)          # stays a Python float: no host-to-device copy per call
     else:
         raise TypeError(f"qlora_linear: scale must be a float or a tensor, got {type(scale).__name__}")
 

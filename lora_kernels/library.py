@@ -189,10 +189,10 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, *, backend: s
 #   "triton-gemv"    M <= 16 on CUDA otherwise (dense base weight, blocksize 32, no CUDA ext):
 #                    split-K GEMV in Triton
 #   "merge-cublas"   M > 16 on CUDA: a memory-bound Triton pass writes the merged weight
-#                    W_eff = Ŵ + B·diag(s)·A in x's dtype (triton/nf4_merge.py), then cuBLAS
-#                    computes y = x · W_effᵀ + bias; the LoRA term costs no pass over y.  The
-#                    merged weight exists for the call (like bitsandbytes' matmul_4bit), or in
-#                    row chunks with LORA_KERNELS_MERGE_CHUNK_MB (MERGE_CHUNK_BYTES)
+#                    W_eff = Ŵ + B·diag(s)·A in x's dtype (triton/nf4_merge.py) for a chunk of
+#                    rows into a reused workspace, then cuBLAS computes y[:, rows] = x · W_effᵀ
+#                    + bias; the LoRA term costs no pass over y, and no chunk is more than half
+#                    the weight or WORKSPACE_BYTES (LORA_KERNELS_WORKSPACE_MB; 0 = one chunk)
 #   "triton-tiled"   tiled GEMM dequantizing weight tiles in registers (never writes the dense
 #                    weight).  NOT chosen automatically: measured 7-30x slower than cuBLAS on an
 #                    H100 (benchmarks/results/forward_*_quick*.md); reachable with route=
@@ -253,64 +253,83 @@ def _cuda_gemv(x2d, weight: NF4Weight, lora_a, lora_b, scale, bias) -> torch.Ten
         None if bias is None else bias.contiguous())
 
 
-#: LORA_KERNELS_MERGE_CHUNK_MB > 0: merge-cublas streams the merged weight through a workspace of
-#: at most this many bytes (at least 1024 rows per GEMM), so the dense weight never exists whole.
-#: Off by default: measured on an H100 (benchmarks/results/forward_*_session2_largem*.md) the
-#: per-chunk Python + launch overhead made M = 4096 up to 2.4x slower with 16 MB chunks; at
-#: M = 16384 both are within a few percent.
-MERGE_CHUNK_BYTES = int(os.environ.get("LORA_KERNELS_MERGE_CHUNK_MB", "0")) << 20
-_MERGE_MIN_ROWS = 1024
+#: LORA_KERNELS_WORKSPACE_MB (default 64): the most bytes of merged weight one chunk of the
+#: merge-cublas route may hold.  A chunk is also at most half the weight, so the dense [N, K]
+#: weight never exists whole (issue 4: no N·K·2 allocation in a training step).  0 = one chunk
+#: holding the whole merged weight (a fresh [N, K] tensor per call, bitsandbytes' way).
+WORKSPACE_BYTES = int(float(os.environ.get("LORA_KERNELS_WORKSPACE_MB", "64")) * 2**20)
+_workspaces: dict = {}
 
 
-def _nf4_rows(q: NF4Weight, n0: int, n1: int) -> NF4Weight:
-    """Rows [n0, n1) of ``q`` as an NF4Weight of views (n0 * blocks-per-row % 256 == 0 when
-    double-quantized, so the nested absmax blocks line up)."""
-    K = q.shape[1]
-    bpr = K // q.blocksize
-    b0, b1 = n0 * bpr, n1 * bpr
-    kw = dict(packed=q.packed.view(-1)[n0 * K // 2:n1 * K // 2], absmax=q.absmax[b0:b1], code=q.code,
-              shape=(n1 - n0, K), dtype=q.dtype, blocksize=q.blocksize, check_tables=False)
-    if q.double_quant:
-        kw.update(nested_absmax=q.nested_absmax[b0 // 256:(b1 + 255) // 256], nested_code=q.nested_code,
-                  offset=q.offset)
-    return NF4Weight(**kw)
+def _workspace(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """A flat scratch tensor of >= ``numel`` elements, cached per (device, dtype, stream) and reused
+    by every layer (grown when a larger chunk is asked for; never while a CUDA graph is captured,
+    where a fresh tensor from the graph's pool is returned instead)."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.empty(numel, dtype=dtype, device=device)
+    key = (device, dtype, torch.cuda.current_stream(device).cuda_stream)
+    ws = _workspaces.get(key)
+    if ws is None or ws.numel() < numel:
+        _workspaces.pop(key, None)                 # free the smaller one before allocating
+        ws = _workspaces[key] = torch.empty(numel, dtype=dtype, device=device)
+    return ws
 
 
-def _merge_rows(N: int, K: int, weight) -> int:
-    """Rows of the merged weight per chunk (>= N: one chunk)."""
-    if MERGE_CHUNK_BYTES <= 0:
-        return N
-    unit = 128
-    if isinstance(weight, NF4Weight):
-        bpr = K // weight.blocksize
-        nested_unit = 256 // math.gcd(256, bpr)
-        unit = unit * nested_unit // math.gcd(unit, nested_unit)
-    rows = max(_MERGE_MIN_ROWS, MERGE_CHUNK_BYTES // (2 * K))
-    return -(-rows // unit) * unit
+def merge_chunk(length: int, other: int, unit: int, whole_weight: bool = True) -> int:
+    """Chunk length along a weight dimension of ``length`` (the other one has ``other`` elements):
+    a multiple of ``unit`` holding at most WORKSPACE_BYTES of bf16, and with ``whole_weight=False``
+    at most half of ``length``.  A result >= ``length`` means one chunk (WORKSPACE_BYTES == 0, a
+    small weight, or a dimension shorter than two units)."""
+    if WORKSPACE_BYTES <= 0:
+        return length
+    size = max(unit, WORKSPACE_BYTES // (2 * other) // unit * unit)
+    if not whole_weight:
+        size = min(size, -(-(-(-length // 2)) // unit) * unit)
+    return size
 
 
-def _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias) -> torch.Tensor:
+def _chunks(length: int, size: int):
+    for a in range(0, length, size):
+        yield a, min(length, a + size)
+
+
+def _merge_args(weight, lora_a, lora_b, scale, dt):
+    """(base, A, B, s_scalar, s_vec) for ``nf4_merge.merge_window``: A, B in ``dt``, s as a float
+    or an fp32 [r] vector."""
+    s_scalar, s_vec = 1.0, None
+    if lora_a is not None:
+        lora_a, lora_b = lora_a.to(dt), lora_b.to(dt)
+        if isinstance(scale, torch.Tensor):
+            s_vec = scale.detach().reshape(-1).to(device=lora_a.device, dtype=torch.float32)
+            s_vec = s_vec.expand(lora_a.shape[0]).contiguous()
+        else:
+            s_scalar = float(scale)
+    base = weight if isinstance(weight, NF4Weight) else weight.to(dt)
+    return base, lora_a, lora_b, s_scalar, s_vec
+
+
+def _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias, whole_weight: bool = True) -> torch.Tensor:
+    """y = x·W_effᵀ + bias, W_eff = Ŵ + (B⊙s)·A merged in row chunks through the workspace."""
     dt = x2d.dtype
     if bias is not None:
         bias = bias.to(dt)
     if lora_a is None and not isinstance(weight, NF4Weight):
         return torch.nn.functional.linear(x2d, weight.to(dt), bias)
-    from .triton.nf4_merge import dequantize_merge
+    from .triton.nf4_merge import merge_window
 
-    if lora_a is not None:
-        lora_a, lora_b = lora_a.to(dt), lora_b.to(dt)
-    base = weight if isinstance(weight, NF4Weight) else weight.to(dt)
+    base, lora_a, lora_b, s_scalar, s_vec = _merge_args(weight, lora_a, lora_b, scale, dt)
     N, K = base.shape
-    rows = _merge_rows(N, K, base)
+    rows = merge_chunk(N, K, 128, whole_weight)
     if rows >= N:
-        return torch.nn.functional.linear(x2d, dequantize_merge(base, lora_a, lora_b, scale, dtype=dt), bias)
+        out = (torch.empty((N, K), dtype=dt, device=x2d.device) if WORKSPACE_BYTES <= 0
+               else _workspace(x2d.device, dt, N * K)[:N * K].view(N, K))
+        w_eff = merge_window(out, base, lora_a, lora_b, s_scalar, s_vec, (0, N), (0, K))
+        return torch.nn.functional.linear(x2d, w_eff, bias)
     y = torch.empty((x2d.shape[0], N), dtype=dt, device=x2d.device)
-    ws = torch.empty((rows, K), dtype=dt, device=x2d.device)
-    for n0 in range(0, N, rows):
-        n1 = min(N, n0 + rows)
-        part = _nf4_rows(base, n0, n1) if isinstance(base, NF4Weight) else base[n0:n1]
-        w_eff = dequantize_merge(part, lora_a, None if lora_b is None else lora_b[n0:n1], scale, dtype=dt,
-                                 out=ws[:n1 - n0])
+    ws = _workspace(x2d.device, dt, rows * K)
+    for n0, n1 in _chunks(N, rows):
+        w_eff = merge_window(ws[:(n1 - n0) * K].view(n1 - n0, K), base, lora_a, lora_b, s_scalar, s_vec,
+                             (n0, n1), (0, K))
         if bias is None:
             torch.mm(x2d, w_eff.t(), out=y[:, n0:n1])          # cuBLAS writes the column slice in place
         else:
@@ -318,16 +337,93 @@ def _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias) -> torch.Tensor:
     return y
 
 
+def backward_route(weight, dy_dtype: torch.dtype, device: torch.device) -> str:
+    """The route ``lora_linear_dx`` takes (one of "merge-cublas", "dequant-cublas", "reference")."""
+    if device.type != "cuda":
+        return "reference"
+    if dy_dtype not in (torch.bfloat16, torch.float16):
+        return "dequant-cublas"
+    if isinstance(weight, NF4Weight) and weight.shape[1] % weight.blocksize != 0:
+        return "dequant-cublas"
+    return "merge-cublas" if _ext.triton_available() else "dequant-cublas"
+
+
+BACKWARD_ROUTES = ("merge-cublas", "dequant-cublas", "reference")
+
+
+def lora_linear_dx(dy: torch.Tensor, weight, lora_a: torch.Tensor | None = None,
+                   lora_b: torch.Tensor | None = None, scale: float | torch.Tensor = 1.0, *,
+                   route: str | None = None, whole_weight: bool = False) -> torch.Tensor:
+    """dx = dy · (Ŵ + (B ⊙ s) · A): the input gradient of ``lora_linear`` (no dropout on the path).
+
+    dy: [M, N] fp32/bf16/fp16/float64; weight: ``NF4Weight`` (N, K) or dense [N, K]; lora_a [r, K],
+    lora_b [N, r] or both None; scale: float or an fp32/float64 tensor, 0-d or [r].  Returns [M, K]
+    in dy's dtype.  Routes (``backward_route``): "merge-cublas" merges W_eff in column chunks
+    through the workspace and lets cuBLAS write dx[:, chunk] = dy · W_eff[:, chunk] (the low-rank
+    term is inside W_eff; a chunk is at most half the weight unless ``whole_weight``, so the dense
+    weight never exists whole in a training step); "dequant-cublas" / "reference" dequantize the
+    whole weight and add ((dy · B) ⊙ s) · A with a second GEMM.
+    """
+    if not isinstance(dy, torch.Tensor) or dy.dim() != 2:
+        raise ValueError(f"lora_linear_dx: dy must be a 2-D tensor [M, N], got {getattr(dy, 'shape', dy)}")
+    N, K = weight.shape
+    if dy.shape[1] != N:
+        raise ValueError(f"lora_linear_dx: dy must be [M, N={N}], got {tuple(dy.shape)}")
+    if dy.device != weight.device:
+        raise ValueError(f"lora_linear_dx: dy is on {dy.device} but the weight is on {weight.device}")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("lora_linear_dx: give both lora_a and lora_b, or neither")
+    if lora_a is not None and (tuple(lora_a.shape[1:]) != (K,) or tuple(lora_b.shape) != (N, lora_a.shape[0])):
+        raise ValueError(f"lora_linear_dx: lora_a must be [r, K={K}] and lora_b [N={N}, r], got "
+                         f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    route = route or backward_route(weight, dy.dtype, dy.device)
+    if route not in BACKWARD_ROUTES:
+        raise ValueError(f"lora_linear_dx: unknown route {route!r}; expected one of {BACKWARD_ROUTES}")
+    dt = dy.dtype
+    dy = dy.contiguous()
+    if route == "merge-cublas":
+        if lora_a is None and not isinstance(weight, NF4Weight):
+            return dy @ weight.to(dt)
+        from .triton.nf4_merge import merge_window
+
+        base, lora_a, lora_b, s_scalar, s_vec = _merge_args(weight, lora_a, lora_b, scale, dt)
+        unit = max(128, base.blocksize) if isinstance(base, NF4Weight) else 128
+        cols = merge_chunk(K, N, unit, whole_weight)
+        if cols >= K:
+            out = (torch.empty((N, K), dtype=dt, device=dy.device) if WORKSPACE_BYTES <= 0
+                   else _workspace(dy.device, dt, N * K)[:N * K].view(N, K))
+            return dy @ merge_window(out, base, lora_a, lora_b, s_scalar, s_vec, (0, N), (0, K))
+        dx = torch.empty((dy.shape[0], K), dtype=dt, device=dy.device)
+        ws = _workspace(dy.device, dt, N * cols)
+        for k0, k1 in _chunks(K, cols):
+            w_eff = merge_window(ws[:N * (k1 - k0)].view(N, k1 - k0), base, lora_a, lora_b, s_scalar, s_vec,
+                                 (0, N), (k0, k1))
+            torch.mm(dy, w_eff, out=dx[:, k0:k1])
+        return dx
+    if isinstance(weight, NF4Weight):
+        dense = weight.dequantize(dt if dt in _FLOAT_DTYPES else torch.float32).to(dt)
+    else:
+        dense = weight.to(dt)
+    dx = dy @ dense
+    if lora_a is not None:
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        s = scale.to(acc) if isinstance(scale, torch.Tensor) else float(scale)
+        su = ((dy @ lora_b.to(dt)).to(acc) * s).to(dt)
+        dx.addmm_(su, lora_a.to(dt))
+    return dx
+
+
 def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
                 scale: float | torch.Tensor = 1.0, bias: torch.Tensor | None = None, *,
-                route: str | None = None, config: dict | None = None) -> torch.Tensor:
+                route: str | None = None, config: dict | None = None, whole_weight: bool = True) -> torch.Tensor:
     """y = x · Ŵᵀ + ((x · Aᵀ) ⊙ s) · Bᵀ + bias.
 
     x: [..., K] bf16/fp16 (fp32 takes the fallback route); weight: ``NF4Weight`` (N, K) or a dense
     [N, K] tensor; lora_a: [r, K] and lora_b: [N, r] (x's dtype), or None for no low-rank term;
     scale: float (alpha / r) or an fp32 [r] vector (AdaLoRA); bias: [N] or None.  Returns
     [..., N] in x's dtype.  ``route``: one of FORWARD_ROUTES to force; default ``forward_route``.
-    ``config``: a Triton config override (triton-* routes only).
+    ``config``: a Triton config override (triton-* routes only).  ``whole_weight=False`` (the
+    training path): merge-cublas never merges more than half the weight at once.
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise TypeError("lora_linear: x must be a tensor [..., K]")
@@ -373,7 +469,7 @@ def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None = None, lor
                              f"blocksize >= 64 and K % 64 == 0, bf16/fp16 x and 1 <= M <= {GEMV_MAX_M}")
         y = _cuda_gemv(x2d, weight, lora_a, lora_b, scale, bias)
     elif route == "merge-cublas":
-        y = _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias)
+        y = _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias, whole_weight)
     elif route.startswith("triton-"):
         from .triton.nf4_lora_matmul import lora_matmul
 

@@ -11,8 +11,8 @@ op                                result
 ``nf4_lora_forward``              (y [M, N], t [M, r]):  y = x · Ŵᵀ + ((x_lora · Aᵀ) ⊙ s) · Bᵀ + bias,
 ``dense_lora_forward``            t = x_lora · Aᵀ unscaled (x_lora = x when not given), x's dtype;
                                   t is [M, 0] without a LoRA term
-``nf4_lora_backward_dx``          dx [M, K] = dy · Ŵ + u_scaled · A  (u_scaled = (dy · B) ⊙ s)
-``dense_lora_backward_dx``
+``nf4_lora_backward_dx``          dx [M, K] = dy · (Ŵ + (B ⊙ s) · A)   (``library.lora_linear_dx``:
+``dense_lora_backward_dx``        merged in column chunks, never the whole dense weight)
 ================================  =============================================================
 
 Dtypes: x / dy fp32, bf16, fp16 or float64 (float64 is for gradcheck: the NF4 weight is
@@ -55,8 +55,9 @@ def _check_2d(name: str, op: str, t: Tensor, cols: int) -> None:
         raise ValueError(f"{op}: {name} must be 2-D [M, {cols}], got shape {tuple(t.shape)}")
 
 
-def _forward_impl(x: Tensor, weight, lora_a, lora_b, scale: Tensor, bias, x_lora, route):
-    """(y, t) for ``nf4_lora_forward`` / ``dense_lora_forward``."""
+def _forward_impl(x: Tensor, weight, lora_a, lora_b, scale, bias, x_lora, route):
+    """(y, t) for ``nf4_lora_forward`` / ``dense_lora_forward`` (also called directly by the eager
+    autograd Functions, with ``scale`` a float or a tensor)."""
     M = x.shape[0]
     has_lora = lora_a is not None
     lin = x if x_lora is None else x_lora
@@ -67,12 +68,13 @@ def _forward_impl(x: Tensor, weight, lora_a, lora_b, scale: Tensor, bias, x_lora
         y = reference.lora_linear_reference(x, dense, None, None, 1.0, bias, compute_dtype=torch.float64)
         cdt = torch.float64
     elif x_lora is None:
-        return library.lora_linear(x, weight, lora_a, lora_b, scale, bias, route=route), t
+        return library.lora_linear(x, weight, lora_a, lora_b, scale, bias, route=route, whole_weight=False), t
     else:  # dropout: the base sees x, the low-rank term sees x_lora
-        y = library.lora_linear(x, weight, None, None, 1.0, bias, route=route)
+        y = library.lora_linear(x, weight, None, None, 1.0, bias, route=route, whole_weight=False)
         cdt = torch.float32
     if has_lora:
-        y = y + ((t.to(cdt) * scale.to(cdt)) @ lora_b.to(cdt).t()).to(x.dtype)
+        sc = scale.to(cdt) if isinstance(scale, Tensor) else scale
+        y = y + ((t.to(cdt) * sc) @ lora_b.to(cdt).t()).to(x.dtype)
     return y, t
 
 
@@ -122,45 +124,38 @@ def _(x, weight, lora_a, lora_b, scale, bias, x_lora=None, route=None):
 
 
 # ---------------------------------------------------------------------------------------------
-def _backward_dx_impl(dy: Tensor, weight, u_scaled, lora_a) -> Tensor:
-    # dequantize + matmul for now; the fused transposed NF4 kernel replaces this later.
-    dx = dy @ _dense_weight(weight, dy.dtype)
-    if u_scaled is not None:
-        dx.addmm_(u_scaled.to(dy.dtype), lora_a.to(dy.dtype))
-    return dx
-
-
-def _check_dx(op, dy, N, u_scaled, lora_a):
+def _check_dx(op, dy, N, lora_a, lora_b):
     _check_2d("dy", op, dy, N)
-    if (u_scaled is None) != (lora_a is None):
-        raise ValueError(f"{op}: give both u_scaled and lora_a, or neither")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError(f"{op}: give both lora_a and lora_b, or neither")
 
 
 @torch.library.custom_op("lora_kernels::nf4_lora_backward_dx", mutates_args=())
 def nf4_lora_backward_dx(dy: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor],
                          nested_code: Optional[Tensor], offset: Optional[Tensor], code: Tensor, N: int, K: int,
-                         blocksize: int, u_scaled: Optional[Tensor], lora_a: Optional[Tensor]) -> Tensor:
-    """dx [M, K] = dy [M, N] · Ŵ + u_scaled [M, r] · lora_a [r, K], in dy's dtype."""
-    _check_dx("nf4_lora_backward_dx", dy, N, u_scaled, lora_a)
+                         blocksize: int, lora_a: Optional[Tensor], lora_b: Optional[Tensor],
+                         scale: Optional[Tensor]) -> Tensor:
+    """dx [M, K] = dy [M, N] · (Ŵ + (lora_b ⊙ scale) · lora_a), in dy's dtype."""
+    _check_dx("nf4_lora_backward_dx", dy, N, lora_a, lora_b)
     w = _nf4_view(packed, absmax, nested_absmax, nested_code, offset, code, N, K, blocksize, dy.dtype)
-    return _backward_dx_impl(dy, w, u_scaled, lora_a)
+    return library.lora_linear_dx(dy, w, lora_a, lora_b, 1.0 if scale is None else scale)
 
 
 @nf4_lora_backward_dx.register_fake
-def _(dy, packed, absmax, nested_absmax, nested_code, offset, code, N, K, blocksize, u_scaled, lora_a):
+def _(dy, packed, absmax, nested_absmax, nested_code, offset, code, N, K, blocksize, lora_a, lora_b, scale):
     return dy.new_empty(dy.shape[0], K)
 
 
 @torch.library.custom_op("lora_kernels::dense_lora_backward_dx", mutates_args=())
-def dense_lora_backward_dx(dy: Tensor, weight: Tensor, u_scaled: Optional[Tensor],
-                           lora_a: Optional[Tensor]) -> Tensor:
-    """dx [M, K] = dy [M, N] · weight [N, K] + u_scaled [M, r] · lora_a [r, K], in dy's dtype."""
-    _check_dx("dense_lora_backward_dx", dy, weight.shape[0], u_scaled, lora_a)
-    return _backward_dx_impl(dy, weight, u_scaled, lora_a)
+def dense_lora_backward_dx(dy: Tensor, weight: Tensor, lora_a: Optional[Tensor], lora_b: Optional[Tensor],
+                           scale: Optional[Tensor]) -> Tensor:
+    """dx [M, K] = dy [M, N] · (weight [N, K] + (lora_b ⊙ scale) · lora_a), in dy's dtype."""
+    _check_dx("dense_lora_backward_dx", dy, weight.shape[0], lora_a, lora_b)
+    return library.lora_linear_dx(dy, weight, lora_a, lora_b, 1.0 if scale is None else scale)
 
 
 @dense_lora_backward_dx.register_fake
-def _(dy, weight, u_scaled, lora_a):
+def _(dy, weight, lora_a, lora_b, scale):
     return dy.new_empty(dy.shape[0], weight.shape[1])
 
 

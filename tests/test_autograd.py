@@ -244,16 +244,15 @@ def test_opcheck(rng, dtype, kind, lora):
     bias = randn((N,), dtype, rng)
     x_lora = x * (torch.rand(M, K, generator=rng) > 0.5) if lora == "lora-dropout" else None
     dy = randn((M, N), dtype, rng)
-    u = randn((M, r), dtype, rng) if a is not None else None
     ops = torch.ops.lora_kernels
     if kind == "dense":
         cases = [(ops.dense_lora_forward.default, (x, dense, a, b, s, bias, x_lora)),
-                 (ops.dense_lora_backward_dx.default, (dy, dense, u, a))]
+                 (ops.dense_lora_backward_dx.default, (dy, dense, a, b, s))]
     else:
         wt = (weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset, weight.code,
               N, K, weight.blocksize)
         cases = [(ops.nf4_lora_forward.default, (x, *wt, a, b, s, bias, x_lora)),
-                 (ops.nf4_lora_backward_dx.default, (dy, *wt, u, a))]
+                 (ops.nf4_lora_backward_dx.default, (dy, *wt, a, b, s))]
     for op, args in cases:
         torch.library.opcheck(op, args)
 
@@ -268,9 +267,14 @@ def test_ops_values(rng):
                                                    weight.blocksize, a, b, s, None)
     torch.testing.assert_close(y, lora_linear_reference(x, dense, a, b, s))
     torch.testing.assert_close(t, x @ a.t())
-    dy, u = randn((4, N), torch.float32, rng), randn((4, 3), torch.float32, rng)
-    dx = torch.ops.lora_kernels.dense_lora_backward_dx(dy, dense, u, a)
-    torch.testing.assert_close(dx, dy @ dense + u @ a)
+    dy = randn((4, N), torch.float32, rng)
+    dx = torch.ops.lora_kernels.dense_lora_backward_dx(dy, dense, a, b, s)
+    torch.testing.assert_close(dx, dy @ dense + ((dy @ b) * s) @ a)
+    s_vec = torch.rand(3, generator=rng)
+    dx = torch.ops.lora_kernels.nf4_lora_backward_dx(dy, weight.packed, weight.absmax, weight.nested_absmax,
+                                                     weight.nested_code, weight.offset, weight.code, N, K,
+                                                     weight.blocksize, a, b, s_vec)
+    torch.testing.assert_close(dx, dy @ dense + ((dy @ b) * s_vec) @ a)
     y0, t0 = torch.ops.lora_kernels.dense_lora_forward(x, dense, None, None, s, None)
     assert t0.shape == (4, 0)
     torch.testing.assert_close(y0, x @ dense.t())

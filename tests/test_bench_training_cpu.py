@@ -81,6 +81,7 @@ def test_gpu_code_path_dry_run_on_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setattr(harness, "time_cuda", _fake_time_cuda)
     monkeypatch.setattr(harness, "peak_memory", lambda fn, *a: (fn(*a), 2**20)[1])
+    monkeypatch.setattr(harness, "largest_allocation", lambda fn, *a: (fn(*a), 3 * 2**20)[1])
     monkeypatch.setattr(harness, "measure_copy_bandwidth", lambda **k: 3e12)
     monkeypatch.setattr(harness, "measure_bf16_matmul_rate", lambda **k: 8e14)
     monkeypatch.setattr(harness, "l2_bytes", lambda device=None: 16 * 1024)
@@ -92,6 +93,8 @@ def test_gpu_code_path_dry_run_on_cpu(tmp_path, monkeypatch):
     for M in (8, 32):
         ours, cub = by[M, "ours"], by[M, "cublas_floor"]
         assert ours["median_ms"] and cub["median_ms"] and ours["peak_mem_mb"] == 1.0
+        assert ours["max_alloc_mb"] == 3.0 and ours["dense_weight_mb"] == 2 * 128 * 64 / 2**20
+        assert ours["total_mem_mb"] == pytest.approx(ours["resident_mb"] + 1.0) and ours["resident_mb"] > 0
         assert ours["err_ratio"] is not None and ours["rel_err_da"] < 2e-2, ours
         assert ours["ratio_vs_cublas_floor"] == pytest.approx(ours["median_ms"] / cub["median_ms"])
         assert ours["flops"] == bt.training_flops(M, 128, 64, 16) and cub["flops"] == bt.training_flops(M, 128, 64, None)

@@ -134,30 +134,78 @@ def test_dequant_cublas_route_on_cpu(vec_scale, rng):
 
 @pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "dense"])
 @pytest.mark.parametrize("bs", [64, 128])
-def test_merge_route_chunks_under_interpreter(nf4, bs, rng, monkeypatch):
-    """merge-cublas in row chunks (a tiny chunk size forces several; rows not a multiple of the
-    chunk) equals the reference; fp16 under the interpreter (mm on the CPU)."""
+@pytest.mark.parametrize("vec_scale", [False, True], ids=["scalar", "per-rank"])
+def test_merge_route_chunks_under_interpreter(nf4, bs, vec_scale, rng, monkeypatch):
+    """merge-cublas forward (row chunks) and dX (column chunks) with a tiny workspace forcing
+    several chunks (the last one short) equal the float64 reference; fp16 under the interpreter
+    (mm on the CPU).  No chunk of the merged weight is ever more than half of it."""
     import os
 
     from lora_kernels import library
 
     if os.environ.get("TRITON_INTERPRET") != "1" and not HAS_CUDA:
         pytest.skip("needs the Triton interpreter or a GPU")
-    monkeypatch.setattr(library, "MERGE_CHUNK_BYTES", 1)
-    monkeypatch.setattr(library, "_MERGE_MIN_ROWS", 1)
+    monkeypatch.setattr(library, "WORKSPACE_BYTES", 1)
     dev = "cuda" if HAS_CUDA else "cpu"
     dtype = torch.float16
-    N, K = 300, 256
+    N, K, r = 300, 384, 8
     W = randn((N, K), torch.float32, rng, scale=0.05)
     weight = lk.quantize_nf4(W.to(dev), blocksize=bs) if nf4 else W.to(dtype).to(dev)
-    rows = library._merge_rows(N, K, weight)
-    assert rows < N and rows % 128 == 0
+    assert library.merge_chunk(N, K, 128) == 128 and library.merge_chunk(K, N, 128) == 128
+    assert library.merge_chunk(100, K, 128, whole_weight=False) >= 100    # shorter than two units: one chunk
+    monkeypatch.setattr(library, "WORKSPACE_BYTES", 2**30)
+    assert library.merge_chunk(N, K, 128) >= N                            # inference: whole, in the workspace
+    assert library.merge_chunk(N, K, 128, whole_weight=False) == 256      # training: at most half (rounded up)
+    monkeypatch.setattr(library, "WORKSPACE_BYTES", 1)
     x = randn((5, K), dtype, rng, device=dev)
-    A = randn((8, K), dtype, rng, device=dev, scale=0.05)
-    B = randn((N, 8), dtype, rng, device=dev, scale=0.05)
+    A = randn((r, K), dtype, rng, device=dev, scale=0.05)
+    B = randn((N, r), dtype, rng, device=dev, scale=0.05)
     b = randn((N,), dtype, rng, device=dev)
-    y = lk.lora_linear(x, weight, A, B, 2.0, b, route="merge-cublas")
-    dense = weight.dequantize(torch.float32) if nf4 else weight.float()
-    ref = lora_linear_reference(x.double(), dense.double(), A.double(), B.double(), 2.0, b.double(), torch.float64)
+    s = (torch.rand(r, generator=rng) + 0.5).to(dev) if vec_scale else 2.0
+    s64 = s.double() if vec_scale else s
+    dense = (weight.dequantize(torch.float32) if nf4 else weight.float()).double()
+
+    seen = []
+    real_merge = __import__("lora_kernels.triton.nf4_merge", fromlist=["merge_window"]).merge_window
+
+    def spy(*args, **kw):
+        out = real_merge(*args, **kw)
+        seen.append(out.numel())
+        return out
+    monkeypatch.setattr("lora_kernels.triton.nf4_merge.merge_window", spy)
+
+    y = lk.lora_linear(x, weight, A, B, s, b, route="merge-cublas")
+    ref = lora_linear_reference(x.double(), dense, A.double(), B.double(), s64, b.double(), torch.float64)
     assert y.shape == (5, N) and torch.isfinite(y).all()
     assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-3
+    assert len(seen) == 3 and max(seen) <= N * K // 2
+
+    seen.clear()
+    dy = randn((5, N), dtype, rng, device=dev)
+    dx = lk.lora_linear_dx(dy, weight, A, B, s, route="merge-cublas")
+    eff = dense + (B.double() * (s64 if not vec_scale else s64[None, :])) @ A.double()
+    ref_dx = dy.double() @ eff
+    assert dx.shape == (5, K) and dx.dtype == dtype
+    assert ((dx.double() - ref_dx).norm() / ref_dx.norm()).item() < 2e-3
+    assert len(seen) == 3 and max(seen) <= N * K // 2
+    # without LoRA: dy · Ŵ (dense: no merge at all)
+    dx0 = lk.lora_linear_dx(dy, weight, route="merge-cublas")
+    ref0 = dy.double() @ dense
+    assert ((dx0.double() - ref0).norm() / ref0.norm()).item() < 2e-3
+
+
+def test_lora_linear_dx_bad_input(rng):
+    x, w, A, B, s, b = _setup(3, 128, 40, 8, torch.float32, rng)
+    dy = torch.zeros(3, 40)
+    with pytest.raises(ValueError, match=r"dy must be \[M, N=40\]"):
+        lk.lora_linear_dx(dy[:, :7], w, A, B, s)
+    with pytest.raises(ValueError, match="dy must be a 2-D tensor"):
+        lk.lora_linear_dx(dy[0], w, A, B, s)
+    with pytest.raises(ValueError, match="give both lora_a and lora_b"):
+        lk.lora_linear_dx(dy, w, A, None, s)
+    with pytest.raises(ValueError, match=r"lora_a must be \[r, K=128\]"):
+        lk.lora_linear_dx(dy, w, A[:, :64], B, s)
+    with pytest.raises(ValueError, match="unknown route"):
+        lk.lora_linear_dx(dy, w, A, B, s, route="nope")
+    ref = lk.lora_linear_dx(dy + 1, w, A, B, s)
+    torch.testing.assert_close(ref, (dy + 1) @ w.dequantize(torch.float32) + (((dy + 1) @ B) * s) @ A)

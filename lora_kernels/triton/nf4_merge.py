@@ -76,13 +76,16 @@ _CONFIG_KEYS = frozenset(DEFAULT_CONFIG)
 def _merge_kernel(
     w_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, code_ptr,
     a_ptr, b_ptr, s_ptr, out_ptr,
-    N, K, KH, KB, R, s_scalar,
+    N, K, KH, KB, N_OFF, K_OFF, R, s_scalar,
     stride_wn, stride_ar, stride_ak, stride_bn, stride_br,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DENSE: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
     HAS_LORA: tl.constexpr, R_BLOCK: tl.constexpr, SCALE_VEC: tl.constexpr, IEEE: tl.constexpr,
 ):
     # Bytes per program: see the module docstring.  Output tile [BLOCK_N, BLOCK_K] of W_eff.
+    # N, K: the output window's size; an NF4 weight is read at rows N_OFF + n, columns K_OFF + k
+    # of the full weight (KH = full K / 2 bytes and KB = full K / BS blocks per row; K_OFF is a
+    # multiple of BLOCK_K and of BS); A, B (and a dense weight) come as views of the window.
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_n = pid % num_pid_n
@@ -101,21 +104,24 @@ def _merge_kernel(
     else:
         # byte j of the tile holds columns k0 + 2j (high nibble) and k0 + 2j + 1 (low nibble);
         # K % BS == 0, so a quantization block never crosses a row: block = n * KB + k // BS.
-        offs_kh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        byte = tl.load(w_ptr + n64[:, None] * KH + offs_kh[None, :],
-                       mask=nmask[:, None] & (offs_kh[None, :] < KH), other=0).to(tl.int32)
+        g64 = n64 + N_OFF                     # rows of the full weight
+        gk0 = K_OFF + k0                      # first column of this tile in the full weight
+        offs_kh = gk0 // 2 + tl.arange(0, BLOCK_K // 2)
+        byte = tl.load(w_ptr + g64[:, None] * KH + offs_kh[None, :],
+                       mask=nmask[:, None] & ((k0 + 2 * tl.arange(0, BLOCK_K // 2)) < K)[None, :],
+                       other=0).to(tl.int32)
         hi = tl.load(code_ptr + (byte >> 4))
         lo = tl.load(code_ptr + (byte & 15))
         if BLOCK_K <= BS:
             # one block per row in this tile (BS is a multiple of BLOCK_K: powers of two)
-            amax = _absmax_of(n64 * KB + k0 // BS, nmask, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr,
+            amax = _absmax_of(g64 * KB + gk0 // BS, nmask, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr,
                               NESTED, NBS)
             w = tl.reshape(tl.join(hi * amax[:, None], lo * amax[:, None]), [BLOCK_N, BLOCK_K])
         else:
             NBT: tl.constexpr = BLOCK_K // BS
             vals = tl.reshape(tl.join(hi, lo), [BLOCK_N, BLOCK_K])
-            bcol = k0 // BS + tl.arange(0, NBT)
-            amax = _absmax_of(n64[:, None] * KB + bcol[None, :], nmask[:, None] & (bcol[None, :] < KB),
+            bcol = gk0 // BS + tl.arange(0, NBT)
+            amax = _absmax_of(g64[:, None] * KB + bcol[None, :], nmask[:, None] & (bcol[None, :] < KB),
                               absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, NESTED, NBS)
             w = tl.reshape(tl.reshape(vals, [BLOCK_N, NBT, BS]) * amax[:, :, None], [BLOCK_N, BLOCK_K])
 
@@ -167,6 +173,18 @@ def _resolve_config(override: dict | None) -> dict:
     return cfg
 
 
+def _window(win, size: int, name: str) -> tuple[int, int]:
+    if win is None:
+        return 0, size
+    try:
+        a, b = (int(v) for v in win)
+    except (TypeError, ValueError):
+        raise TypeError(f"dequantize_merge: {name} must be a (start, stop) pair of ints, got {win!r}") from None
+    if not 0 <= a < b <= size:
+        raise ValueError(f"dequantize_merge: {name} window {(a, b)} must satisfy 0 <= start < stop <= {size}")
+    return a, b
+
+
 def _check_float_tensor(name: str, t, device: torch.device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"dequantize_merge: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -187,6 +205,8 @@ def dequantize_merge(
     *,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    rows: tuple[int, int] | None = None,
+    cols: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """W_eff [N, K] = dtype(Ŵ + (lora_b ⊙ scale) · lora_a): fp32 accumulation into Ŵ, one rounding at the end.
 
@@ -197,6 +217,10 @@ def dequantize_merge(
     dtype: fp32/bf16/fp16, default the NF4 weight's original dtype / the dense tensor's dtype.
     out: optional contiguous [N, K] tensor of ``dtype`` on the weight's device, filled and returned.
     config: dict overriding ``DEFAULT_CONFIG`` (keys BLOCK_N, BLOCK_K, R_BLOCK, num_warps, num_stages).
+    rows, cols: optional windows ``(start, stop)``: only W_eff[rows[0]:rows[1], cols[0]:cols[1]] is
+    computed and returned (``out`` then has the window's shape); ``cols[0]`` must be a multiple of
+    the blocksize and of the config's BLOCK_K.  The streamed routes (``library``) write the merged
+    weight chunk by chunk this way, so the dense [N, K] weight never exists whole.
     """
     # ------------------------------------------------------------------ weight
     if isinstance(weight, NF4Weight):
@@ -270,6 +294,16 @@ def dequantize_merge(
         else:
             raise TypeError(f"dequantize_merge: scale must be a float or a float tensor, got {type(scale).__name__}")
 
+    # ------------------------------------------------------------------ window
+    cfg = _resolve_config(config)
+    n0, n1 = _window(rows, N, "rows")
+    k0, k1 = _window(cols, K, "cols")
+    align = 1 if dense else max(cfg["BLOCK_K"], bs)
+    if k0 % align:
+        raise ValueError(f"dequantize_merge: cols start {k0} must be a multiple of {align} "
+                         f"(the blocksize and BLOCK_K)")
+    N, K = n1 - n0, k1 - k0
+
     # ------------------------------------------------------------------ output, config
     if out is not None:
         if not isinstance(out, torch.Tensor):
@@ -280,26 +314,43 @@ def dequantize_merge(
                              f"got {out.dtype} {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})")
     else:
         out = torch.empty((N, K), dtype=dtype, device=device)
-    cfg = _resolve_config(config)
     if N == 0 or K == 0:
         return out
+    return merge_window(out, weight, lora_a, lora_b, s_scalar, s_vec, (n0, n1), (k0, k1), cfg)
 
-    # ------------------------------------------------------------------ operands
+
+def merge_window(out: torch.Tensor, weight, lora_a, lora_b, s_scalar: float, s_vec: torch.Tensor | None,
+                 rows: tuple[int, int], cols: tuple[int, int], cfg: dict = DEFAULT_CONFIG) -> torch.Tensor:
+    """Launch only (no argument checks: the caller has made them, as ``dequantize_merge`` does):
+    ``out`` [rows, cols] (contiguous) = W_eff[rows[0]:rows[1], cols[0]:cols[1]] with ``s_vec`` an
+    fp32 [r] vector or None (then the float ``s_scalar``).  The streamed routes of ``library``
+    call this per chunk to keep the host cost of a chunk to one launch."""
+    (n0, n1), (k0, k1) = rows, cols
+    N, K = n1 - n0, k1 - k0
+    dense = not isinstance(weight, NF4Weight)
+    has_lora = lora_a is not None
+    if has_lora:
+        lora_a, lora_b = lora_a[:, k0:k1], lora_b[n0:n1]
+        r = lora_a.shape[0]
+    else:
+        r = 0
     if dense:
-        w = weight
+        w = weight[n0:n1, k0:k1]
         absmax = nested = ncode = offset = code = w
         nested_flag = False
-        KH = KB = 0
         stride_wn = w.stride(0)
+        bs, KH, KB, n_off, k_off = 64, 0, 0, 0, 0
     else:
-        w = weight.packed.reshape(-1)
+        bs = weight.blocksize
+        KH, KB = weight.shape[1] // 2, weight.shape[1] // bs
+        n_off, k_off = n0, k0
+        w = weight.packed.view(-1)
         code = weight.code
         absmax = weight.absmax
-        nested_flag = weight.double_quant
+        nested_flag = weight.nested_absmax is not None
         nested = weight.nested_absmax if nested_flag else code
         ncode = weight.nested_code if nested_flag else code
         offset = weight.offset if nested_flag else code
-        KH, KB = K // 2, K // bs
         stride_wn = 0
     if has_lora:
         a_arg, b_arg = lora_a, lora_b
@@ -315,10 +366,10 @@ def dequantize_merge(
     _merge_kernel[grid](
         w, absmax, nested, ncode, offset, code,
         a_arg, b_arg, s_vec if s_vec is not None else out, out,
-        N, K, KH, KB, r, s_scalar,
+        N, K, KH, KB, n_off, k_off, r, s_scalar,
         stride_wn, stride_ar, stride_ak, stride_bn, stride_br,
         BLOCK_N=bn, BLOCK_K=bk, DENSE=dense, NESTED=nested_flag, BS=bs, NBS=NESTED_BLOCKSIZE,
-        HAS_LORA=has_lora, R_BLOCK=r_block, SCALE_VEC=s_vec is not None, IEEE=dtype == torch.float32,
+        HAS_LORA=has_lora, R_BLOCK=r_block, SCALE_VEC=s_vec is not None, IEEE=out.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False,
     )
     return out

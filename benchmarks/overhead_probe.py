@@ -1,0 +1,111 @@
+"""Host (CPU) cost per call of the pieces of a QLoRA step, on tiny GPU tensors so the GPU never
+limits: where an eager step spends its Python / dispatch / launch time.  Then a torch.profiler
+summary of one real training step.  GPU only; prints a table.
+
+    python -m benchmarks.overhead_probe [--shape 4096x4096] [--m 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def per_call_us(fn, n: int = 300) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    cpu = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    return cpu
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="4096x4096")
+    p.add_argument("--m", type=int, default=4096)
+    args = p.parse_args(argv)
+    import lora_kernels as lk
+    from lora_kernels import library
+    from lora_kernels.triton.nf4_merge import dequantize_merge
+
+    dev = "cuda"
+    bf = torch.bfloat16
+    K, N, r, M = 256, 256, 16, 32
+    q = lk.quantize_nf4(torch.randn(N, K, device=dev, dtype=bf))
+    A = (torch.randn(r, K, device=dev, dtype=bf) * 0.05).requires_grad_()
+    B = (torch.randn(N, r, device=dev, dtype=bf) * 0.05).requires_grad_()
+    x = torch.randn(M, K, device=dev, dtype=bf, requires_grad=True)
+    g = torch.randn(M, N, device=dev, dtype=bf)
+    ws = torch.empty(N, K, device=dev, dtype=bf)
+    y = torch.empty(M, N, device=dev, dtype=bf)
+    W = torch.randn(N, K, device=dev, dtype=bf)
+    Ad, Bd = A.detach(), B.detach()
+    wt = (q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code, N, K, q.blocksize)
+    s = torch.tensor(2.0, device=dev)
+    rows = [
+        ("torch.mm", lambda: torch.mm(x.detach(), W.t())),
+        ("torch.mm out=column slice", lambda: torch.mm(x.detach(), W[:128].t(), out=y[:, :128])),
+        ("F.linear", lambda: F.linear(x.detach(), W)),
+        ("dequantize_merge (lora, out=)", lambda: dequantize_merge(q, Ad, Bd, 2.0, dtype=bf, out=ws)),
+        ("dequantize_merge rows window", lambda: dequantize_merge(q, Ad, Bd, 2.0, dtype=bf, rows=(0, 128),
+                                                                  out=ws[:128])),
+        ("lk.dequantize_nf4 (cuda ext)", lambda: lk.dequantize_nf4(q, bf, out=ws)),
+        ("library.lora_linear M=32 (merge-cublas)", lambda: library.lora_linear(x.detach(), q, Ad, Bd, 2.0)),
+        ("library.lora_linear_dx", lambda: library.lora_linear_dx(g, q, Ad, Bd, 2.0)),
+        ("op nf4_lora_forward", lambda: torch.ops.lora_kernels.nf4_lora_forward(x.detach(), *wt, Ad, Bd, s, None)),
+        ("op nf4_lora_backward_dx", lambda: torch.ops.lora_kernels.nf4_lora_backward_dx(g, *wt, Ad, Bd, s)),
+        ("qlora_linear no_grad", lambda: _nograd(lambda: lk.qlora_linear(x, q, Ad, Bd, 2.0))),
+        ("qlora_linear fwd+bwd", lambda: torch.autograd.grad(lk.qlora_linear(x, q, A, B, 2.0), (x, A, B), g)),
+        ("bf16 F.linear+LoRA fwd+bwd (autograd)",
+         lambda: torch.autograd.grad(F.linear(x, W) + (x @ A.t() * 2.0) @ B.t(), (x, A, B), g)),
+    ]
+    print(f"{'piece':45s} {'host us/call':>12s}")
+    for name, fn in rows:
+        try:
+            print(f"{name:45s} {per_call_us(fn):12.1f}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"{name:45s} failed: {type(e).__name__}: {e}"[:200], flush=True)
+
+    # one real step under the profiler
+    Kb, Nb = (int(v) for v in args.shape.split("x"))
+    qb = lk.quantize_nf4(torch.randn(Nb, Kb, device=dev, dtype=bf) * 0.02)
+    Ab = (torch.randn(r, Kb, device=dev, dtype=bf) * 0.02).requires_grad_()
+    Bb = (torch.randn(Nb, r, device=dev, dtype=bf) * 0.02).requires_grad_()
+    xb = torch.randn(args.m, Kb, device=dev, dtype=bf, requires_grad=True)
+    gb = torch.randn(args.m, Nb, device=dev, dtype=bf)
+
+    def step():
+        return torch.autograd.grad(lk.qlora_linear(xb, qb, Ab, Bb, 2.0), (xb, Ab, Bb), gb)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        step()
+    host = (time.perf_counter() - t) / 10 * 1e3
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / 10 * 1e3
+    print(f"\nstep {args.shape} M={args.m}: host {host:.3f} ms/step, wall {wall:.3f} ms/step")
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+
+
+def _nograd(fn):
+    with torch.no_grad():
+        return fn()
+
+
+if __name__ == "__main__":
+    main()
