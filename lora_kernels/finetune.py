@@ -110,9 +110,9 @@ def _target_linears(model):
             if type(m) is torch.nn.Linear and n.rpartition(".")[2] in TARGETS]
 
 
-def quantize_base(model, device: torch.device):
-    """Replace the decoder's linear layers by bitsandbytes nf4 ``Linear4bit`` whose weights come from
-    ``quantize_nf4`` (bit-identical to bitsandbytes' own quantizer)."""
+def quantize_base(model, device: torch.device, compute_dtype: torch.dtype = torch.float32):
+    """Replace the decoder's linear layers by bitsandbytes nf4 ``Linear4bit`` (``compute_dtype``) whose
+    weights come from ``quantize_nf4`` (bit-identical to bitsandbytes' own quantizer)."""
     import bitsandbytes as bnb
 
     from .library import quantize_nf4
@@ -121,7 +121,7 @@ def quantize_base(model, device: torch.device):
     for name, mod in _target_linears(model):
         q = quantize_nf4(mod.weight.detach().to(device), blocksize=64, double_quant=True)
         new = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
-                                compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True,
+                                compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
                                 device="meta")
         new.weight = q.to_bnb_params()
         if mod.bias is not None:

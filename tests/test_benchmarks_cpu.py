@@ -135,3 +135,19 @@ def test_time_cuda_rotation_graph_and_peak_memory():
     assert harness.peak_memory(lambda: torch.empty(64 << 20, dtype=torch.uint8, device="cuda")) >= 64 << 20
     assert harness.sets_for_l2(1 << 20) >= 2
     assert harness.measure_copy_bandwidth(nbytes=256 << 20, rep_ms=20) > 1e11  # > 100 GB/s on any datacenter GPU
+
+
+def test_bench_finetune_cpu_code_path(tmp_path):
+    """bench_finetune's two arms on the CPU (demo model, two steps): same losses within bf16 noise."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    from benchmarks import bench_finetune
+
+    rows = bench_finetune.main(["--model", "demo", "--steps", "2", "--warmup", "1", "--cpu", "--batch", "2",
+                                "--seq", "32", "--out", str(tmp_path)])
+    by = {r["arm"]: r for r in rows}
+    assert set(by) == {"peft_bnb", "ours"} and not by["ours"]["note"], rows
+    assert by["ours"]["patched"] > 0 and by["ours"]["tokens_per_s"] > 0
+    assert by["ours"]["max_rel_loss_diff"] < 1e-2, by["ours"]
+    assert (tmp_path / "finetune_cpu_demo.json").exists()

@@ -1,0 +1,183 @@
+"""QLoRA fine-tune, end to end: the same PEFT model trained through bitsandbytes + PEFT and through
+lora_kernels (``patch_peft_model``), same seed, same data, same optimizer.  Issue 5's GPU check.
+
+Model presets (transformers ``LlamaForCausalLM``, random init from a fixed seed, no download):
+  demo   the README's embedded small Llama (``lora_kernels.finetune.DemoConfig``), char-level
+         tokens of the embedded text
+  1b     a TinyLlama-1.1B-shaped model: hidden 2048, 22 layers, 32 heads (4 kv), MLP 5632,
+         vocab 32000; random token ids as data
+Both: decoder linear layers quantized to NF4 (``quantize_nf4`` -> bitsandbytes ``Linear4bit``,
+double quantization, bf16 compute), the rest bf16, PEFT LoRA on every decoder linear layer
+(r, alpha = 2r, no dropout; PEFT keeps adapters in fp32), AdamW (lr 1e-4 for 1b, 3e-3 for demo).
+
+Arms (each built fresh from the same seed):
+  peft_bnb  PEFT LoRA over bitsandbytes Linear4bit, as PEFT runs it
+  ours      the same PEFT model after ``lora_kernels.patch_peft_model`` (the same Parameters)
+Per arm: the loss of every step, tokens/s over the timed steps (after ``--warmup`` steps),
+peak memory (``torch.cuda.max_memory_allocated`` over the whole run, model included).
+Gradient checkpointing (non-reentrant) on with ``--grad-ckpt``.
+
+    python -m benchmarks.bench_finetune [--model demo|1b] [--steps 12] [--warmup 2] [--batch 8]
+                                        [--seq 1024] [--r 16] [--grad-ckpt] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import time
+
+import torch
+
+from . import harness
+
+ROW_KEYS = ("bench", "model", "params_m", "arm", "batch", "seq", "r", "grad_ckpt", "steps", "tokens_per_s",
+            "speedup_vs_peft_bnb", "peak_mem_mb", "mem_ratio_vs_peft_bnb", "loss_first", "loss_last",
+            "max_abs_loss_diff", "max_rel_loss_diff", "patched", "skipped", "note")
+
+
+def _config(name: str):
+    from lora_kernels.finetune import DemoConfig
+
+    if name == "demo":
+        return DemoConfig(), None
+    if name == "1b":
+        cfg = DemoConfig(hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632, seq_len=1024,
+                         batch=8, lr=1e-4)
+        return cfg, 32000
+    raise SystemExit(f"unknown model preset {name!r} (demo or 1b)")
+
+
+def _data(cfg, vocab, steps: int, device):
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    if vocab is None:
+        from lora_kernels.finetune import TEXT, CharTokenizer, _batches
+
+        tok = CharTokenizer(TEXT)
+        it = _batches(torch.tensor(tok.encode(TEXT)), cfg, gen)
+        return len(tok), [next(it).to(device) for _ in range(steps)]
+    return vocab, [torch.randint(0, vocab, (cfg.batch, cfg.seq_len), generator=gen).to(device) for _ in range(steps)]
+
+
+def run_arm(arm: str, cfg, vocab: int, batches, args, device) -> dict:
+    import peft
+    import transformers
+
+    from lora_kernels.finetune import TARGETS, _llama_config, quantize_base
+    from lora_kernels.integrations.peft import patch_peft_model
+
+    cuda = device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.device(device):
+        base = transformers.LlamaForCausalLM(_llama_config(cfg, vocab))
+    params = sum(p.numel() for p in base.parameters())         # before packing two weights a byte
+    base, _ = quantize_base(base, device, compute_dtype=torch.bfloat16)
+    base = base.to(torch.bfloat16)
+    torch.manual_seed(cfg.seed + 2)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
+                                                      target_modules=TARGETS))
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    row = dict(bench="finetune", model=args.model, arm=arm, batch=cfg.batch, seq=cfg.seq_len, r=args.r,
+               grad_ckpt=bool(args.grad_ckpt), steps=len(batches))
+    if arm == "ours":
+        rep = patch_peft_model(model)
+        row["patched"], row["skipped"] = len(rep.patched), len(rep.skipped)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    losses = []
+    t0 = None
+    for i, x in enumerate(batches):
+        if i == args.warmup:
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    if cuda:
+        torch.cuda.synchronize(device)
+    dt = time.perf_counter() - t0
+    row["losses"] = [float(v) for v in losses]
+    row["tokens_per_s"] = (len(batches) - args.warmup) * cfg.batch * cfg.seq_len / dt
+    row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+    row["params_m"] = params / 1e6
+    row["loss_first"], row["loss_last"] = row["losses"][0], row["losses"][-1]
+    del model, base, opt, losses
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_finetune", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="1b", choices=("demo", "1b"))
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--arms", default="peft_bnb,ours")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    p.add_argument("--cpu", action="store_true", help="run on the CPU anyway (a check of the code path; fp32 "
+                   "adapters, bf16 base compute)")
+    args = p.parse_args(argv)
+    if args.warmup >= args.steps:
+        p.error("--warmup must be smaller than --steps")
+    os.environ.setdefault("LORA_KERNELS_QUIET", "1")
+    lk, env, gpu = harness.start("bench_finetune", ("patch_peft_model",), args.cpu,
+                                 "runs only with --cpu (a slow check of the code path)")
+    if not gpu and not args.cpu:
+        return []
+    device = torch.device("cuda" if gpu else "cpu")
+    cfg, vocab = _config(args.model)
+    if args.batch:
+        cfg.batch = args.batch
+    if args.seq:
+        cfg.seq_len = args.seq
+    vocab, batches = _data(cfg, vocab, args.steps, device)
+    rows = []
+    for arm in args.arms.split(","):
+        print(f"arm {arm} ...", flush=True)
+        try:
+            rows.append(run_arm(arm, cfg, vocab, batches, args, device))
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(bench="finetune", model=args.model, arm=arm, note=f"failed: {harness.short_error(e)}"))
+        r = rows[-1]
+        print(f"  {arm}: {r.get('tokens_per_s') or float('nan'):,.0f} tokens/s, peak {r.get('peak_mem_mb') or 0:,.0f} MiB, "
+              f"losses {[round(v, 4) for v in r.get('losses', [])]} {r.get('note', '')}", flush=True)
+    ref = next((r for r in rows if r["arm"] == "peft_bnb" and "losses" in r), None)
+    for r in rows:
+        if ref is not None and r is not ref and "losses" in r:
+            d = [abs(a - b) for a, b in zip(r["losses"], ref["losses"])]
+            r["max_abs_loss_diff"] = max(d)
+            r["max_rel_loss_diff"] = max(x / abs(b) for x, b in zip(d, ref["losses"]))
+            r["speedup_vs_peft_bnb"] = r["tokens_per_s"] / ref["tokens_per_s"]
+            if r["peak_mem_mb"] and ref["peak_mem_mb"]:
+                r["mem_ratio_vs_peft_bnb"] = r["peak_mem_mb"] / ref["peak_mem_mb"]
+    out = [harness.make_row(ROW_KEYS + ("losses",), **r) for r in rows]
+    tag = f"finetune_{env['key']}_{args.model}{'_ckpt' if args.grad_ckpt else ''}"
+    notes = [f"model {args.model}: LlamaForCausalLM random init (seed {cfg.seed}), hidden {cfg.hidden}, {cfg.layers} "
+             f"layers, MLP {cfg.intermediate}, vocab {vocab}; NF4 (double quant) decoder linears, bf16 elsewhere",
+             f"LoRA r={args.r} alpha={2 * args.r} on all decoder linears; AdamW lr {cfg.lr}; batch {cfg.batch} x seq "
+             f"{cfg.seq_len}; {args.steps} steps, tokens/s over the last {args.steps - args.warmup}",
+             "loss diffs: per step against peft_bnb (same init, same batches)",
+             "peak_mem_mb: torch.cuda.max_memory_allocated over the arm (model, optimizer state and activations)"]
+    jpath, mpath = harness.write_results(tag, out, env, args.out, meta={"model": args.model}, columns=ROW_KEYS,
+                                         notes=notes)
+    print(f"wrote {jpath} and {mpath}")
+    print(harness.markdown_table(out, ("arm", "tokens_per_s", "speedup_vs_peft_bnb", "peak_mem_mb",
+                                       "mem_ratio_vs_peft_bnb", "loss_first", "loss_last", "max_abs_loss_diff",
+                                       "max_rel_loss_diff", "note")))
+    return out
+
+
+if __name__ == "__main__":
+    main()
