@@ -293,20 +293,40 @@ def forward_table(doc: dict) -> list[str]:
 
 def training_table(doc: dict) -> list[str]:
     rows = doc["rows"]
-    out = [f"QLoRA training step (forward + backward for x, A, B; r = 16; eager) on {doc['env'].get('gpu')}, "
+    out = [f"QLoRA training step (forward + backward for x, A, B; eager) on {doc['env'].get('gpu')}, "
            f"from `{doc['name']}`: ratios of our step's time to the two bf16 cuBLAS matmuls every step needs, "
-           "to PEFT LoRA on a bf16 layer and to bitsandbytes + PEFT (< 1 is faster):", "",
-           "| layer K→N | M | ours | ours / cuBLAS floor | ours / bf16 LoRA (PEFT) | ours / bnb+PEFT | peak MB |",
-           "|---|---|---|---|---|---|---|"]
+           "to PEFT LoRA on a bf16 layer and to bitsandbytes + PEFT (< 1 is faster); memory = the frozen base as "
+           "held plus the step's peak, ours vs bf16 LoRA:", "",
+           "| layer K→N | M | r | ours | ours / cuBLAS floor | ours / bf16 LoRA (PEFT) | ours / bnb+PEFT | memory MB |",
+           "|---|---|---|---|---|---|---|---|"]
     n = 0
     for r in rows:
         if r.get("method") == "ours" and r.get("median_ms"):
             n += 1
-            peak = r.get("peak_mem_mb")
-            out.append(f"| {r['shape'].replace('x', '→')} | {r['M']} | {r['median_ms']:.3g} ms "
+            ref = _row(rows, shape=r["shape"], M=r["M"], r=r.get("r"), method="bf16_lora_peft") or {}
+            mine, theirs = r.get("total_mem_mb"), ref.get("total_mem_mb")
+            mem = "—" if mine is None else f"{mine:.0f}" + ("" if theirs is None else f" vs {theirs:.0f}")
+            out.append(f"| {r['shape'].replace('x', '→')} | {r['M']} | {r.get('r')} | {r['median_ms']:.3g} ms "
                        f"| {_x(r.get('ratio_vs_cublas_floor'))} | {_x(r.get('ratio_vs_bf16_lora'))} "
-                       f"| {_x(r.get('ratio_vs_bnb_peft'))} | {'—' if peak is None else f'{peak:.0f}'} |")
+                       f"| {_x(r.get('ratio_vs_bnb_peft'))} | {mem} |")
     return out if n else []
+
+
+def finetune_table(doc: dict) -> list[str]:
+    rows = [r for r in doc["rows"] if r.get("tokens_per_s")]
+    if not rows:
+        return []
+    r0 = rows[0]
+    out = [f"Fine-tune, model `{r0.get('model')}` ({r0.get('params_m') or 0:.0f} M parameters), batch {r0.get('batch')} "
+           f"x seq {r0.get('seq')}, r = {r0.get('r')}, gradient checkpointing {'on' if r0.get('grad_ckpt') else 'off'}, "
+           f"on {doc['env'].get('gpu')}, from `{doc['name']}`:", "",
+           "| arm | tokens/s | vs bnb+PEFT | peak MB | max rel. loss diff |", "|---|---|---|---|---|"]
+    for r in rows:
+        diff = r.get("max_rel_loss_diff")
+        diff = "—" if diff is None else f"{diff:.1e}"
+        out.append(f"| {r['arm']} | {r['tokens_per_s']:,.0f} | {_x(r.get('speedup_vs_peft_bnb'))} "
+                   f"| {r.get('peak_mem_mb') or 0:,.0f} | {diff} |")
+    return out
 
 
 def readme_block(results_dir: str, readme_dir: str = ".") -> str:
@@ -331,9 +351,12 @@ def readme_block(results_dir: str, readme_dir: str = ".") -> str:
         t = forward_table(fwd)
         if t:
             parts += t + [""]
-    tr = _pick(docs, "training", ("full", "quick"))
-    if tr is not None:
+    for tr in [d for d in docs if d["name"].startswith("training") and _is_gpu(d)]:
         t = training_table(tr)
+        if t:
+            parts += t + [""]
+    for ft in [d for d in docs if d["name"].startswith("finetune") and _is_gpu(d)]:
+        t = finetune_table(ft)
         if t:
             parts += t + [""]
     if not gpu_docs:

@@ -49,7 +49,8 @@ def _training_rows():
                          "ratio_vs_cublas_floor": 2.0 if method == "ours" else None,
                          "ratio_vs_bf16_lora": 1.25 if method == "ours" else None,
                          "ratio_vs_bnb_peft": 0.5 if method == "ours" else None,
-                         "peak_mem_mb": 321.0 if method == "ours" else None})
+                         "peak_mem_mb": 321.0 if method == "ours" else None,
+                         "total_mem_mb": {"ours": 400.0, "bf16_lora_peft": 900.0}.get(method)})
     return rows
 
 
@@ -117,7 +118,7 @@ def test_readme_rewrites_only_the_marked_block(results, tmp_path, capsys):
     assert "| 4096→4096 | 1 | triton-gemv | graph | 31.5 µs | 1.23× | 0.57× |" in block
     assert "| 4096→4096 | 16384 | dequant-cublas | eager | 8.22 ms | 1.23× | 0.57× |" in block
     # training
-    assert "| 4096→14336 | 4096 | 1 ms | 2.00× | 1.25× | 0.50× | 321 |" in block
+    assert "| 4096→14336 | 4096 | 16 | 1 ms | 2.00× | 1.25× | 0.50× | 400 vs 900 |" in block
     # one line per GPU result file; the CPU file is left out
     assert "- `nf4_fake-gpu`: Fake GPU 80GB, driver 999.1; torch 2.99" in block and "2026-11-23T12:00:00Z" in block
     assert "training_cpu" not in block
