@@ -12,10 +12,11 @@ U = dY · B [M, r]:
 
 Saved for backward (``ctx.save_for_backward`` only, each only when a gradient needs it):
 x (2-D view; for dA), the dropout mask as bool (only when p > 0; xd is rebuilt from x and the
-mask, never stored), T (for dB, ds), A (for dX), B (for dX, dA, ds), s, and the base weight's
+mask, never stored), T (for dB, ds), A (for dX), B (for dX, dA, ds), s (a tensor scale; a float one
+is a ctx attribute), and the base weight's
 tensors (for dX).  Never y, never a dequantized weight (on the GPU neither pass ever holds the
-whole dense weight: ``library``'s merge-cublas routes stream it through a workspace in chunks).  ``ctx`` attributes hold only Python
-scalars (N, K, blocksize, p, flags, the device type).
+whole dense weight: ``library``'s merge-cublas routes stream it through a workspace in chunks).
+``ctx`` attributes hold only Python scalars (N, K, blocksize, p, flags, the device type).
 
 Public entry: ``qlora_linear``.
 """

@@ -18,7 +18,6 @@ name        implementation                   used for
 
 from __future__ import annotations
 
-import math
 import os
 import types
 
@@ -191,8 +190,9 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, *, backend: s
 #   "merge-cublas"   M > 16 on CUDA: a memory-bound Triton pass writes the merged weight
 #                    W_eff = Ŵ + B·diag(s)·A in x's dtype (triton/nf4_merge.py) for a chunk of
 #                    rows into a reused workspace, then cuBLAS computes y[:, rows] = x · W_effᵀ
-#                    + bias; the LoRA term costs no pass over y, and no chunk is more than half
-#                    the weight or WORKSPACE_BYTES (LORA_KERNELS_WORKSPACE_MB; 0 = one chunk)
+#                    + bias; the LoRA term costs no pass over y.  A chunk holds at most
+#                    WORKSPACE_BYTES (LORA_KERNELS_WORKSPACE_MB; 0 = one chunk) and, on the
+#                    training path (whole_weight=False), at most half the weight
 #   "triton-tiled"   tiled GEMM dequantizing weight tiles in registers (never writes the dense
 #                    weight).  NOT chosen automatically: measured 7-30x slower than cuBLAS on an
 #                    H100 (benchmarks/results/forward_*_quick*.md); reachable with route=
@@ -250,13 +250,14 @@ def _cuda_gemv(x2d, weight: NF4Weight, lora_a, lora_b, scale, bias) -> torch.Ten
     return _ext.cuda_ext().lora_gemv(
         x2d, q.packed.view(-1), q.absmax, q.nested_absmax if nested else None, q.nested_code if nested else None,
         q.offset if nested else None, q.code, q.shape[0], q.blocksize, lora_a, lora_b, s, scale_vec,
-        None if bias is None else bias.contiguous())
+        None if bias is None else bias.contiguous(), variant=int(os.environ.get("LORA_KERNELS_GEMV_VARIANT") or 1))
 
 
 #: LORA_KERNELS_WORKSPACE_MB (default 64): the most bytes of merged weight one chunk of the
-#: merge-cublas route may hold.  A chunk is also at most half the weight, so the dense [N, K]
-#: weight never exists whole (issue 4: no N·K·2 allocation in a training step).  0 = one chunk
-#: holding the whole merged weight (a fresh [N, K] tensor per call, bitsandbytes' way).
+#: merge-cublas route may hold.  On the training path a chunk is also at most half the weight, so
+#: the dense [N, K] weight never exists whole (issue 4: no N·K·2 allocation in a training step);
+#: inference merges a weight that fits whole.  0 = one chunk holding the whole merged weight (a
+#: fresh [N, K] tensor per call, bitsandbytes' way).
 WORKSPACE_BYTES = int(float(os.environ.get("LORA_KERNELS_WORKSPACE_MB", "64")) * 2**20)
 _workspaces: dict = {}
 
