@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..autograd import qlora_linear
+from ..modules import NF4Linear
 from ..nf4 import NF4Weight
 
 _PATCHED: dict[type, type] = {}
@@ -75,8 +76,8 @@ def _static_skip_reason(layer: nn.Module) -> str | None:
     if _is_bnb_4bit(base):
         if getattr(base.weight, "quant_type", "nf4") != "nf4":
             return f"{base.weight.quant_type} base (only nf4 is supported)"
-    elif type(base) is not nn.Linear:
-        return f"base layer {type(base).__name__} is not nn.Linear or bnb.nn.Linear4bit"
+    elif type(base) is not nn.Linear and not isinstance(base, NF4Linear):
+        return f"base layer {type(base).__name__} is not nn.Linear, bnb.nn.Linear4bit or NF4Linear"
     if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out=True"
     variants = getattr(layer, "lora_variant", {}) or {}
@@ -120,6 +121,9 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if weight is None:
             return original(self, x, *args, **kwargs)
         compute_dtype = base.compute_dtype or x.dtype  # bitsandbytes computes in compute_dtype
+    elif isinstance(base, NF4Linear):  # e.g. a Linear4bit that lora_kernels.distributed made FSDP2-shardable
+        weight = base.weight
+        compute_dtype = base.compute_dtype or x.dtype
     else:
         weight = base.weight
         compute_dtype = x.dtype
