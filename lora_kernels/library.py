@@ -250,7 +250,7 @@ def _cuda_gemv(x2d, weight: NF4Weight, lora_a, lora_b, scale, bias) -> torch.Ten
     return _ext.cuda_ext().lora_gemv(
         x2d, q.packed.view(-1), q.absmax, q.nested_absmax if nested else None, q.nested_code if nested else None,
         q.offset if nested else None, q.code, q.shape[0], q.blocksize, lora_a, lora_b, s, scale_vec,
-        None if bias is None else bias.contiguous(), variant=int(os.environ.get("LORA_KERNELS_GEMV_VARIANT") or 1))
+        None if bias is None else bias.contiguous(), **({"variant": int(v)} if (v := os.environ.get("LORA_KERNELS_GEMV_VARIANT")) else {}))
 
 
 #: LORA_KERNELS_WORKSPACE_MB (default 64): the most bytes of merged weight one chunk of the
