@@ -200,7 +200,7 @@ def _time_row(args, base: dict, fn, sets, **extra) -> dict:
 def run_gpu(args, lk, env, t0: float, device: str = "cuda") -> tuple[list[dict], dict, list[str]]:
     """The GPU benchmark.  ``device="cpu"`` is a dry run of the same bookkeeping for the CPU test
     (harness.time_cuda / peak_memory / measure_* replaced by fakes there)."""
-    from lora_kernels import reference
+    from lora_kernels import library, reference
 
     dev = torch.device(device)
     shapes = args.shapes or (QUICK_SHAPES if args.quick else GPU_SHAPES)
@@ -281,10 +281,8 @@ def run_gpu(args, lk, env, t0: float, device: str = "cuda") -> tuple[list[dict],
                                 dense_weight_mb=2 * N * K / 2**20)
                     lora = dict(base, r=r, flops=training_flops(M, K, N, r))
                     if "ours" in methods:
-                        from lora_kernels import library
-
                         ours_step(lk)(xs[0], q, A, B, gs[0])          # the workspace exists from here on
-                        ws = sum(t.numel() * t.element_size() for t in library._workspaces.values())
+                        ws = library.workspace_nbytes()
                         rows.append(_time_row(args, dict(lora, bytes=training_bytes(M, K, N, r, q.nbytes())),
                                               ours_step(lk), [(xs[i], q, A, B, gs[i]) for i in range(n)],
                                               method="ours", resident_mb=(q.nbytes() + ws) / 2**20, **chk))

@@ -264,9 +264,9 @@ _workspaces: dict = {}
 
 def _workspace(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
     """A flat scratch tensor of >= ``numel`` elements, cached per (device, dtype, stream) and reused
-    by every layer (grown when a larger chunk is asked for; never while a CUDA graph is captured,
-    where a fresh tensor from the graph's pool is returned instead)."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    by every layer (grown when a larger chunk is asked for).  A fresh tensor instead while a CUDA
+    graph is captured (from the graph's pool), off CUDA, or with WORKSPACE_BYTES == 0."""
+    if WORKSPACE_BYTES <= 0 or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return torch.empty(numel, dtype=dtype, device=device)
     key = (device, dtype, torch.cuda.current_stream(device).cuda_stream)
     ws = _workspaces.get(key)
@@ -274,6 +274,11 @@ def _workspace(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Te
         _workspaces.pop(key, None)                 # free the smaller one before allocating
         ws = _workspaces[key] = torch.empty(numel, dtype=dtype, device=device)
     return ws
+
+
+def workspace_nbytes() -> int:
+    """Bytes the cached merge workspaces hold now (all devices, dtypes and streams)."""
+    return sum(t.numel() * t.element_size() for t in _workspaces.values())
 
 
 def merge_chunk(length: int, other: int, unit: int, whole_weight: bool = True) -> int:
@@ -285,7 +290,8 @@ def merge_chunk(length: int, other: int, unit: int, whole_weight: bool = True) -
         return length
     size = max(unit, WORKSPACE_BYTES // (2 * other) // unit * unit)
     if not whole_weight:
-        size = min(size, -(-(-(-length // 2)) // unit) * unit)
+        half = -(-length // 2)
+        size = min(size, -(-half // unit) * unit)        # half the length, rounded up to the unit
     return size
 
 
@@ -295,16 +301,13 @@ def _chunks(length: int, size: int):
 
 
 def _merge_args(weight, lora_a, lora_b, scale, dt):
-    """(base, A, B, s_scalar, s_vec) for ``nf4_merge.merge_window``: A, B in ``dt``, s as a float
-    or an fp32 [r] vector."""
+    """(base, A, B, s_scalar, s_vec) for ``nf4_merge.merge_window``: A, B in ``dt``."""
+    from .triton.nf4_merge import scale_operands
+
     s_scalar, s_vec = 1.0, None
     if lora_a is not None:
         lora_a, lora_b = lora_a.to(dt), lora_b.to(dt)
-        if isinstance(scale, torch.Tensor):
-            s_vec = scale.detach().reshape(-1).to(device=lora_a.device, dtype=torch.float32)
-            s_vec = s_vec.expand(lora_a.shape[0]).contiguous()
-        else:
-            s_scalar = float(scale)
+        s_scalar, s_vec = scale_operands(scale, lora_a.shape[0], lora_a.device)
     base = weight if isinstance(weight, NF4Weight) else weight.to(dt)
     return base, lora_a, lora_b, s_scalar, s_vec
 
@@ -320,12 +323,7 @@ def _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias, whole_weight: bool =
 
     base, lora_a, lora_b, s_scalar, s_vec = _merge_args(weight, lora_a, lora_b, scale, dt)
     N, K = base.shape
-    rows = merge_chunk(N, K, 128, whole_weight)
-    if rows >= N:
-        out = (torch.empty((N, K), dtype=dt, device=x2d.device) if WORKSPACE_BYTES <= 0
-               else _workspace(x2d.device, dt, N * K)[:N * K].view(N, K))
-        w_eff = merge_window(out, base, lora_a, lora_b, s_scalar, s_vec, (0, N), (0, K))
-        return torch.nn.functional.linear(x2d, w_eff, bias)
+    rows = min(N, merge_chunk(N, K, 128, whole_weight))
     y = torch.empty((x2d.shape[0], N), dtype=dt, device=x2d.device)
     ws = _workspace(x2d.device, dt, rows * K)
     for n0, n1 in _chunks(N, rows):
@@ -389,11 +387,7 @@ def lora_linear_dx(dy: torch.Tensor, weight, lora_a: torch.Tensor | None = None,
 
         base, lora_a, lora_b, s_scalar, s_vec = _merge_args(weight, lora_a, lora_b, scale, dt)
         unit = max(128, base.blocksize) if isinstance(base, NF4Weight) else 128
-        cols = merge_chunk(K, N, unit, whole_weight)
-        if cols >= K:
-            out = (torch.empty((N, K), dtype=dt, device=dy.device) if WORKSPACE_BYTES <= 0
-                   else _workspace(dy.device, dt, N * K)[:N * K].view(N, K))
-            return dy @ merge_window(out, base, lora_a, lora_b, s_scalar, s_vec, (0, N), (0, K))
+        cols = min(K, merge_chunk(K, N, unit, whole_weight))
         dx = torch.empty((dy.shape[0], K), dtype=dt, device=dy.device)
         ws = _workspace(dy.device, dt, N * cols)
         for k0, k1 in _chunks(K, cols):

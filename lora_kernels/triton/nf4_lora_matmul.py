@@ -133,6 +133,29 @@ def _nf4_tile(w_ptrs, wmask, rows64, nmask, k0, KB,
 
 
 @triton.jit
+def _weight_tile(w_ptrs, n64, nmask, k0, K, KH, KB, offs_k, offs_kh,
+                 absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, code_ptr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BS: tl.constexpr, NESTED: tl.constexpr,
+                 NBS: tl.constexpr, LUT: tl.constexpr, DENSE: tl.constexpr, EVEN_K: tl.constexpr):
+    """The [BLOCK_N, BLOCK_K] weight tile at columns k0.. of both kernels' K loops: a dense load
+    (``w_ptrs`` to the elements) or an fp32 NF4 tile (``w_ptrs`` to the packed bytes; ``_nf4_tile``)."""
+    if DENSE:
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=nmask[:, None], other=0.0)
+        else:
+            w = tl.load(w_ptrs, mask=nmask[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
+    else:
+        if EVEN_K:
+            wmask = nmask[:, None]
+        else:
+            wmask = nmask[:, None] & (k0 // 2 + offs_kh[None, :] < KH)
+        w = _nf4_tile(w_ptrs, wmask, n64, nmask, k0, KB,
+                      absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, code_ptr,
+                      BLOCK_N, BLOCK_K, BS, NESTED, NBS, LUT)
+    return w
+
+
+@triton.jit
 def _epilogue(acc, offs_m, offs_n, M, N, R, s_scalar,
               t_ptr, b_ptr, bias_ptr, s_ptr, y_ptr, stride_tm, stride_ym,
               HAS_LORA: tl.constexpr, R_BLOCK: tl.constexpr, LORA_DOT: tl.constexpr,
@@ -204,6 +227,7 @@ def _lora_matmul_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    offs_kh = tl.arange(0, BLOCK_K // 2)                # packed-byte columns (NF4)
     mmask = offs_m < M
     nmask = offs_n < N
     m64 = offs_m.to(tl.int64)
@@ -212,7 +236,6 @@ def _lora_matmul_kernel(
     if DENSE:
         w_ptrs = w_ptr + n64[:, None] * stride_wn + offs_k[None, :]
     else:
-        offs_kh = tl.arange(0, BLOCK_K // 2)
         w_ptrs = w_ptr + n64[:, None] * KH + offs_kh[None, :]
 
     if SWAP_AB:
@@ -224,20 +247,12 @@ def _lora_matmul_kernel(
             x = tl.load(x_ptrs, mask=mmask[:, None], other=0.0)
         else:
             x = tl.load(x_ptrs, mask=mmask[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
+        w = _weight_tile(w_ptrs, n64, nmask, k0, K, KH, KB, offs_k, offs_kh,
+                         absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, code_ptr,
+                         BLOCK_N, BLOCK_K, BS, NESTED, NBS, LUT, DENSE, EVEN_K).to(x_ptr.dtype.element_ty)
         if DENSE:
-            if EVEN_K:
-                w = tl.load(w_ptrs, mask=nmask[:, None], other=0.0)
-            else:
-                w = tl.load(w_ptrs, mask=nmask[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
             w_ptrs += BLOCK_K
         else:
-            if EVEN_K:
-                wmask = nmask[:, None]
-            else:
-                wmask = nmask[:, None] & (k0 // 2 + offs_kh[None, :] < KH)
-            w = _nf4_tile(w_ptrs, wmask, n64, nmask, k0, KB,
-                          absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, code_ptr,
-                          BLOCK_N, BLOCK_K, BS, NESTED, NBS, LUT).to(x_ptr.dtype.element_ty)
             w_ptrs += BLOCK_K // 2
         if SWAP_AB:
             acc_t = tl.dot(w, tl.trans(x), acc_t)
@@ -279,6 +294,7 @@ def _lora_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, M_PAD)
     offs_k = tl.arange(0, BLOCK_K)
+    offs_kh = tl.arange(0, BLOCK_K // 2)                # packed-byte columns (NF4)
     mmask = offs_m < M
     nmask = offs_n < N
     n64 = offs_n.to(tl.int64)
@@ -288,7 +304,6 @@ def _lora_gemv_kernel(
     if DENSE:
         w_ptrs = w_ptr + n64[:, None] * stride_wn + (k_start + offs_k)[None, :]
     else:
-        offs_kh = tl.arange(0, BLOCK_K // 2)
         w_ptrs = w_ptr + n64[:, None] * KH + (k_start // 2 + offs_kh)[None, :]
 
     acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
@@ -298,20 +313,12 @@ def _lora_gemv_kernel(
         else:
             xmask = mmask[:, None] & (k0 + offs_k[None, :] < K)
         x = tl.load(x_ptrs, mask=xmask, other=0.0)
+        w = _weight_tile(w_ptrs, n64, nmask, k0, K, KH, KB, offs_k, offs_kh,
+                         absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, code_ptr,
+                         BLOCK_N, BLOCK_K, BS, NESTED, NBS, LUT, DENSE, EVEN_K)
         if DENSE:
-            if EVEN_K:
-                w = tl.load(w_ptrs, mask=nmask[:, None], other=0.0)
-            else:
-                w = tl.load(w_ptrs, mask=nmask[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
             w_ptrs += BLOCK_K
         else:
-            if EVEN_K:
-                wmask = nmask[:, None]
-            else:
-                wmask = nmask[:, None] & (k0 // 2 + offs_kh[None, :] < KH)
-            w = _nf4_tile(w_ptrs, wmask, n64, nmask, k0, KB,
-                          absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, code_ptr,
-                          BLOCK_N, BLOCK_K, BS, NESTED, NBS, LUT)
             w_ptrs += BLOCK_K // 2
         if USE_DOT:
             acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc)

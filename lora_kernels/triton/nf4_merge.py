@@ -173,6 +173,14 @@ def _resolve_config(override: dict | None) -> dict:
     return cfg
 
 
+def scale_operands(scale, r: int, device) -> tuple[float, torch.Tensor | None]:
+    """(s_scalar, s_vec) as the kernel takes them: a float scale, or a tensor one (shape [] or [r])
+    as a contiguous fp32 [r] vector on ``device`` (s_scalar then unused)."""
+    if isinstance(scale, torch.Tensor):
+        return 1.0, scale.detach().reshape(-1).to(device=device, dtype=torch.float32).expand(r).contiguous()
+    return float(scale), None
+
+
 def _window(win, size: int, name: str) -> tuple[int, int]:
     if win is None:
         return 0, size
@@ -288,11 +296,9 @@ def dequantize_merge(
             if not (scale.dim() == 0 or (scale.dim() == 1 and scale.numel() == r)):
                 raise ValueError(f"dequantize_merge: a scale tensor must have shape [] or [r={r}], "
                                  f"got {tuple(scale.shape)}")
-            s_vec = scale.reshape(-1).to(torch.float32).expand(r).contiguous()
-        elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
-            s_scalar = float(scale)
-        else:
+        elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
             raise TypeError(f"dequantize_merge: scale must be a float or a float tensor, got {type(scale).__name__}")
+        s_scalar, s_vec = scale_operands(scale, r, device)
 
     # ------------------------------------------------------------------ window
     cfg = _resolve_config(config)
