@@ -112,7 +112,6 @@ def _nf4_tile(w_ptrs, wmask, rows64, nmask, k0, KB,
     k0 .. k0 + BLOCK_K.  ``w_ptrs``: uint8 pointers [BLOCK_N, BLOCK_K // 2] to the packed bytes of
     those columns (byte j holds columns k0 + 2j (high nibble) and k0 + 2j + 1 (low nibble)).
     Needs K % BS == 0, so a block never crosses a row: block = n * KB + k // BS."""
-    HALF: tl.constexpr = BLOCK_K // 2
     byte = tl.load(w_ptrs, mask=wmask, other=0).to(tl.int32)
     hi = _nf4_lut(byte >> 4, code_ptr, LUT)
     lo = _nf4_lut(byte & 15, code_ptr, LUT)
