@@ -172,10 +172,26 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, *, backend: s
                              f"{q.device}, got {out.dtype} {tuple(out.shape)} on {out.device} "
                              f"(contiguous={out.is_contiguous()})")
         out = out.view(-1)
-    impl = backend_module(select_backend(q.device, backend))
+    impl = backend_module(_dequantize_backend(q.device, q.numel, backend))
     res = impl.dequantize(q.packed.view(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code,
                           q.numel, q.blocksize, dtype, out=out)
     return res.view(q.shape)
+
+
+#: From this many elements up, ``dequantize_nf4`` on CUDA prefers the Triton kernel to the CUDA
+#: one: it streams ~9 % faster on an H100 (0.95 vs 0.87 of copy bandwidth at 8192x28672), and its
+#: longer Python launch (~30 us more host time) is hidden behind a >= 150 us kernel; below, the two
+#: run within noise on the GPU and the CUDA kernel's lower host latency wins
+#: (benchmarks/results/nf4_nvidia-h100-80gb-hbm3.md).
+TRITON_DEQUANTIZE_MIN_NUMEL = 1 << 27
+
+
+def _dequantize_backend(device: torch.device, numel: int, requested: str | None) -> str:
+    name = select_backend(device, requested)
+    if (name == "cuda" and numel >= TRITON_DEQUANTIZE_MIN_NUMEL and requested is None
+            and not os.environ.get("LORA_KERNELS_BACKEND") and _triton_on(device)):
+        return "triton"
+    return name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +200,8 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None, *, backend: s
 # Routes (benchmarks/results/forward_*.md name the route every row was measured on):
 #   "cuda-gemv"      M <= 16 on CUDA, NF4 weight with blocksize >= 64, K % 64 == 0, bf16/fp16 x:
 #                    csrc/cuda/nf4_gemv.cu -- tensor-core GEMV reading the 4-bit weight once,
-#                    low-rank term and bias in its epilogue (decode)
+#                    low-rank term and bias in its epilogue (decode); nf4_gemv_v2.cu for
+#                    M = 1 without LoRA (gemv_variant)
 #   "triton-gemv"    M <= 16 on CUDA otherwise (dense base weight, blocksize 32, no CUDA ext):
 #                    split-K GEMV in Triton
 #   "merge-cublas"   M > 16 on CUDA: a memory-bound Triton pass writes the merged weight

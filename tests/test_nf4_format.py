@@ -192,3 +192,26 @@ def test_params4bit_roundtrip_and_quant_storage(rng):
                                  quant_storage=torch.bfloat16)
     assert packed.dtype == torch.bfloat16
     assert torch.equal(lk.NF4Weight.from_bnb(packed, qs).packed, q.packed)
+
+
+def test_dequantize_backend_choice(monkeypatch):
+    """The one size rule of the dequantize dispatch: on CUDA, Triton from TRITON_DEQUANTIZE_MIN_NUMEL
+    elements up (measured faster there), the CUDA extension below; an explicit backend or
+    $LORA_KERNELS_BACKEND always wins."""
+    from lora_kernels import library
+
+    monkeypatch.delenv("LORA_KERNELS_BACKEND", raising=False)
+    monkeypatch.setattr(library, "select_backend", lambda device, requested=None: requested or "cuda")
+    monkeypatch.setattr(library, "_triton_on", lambda device: True)
+    dev = torch.device("cuda")
+    big = library.TRITON_DEQUANTIZE_MIN_NUMEL
+    assert library._dequantize_backend(dev, big, None) == "triton"
+    assert library._dequantize_backend(dev, big - 1, None) == "cuda"
+    assert library._dequantize_backend(dev, big, "cuda") == "cuda"
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "cuda")
+    assert library._dequantize_backend(dev, big, None) == "cuda"
+    monkeypatch.delenv("LORA_KERNELS_BACKEND")
+    monkeypatch.setattr(library, "_triton_on", lambda device: False)
+    assert library._dequantize_backend(dev, big, None) == "cuda"
+    monkeypatch.undo()
+    assert library._dequantize_backend(torch.device("cpu"), big, None) in ("cpp", "reference")
