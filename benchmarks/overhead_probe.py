@@ -30,7 +30,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="4096x4096")
     p.add_argument("--m", type=int, default=4096)
+    p.add_argument("--decode", action="store_true", help="only the decode (M=1, no_grad) layer path, by piece")
     args = p.parse_args(argv)
+    if args.decode:
+        return decode(args.shape)
     import lora_kernels as lk
     from lora_kernels import library
     from lora_kernels.triton.nf4_merge import dequantize_merge
@@ -100,6 +103,52 @@ def main(argv=None) -> None:
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+
+
+def decode(shape: str) -> None:
+    """Host µs per call of each layer of the decode path (M = 1, no_grad), from the raw extension
+    call up to the drop-in layer: where an eager decode step spends its time."""
+    import os
+
+    import lora_kernels as lk
+    from lora_kernels import _ext, library
+    from lora_kernels.lora_modules import QLoRALinear
+
+    dev, bf, r = "cuda", torch.bfloat16, 16
+    K, N = (int(v) for v in shape.split("x"))
+    lin = torch.nn.Linear(K, N, bias=False, device=dev, dtype=bf)
+    layer = QLoRALinear.from_linear(lin, r=r, lora_alpha=2 * r).to(dev)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.02)
+    q, A, B = layer.weight, layer.lora_A.detach().to(bf), layer.lora_B.detach().to(bf)
+    x = torch.randn(1, 1, K, device=dev, dtype=bf)
+    x2 = x.view(1, K)
+    ext = _ext.cuda_ext()
+    args = (x2, q.packed.view(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code, N, q.blocksize,
+            A, B, 2.0, None, None)
+    print(f"decode host cost, {shape}, M=1, r={r}, adapters {layer.lora_A.dtype}, "
+          f"variant env={os.environ.get('LORA_KERNELS_GEMV_VARIANT')}")
+    rows = [
+        ("torch.empty(N)", lambda: torch.empty(N, device=dev, dtype=bf)),
+        ("torch.mm 1xK KxN (bf16 W)", lambda: torch.mm(x2, lin.weight.t())),
+        ("ext.lora_gemv raw", lambda: ext.lora_gemv(*args)),
+        ("library._cuda_gemv", lambda: library._cuda_gemv(x2, q, A, B, 2.0, None)),
+        ("library.lora_linear", lambda: library.lora_linear(x, q, A, B, 2.0)),
+        ("qlora_linear(training=False)", lambda: lk.qlora_linear(x, q, A, B, 2.0, training=False)),
+        ("layer(x) eval", lambda: layer.eval()(x)),
+    ]
+    with torch.no_grad():
+        print(f"{'piece':45s} {'host us/call':>12s}")
+        for name, fn in rows:
+            try:
+                print(f"{name:45s} {per_call_us(fn):12.1f}", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"{name:45s} failed: {type(e).__name__}: {e}"[:200], flush=True)
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(50):
+                layer(x)
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=60))
 
 
 def _nograd(fn):

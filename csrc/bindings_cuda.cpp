@@ -25,13 +25,13 @@ cuda::DType to_dtype(at::ScalarType t) {
     case at::kFloat: return cuda::DType::kFloat32;
     case at::kBFloat16: return cuda::DType::kBFloat16;
     case at::kHalf: return cuda::DType::kFloat16;
-    default: TORCH_CHECK(false, "unsupported dtype ", t);
+    default: TORCH_CHECK(false, checks::fmt("unsupported dtype ", t));
   }
 }
 
 void check_launch(cudaError_t err, const char* fn) {
-  TORCH_CHECK(err == cudaSuccess, fn, ": CUDA kernel launch failed: ", cudaGetErrorName(err), " (",
-              cudaGetErrorString(err), ")");
+  TORCH_CHECK(err == cudaSuccess, checks::fmt(fn, ": CUDA kernel launch failed: ", cudaGetErrorName(err), " (",
+                                               cudaGetErrorString(err), ")"));
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_blocks(const at::Tensor& w, int64_t blocksize) {
@@ -94,71 +94,147 @@ bool aligned_to(const at::Tensor& t, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
 }
 
-// A defined 2-D contiguous tensor [rows, cols] of dtype on x's device, its rows 16-byte aligned.
-void check_matrix(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t rows, int64_t cols) {
+// ---- lora_gemv argument validation.  Every check runs before anything is allocated, launched or
+// guarded, and returns a message instead of throwing; lora_gemv raises once, from one place, with a
+// message built without iostreams (checks::fmt, see csrc/nf4_checks.h for why).  Tensors are only
+// touched after the checks that make the access valid (defined, device, dtype, dim).
+using checks::fmt;
+
+std::string bad_vector(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Tensor& x) {
   constexpr const char* fn = "lora_gemv";
-  TORCH_CHECK(t.defined(), fn, ": ", name, " must be a tensor");
-  checks::check_same_device(t, fn, name, x, "x");
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), fn, ": ", name, " must have x's dtype ", x.scalar_type(),
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, fn, ": ", name, " must have shape [",
-              rows, ", ", cols, "], got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), fn, ": ", name, " must be contiguous, got strides ", t.strides());
-  TORCH_CHECK(aligned_to(t, 16), fn, ": ", name, " must be 16-byte aligned (its data pointer is not)");
+  if (!t.defined()) return fmt(fn, ": ", name, " must be a tensor, got an undefined tensor");
+  if (t.device().type() != kDev) return fmt(fn, ": ", name, " must be on a CUDA device, got a tensor on ", t.device());
+  if (t.device() != x.device())
+    return fmt(fn, ": ", name, " must be on the same device as x (", x.device(), "), got ", t.device());
+  if (t.scalar_type() != dtype) return fmt(fn, ": ", name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  if (t.dim() != 1) return fmt(fn, ": ", name, " must be a 1-D tensor, got shape ", t.sizes());
+  if (!t.is_contiguous()) return fmt(fn, ": ", name, " must be contiguous (stride 1), got stride ", t.strides());
+  return {};
 }
 
+std::string bad_numel(const at::Tensor& t, const char* name, int64_t expected, const char* what) {
+  if (t.numel() == expected) return {};
+  return fmt("lora_gemv: ", name, " must have ", expected, " elements (", what, "), got ", t.numel());
+}
+
+// A defined 2-D contiguous tensor [rows, cols] of x's dtype on x's device, 16-byte aligned.
+std::string bad_matrix(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t rows, int64_t cols) {
+  constexpr const char* fn = "lora_gemv";
+  if (!t.defined()) return fmt(fn, ": ", name, " must be a tensor");
+  if (t.device() != x.device())
+    return fmt(fn, ": ", name, " must be on the same device as x (", x.device(), "), got ", t.device());
+  if (t.scalar_type() != x.scalar_type())
+    return fmt(fn, ": ", name, " must have x's dtype ", x.scalar_type(), ", got ", t.scalar_type());
+  if (t.dim() != 2 || t.size(0) != rows || t.size(1) != cols)
+    return fmt(fn, ": ", name, " must have shape [", rows, ", ", cols, "], got ", t.sizes());
+  if (!t.is_contiguous()) return fmt(fn, ": ", name, " must be contiguous, got strides ", t.strides());
+  if (!aligned_to(t, 16)) return fmt(fn, ": ", name, " must be 16-byte aligned (its data pointer is not)");
+  return {};
+}
+
+bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+std::string validate_lora_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                               const std::optional<at::Tensor>& nested_absmax,
+                               const std::optional<at::Tensor>& nested_code,
+                               const std::optional<at::Tensor>& offset, const at::Tensor& code, int64_t N,
+                               int64_t blocksize, const std::optional<at::Tensor>& lora_a,
+                               const std::optional<at::Tensor>& lora_b, const std::optional<at::Tensor>& scale_vec,
+                               const std::optional<at::Tensor>& bias, int64_t variant) {
+  constexpr const char* fn = "lora_gemv";
+  std::string e;
+  if (variant != 1 && variant != 2) return fmt(fn, ": variant must be 1 or 2, got ", variant);
+  if (!x.defined() || x.device().type() != kDev) return fmt(fn, ": x must be a CUDA tensor");
+  if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf)
+    return fmt(fn, ": x must be bfloat16 or float16, got ", x.scalar_type());
+  if (x.dim() != 2) return fmt(fn, ": x must be 2-D [M, K], got shape ", x.sizes());
+  const int64_t M = x.size(0), K = x.size(1);
+  if (M < 1 || M > cuda::kGemvMaxM) return fmt(fn, ": M (rows of x) must be in 1..", cuda::kGemvMaxM, ", got ", M);
+  if (N < 1 || N > 0x7fffffff) return fmt(fn, ": N must be >= 1, got ", N);
+  if (K < cuda::kGemvKChunk || K % cuda::kGemvKChunk != 0 || K > 0x7fffffff)
+    return fmt(fn, ": K must be a positive multiple of ", cuda::kGemvKChunk, ", got ", K);
+  if (!(e = bad_matrix(x, "x", x, M, K)).empty()) return e;
+  if (!nf4::is_valid_blocksize(blocksize))
+    return fmt(fn, ": blocksize must be one of 32, 64, 128, 256, 512, 1024, 2048, 4096, got ", blocksize);
+  if (blocksize < cuda::kGemvKChunk || K % blocksize != 0)
+    return fmt(fn, ": the blocksize (", blocksize, ") must be >= ", cuda::kGemvKChunk, " and divide K (", K, ")");
+  if (!(e = bad_vector(packed, "packed", at::kByte, x)).empty()) return e;
+  if (!(e = bad_numel(packed, "packed", N * K / 2, "N * K / 2 bytes")).empty()) return e;
+  if (!aligned_to(packed, 8)) return fmt(fn, ": packed must be 8-byte aligned (its data pointer is not)");
+  const bool nested = given(nested_absmax);
+  const int64_t nb = N * K / blocksize;
+  if (!(e = bad_vector(absmax, "absmax", nested ? at::kByte : at::kFloat, x)).empty()) return e;
+  if (!(e = bad_numel(absmax, "absmax", nb, "one per block")).empty()) return e;
+  if (nested) {
+    if (!given(nested_code) || !given(offset)) return fmt(fn, ": nested_absmax needs nested_code and offset");
+    if (!(e = bad_vector(*nested_absmax, "nested_absmax", at::kFloat, x)).empty()) return e;
+    if (!(e = bad_numel(*nested_absmax, "nested_absmax", checks::ceil_div(nb, nf4::kNestedBlocksize),
+                        "one per 256 blocks")).empty())
+      return e;
+    if (!(e = bad_vector(*nested_code, "nested_code", at::kFloat, x)).empty()) return e;
+    if (!(e = bad_numel(*nested_code, "nested_code", nf4::kDynamicCodeSize, "the 8-bit code")).empty()) return e;
+    const at::Tensor& o = *offset;
+    if (o.device() != x.device() || o.scalar_type() != at::kFloat || o.numel() != 1 || o.dim() > 1)
+      return fmt(fn, ": offset must be a 0-d fp32 tensor on x's device, got ", o.scalar_type(), " of shape ",
+                 o.sizes(), " on ", o.device());
+  }
+  if (!(e = bad_vector(code, "code", at::kFloat, x)).empty()) return e;
+  if (!(e = bad_numel(code, "code", nf4::kNumCodes, "the NF4 levels")).empty()) return e;
+  const bool has_lora = given(lora_a);
+  if (has_lora != given(lora_b)) return fmt(fn, ": give both lora_a and lora_b, or neither");
+  if (has_lora) {
+    const at::Tensor& a = *lora_a;
+    const at::Tensor& b = *lora_b;
+    if (a.dim() != 2) return fmt(fn, ": lora_a must have shape [r, ", K, "], got ", a.sizes());
+    const int64_t r = a.size(0);
+    if (r < 1 || r > cuda::kGemvMaxRank)
+      return fmt(fn, ": the rank r must be in 1..", cuda::kGemvMaxRank, ", got ", r);
+    if (!(e = bad_matrix(a, "lora_a", x, r, K)).empty()) return e;
+    if (b.device() != x.device())
+      return fmt(fn, ": lora_b must be on the same device as x (", x.device(), "), got ", b.device());
+    if (b.dim() != 2 || b.size(0) != N || b.size(1) != r)
+      return fmt(fn, ": lora_b must have shape [", N, ", ", r, "], got ", b.sizes());
+    if (b.scalar_type() != x.scalar_type() || !b.is_contiguous())
+      return fmt(fn, ": lora_b must be a contiguous tensor of x's dtype");
+    if (given(scale_vec)) {
+      if (!(e = bad_vector(*scale_vec, "scale_vec", at::kFloat, x)).empty()) return e;
+      if (!(e = bad_numel(*scale_vec, "scale_vec", r, "one per rank")).empty()) return e;
+    }
+  }
+  if (given(bias)) {
+    const at::ScalarType bt = bias->scalar_type();
+    if (bt != x.scalar_type() && bt != at::kFloat)
+      return fmt(fn, ": bias must have x's dtype or float32, got ", bt);
+    if (!(e = bad_vector(*bias, "bias", bt, x)).empty()) return e;
+    if (!(e = bad_numel(*bias, "bias", N, "one per output")).empty()) return e;
+  }
+  return {};
+}
+
+// variant 1: csrc/cuda/nf4_gemv.cu (T kernel + GEMV); variant 2: csrc/cuda/nf4_gemv_v2.cu (one
+// persistent launch; falls back to variant 1 where its configuration does not fit the device).
 at::Tensor lora_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                      const std::optional<at::Tensor>& nested_absmax,
                      const std::optional<at::Tensor>& nested_code,
                      const std::optional<at::Tensor>& offset, const at::Tensor& code, int64_t n_out,
                      int64_t blocksize, const std::optional<at::Tensor>& lora_a,
                      const std::optional<at::Tensor>& lora_b, double scale,
-                     const std::optional<at::Tensor>& scale_vec, const std::optional<at::Tensor>& bias) {
+                     const std::optional<at::Tensor>& scale_vec, const std::optional<at::Tensor>& bias,
+                     int64_t variant) {
   constexpr const char* fn = "lora_gemv";
-  TORCH_CHECK(x.defined() && x.device().type() == kDev, fn, ": x must be a CUDA tensor");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, fn,
-              ": x must be bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 2, fn, ": x must be 2-D [M, K], got ", x.sizes());
-  const int64_t M = x.size(0), K = x.size(1), N = n_out;
-  TORCH_CHECK(M >= 1 && M <= cuda::kGemvMaxM, fn, ": M (rows of x) must be in 1..", cuda::kGemvMaxM, ", got ", M);
-  TORCH_CHECK(N >= 1 && N <= 0x7fffffff, fn, ": N must be >= 1, got ", N);
-  TORCH_CHECK(K >= cuda::kGemvKChunk && K % cuda::kGemvKChunk == 0 && K <= 0x7fffffff, fn,
-              ": K must be a positive multiple of ", cuda::kGemvKChunk, ", got ", K);
-  check_matrix(x, "x", x, M, K);
-  checks::check_blocksize(blocksize, fn);
-  TORCH_CHECK(blocksize >= cuda::kGemvKChunk && K % blocksize == 0, fn, ": the blocksize (", blocksize,
-              ") must be >= ", cuda::kGemvKChunk, " and divide K (", K, ")");
-  checks::check_vector(packed, fn, "packed", at::kByte, kDev);
-  checks::check_same_device(packed, fn, "packed", x, "x");
-  checks::check_numel(packed, fn, "packed", N * K / 2, "N * K / 2 bytes");
-  TORCH_CHECK(aligned_to(packed, 8), fn, ": packed must be 8-byte aligned (its data pointer is not)");
-  const bool nested = nested_absmax.has_value() && nested_absmax->defined();
-  const int64_t nb = N * K / blocksize;
-  checks::check_vector(absmax, fn, "absmax", nested ? at::kByte : at::kFloat, kDev);
-  checks::check_same_device(absmax, fn, "absmax", x, "x");
-  checks::check_numel(absmax, fn, "absmax", nb, "one per block");
-  if (nested) {
-    TORCH_CHECK(nested_code.has_value() && offset.has_value(), fn,
-                ": nested_absmax needs nested_code and offset");
-    checks::check_vector(*nested_absmax, fn, "nested_absmax", at::kFloat, kDev);
-    checks::check_numel(*nested_absmax, fn, "nested_absmax", checks::ceil_div(nb, nf4::kNestedBlocksize),
-                        "one per 256 blocks");
-    checks::check_vector(*nested_code, fn, "nested_code", at::kFloat, kDev);
-    checks::check_numel(*nested_code, fn, "nested_code", nf4::kDynamicCodeSize, "the 8-bit code");
-    checks::check_scalar(*offset, fn, "offset", kDev);
-    for (const at::Tensor* t : {&*nested_absmax, &*nested_code, &*offset})
-      checks::check_same_device(*t, fn, "the nested tensors", x, "x");
-  }
-  checks::check_vector(code, fn, "code", at::kFloat, kDev);
-  checks::check_same_device(code, fn, "code", x, "x");
-  checks::check_numel(code, fn, "code", nf4::kNumCodes, "the NF4 levels");
+  const std::string err = validate_lora_gemv(x, packed, absmax, nested_absmax, nested_code, offset, code, n_out,
+                                             blocksize, lora_a, lora_b, scale_vec, bias, variant);
+  TORCH_CHECK(err.empty(), err);
 
+  const int64_t M = x.size(0), K = x.size(1), N = n_out;
+  const bool nested = given(nested_absmax);
+  const bool has_lora = given(lora_a);
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty({M, N}, x.options());
   cuda::GemvArgs a;
   a.x = x.data_ptr();
   a.y = y.data_ptr();
-  a.dtype = to_dtype(x.scalar_type());
+  a.dtype = x.scalar_type() == at::kBFloat16 ? cuda::DType::kBFloat16 : cuda::DType::kFloat16;
   a.M = static_cast<int>(M);
   a.N = static_cast<int>(N);
   a.K = static_cast<int>(K);
@@ -173,44 +249,54 @@ at::Tensor lora_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   }
   a.code = code.data_ptr<float>();
   a.blocksize = static_cast<int>(blocksize);
-  at::Tensor t_ws;
-  const bool has_lora = lora_a.has_value() && lora_a->defined();
-  TORCH_CHECK(has_lora == (lora_b.has_value() && lora_b->defined()), fn,
-              ": give both lora_a and lora_b, or neither");
   if (has_lora) {
-    const int64_t r = lora_a->size(0);
-    TORCH_CHECK(r >= 1 && r <= cuda::kGemvMaxRank, fn, ": the rank r must be in 1..", cuda::kGemvMaxRank,
-                ", got ", r);
-    check_matrix(*lora_a, "lora_a", x, r, K);
-    TORCH_CHECK(lora_b->dim() == 2 && lora_b->size(0) == N && lora_b->size(1) == r, fn,
-                ": lora_b must have shape [", N, ", ", r, "], got ", lora_b->sizes());
-    TORCH_CHECK(lora_b->scalar_type() == x.scalar_type() && lora_b->is_contiguous(), fn,
-                ": lora_b must be a contiguous tensor of x's dtype");
-    checks::check_same_device(*lora_b, fn, "lora_b", x, "x");
-    if (scale_vec.has_value() && scale_vec->defined()) {
-      checks::check_vector(*scale_vec, fn, "scale_vec", at::kFloat, kDev);
-      checks::check_same_device(*scale_vec, fn, "scale_vec", x, "x");
-      checks::check_numel(*scale_vec, fn, "scale_vec", r, "one per rank");
-      a.scale_vec = scale_vec->data_ptr<float>();
-    }
-    t_ws = at::empty({M, r}, x.options().dtype(at::kFloat));
     a.lora_a = lora_a->data_ptr();
     a.lora_b = lora_b->data_ptr();
-    a.r = static_cast<int>(r);
+    a.r = static_cast<int>(lora_a->size(0));
     a.scale = static_cast<float>(scale);
-    a.t_ws = t_ws.data_ptr<float>();
+    if (given(scale_vec)) a.scale_vec = scale_vec->data_ptr<float>();
   }
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() || bias->scalar_type() == at::kFloat, fn,
-                ": bias must have x's dtype or float32, got ", bias->scalar_type());
-    checks::check_vector(*bias, fn, "bias", bias->scalar_type(), kDev);
-    checks::check_same_device(*bias, fn, "bias", x, "x");
-    checks::check_numel(*bias, fn, "bias", N, "one per output");
+  if (given(bias)) {
     a.bias = bias->data_ptr();
     a.bias_f32 = bias->scalar_type() == at::kFloat;
   }
-  check_launch(cuda::launch_nf4_lora_gemv(a, c10::cuda::getCurrentCUDAStream().stream()), fn);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  size_t ws_bytes = 0;
+  if (variant == 2 && cuda::nf4_lora_gemv_v2_config(a, &ws_bytes)) {
+    at::Tensor ws;
+    if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
+    check_launch(cuda::launch_nf4_lora_gemv_v2(a, ws_bytes > 0 ? ws.data_ptr() : nullptr, ws_bytes, stream), fn);
+    return y;
+  }
+  at::Tensor t_ws;
+  if (has_lora) {
+    t_ws = at::empty({M, static_cast<int64_t>(a.r)}, x.options().dtype(at::kFloat));
+    a.t_ws = t_ws.data_ptr<float>();
+  }
+  check_launch(cuda::launch_nf4_lora_gemv(a, stream), fn);
   return y;
+}
+
+// Device workspace bytes variant 2 needs for these sizes on the current device (r = 0: no low-rank
+// term), or -1 when lora_gemv(..., variant=2) would fall back to variant 1 (tests, benchmarks).
+int64_t lora_gemv_v2_workspace(int64_t M, int64_t N, int64_t K, int64_t blocksize, int64_t r) {
+  if (M < 1 || M > cuda::kGemvMaxM || N < 1 || N > 0x7fffffff || K < 1 || K > 0x7fffffff || r < 0 ||
+      r > cuda::kGemvMaxRank || !nf4::is_valid_blocksize(blocksize))
+    return -1;
+  static const char dummy = 0;
+  cuda::GemvArgs a;
+  a.M = static_cast<int>(M);
+  a.N = static_cast<int>(N);
+  a.K = static_cast<int>(K);
+  a.blocksize = static_cast<int>(blocksize);
+  a.dtype = cuda::DType::kBFloat16;
+  if (r > 0) {
+    a.lora_a = &dummy;
+    a.lora_b = &dummy;
+    a.r = static_cast<int>(r);
+  }
+  size_t ws = 0;
+  return cuda::nf4_lora_gemv_v2_config(a, &ws) ? static_cast<int64_t>(ws) : -1;
 }
 
 }  // namespace
@@ -221,8 +307,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       m, "lora_kernels CUDA kernels: NF4 quantize / nested absmax quantize / dequantize",
       &lora_kernels::quantize_blocks, &lora_kernels::quantize_absmax_nested, &lora_kernels::dequantize);
   namespace py = pybind11;
-  m.def("lora_gemv", &lora_kernels::lora_gemv, lora_kernels::docs::kLoraGemv, py::arg("x"), py::arg("packed"),
+  static const std::string gemv_doc =
+      std::string(lora_kernels::docs::kLoraGemv) +
+      "\nvariant: 1 (default) = csrc/cuda/nf4_gemv.cu (a T = x·Aᵀ kernel, then the GEMV);\n"
+      "2 = csrc/cuda/nf4_gemv_v2.cu (one persistent launch; same math, falls back to 1 where it\n"
+      "does not fit the device).  lora_kernels reads LORA_KERNELS_GEMV_VARIANT.";
+  m.def("lora_gemv", &lora_kernels::lora_gemv, gemv_doc.c_str(), py::arg("x"), py::arg("packed"),
         py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"), py::arg("offset"), py::arg("code"),
         py::arg("n"), py::arg("blocksize"), py::arg("lora_a") = py::none(), py::arg("lora_b") = py::none(),
-        py::arg("scale") = 1.0, py::arg("scale_vec") = py::none(), py::arg("bias") = py::none());
+        py::arg("scale") = 1.0, py::arg("scale_vec") = py::none(), py::arg("bias") = py::none(),
+        py::arg("variant") = 1);
+  m.def("lora_gemv_v2_workspace", &lora_kernels::lora_gemv_v2_workspace,
+        "lora_gemv_v2_workspace(M, N, K, blocksize, r) -> int\n\nDevice workspace bytes of "
+        "lora_gemv(..., variant=2) on the current device (r = 0: no low-rank term), or -1 when it would "
+        "fall back to variant 1.",
+        py::arg("M"), py::arg("N"), py::arg("K"), py::arg("blocksize"), py::arg("r") = 0);
 }

@@ -264,10 +264,42 @@ def _cuda_gemv(x2d, weight: NF4Weight, lora_a, lora_b, scale, bias) -> torch.Ten
         bias = bias.to(dt)
     q = weight
     nested = q.double_quant
+    v = os.environ.get("LORA_KERNELS_GEMV_VARIANT")
+    variant = int(v) if v else gemv_variant(x2d.shape[0], lora_a is not None)
     return _ext.cuda_ext().lora_gemv(
         x2d, q.packed.view(-1), q.absmax, q.nested_absmax if nested else None, q.nested_code if nested else None,
         q.offset if nested else None, q.code, q.shape[0], q.blocksize, lora_a, lora_b, s, scale_vec,
-        None if bias is None else bias.contiguous(), **({"variant": int(v)} if (v := os.environ.get("LORA_KERNELS_GEMV_VARIANT")) else {}))
+        None if bias is None else bias.contiguous(), variant)
+
+
+def gemv_variant(M: int, has_lora: bool) -> int:
+    """Which decode kernel the cuda-gemv route runs ($LORA_KERNELS_GEMV_VARIANT overrides):
+    2 (csrc/cuda/nf4_gemv_v2.cu, one persistent launch) for M = 1 without a low-rank term, where it
+    measured 1.04-1.14x faster than variant 1 on all four benchmark shapes; 1 (nf4_gemv.cu, a
+    T = x·Aᵀ kernel then the GEMV) otherwise: with r = 16 variant 2 measured 1.2-4.7x slower
+    (benchmarks/results/gemv_variants_nvidia-h100-80gb-hbm3.md)."""
+    return 2 if M == 1 and not has_lora else 1
+
+
+def decode_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None,
+                  scale: float, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``lora_linear`` for inference callers on the decode hot path: the ``cuda-gemv`` route with
+    the Python argument checks left to the extension (which checks every argument and raises a
+    ValueError naming it).  Returns None, having done nothing, wherever ``forward_route`` would not
+    take ``cuda-gemv`` (CPU, M > GEMV_MAX_M, fp32 x, a dense weight, ...) or ``scale`` is a tensor;
+    the caller then takes the general path.  Same kernel and arguments as ``lora_linear``, so the
+    same bits.  No autograd: call it only where no gradient is wanted."""
+    if (not isinstance(weight, NF4Weight) or not x.is_cuda or x.dtype not in _GEMV_DTYPES
+            or isinstance(scale, torch.Tensor) or x.dim() < 1):
+        return None
+    N, K = weight.shape if len(weight.shape) == 2 else (0, 0)
+    M = x.numel() // K if K and x.shape[-1] == K else 0
+    if not 1 <= M <= GEMV_MAX_M or x.device != weight.device or not _cuda_gemv_ok(weight):
+        return None
+    return _cuda_gemv(x.reshape(M, K), weight, lora_a, lora_b, scale, bias).view(*x.shape[:-1], N)
+
+
+_GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
 #: LORA_KERNELS_WORKSPACE_MB (default 64): the most bytes of merged weight one chunk of the

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .autograd import qlora_linear
+from . import library
 from .library import dequantize_nf4, quantize_nf4
 from .modules import NF4WeightMixin
 from .nf4 import NF4FormatError, NF4Weight
@@ -352,6 +353,10 @@ class QLoRALinear(NF4WeightMixin, LoRALinear):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.is_cuda:
+            y = self._decode(x)
+            if y is not None:
+                return y
         self._check_input(x)
         in_dtype = x.dtype
         cast = self.compute_dtype is not None and not torch.is_autocast_enabled(x.device.type)
@@ -359,6 +364,19 @@ class QLoRALinear(NF4WeightMixin, LoRALinear):
             x = x.to(self.compute_dtype)
         y = super().forward(x)
         return y.to(in_dtype) if cast else y
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Inference fast path (no autograd): straight to ``library.decode_linear`` (the decode
+        kernel, one extension call) when the general path would take the same route with the same
+        arguments; None otherwise.  Skips the per-call Python checks of ``qlora_linear``: on a slow
+        host they cost more than the kernel (benchmarks/NOTES.md, session 4)."""
+        if ((self.compute_dtype is not None and self.compute_dtype != x.dtype) or self.lora_E is not None
+                or (self.training and self.lora_dropout > 0) or torch.is_autocast_enabled("cuda")
+                or torch.compiler.is_compiling()):
+            return None
+        if self.merged:
+            return library.decode_linear(x, self.weight, None, None, 1.0, self.bias)
+        return library.decode_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias)
 
     # ------------------------------------------------------------------ merge / export
     @torch.no_grad()

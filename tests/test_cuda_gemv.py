@@ -1,10 +1,18 @@
-"""The CUDA C++ decode kernel (csrc/cuda/nf4_gemv.cu, route "cuda-gemv") against a float64
-reference: every M in 1..16, odd N, r from 1 to 256, blocksizes 64..4096, with and without double
-quantization, bias of x's dtype / fp32 / none, scalar and per-rank scale, bf16 and fp16.
+"""The CUDA C++ decode kernels (route "cuda-gemv") against a float64 reference: every M in 1..16,
+odd N, r from 1 to 256, blocksizes 64..4096, with and without double quantization, bias of x's
+dtype / fp32 / none, scalar and per-rank scale, bf16 and fp16.  Every correctness test runs for
+both kernel variants (the ``variant`` fixture sets LORA_KERNELS_GEMV_VARIANT, read by
+lora_kernels.library._cuda_gemv): 1 = csrc/cuda/nf4_gemv.cu, 2 = csrc/cuda/nf4_gemv_v2.cu.
 Error rule: at most 2x the error of PyTorch computing the same formula in x's dtype.
 The output is allocated by the extension, so the caching allocator is first filled with NaN
 ("poisoned"): an element the kernel fails to write comes back NaN.
 GPU only; on the CPU this file checks that the route is never chosen."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -23,6 +31,19 @@ def _ext_or_skip():
     if ext is None or not hasattr(ext, "lora_gemv"):
         pytest.skip("lora_kernels._C_cuda with lora_gemv is not built")
     return ext
+
+
+@pytest.fixture(params=[1, 2], ids=["v1", "v2"])
+def variant(request, monkeypatch):
+    """Runs the test once per kernel variant (variant 2 must really run, not fall back)."""
+    monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", str(request.param))
+    return request.param
+
+
+def _assert_runs(variant, M, K, N, r, bs):
+    if variant == 2:
+        ws = _ext_or_skip().lora_gemv_v2_workspace(M, N, K, bs, r)
+        assert ws >= 0, f"variant 2 would fall back to variant 1 for M={M} K={K} N={N} r={r} bs={bs}"
 
 
 def _poison_allocator(nbytes: int) -> None:
@@ -69,16 +90,18 @@ def _check(x, q, A, B, s, b):
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("M", list(range(1, 17)))
-def test_every_m(M, dtype, rng):
+def test_every_m(M, dtype, variant, rng):
     _ext_or_skip()
     for K, N, r in ((4096, 4096 + 8 + 3, 16), (1024, 333, 1), (512, 14336 // 4 + 5, 64)):
+        _assert_runs(variant, M, K, N, r, 64)
         _check(*_case(M, K, N, r, dtype, rng))
 
 
 @gpu
 @pytest.mark.parametrize("r", [0, 1, 8, 16, 33, 64, 128, 256])
-def test_ranks_bias_scale(r, rng):
+def test_ranks_bias_scale(r, variant, rng):
     _ext_or_skip()
+    _assert_runs(variant, 5, 768, 1000, r, 64)
     for bias, vec in (("dtype", False), ("fp32", True), (None, False)):
         _check(*_case(5, 768, 1000, r, torch.bfloat16, rng, bias=bias, vec=vec))
 
@@ -86,23 +109,25 @@ def test_ranks_bias_scale(r, rng):
 @gpu
 @pytest.mark.parametrize("bs", [64, 128, 256, 512, 1024, 4096])
 @pytest.mark.parametrize("dq", [True, False], ids=["dq", "plain"])
-def test_blocksizes_and_double_quant(bs, dq, rng):
+def test_blocksizes_and_double_quant(bs, dq, variant, rng):
     _ext_or_skip()
+    _assert_runs(variant, 16, 8192, 64, 8, bs)
     _check(*_case(3, 4096, 517, 8, torch.float16, rng, bs=bs, dq=dq))
     _check(*_case(16, 8192, 64, 8, torch.bfloat16, rng, bs=bs, dq=dq))
 
 
 @gpu
-def test_big_shapes_and_3d(rng):
+def test_big_shapes_and_3d(variant, rng):
     _ext_or_skip()
     for K, N in ((4096, 14336), (14336, 4096), (8192, 28672)):
+        _assert_runs(variant, 16, K, N, 16, 64)
         _check(*_case(1, K, N, 16, torch.bfloat16, rng))
         _check(*_case(16, K, N, 16, torch.bfloat16, rng))
     _check(*_case(4, 4096, 1024, 16, torch.bfloat16, rng, lead=(2,)))   # x [2, 4, K]: M = 8
 
 
 @gpu
-def test_non_contiguous_and_misaligned_x(rng):
+def test_non_contiguous_and_misaligned_x(variant, rng):
     _ext_or_skip()
     x, q, A, B, s, b = _case(3, 1024, 300, 8, torch.bfloat16, rng)
     wide = randn((3, 2048), torch.bfloat16, rng, device="cuda")
@@ -116,7 +141,7 @@ def test_non_contiguous_and_misaligned_x(rng):
 
 
 @gpu
-def test_matches_triton_gemv_closely(rng):
+def test_matches_triton_gemv_closely(variant, rng):
     _ext_or_skip()
     x, q, A, B, s, b = _case(7, 4096, 4096, 16, torch.float16, rng)
     y = lk.lora_linear(x, q, A, B, s, b, route="cuda-gemv").float()
@@ -139,37 +164,152 @@ def test_route_choice(rng):
         lk.lora_linear(torch.zeros(17, 256, dtype=torch.bfloat16, device="cuda"), q, route="cuda-gemv")
 
 
-_SEGFAULT = pytest.mark.skip(reason="KNOWN BUG, not a flake: on the H100 (torch 2.11) this raw-binding call "
-                                    "segfaults instead of raising (found this session, cause not yet found; "
-                                    "lora_kernels.lora_linear rejects the same input in Python first); "
-                                    "see benchmarks/NOTES.md, decode section")
-_BAD_ARGS = [  # (case, expected message); the case edits one argument of a valid call
-    pytest.param(dict(xx="float"), "bfloat16 or float16", marks=_SEGFAULT, id="x-fp32"),
-    pytest.param(dict(xx="18rows"), "M", marks=_SEGFAULT, id="M-18"),
-    pytest.param(dict(xx="K192"), "packed", marks=_SEGFAULT, id="K-mismatch"),
-    pytest.param(dict(n=65), "packed", marks=_SEGFAULT, id="N-mismatch"),
-    pytest.param(dict(bs=128), "absmax", marks=_SEGFAULT, id="blocksize-mismatch"),
-    pytest.param(dict(bs=32), "blocksize", marks=_SEGFAULT, id="blocksize-32"),
-    pytest.param(dict(a="K128"), "lora_a", marks=_SEGFAULT, id="lora_a-shape"),
-    pytest.param(dict(bb="r4"), "lora_b", marks=_SEGFAULT, id="lora_b-shape"),
-    pytest.param(dict(a="half"), "lora_a", id="lora_a-dtype"),
-    pytest.param(dict(xx="cpu"), "CUDA", id="x-cpu"),
-]
+@gpu
+@pytest.mark.parametrize("M", [1, 7, 16])
+def test_variants_agree(M, rng):
+    """Both kernels on the same inputs: same math, only the fp32 summation order differs."""
+    ext = _ext_or_skip()
+    for K, N, r, bs in ((4096, 14336, 16, 64), (14336, 4096, 16, 64), (2048, 1000, 0, 128)):
+        x, q, A, B, s, b = _case(M, K, N, r, torch.bfloat16, rng, bs=bs)
+        nested = q.double_quant
+        args = (x, q.packed.view(-1), q.absmax, q.nested_absmax if nested else None,
+                q.nested_code if nested else None, q.offset if nested else None, q.code, N, q.blocksize, A, B,
+                1.7, None, b)
+        y1 = ext.lora_gemv(*args, variant=1).float()
+        y2 = ext.lora_gemv(*args, variant=2).float()
+        assert torch.isfinite(y2).all()
+        assert ((y1 - y2).norm() / y1.norm()).item() < 2e-3
 
 
 @gpu
-@pytest.mark.parametrize("case, msg", _BAD_ARGS)
-def test_extension_rejects_bad_arguments(case, msg, rng):
-    ext = _ext_or_skip()
-    x, q, A, B, s, b = _case(2, 256, 64, 8, torch.bfloat16, rng)
-    xs = {"float": x.float(), "18rows": x.repeat(9, 1), "K192": x[:, :192].contiguous(), "cpu": x.cpu()}
-    a_s = {"K128": A[:, :128], "half": A.half()}
+def test_v2_repeated_calls_and_graph_replay(rng, monkeypatch):
+    """Variant 2 synchronizes its CTAs through flags in its workspace (T = x·Aᵀ is produced by the
+    first CTAs and read by all at their end) and leaves them clean for the next call: many eager
+    calls, calls of other shapes in between, and CUDA-graph replays (same workspace, same epoch) with
+    new inputs must all be right."""
+    _ext_or_skip()
+    monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "2")
+    cases = [_case(1, 4096, 4096, 16, torch.bfloat16, rng), _case(9, 1024, 3000, 64, torch.float16, rng, vec=True)]
+    for _ in range(3):
+        for c in cases:
+            _check(*c)
+    x, q, A, B, s, b = cases[0]
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        lk.lora_linear(static_x, q, A, B, s, b, route="cuda-gemv")  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = lk.lora_linear(static_x, q, A, B, s, b, route="cuda-gemv")
+    for _ in range(4):
+        static_x.copy_(randn(tuple(x.shape), x.dtype, rng, device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        expect = lk.lora_linear(static_x, q, A, B, s, b, route="cuda-gemv")   # eager, same variant
+        assert torch.equal(static_y, expect)
+        _check(static_x, q, A, B, s, b)
+
+
+# ---- raw-binding argument checks, each call in a child process -----------------------------------
+# On the H100 (torch 2.11) eight of these calls used to segfault instead of raising (see
+# csrc/nf4_checks.h): the calls run in a child process, so a crash fails the case it happened in
+# (with the signal) instead of ending the whole pytest session.
+_BAD_ARGS = [  # (case id, edit of a valid call, expected message)
+    ("x-fp32", dict(xx="float"), "bfloat16 or float16"),
+    ("M-18", dict(xx="18rows"), "M"),
+    ("K-mismatch", dict(xx="K192"), "packed"),
+    ("N-mismatch", dict(n=65), "packed"),
+    ("blocksize-mismatch", dict(bs=128), "absmax"),
+    ("blocksize-32", dict(bs=32), "blocksize"),
+    ("lora_a-shape", dict(a="K128"), "lora_a"),
+    ("lora_b-shape", dict(bb="r4"), "lora_b"),
+    ("lora_a-dtype", dict(a="half"), "lora_a"),
+    ("x-cpu", dict(xx="cpu"), "CUDA"),
+    ("variant-3", dict(variant=3), "variant"),
+]
+
+_CHILD = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import lora_kernels as lk
+from lora_kernels import _ext
+cases = json.loads(sys.argv[2])
+ext = _ext.cuda_ext()
+gen = torch.Generator().manual_seed(1234)
+W = torch.randn(64, 256, generator=gen) * 0.05
+q = lk.quantize_nf4(W.cuda(), blocksize=64, double_quant=True)
+x = torch.randn(2, 256, generator=gen).to(torch.bfloat16).cuda()
+A = (torch.randn(8, 256, generator=gen) * 0.05).to(torch.bfloat16).cuda()
+B = (torch.randn(64, 8, generator=gen) * 0.05).to(torch.bfloat16).cuda()
+xs = {"float": x.float(), "18rows": x.repeat(9, 1), "K192": x[:, :192].contiguous(), "cpu": x.cpu()}
+a_s = {"K128": A[:, :128], "half": A.half()}
+for cid, case, variant in cases:
+    print("START", json.dumps([cid, variant]), flush=True)
     xx, a = xs.get(case.get("xx"), x), a_s.get(case.get("a"), A)
     bb = B[:, :4] if case.get("bb") == "r4" else B
-    bad = (xx, q.packed.view(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code,
-           case.get("n", 64), case.get("bs", 64), a, bb, 1.0, None, None)
-    with pytest.raises(RuntimeError, match=msg):
-        ext.lora_gemv(*bad)
+    args = (xx, q.packed.view(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code,
+            case.get("n", 64), case.get("bs", 64), a, bb, 1.0, None, None)
+    try:
+        ext.lora_gemv(*args, variant=case.get("variant", variant))
+        res = ["no error", ""]
+    except Exception as e:
+        res = [type(e).__name__, str(e).splitlines()[0] if str(e) else ""]
+    print("RESULT", json.dumps([cid, variant] + res), flush=True)
+"""
+
+_bad_results = {}
+
+
+def _run_bad_args():
+    """{(case id, variant): (exception type or failure, first message line)}, one child process for
+    all cases (a new one after each crash)."""
+    if _bad_results:
+        return _bad_results
+    todo = [[cid, case, v] for cid, case, _ in _BAD_ARGS for v in (1, 2)]
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    while todo:
+        proc = subprocess.run([sys.executable, "-c", _CHILD, root, json.dumps(todo)], capture_output=True,
+                              text=True, timeout=600, cwd=root, env=dict(os.environ, LORA_KERNELS_QUIET="1"))
+        started, any_started = None, False
+        for line in proc.stdout.splitlines():
+            if line.startswith("START "):
+                started, any_started = tuple(json.loads(line[6:])), True
+            elif line.startswith("RESULT "):
+                cid, v, kind, msg = json.loads(line[7:])
+                _bad_results[(cid, v)] = (kind, msg)
+                started = None
+        done = {(c, v) for c, _, v in todo if (c, v) in _bad_results}
+        if proc.returncode != 0:
+            why = (f"child died with return code {proc.returncode} (signal "
+                   f"{-proc.returncode if proc.returncode < 0 else 'none'})",
+                   proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "")
+            if not any_started:  # the setup itself failed: no case can run
+                for c, _, v in todo:
+                    _bad_results.setdefault((c, v), why)
+                break
+            culprit = started or next(((c, v) for c, _, v in todo if (c, v) not in done), None)
+            if culprit is None:
+                break
+            _bad_results[culprit] = why
+            done.add(culprit)
+        elif len(done) < len(todo):  # exited normally without reporting every case
+            for c, _, v in todo:
+                _bad_results.setdefault((c, v), ("child exited without a result", proc.stderr.strip()[-300:]))
+            break
+        todo = [[c, case, v] for c, case, v in todo if (c, v) not in done]
+    return _bad_results
+
+
+@gpu
+@pytest.mark.parametrize("variant_arg", [1, 2], ids=["v1", "v2"])
+@pytest.mark.parametrize("cid, case, msg", _BAD_ARGS, ids=[c[0] for c in _BAD_ARGS])
+def test_extension_rejects_bad_arguments(cid, case, msg, variant_arg):
+    _ext_or_skip()
+    kind, text = _run_bad_args()[(cid, variant_arg)]
+    assert kind == "RuntimeError", f"{cid}: expected RuntimeError matching {msg!r}, got {kind}: {text}"
+    assert msg in text, f"{cid}: message {text!r} does not contain {msg!r}"
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CPU-only check")
@@ -178,3 +318,94 @@ def test_never_chosen_on_cpu(rng):
     assert lk.forward_route(1, q, torch.bfloat16, torch.device("cpu")) == "reference"
     with pytest.raises(ValueError, match="cuda-gemv"):
         lk.lora_linear(torch.zeros(1, 256, dtype=torch.bfloat16), q, route="cuda-gemv")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU-only check")
+def test_variants_benchmark_without_gpu(capsys):
+    from benchmarks import gemv_variants
+
+    assert gemv_variants.main([]) == 0
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# The inference fast path (library.decode_linear, QLoRALinear._decode): the same kernel and
+# arguments as the general path, so bit-identical outputs; None wherever the route differs.
+# --------------------------------------------------------------------------------------------
+def _layer(K, N, r, gen, *, bias=True, bias_dtype=torch.bfloat16, dtype=torch.bfloat16):
+    from lora_kernels.lora_modules import QLoRALinear
+
+    lin = torch.nn.Linear(K, N, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(randn((N, K), torch.float32, gen, scale=0.05))
+    layer = QLoRALinear.from_linear(lin, r=r, lora_alpha=2 * r, device="cuda").cuda()
+    with torch.no_grad():
+        layer.lora_B.copy_(randn(tuple(layer.lora_B.shape), torch.float32, gen, scale=0.05))
+        if layer.bias is not None:
+            layer.bias.data = layer.bias.data.to(bias_dtype)
+    return layer
+
+
+@gpu
+@pytest.mark.parametrize("M, lead", [(1, ()), (3, ()), (16, ()), (5, (2,))], ids=["m1", "m3", "m16", "3d"])
+@pytest.mark.parametrize("bias_dtype", [None, torch.bfloat16, torch.float32], ids=["nobias", "bias", "bias32"])
+def test_decode_fast_path_is_bit_identical(M, lead, bias_dtype, rng):
+    _ext_or_skip()
+    from lora_kernels.library import decode_linear
+
+    layer = _layer(192, 77, 16, rng, bias=bias_dtype is not None, bias_dtype=bias_dtype or torch.bfloat16).eval()
+    x = randn((*lead, M, 192), torch.bfloat16, rng, device="cuda")
+    with torch.no_grad():
+        fast = layer(x)
+        assert layer._decode(x) is not None, "the fast path should have been taken"
+    slow = layer(x.clone().requires_grad_())      # grad enabled: the autograd Function path
+    assert fast.shape == (*lead, M, 77) and fast.dtype == torch.bfloat16
+    assert torch.equal(fast, slow.detach())
+    y = decode_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.scaling, layer.bias)
+    assert torch.equal(y, fast)
+    layer.merge()
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer(x.clone().requires_grad_()).detach())
+
+
+@gpu
+def test_decode_fast_path_declines_other_routes(rng):
+    _ext_or_skip()
+    from lora_kernels.library import decode_linear
+
+    layer = _layer(128, 64, 8, rng)
+    q, A, B = layer.weight, layer.lora_A, layer.lora_B
+    x17 = randn((17, 128), torch.bfloat16, rng, device="cuda")
+    assert decode_linear(x17, q, A, B, 2.0, None) is None                           # M > 16
+    assert decode_linear(x17[:1].float(), q, A, B, 2.0, None) is None               # fp32 x
+    assert decode_linear(x17[:1].cpu(), q, A, B, 2.0, None) is None                 # CPU x
+    assert decode_linear(x17[:1], q, A, B, torch.ones(8, device="cuda"), None) is None  # AdaLoRA vector
+    assert decode_linear(x17[:1, :64], q, A, B, 2.0, None) is None                  # wrong K
+    assert decode_linear(x17[:1], torch.randn(64, 128, device="cuda", dtype=torch.bfloat16), A, B, 2.0,
+                         None) is None                                             # dense base
+    with torch.no_grad():
+        layer.train()
+        layer.lora_dropout = 0.5                  # dropout in training mode: general path
+        assert layer._decode(x17[:1]) is None
+        layer.eval()
+        assert layer._decode(x17[:1]) is not None
+        with torch.autocast("cuda", dtype=torch.float16):
+            assert layer._decode(x17[:1]) is None
+            assert layer(x17[:1]).dtype == torch.float16
+    # a bad adapter reaching the extension is an error naming it, not a crash
+    with pytest.raises((ValueError, RuntimeError), match="lora_b"):
+        decode_linear(x17[:1], q, A, B[:, :4], 2.0, None)
+
+
+def test_decode_fast_path_is_inert_on_cpu(rng):
+    from lora_kernels.library import decode_linear
+    from lora_kernels.lora_modules import QLoRALinear
+
+    lin = torch.nn.Linear(128, 64, dtype=torch.float16)
+    layer = QLoRALinear.from_linear(lin, r=4, lora_alpha=8).eval()
+    x = randn((1, 128), torch.float16, rng)
+    assert decode_linear(x, layer.weight, layer.lora_A, layer.lora_B, 2.0, None) is None
+    with torch.no_grad():
+        a = layer(x)
+    b = layer(x.clone().requires_grad_()).detach()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -47,9 +47,19 @@ struct GemvArgs {
   bool bias_f32 = false;
 };
 
-// Two launches on `stream`: T = (x · Aᵀ) ⊙ s into t_ws (only with a low-rank term), then the GEMV
-// with the low-rank product and bias in its epilogue.
+// Variant 1 (csrc/cuda/nf4_gemv.cu).  Two launches on `stream`: T = (x · Aᵀ) ⊙ s into t_ws (only
+// with a low-rank term), then the GEMV with the low-rank product and bias in its epilogue.
 cudaError_t launch_nf4_lora_gemv(const GemvArgs& args, cudaStream_t stream);
+
+// Variant 2 (csrc/cuda/nf4_gemv_v2.cu): one persistent launch, same math and rounding.
+// nf4_lora_gemv_v2_config: false when variant 2 cannot run these arguments on the current device
+// (shared memory, 32-bit offsets, sm < 80); else *workspace_bytes = the device workspace it needs
+// (0 without a low-rank term; with one: T, its partial sums, the fp32 base results and two flag
+// words; t_ws is not used).  The workspace needs no initialization and may be reused by the next
+// call on the same stream once this one is done (the kernel leaves its flags in a clean state).
+bool nf4_lora_gemv_v2_config(const GemvArgs& args, size_t* workspace_bytes);
+cudaError_t launch_nf4_lora_gemv_v2(const GemvArgs& args, void* workspace, size_t workspace_bytes,
+                                    cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lora_kernels

@@ -1,0 +1,134 @@
+"""Decode-kernel A/B (GPU): _C_cuda.lora_gemv variant 1 (csrc/cuda/nf4_gemv.cu: a T = x·Aᵀ kernel,
+then the GEMV) against variant 2 (csrc/cuda/nf4_gemv_v2.cu: one persistent launch), kernel time by
+CUDA-graph replay, against the memory floor = NF4 weight bytes as stored / device-to-device copy
+bandwidth (measured here), and whether the two variants agree (max |y1 - y2|).
+
+Shapes K x N (in -> out): 4096x14336, 14336x4096, 8192x28672, 4096x4096; M in {1, 16}; r in {0, 16}
+(bf16, blocksize 64, double quantization, no bias).  Several weights are rotated so that the 4-bit
+weight is not L2-resident between calls.  About a minute on an H100.
+
+    python -m benchmarks.gemv_variants [--quick] [--reps N] [--json PATH]
+
+"v2 ran" is "no" where variant 2 would fall back to variant 1 (lora_gemv_v2_workspace == -1)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+
+SHAPES = ((4096, 14336), (14336, 4096), (8192, 28672), (4096, 4096))
+MS = (1, 16)
+RANKS = (0, 16)
+
+
+def graph_time_us(fn, calls_per_graph: int, reps: int) -> float:
+    """Median time of one fn() in µs: `reps` calls captured in one CUDA graph, replayed 5 times."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / (reps * calls_per_graph))
+    del g
+    return sorted(times)[len(times) // 2]
+
+
+def _args(x, q, A, B):
+    nested = q.double_quant
+    return (x, q.packed.view(-1), q.absmax, q.nested_absmax if nested else None, q.nested_code if nested else None,
+            q.offset if nested else None, q.code, q.shape[0], q.blocksize, A, B, 2.0, None, None)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="first two shapes only")
+    ap.add_argument("--reps", type=int, default=20, help="calls of the weight rotation per graph (default 20)")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gemv_variants: needs a CUDA GPU (nothing measured)")
+        return 0
+    import lora_kernels as lk
+    from lora_kernels import _ext
+
+    from benchmarks import harness
+
+    ext = _ext.cuda_ext()
+    if ext is None or not hasattr(ext, "lora_gemv"):
+        print("gemv_variants: lora_kernels._C_cuda with lora_gemv is not built "
+              "(LORA_KERNELS_BUILD_CUDA=1 python setup.py build_ext --inplace)")
+        return 1
+    has_ws = hasattr(ext, "lora_gemv_v2_workspace")
+    torch.manual_seed(0)
+    bw = harness.measure_copy_bandwidth(nbytes=1024**3, rep_ms=100.0)
+    l2 = harness.l2_bytes()
+    props = torch.cuda.get_device_properties(0)
+    print(f"{props.name}, {props.multi_processor_count} SMs, L2 {l2 / 2**20:.0f} MiB, "
+          f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write), torch {torch.__version__}")
+    rows = []
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    hdr = (f"{'K x N':>12} {'M':>3} {'r':>3} | {'v1 us':>7} {'v2 us':>7} {'floor':>7} | {'v1/fl':>6} {'v2/fl':>6} "
+           f"{'v1/v2':>6} | {'max|dy|':>9} {'rel':>8} {'v2 ran':>6}")
+    print(hdr)
+    print("-" * len(hdr))
+    for K, N in shapes:
+        probe = lk.quantize_nf4(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02)
+        wbytes = probe.nbytes()
+        n_w = min(16, max(2, math.ceil(2.2 * l2 / wbytes)))   # rotated weights: > 2x L2 in total
+        qs = [probe] + [lk.quantize_nf4(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02)
+                        for _ in range(n_w - 1)]
+        floor_us = wbytes / bw * 1e6
+        A16 = torch.randn(16, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        B16 = torch.randn(N, 16, device="cuda", dtype=torch.bfloat16) * 0.02
+        for M in MS:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            for r in RANKS:
+                A, B = (A16, B16) if r else (None, None)
+                per_q = [_args(x, q, A, B) for q in qs]
+                us, outs = {}, {}
+                for v in (1, 2):
+                    us[v] = graph_time_us(lambda v=v: [ext.lora_gemv(*a, variant=v) for a in per_q], n_w, args.reps)
+                    outs[v] = ext.lora_gemv(*per_q[0], variant=v).float()
+                torch.cuda.synchronize()
+                diff = (outs[1] - outs[2]).abs().max().item()
+                rel = diff / max(outs[1].abs().max().item(), 1e-30)
+                ran = ("yes" if ext.lora_gemv_v2_workspace(M, N, K, 64, r) >= 0 else "no") if has_ws else "?"
+                row = dict(shape=f"{K}x{N}", M=M, r=r, v1_us=us[1], v2_us=us[2], floor_us=floor_us,
+                           v1_over_floor=us[1] / floor_us, v2_over_floor=us[2] / floor_us, v1_over_v2=us[1] / us[2],
+                           max_abs_diff=diff, rel_diff=rel, v2_ran=ran, weights_rotated=n_w,
+                           weight_bytes=wbytes, copy_bw_gbps=bw / 1e9)
+                rows.append(row)
+                print(f"{row['shape']:>12} {M:>3} {r:>3} | {us[1]:7.1f} {us[2]:7.1f} {floor_us:7.1f} | "
+                      f"{row['v1_over_floor']:6.2f} {row['v2_over_floor']:6.2f} {row['v1_over_v2']:6.2f} | "
+                      f"{diff:9.2e} {rel:8.1e} {ran:>6}", flush=True)
+        del qs, probe
+        torch.cuda.empty_cache()
+    worst = max(r["rel_diff"] for r in rows)
+    print(f"variants agree: max relative |y1 - y2| / max|y1| = {worst:.2e} "
+          f"({'OK' if worst < 1e-2 else 'MISMATCH'}; bf16 output rounding alone is ~4e-3 at most)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": props.name, "copy_bw_gbps": bw / 1e9, "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0 if worst < 1e-2 else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
