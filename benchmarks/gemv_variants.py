@@ -1,7 +1,8 @@
 """Decode-kernel A/B (GPU): _C_cuda.lora_gemv variant 1 (csrc/cuda/nf4_gemv.cu: a T = x·Aᵀ kernel,
-then the GEMV) against variant 2 (csrc/cuda/nf4_gemv_v2.cu: one persistent launch), kernel time by
-CUDA-graph replay, against the memory floor = NF4 weight bytes as stored / device-to-device copy
-bandwidth (measured here), and whether the two variants agree (max |y1 - y2|).
+then the GEMV) against variant 2 (csrc/cuda/nf4_gemv_v2.cu: one persistent launch) and variant 3
+(csrc/cuda/nf4_gemv_v3.cu: CUDA-core GEMV for small M), kernel time by CUDA-graph replay, against
+the memory floor = NF4 weight bytes as stored / device-to-device copy bandwidth (measured here), and
+whether the variants agree (max |y1 - y2|, max |y1 - y3|).
 
 Shapes K x N (in -> out): 4096x14336, 14336x4096, 8192x28672, 4096x4096; M in {1, 16}; r in {0, 16}
 (bf16, blocksize 64, double quantization, no bias).  Several weights are rotated so that the 4-bit
@@ -9,7 +10,9 @@ weight is not L2-resident between calls.  About a minute on an H100.
 
     python -m benchmarks.gemv_variants [--quick] [--reps N] [--json PATH]
 
-"v2 ran" is "no" where variant 2 would fall back to variant 1 (lora_gemv_v2_workspace == -1)."""
+"v2 ran" is "no" where variant 2 would fall back to variant 1 (lora_gemv_v2_workspace == -1); "v3 ran"
+likewise (lora_gemv_v3_supported; by default variant 3 takes M <= 4, LORA_KERNELS_GEMV_V3_MAX_M
+moves that).  Without variant 3 in the build its columns are NaN."""
 
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="first two shapes only")
     ap.add_argument("--reps", type=int, default=20, help="calls of the weight rotation per graph (default 20)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="rows of x to time (default 1,16)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gemv_variants: needs a CUDA GPU (nothing measured)")
@@ -76,6 +80,8 @@ def main(argv=None) -> int:
               "(LORA_KERNELS_BUILD_CUDA=1 python setup.py build_ext --inplace)")
         return 1
     has_ws = hasattr(ext, "lora_gemv_v2_workspace")
+    has_v3 = hasattr(ext, "lora_gemv_v3_supported")
+    variants = (1, 2, 3) if has_v3 else (1, 2)
     torch.manual_seed(0)
     bw = harness.measure_copy_bandwidth(nbytes=1024**3, rep_ms=100.0)
     l2 = harness.l2_bytes()
@@ -84,8 +90,9 @@ def main(argv=None) -> int:
           f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write), torch {torch.__version__}")
     rows = []
     shapes = SHAPES[:2] if args.quick else SHAPES
-    hdr = (f"{'K x N':>12} {'M':>3} {'r':>3} | {'v1 us':>7} {'v2 us':>7} {'floor':>7} | {'v1/fl':>6} {'v2/fl':>6} "
-           f"{'v1/v2':>6} | {'max|dy|':>9} {'rel':>8} {'v2 ran':>6}")
+    hdr = (f"{'K x N':>12} {'M':>3} {'r':>3} | {'v1 us':>7} {'v2 us':>7} {'v3 us':>7} {'floor':>7} | "
+           f"{'v1/fl':>6} {'v2/fl':>6} {'v3/fl':>6} {'v1/v2':>6} | {'max|dy|':>9} {'rel':>8} {'rel v3':>8} "
+           f"{'v2 ran':>6} {'v3 ran':>6}")
     print(hdr)
     print("-" * len(hdr))
     for K, N in shapes:
@@ -97,31 +104,39 @@ def main(argv=None) -> int:
         floor_us = wbytes / bw * 1e6
         A16 = torch.randn(16, K, device="cuda", dtype=torch.bfloat16) * 0.02
         B16 = torch.randn(N, 16, device="cuda", dtype=torch.bfloat16) * 0.02
-        for M in MS:
+        for M in [int(v) for v in args.ms.split(",")]:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             for r in RANKS:
                 A, B = (A16, B16) if r else (None, None)
                 per_q = [_args(x, q, A, B) for q in qs]
                 us, outs = {}, {}
-                for v in (1, 2):
+                for v in variants:
                     us[v] = graph_time_us(lambda v=v: [ext.lora_gemv(*a, variant=v) for a in per_q], n_w, args.reps)
                     outs[v] = ext.lora_gemv(*per_q[0], variant=v).float()
                 torch.cuda.synchronize()
                 diff = (outs[1] - outs[2]).abs().max().item()
                 rel = diff / max(outs[1].abs().max().item(), 1e-30)
                 ran = ("yes" if ext.lora_gemv_v2_workspace(M, N, K, 64, r) >= 0 else "no") if has_ws else "?"
+                if has_v3:
+                    diff3 = (outs[1] - outs[3]).abs().max().item()
+                    rel3 = diff3 / max(outs[1].abs().max().item(), 1e-30)
+                    ran3 = "yes" if ext.lora_gemv_v3_supported(M, N, K, 64, r) else "no"
+                else:
+                    us[3], diff3, rel3, ran3 = float("nan"), float("nan"), float("nan"), "n/a"
                 row = dict(shape=f"{K}x{N}", M=M, r=r, v1_us=us[1], v2_us=us[2], floor_us=floor_us,
                            v1_over_floor=us[1] / floor_us, v2_over_floor=us[2] / floor_us, v1_over_v2=us[1] / us[2],
                            max_abs_diff=diff, rel_diff=rel, v2_ran=ran, weights_rotated=n_w,
-                           weight_bytes=wbytes, copy_bw_gbps=bw / 1e9)
+                           weight_bytes=wbytes, copy_bw_gbps=bw / 1e9,
+                           v3_us=us[3], v3_over_floor=us[3] / floor_us, v3_max_abs_diff=diff3, v3_rel_diff=rel3,
+                           v3_ran=ran3)
                 rows.append(row)
-                print(f"{row['shape']:>12} {M:>3} {r:>3} | {us[1]:7.1f} {us[2]:7.1f} {floor_us:7.1f} | "
-                      f"{row['v1_over_floor']:6.2f} {row['v2_over_floor']:6.2f} {row['v1_over_v2']:6.2f} | "
-                      f"{diff:9.2e} {rel:8.1e} {ran:>6}", flush=True)
+                print(f"{row['shape']:>12} {M:>3} {r:>3} | {us[1]:7.1f} {us[2]:7.1f} {us[3]:7.1f} {floor_us:7.1f} | "
+                      f"{row['v1_over_floor']:6.2f} {row['v2_over_floor']:6.2f} {row['v3_over_floor']:6.2f} "
+                      f"{row['v1_over_v2']:6.2f} | {diff:9.2e} {rel:8.1e} {rel3:8.1e} {ran:>6} {ran3:>6}", flush=True)
         del qs, probe
         torch.cuda.empty_cache()
-    worst = max(r["rel_diff"] for r in rows)
-    print(f"variants agree: max relative |y1 - y2| / max|y1| = {worst:.2e} "
+    worst = max([r["rel_diff"] for r in rows] + [r["v3_rel_diff"] for r in rows if r["v3_rel_diff"] == r["v3_rel_diff"]])
+    print(f"variants agree: max relative |y1 - y2|, |y1 - y3| / max|y1| = {worst:.2e} "
           f"({'OK' if worst < 1e-2 else 'MISMATCH'}; bf16 output rounding alone is ~4e-3 at most)")
     if args.json:
         with open(args.json, "w") as f:

@@ -143,7 +143,7 @@ std::string validate_lora_gemv(const at::Tensor& x, const at::Tensor& packed, co
                                const std::optional<at::Tensor>& bias, int64_t variant) {
   constexpr const char* fn = "lora_gemv";
   std::string e;
-  if (variant != 1 && variant != 2) return fmt(fn, ": variant must be 1 or 2, got ", variant);
+  if (variant != 1 && variant != 2 && variant != 3) return fmt(fn, ": variant must be 1, 2 or 3, got ", variant);
   if (!x.defined() || x.device().type() != kDev) return fmt(fn, ": x must be a CUDA tensor");
   if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf)
     return fmt(fn, ": x must be bfloat16 or float16, got ", x.scalar_type());
@@ -212,7 +212,9 @@ std::string validate_lora_gemv(const at::Tensor& x, const at::Tensor& packed, co
 }
 
 // variant 1: csrc/cuda/nf4_gemv.cu (T kernel + GEMV); variant 2: csrc/cuda/nf4_gemv_v2.cu (one
-// persistent launch; falls back to variant 1 where its configuration does not fit the device).
+// persistent launch; falls back to variant 1 where its configuration does not fit the device);
+// variant 3: csrc/cuda/nf4_gemv_v3.cu (CUDA-core GEMV for small M; falls back to variant 1 where
+// nf4_lora_gemv_v3_config says no, e.g. M above its limit).
 at::Tensor lora_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                      const std::optional<at::Tensor>& nested_absmax,
                      const std::optional<at::Tensor>& nested_code,
@@ -268,6 +270,12 @@ at::Tensor lora_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
     check_launch(cuda::launch_nf4_lora_gemv_v2(a, ws_bytes > 0 ? ws.data_ptr() : nullptr, ws_bytes, stream), fn);
     return y;
   }
+  if (variant == 3 && cuda::nf4_lora_gemv_v3_config(a, &ws_bytes)) {
+    at::Tensor ws;
+    if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
+    check_launch(cuda::launch_nf4_lora_gemv_v3(a, ws_bytes > 0 ? ws.data_ptr() : nullptr, ws_bytes, stream), fn);
+    return y;
+  }
   at::Tensor t_ws;
   if (has_lora) {
     t_ws = at::empty({M, static_cast<int64_t>(a.r)}, x.options().dtype(at::kFloat));
@@ -299,6 +307,29 @@ int64_t lora_gemv_v2_workspace(int64_t M, int64_t N, int64_t K, int64_t blocksiz
   return cuda::nf4_lora_gemv_v2_config(a, &ws) ? static_cast<int64_t>(ws) : -1;
 }
 
+// Whether lora_gemv(..., variant=3) runs variant 3 for these sizes on the current device (r = 0: no
+// low-rank term; bf16; the answer does not depend on the dtype or on double quantization), or falls
+// back to variant 1 (tests, benchmarks).  Reads $LORA_KERNELS_GEMV_V3_MAX_M like the call does.
+bool lora_gemv_v3_supported(int64_t M, int64_t N, int64_t K, int64_t blocksize, int64_t r) {
+  if (M < 1 || M > cuda::kGemvMaxM || N < 1 || N > 0x7fffffff || K < 1 || K > 0x7fffffff || r < 0 ||
+      r > cuda::kGemvMaxRank || !nf4::is_valid_blocksize(blocksize))
+    return false;
+  static const char dummy = 0;
+  cuda::GemvArgs a;
+  a.M = static_cast<int>(M);
+  a.N = static_cast<int>(N);
+  a.K = static_cast<int>(K);
+  a.blocksize = static_cast<int>(blocksize);
+  a.dtype = cuda::DType::kBFloat16;
+  if (r > 0) {
+    a.lora_a = &dummy;
+    a.lora_b = &dummy;
+    a.r = static_cast<int>(r);
+  }
+  size_t ws = 0;
+  return cuda::nf4_lora_gemv_v3_config(a, &ws);
+}
+
 }  // namespace
 }  // namespace lora_kernels
 
@@ -311,7 +342,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       std::string(lora_kernels::docs::kLoraGemv) +
       "\nvariant: 1 (default) = csrc/cuda/nf4_gemv.cu (a T = x·Aᵀ kernel, then the GEMV);\n"
       "2 = csrc/cuda/nf4_gemv_v2.cu (one persistent launch; same math, falls back to 1 where it\n"
-      "does not fit the device).  lora_kernels reads LORA_KERNELS_GEMV_VARIANT.";
+      "does not fit the device); 3 = csrc/cuda/nf4_gemv_v3.cu (CUDA-core GEMV for small M: M <= 4\n"
+      "unless LORA_KERNELS_GEMV_V3_MAX_M (<= 8) says otherwise; falls back to 1 beyond that, see\n"
+      "lora_gemv_v3_supported).  lora_kernels reads LORA_KERNELS_GEMV_VARIANT.";
   m.def("lora_gemv", &lora_kernels::lora_gemv, gemv_doc.c_str(), py::arg("x"), py::arg("packed"),
         py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"), py::arg("offset"), py::arg("code"),
         py::arg("n"), py::arg("blocksize"), py::arg("lora_a") = py::none(), py::arg("lora_b") = py::none(),
@@ -321,5 +354,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "lora_gemv_v2_workspace(M, N, K, blocksize, r) -> int\n\nDevice workspace bytes of "
         "lora_gemv(..., variant=2) on the current device (r = 0: no low-rank term), or -1 when it would "
         "fall back to variant 1.",
+        py::arg("M"), py::arg("N"), py::arg("K"), py::arg("blocksize"), py::arg("r") = 0);
+  m.def("lora_gemv_v3_supported", &lora_kernels::lora_gemv_v3_supported,
+        "lora_gemv_v3_supported(M, N, K, blocksize, r) -> bool\n\nWhether lora_gemv(..., variant=3) runs "
+        "variant 3 for these sizes on the current device (r = 0: no low-rank term); False: it falls back to "
+        "variant 1.",
         py::arg("M"), py::arg("N"), py::arg("K"), py::arg("blocksize"), py::arg("r") = 0);
 }

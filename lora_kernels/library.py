@@ -200,8 +200,8 @@ def _dequantize_backend(device: torch.device, numel: int, requested: str | None)
 # Routes (benchmarks/results/forward_*.md name the route every row was measured on):
 #   "cuda-gemv"      M <= 16 on CUDA, NF4 weight with blocksize >= 64, K % 64 == 0, bf16/fp16 x:
 #                    csrc/cuda/nf4_gemv.cu -- tensor-core GEMV reading the 4-bit weight once,
-#                    low-rank term and bias in its epilogue (decode); nf4_gemv_v2.cu for
-#                    M = 1 without LoRA (gemv_variant)
+#                    low-rank term and bias in its epilogue (decode); nf4_gemv_v3.cu /
+#                    nf4_gemv_v2.cu at M = 1 (gemv_variant)
 #   "triton-gemv"    M <= 16 on CUDA otherwise (dense base weight, blocksize 32, no CUDA ext):
 #                    split-K GEMV in Triton
 #   "merge-cublas"   M > 16 on CUDA: a memory-bound Triton pass writes the merged weight
@@ -265,19 +265,23 @@ def _cuda_gemv(x2d, weight: NF4Weight, lora_a, lora_b, scale, bias) -> torch.Ten
     q = weight
     nested = q.double_quant
     v = os.environ.get("LORA_KERNELS_GEMV_VARIANT")
-    variant = int(v) if v else gemv_variant(x2d.shape[0], lora_a is not None)
+    variant = int(v) if v else gemv_variant(x2d.shape[0], q.shape[0], q.shape[1], lora_a is not None)
     return _ext.cuda_ext().lora_gemv(
         x2d, q.packed.view(-1), q.absmax, q.nested_absmax if nested else None, q.nested_code if nested else None,
         q.offset if nested else None, q.code, q.shape[0], q.blocksize, lora_a, lora_b, s, scale_vec,
         None if bias is None else bias.contiguous(), variant)
 
 
-def gemv_variant(M: int, has_lora: bool) -> int:
-    """Which decode kernel the cuda-gemv route runs ($LORA_KERNELS_GEMV_VARIANT overrides):
-    2 (csrc/cuda/nf4_gemv_v2.cu, one persistent launch) for M = 1 without a low-rank term, where it
-    measured 1.04-1.14x faster than variant 1 on all four benchmark shapes; 1 (nf4_gemv.cu, a
-    T = x·Aᵀ kernel then the GEMV) otherwise: with r = 16 variant 2 measured 1.2-4.7x slower
-    (benchmarks/results/gemv_variants_nvidia-h100-80gb-hbm3.md)."""
+def gemv_variant(M: int, N: int, K: int, has_lora: bool) -> int:
+    """Which decode kernel the cuda-gemv route runs ($LORA_KERNELS_GEMV_VARIANT overrides), from
+    the H100 A/B of all three (benchmarks/results/gemv_variants_nvidia-h100-80gb-hbm3.md):
+    3 (nf4_gemv_v3.cu: CUDA cores, 16-byte loads, 4-8 in flight per lane) for M = 1 on weights
+    of >= 2^25 elements: 1.5-1.6x faster than variant 1 there (8192x28672: 60 vs 95 us, 1.5x the
+    memory floor), slower on 4096x4096;  2 (nf4_gemv_v2.cu, one persistent launch) for M = 1
+    without LoRA on smaller weights (1.09x faster than 1);  1 (nf4_gemv.cu, tensor cores)
+    otherwise.  A variant that cannot take the arguments falls back to 1 inside the extension."""
+    if M == 1 and N * K >= 1 << 25:
+        return 3
     return 2 if M == 1 and not has_lora else 1
 
 

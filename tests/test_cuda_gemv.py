@@ -1,8 +1,10 @@
 """The CUDA C++ decode kernels (route "cuda-gemv") against a float64 reference: every M in 1..16,
 odd N, r from 1 to 256, blocksizes 64..4096, with and without double quantization, bias of x's
 dtype / fp32 / none, scalar and per-rank scale, bf16 and fp16.  Every correctness test runs for
-both kernel variants (the ``variant`` fixture sets LORA_KERNELS_GEMV_VARIANT, read by
-lora_kernels.library._cuda_gemv): 1 = csrc/cuda/nf4_gemv.cu, 2 = csrc/cuda/nf4_gemv_v2.cu.
+kernel variants (the ``variant`` fixture sets LORA_KERNELS_GEMV_VARIANT, read by
+lora_kernels.library._cuda_gemv): 1 = csrc/cuda/nf4_gemv.cu, 2 = csrc/cuda/nf4_gemv_v2.cu,
+3 = csrc/cuda/nf4_gemv_v3.cu (run with LORA_KERNELS_GEMV_V3_MAX_M=8, so every M it is built for is
+tested; larger M falls back to variant 1).
 Error rule: at most 2x the error of PyTorch computing the same formula in x's dtype.
 The output is allocated by the extension, so the caching allocator is first filled with NaN
 ("poisoned"): an element the kernel fails to write comes back NaN.
@@ -33,17 +35,40 @@ def _ext_or_skip():
     return ext
 
 
-@pytest.fixture(params=[1, 2], ids=["v1", "v2"])
+V3_MAX_M = 8   # rows of x variant 3 is built for (csrc/cuda/nf4_gemv.h kV3MaxM); its default limit is 4
+
+
+@pytest.fixture(params=[1, 2, 3], ids=["v1", "v2", "v3"])
 def variant(request, monkeypatch):
-    """Runs the test once per kernel variant (variant 2 must really run, not fall back)."""
+    """Runs the test once per kernel variant (variants 2 and 3 must really run, not fall back)."""
     monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", str(request.param))
+    if request.param == 3:
+        monkeypatch.setenv("LORA_KERNELS_GEMV_V3_MAX_M", str(V3_MAX_M))
     return request.param
 
 
+def _v3_supported(M, K, N, r, bs):
+    ext = _ext_or_skip()
+    if not hasattr(ext, "lora_gemv_v3_supported"):
+        pytest.skip("lora_kernels._C_cuda was built without variant 3 (lora_gemv_v3_supported)")
+    return ext.lora_gemv_v3_supported(M, N, K, bs, r)
+
+
 def _assert_runs(variant, M, K, N, r, bs):
+    """Variants 2 and 3 must run these sizes themselves (variant 3 for M <= V3_MAX_M; above that it
+    falls back to variant 1 by design, which the v1 cases test)."""
     if variant == 2:
         ws = _ext_or_skip().lora_gemv_v2_workspace(M, N, K, bs, r)
         assert ws >= 0, f"variant 2 would fall back to variant 1 for M={M} K={K} N={N} r={r} bs={bs}"
+    if variant == 3 and M <= V3_MAX_M:
+        assert _v3_supported(M, K, N, r, bs), \
+            f"variant 3 would fall back to variant 1 for M={M} K={K} N={N} r={r} bs={bs}"
+
+
+def _skip_v3_above_max_m(variant, M):
+    if variant == 3 and M > V3_MAX_M:
+        pytest.skip(f"variant 3 is built for M <= {V3_MAX_M} (CUDA-core FMAs grow with M); M={M} falls "
+                    "back to variant 1, which the v1 case tests")
 
 
 def _poison_allocator(nbytes: int) -> None:
@@ -92,6 +117,7 @@ def _check(x, q, A, B, s, b):
 @pytest.mark.parametrize("M", list(range(1, 17)))
 def test_every_m(M, dtype, variant, rng):
     _ext_or_skip()
+    _skip_v3_above_max_m(variant, M)
     for K, N, r in ((4096, 4096 + 8 + 3, 16), (1024, 333, 1), (512, 14336 // 4 + 5, 64)):
         _assert_runs(variant, M, K, N, r, 64)
         _check(*_case(M, K, N, r, dtype, rng))
@@ -111,6 +137,7 @@ def test_ranks_bias_scale(r, variant, rng):
 @pytest.mark.parametrize("dq", [True, False], ids=["dq", "plain"])
 def test_blocksizes_and_double_quant(bs, dq, variant, rng):
     _ext_or_skip()
+    _assert_runs(variant, 3, 4096, 517, 8, bs)
     _assert_runs(variant, 16, 8192, 64, 8, bs)
     _check(*_case(3, 4096, 517, 8, torch.float16, rng, bs=bs, dq=dq))
     _check(*_case(16, 8192, 64, 8, torch.bfloat16, rng, bs=bs, dq=dq))
@@ -120,9 +147,13 @@ def test_blocksizes_and_double_quant(bs, dq, variant, rng):
 def test_big_shapes_and_3d(variant, rng):
     _ext_or_skip()
     for K, N in ((4096, 14336), (14336, 4096), (8192, 28672)):
+        _assert_runs(variant, 1, K, N, 16, 64)
         _assert_runs(variant, 16, K, N, 16, 64)
         _check(*_case(1, K, N, 16, torch.bfloat16, rng))
         _check(*_case(16, K, N, 16, torch.bfloat16, rng))
+        if variant == 3:   # K split over CTAs (x of the slice in shared memory) + the finish kernel
+            _assert_runs(variant, 8, K, N, 16, 64)
+            _check(*_case(8, K, N, 16, torch.bfloat16, rng))
     _check(*_case(4, 4096, 1024, 16, torch.bfloat16, rng, lead=(2,)))   # x [2, 4, K]: M = 8
 
 
@@ -166,9 +197,11 @@ def test_route_choice(rng):
 
 @gpu
 @pytest.mark.parametrize("M", [1, 7, 16])
-def test_variants_agree(M, rng):
-    """Both kernels on the same inputs: same math, only the fp32 summation order differs."""
+def test_variants_agree(M, rng, monkeypatch):
+    """The kernels on the same inputs: same math, only the fp32 summation order differs (variant 3
+    for M <= V3_MAX_M; at M = 16 it falls back to variant 1)."""
     ext = _ext_or_skip()
+    monkeypatch.setenv("LORA_KERNELS_GEMV_V3_MAX_M", str(V3_MAX_M))
     for K, N, r, bs in ((4096, 14336, 16, 64), (14336, 4096, 16, 64), (2048, 1000, 0, 128)):
         x, q, A, B, s, b = _case(M, K, N, r, torch.bfloat16, rng, bs=bs)
         nested = q.double_quant
@@ -179,6 +212,12 @@ def test_variants_agree(M, rng):
         y2 = ext.lora_gemv(*args, variant=2).float()
         assert torch.isfinite(y2).all()
         assert ((y1 - y2).norm() / y1.norm()).item() < 2e-3
+        if hasattr(ext, "lora_gemv_v3_supported"):
+            if M <= V3_MAX_M:
+                assert ext.lora_gemv_v3_supported(M, N, K, bs, r)
+            y3 = ext.lora_gemv(*args, variant=3).float()
+            assert torch.isfinite(y3).all()
+            assert ((y1 - y3).norm() / y1.norm()).item() < 2e-3
 
 
 @gpu
@@ -212,6 +251,42 @@ def test_v2_repeated_calls_and_graph_replay(rng, monkeypatch):
         _check(static_x, q, A, B, s, b)
 
 
+@gpu
+@pytest.mark.parametrize("pdl", ["1", "0"], ids=["pdl", "nopdl"])
+def test_v3_repeated_calls_and_graph_replay(pdl, rng, monkeypatch):
+    """Variant 3 chains up to three kernels (T = x·Aᵀ, the GEMV as a programmatic dependent launch,
+    the finish kernel that sums the K slices): eager calls of several shapes in turn and CUDA-graph
+    replays with new inputs must all be right, with and without programmatic dependent launch."""
+    _ext_or_skip()
+    monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "3")
+    monkeypatch.setenv("LORA_KERNELS_GEMV_V3_MAX_M", str(V3_MAX_M))
+    monkeypatch.setenv("LORA_KERNELS_GEMV_V3_PDL", pdl)
+    cases = [(1, 4096, 4096, 16), (1, 4096, 14336, 0), (3, 14336, 1024, 64), (8, 8192, 300, 8)]
+    for M, K, N, r in cases:
+        _assert_runs(3, M, K, N, r, 64)
+    made = [_case(M, K, N, r, torch.bfloat16, rng, vec=(M == 3)) for M, K, N, r in cases]
+    for _ in range(2):
+        for c in made:
+            _check(*c)
+    for x, q, A, B, s, b in (made[0], made[2]):
+        static_x = x.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            lk.lora_linear(static_x, q, A, B, s, b, route="cuda-gemv")  # warm up outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = lk.lora_linear(static_x, q, A, B, s, b, route="cuda-gemv")
+        for _ in range(3):
+            static_x.copy_(randn(tuple(x.shape), x.dtype, rng, device="cuda"))
+            graph.replay()
+            torch.cuda.synchronize()
+            expect = lk.lora_linear(static_x, q, A, B, s, b, route="cuda-gemv")   # eager, same variant
+            assert torch.equal(static_y, expect)
+            _check(static_x, q, A, B, s, b)
+
+
 # ---- raw-binding argument checks, each call in a child process -----------------------------------
 # On the H100 (torch 2.11) eight of these calls used to segfault instead of raising (see
 # csrc/nf4_checks.h): the calls run in a child process, so a crash fails the case it happened in
@@ -227,7 +302,7 @@ _BAD_ARGS = [  # (case id, edit of a valid call, expected message)
     ("lora_b-shape", dict(bb="r4"), "lora_b"),
     ("lora_a-dtype", dict(a="half"), "lora_a"),
     ("x-cpu", dict(xx="cpu"), "CUDA"),
-    ("variant-3", dict(variant=3), "variant"),
+    ("variant-4", dict(variant=4), "variant"),
 ]
 
 _CHILD = r"""
@@ -267,7 +342,7 @@ def _run_bad_args():
     all cases (a new one after each crash)."""
     if _bad_results:
         return _bad_results
-    todo = [[cid, case, v] for cid, case, _ in _BAD_ARGS for v in (1, 2)]
+    todo = [[cid, case, v] for cid, case, _ in _BAD_ARGS for v in (1, 2, 3)]
     root = str(pathlib.Path(__file__).resolve().parents[1])
     while todo:
         proc = subprocess.run([sys.executable, "-c", _CHILD, root, json.dumps(todo)], capture_output=True,
@@ -303,7 +378,7 @@ def _run_bad_args():
 
 
 @gpu
-@pytest.mark.parametrize("variant_arg", [1, 2], ids=["v1", "v2"])
+@pytest.mark.parametrize("variant_arg", [1, 2, 3], ids=["v1", "v2", "v3"])
 @pytest.mark.parametrize("cid, case, msg", _BAD_ARGS, ids=[c[0] for c in _BAD_ARGS])
 def test_extension_rejects_bad_arguments(cid, case, msg, variant_arg):
     _ext_or_skip()
@@ -409,3 +484,13 @@ def test_decode_fast_path_is_inert_on_cpu(rng):
         a = layer(x)
     b = layer(x.clone().requires_grad_()).detach()
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_gemv_variant_rule():
+    """The measured dispatch among the three decode kernels (library.gemv_variant)."""
+    from lora_kernels.library import gemv_variant
+
+    assert gemv_variant(1, 14336, 4096, True) == 3 and gemv_variant(1, 28672, 8192, False) == 3
+    assert gemv_variant(1, 4096, 4096, False) == 2
+    assert gemv_variant(1, 4096, 4096, True) == 1
+    assert gemv_variant(2, 14336, 4096, True) == 1 and gemv_variant(16, 28672, 8192, False) == 1

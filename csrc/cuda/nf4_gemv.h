@@ -61,5 +61,19 @@ bool nf4_lora_gemv_v2_config(const GemvArgs& args, size_t* workspace_bytes);
 cudaError_t launch_nf4_lora_gemv_v2(const GemvArgs& args, void* workspace, size_t workspace_bytes,
                                     cudaStream_t stream);
 
+// Variant 3 (csrc/cuda/nf4_gemv_v3.cu): CUDA-core GEMV for few rows of x (M <= kV3DefaultMaxM unless
+// $LORA_KERNELS_GEMV_V3_MAX_M raises it, up to kV3MaxM), bandwidth-first (16-byte
+// streaming loads, byte -> dtype-pair table, x in shared memory as fp32); same math as variant 1,
+// the block scale applied per 32 products, another fp32 summation order.
+// nf4_lora_gemv_v3_config: false when variant 3 does not take these arguments (M above its limit,
+// sm < 80, ...): the caller then runs variant 1; else *workspace_bytes = the device workspace it needs (T =
+// x·Aᵀ ⊙ s with a low-rank term; fp32 partial sums when K is split over CTAs; 0 when neither; t_ws is
+// not used).  No initialization needed; reusable by the next call on the same stream.
+constexpr int kV3MaxM = 8;          // rows of x the kernel is built for
+constexpr int kV3DefaultMaxM = 4;   // rows it takes unless $LORA_KERNELS_GEMV_V3_MAX_M says otherwise
+bool nf4_lora_gemv_v3_config(const GemvArgs& args, size_t* workspace_bytes);
+cudaError_t launch_nf4_lora_gemv_v3(const GemvArgs& args, void* workspace, size_t workspace_bytes,
+                                    cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace lora_kernels
