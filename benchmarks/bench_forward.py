@@ -38,7 +38,7 @@ shape; the full run has grown ~2.5x with the Qwen2 shapes and the two extra M, s
 10-minute budget or split it with ``--shapes``.
 
     python -m benchmarks.bench_forward [--quick] [--sweep] [--out DIR] [--shapes 4096x4096,...]
-                                       [--ms 1,16,4096] [--ranks 16] [--methods ours,bnb_peft,...]
+                                       [--ms 1,16,4096] [--ranks 16] [--methods ours,bnb_peft,...] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -203,6 +203,12 @@ def parse_methods(text: str) -> list[str]:
     if bad or not vals:
         raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; expected a subset of {list(METHODS)}")
     return vals
+
+
+def parse_tag(text: str) -> str:
+    if not text or not all(c.isalnum() or c in "-_" for c in text):
+        raise argparse.ArgumentTypeError(f"a tag is letters, digits, '-' and '_', got {text!r}")
+    return text
 
 
 def _elapsed(t0: float) -> str:
@@ -721,13 +727,14 @@ def run_cpu(args, lk, env, t0: float) -> tuple[list[dict], dict, list[str]]:
 
 
 # ------------------------------------------------------------------------------------ output
-def result_name(env: dict, quick: bool, sweep: bool) -> str:
-    return f"forward_{env.get('key', 'unknown')}" + ("_quick" if quick else "") + ("_sweep" if sweep else "")
+def result_name(env: dict, quick: bool, sweep: bool, tag: str | None = None) -> str:
+    return (f"forward_{env.get('key', 'unknown')}" + ("_quick" if quick else "") + ("_sweep" if sweep else "")
+            + (f"_{tag}" if tag else ""))
 
 
 def _write(args, env, rows, meta, notes):
-    return harness.write_results(result_name(env, args.quick, args.sweep), rows, env, args.out, meta=meta,
-                                 columns=MD_COLUMNS, notes=notes)
+    return harness.write_results(result_name(env, args.quick, args.sweep, getattr(args, "tag", None)), rows, env,
+                                 args.out, meta=meta, columns=MD_COLUMNS, notes=notes)
 
 
 def short_table(rows: list[dict]) -> str:
@@ -762,6 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ms", type=parse_ints, default=None, help=f"rows of x (default {GPU_MS}; CPU {CPU_MS})")
     p.add_argument("--ranks", type=parse_ints, default=None, help=f"LoRA ranks (default {RANKS}); alpha = 2r")
     p.add_argument("--methods", type=parse_methods, default=None, help=f"subset of {','.join(METHODS)}")
+    p.add_argument("--tag", type=parse_tag, default=None, help="appended to the result file name: forward_<gpu>_TAG")
     p.add_argument("--warmup-ms", type=float, default=10.0)
     p.add_argument("--rep-ms", type=float, default=50.0)
     p.add_argument("--reps", type=int, default=3, help="CPU mode: timed repetitions")

@@ -19,7 +19,7 @@ GPU mode, per layer shape, rank and M (rows keyed shape, M, r, method):
                   the forward and by the backward) + x + y + g + dX (bf16) + with LoRA A, B read and
                   dA, dB written (bf16)
   ratio_vs_cublas_floor / ratio_vs_bf16_lora / ratio_vs_bnb_peft = median / that method's median at
-                  the same (shape, M, r)
+                  the same (shape, M, r, direction)
   peak_mem_mb     ``harness.peak_memory`` of one step (returned gradients included)
   check           once per (shape, M, r): rel_err of our dX, dA, dB against a float32 reference on the
                   same dequantized weight, beside PyTorch computing the same formula in bf16;
@@ -27,15 +27,25 @@ GPU mode, per layer shape, rank and M (rows keyed shape, M, r, method):
                   <= 2 (the design's rule); recorded, never fails the run
 x and g rotate among input sets totalling > 2x the L2 (``harness.sets_for_l2``); one weight and one
 pair of adapters per shape (at M >= 4096 the step is compute-bound; a note says so).
+Directions (``--directions``, default ``step``; ``direction`` column): ``fwd+bwd`` = the step above;
+``fwd`` = the forward alone with autograd recording (what a training forward costs: ours
+``qlora_linear``, PEFT's layer call with grad enabled, cuBLAS ``F.linear``); ``bwd`` = the backward
+alone, timed on stored forwards: one forward per input set is run once, then each timed call is
+``torch.autograd.grad(y, inputs, g, retain_graph=True)`` on it (cuBLAS: ``g @ W``) — measured, not
+step minus forward.  Floors split the step's: fwd = bench_forward's forward FLOPs / bytes, bwd =
+the rest (dX = dY·W and the LoRA backward).  ``route`` = ``forward_route`` / ``backward_route``.
+The cuBLAS pair is rank-free: timed at the first rank only, r empty, matched to every rank.
 CPU mode (no GPU): ``ours`` against the reference on one tiny shape, rows keyed ``cpu``.
 
 Run time on one H100 (an estimate from the per-row budget, not a measured total): 4 rows per
 (shape, M) at ~0.5-2 s each (the M = 16384 steps of the big shapes take milliseconds each, plus
 a float32 reference check per (shape, M)), plus ~5-20 s per shape for weights and the two PEFT
-stacks: ``--quick`` (2 shapes x 2 M) ~1 min, full (8 shapes x 2 M) ~3-6 min.
+stacks: ``--quick`` (2 shapes x 2 M) ~1 min, full (8 shapes x 2 M) ~3-6 min; ``--directions
+step,fwd,bwd`` triples the rows.
 
     python -m benchmarks.bench_training [--quick] [--out DIR] [--shapes 4096x4096,...] [--ms 4096,16384]
                                         [--ranks 16] [--methods ours,bnb_peft,bf16_lora_peft,cublas_floor]
+                                        [--directions step,fwd,bwd] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -62,22 +72,26 @@ RANKS = [16]
 SCALE = bf.SCALE
 DTYPE = bf.DTYPE
 METHODS = ("ours", "bnb_peft", "bf16_lora_peft", "cublas_floor")
+#: --directions names -> the ``direction`` column: the whole step, the forward alone, the backward alone
+DIRECTIONS = {"step": "fwd+bwd", "fwd": "fwd", "bwd": "bwd"}
 
 ROW_KEYS = (
-    "bench", "device", "shape", "K", "N", "M", "r", "method", "variant",
+    "bench", "device", "shape", "K", "N", "M", "r", "method", "variant", "direction", "route",
     "median_ms", "p20_ms", "p80_ms", "n_reps", "n_sets", "graph",
     "flops", "bytes", "floor_ms", "frac_floor", "tflops",
     "ratio_vs_cublas_floor", "ratio_vs_bf16_lora", "ratio_vs_bnb_peft", "peak_mem_mb",
     "resident_mb", "total_mem_mb", "max_alloc_mb", "dense_weight_mb", "rel_err_dx", "rel_err_da", "rel_err_db", "rel_err_dx_bf16_torch", "rel_err_da_bf16_torch",
     "rel_err_db_bf16_torch", "err_ratio", "within_2x", "note",
 )
-MD_COLUMNS = ("shape", "M", "r", "method", "median_ms", "p20_ms", "p80_ms", "floor_ms", "frac_floor", "tflops",
+MD_COLUMNS = ("shape", "M", "r", "method", "direction", "route", "median_ms", "p20_ms", "p80_ms", "floor_ms",
+              "frac_floor", "tflops",
               "ratio_vs_cublas_floor", "ratio_vs_bf16_lora", "ratio_vs_bnb_peft", "peak_mem_mb", "resident_mb",
               "total_mem_mb", "max_alloc_mb", "dense_weight_mb",
               "rel_err_dx", "rel_err_da", "rel_err_db", "err_ratio", "within_2x", "n_sets", "note")
-SHORT_COLUMNS = ("shape", "M", "r", "method", "median_ms", "frac_floor", "ratio_vs_cublas_floor", "ratio_vs_bf16_lora",
+SHORT_COLUMNS = ("shape", "M", "r", "method", "direction", "median_ms", "frac_floor", "ratio_vs_cublas_floor",
+                 "ratio_vs_bf16_lora",
                  "ratio_vs_bnb_peft", "total_mem_mb", "max_alloc_mb", "err_ratio")
-SHORT_HEADERS = ("KxN", "M", "r", "method", "ms", "/floor", "/cublas", "/bf16lora", "/bnb", "MB", "max alloc MB",
+SHORT_HEADERS = ("KxN", "M", "r", "method", "dir", "ms", "/floor", "/cublas", "/bf16lora", "/bnb", "MB", "max alloc MB",
                  "err/bf16")
 
 
@@ -93,6 +107,24 @@ def training_bytes(M: int, K: int, N: int, r: int | None, weight_bytes: int, ite
     return 2 * weight_bytes + itemsize * (2 * M * K + 2 * M * N) + (2 * itemsize * r * (K + N) if r else 0)
 
 
+def direction_flops(direction: str, M: int, K: int, N: int, r: int | None) -> int:
+    """FLOPs of one direction: "fwd+bwd" = ``training_flops``; "fwd" = the forward's (2MKN + 2Mr(K+N));
+    "bwd" = the rest (dX = dY·W: 2MKN, + 4Mr(K+N) for dB, dY·B, dA, dX += ·A)."""
+    if direction == "fwd+bwd":
+        return training_flops(M, K, N, r)
+    fwd = bf.forward_flops(M, K, N, r)
+    return fwd if direction == "fwd" else training_flops(M, K, N, r) - fwd
+
+
+def direction_bytes(direction: str, M: int, K: int, N: int, r: int | None, weight_bytes: int) -> int:
+    """Least bytes of one direction: "fwd" = bench_forward's (weight, x, y, A, B); "bwd" = the step's
+    minus that (weight, g read, dX written, dA and dB written)."""
+    if direction == "fwd+bwd":
+        return training_bytes(M, K, N, r, weight_bytes)
+    fwd = bf.forward_bytes(M, K, N, r, weight_bytes)
+    return fwd if direction == "fwd" else training_bytes(M, K, N, r, weight_bytes) - fwd
+
+
 def new_row(**kw) -> dict:
     return harness.make_row(ROW_KEYS, **kw)
 
@@ -102,7 +134,8 @@ def _add_note(row: dict, text: str) -> None:
 
 
 def fill_derived(rows: list[dict], matmul_rate: float | None, copy_bw: float | None) -> None:
-    """floor_ms, frac_floor, tflops and the three ratios (same shape, M, r)."""
+    """floor_ms, frac_floor, tflops and the three ratios (same shape, M, r and direction; the cuBLAS
+    pair has no rank: matched on shape, M and direction only)."""
     for r in rows:
         if r["flops"] is not None and r["bytes"] is not None:
             r["floor_ms"] = bf.floor_ms(r["flops"], r["bytes"], matmul_rate, copy_bw)
@@ -111,18 +144,22 @@ def fill_derived(rows: list[dict], matmul_rate: float | None, copy_bw: float | N
                 r["frac_floor"] = r["floor_ms"] / r["median_ms"]
             if r["flops"]:
                 r["tflops"] = r["flops"] / (r["median_ms"] * 1e-3) / 1e12
+
+    def key(method, r):
+        return (method, r["shape"], r["M"], None if method == "cublas_floor" else r["r"], r.get("direction"))
+
     refs = {}
     for r in rows:
         if r["median_ms"] and r["method"] in ("cublas_floor", "bf16_lora_peft", "bnb_peft"):
-            refs[(r["method"], r["shape"], r["M"], r["r"])] = r["median_ms"]
+            refs[key(r["method"], r)] = r["median_ms"]
     for r in rows:
         if not r["median_ms"]:
             continue
-        for method, key in (("cublas_floor", "ratio_vs_cublas_floor"), ("bf16_lora_peft", "ratio_vs_bf16_lora"),
-                            ("bnb_peft", "ratio_vs_bnb_peft")):
-            ref = refs.get((method, r["shape"], r["M"], r["r"]))
+        for method, name in (("cublas_floor", "ratio_vs_cublas_floor"), ("bf16_lora_peft", "ratio_vs_bf16_lora"),
+                             ("bnb_peft", "ratio_vs_bnb_peft")):
+            ref = refs.get(key(method, r))
             if ref and r["method"] != method:
-                r[key] = r["median_ms"] / ref
+                r[name] = r["median_ms"] / ref
 
 
 # ------------------------------------------------------------------------------------ steps
@@ -142,6 +179,16 @@ def cublas_step(x, W, g):
     y = F.linear(x, W)
     dx = g @ W
     return y, dx
+
+
+def grad_retained(y, inputs, g):
+    """The backward alone on a stored forward: gradients of (y ⊙ g).sum() for ``inputs``, the graph kept
+    so the same forward can be differentiated again (the timed call of the "bwd" rows)."""
+    return torch.autograd.grad(y, inputs, g, retain_graph=True)
+
+
+def cublas_bwd(g, W):
+    return g @ W
 
 
 def correctness(lk, reference, x, q, A, B, g) -> dict:
@@ -176,8 +223,14 @@ def correctness(lk, reference, x, q, A, B, g) -> dict:
 
 
 # ------------------------------------------------------------------------------------ GPU mode
-def _time_row(args, base: dict, fn, sets, **extra) -> dict:
+def _time_row(args, base: dict, fn, sets, weight_bytes: int | None = None, **extra) -> dict:
+    """Time ``fn`` over ``sets`` into a row (flops and bytes of its direction when ``weight_bytes`` is
+    given); an exception becomes the row's note."""
     row = new_row(**{**base, **extra})
+    if weight_bytes is not None:
+        d, lr = row["direction"] or "fwd+bwd", None if row["method"] == "cublas_floor" else row["r"]
+        row["flops"] = direction_flops(d, row["M"], row["K"], row["N"], lr)
+        row["bytes"] = direction_bytes(d, row["M"], row["K"], row["N"], lr, weight_bytes)
     try:
         t = harness.time_cuda(fn, sets, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         for k in ("median_ms", "p20_ms", "p80_ms", "n_reps", "n_sets", "graph"):
@@ -193,8 +246,71 @@ def _time_row(args, base: dict, fn, sets, **extra) -> dict:
             traceback.print_exc()
         with contextlib.suppress(Exception):
             torch.cuda.synchronize()
-    print(f"    {row['shape']} M={row['M']} r={row['r']} {row['method']}: {bf._fmt_ms(row['median_ms'])} ms", flush=True)
+    print(f"    {row['shape']} M={row['M']} r={row['r']} {row['method']} {row['direction']}: "
+          f"{bf._fmt_ms(row['median_ms'])} ms", flush=True)
     return row
+
+
+def _route(lk, name: str, *a) -> str | None:
+    fn = getattr(lk, name, None)
+    try:
+        return fn(*a) if fn is not None else None
+    except Exception:
+        return None
+
+
+def _time_directions(args, lk, library, methods, directions, layers, base, r, first_rank, q, W, A, B, xs, gs,
+                     chk, rows: list[dict]) -> None:
+    """Append to ``rows`` the rows of one (shape, M, r): each method in each direction ("fwd+bwd",
+    "fwd", "bwd").  "bwd" rows differentiate stored forwards (one per input set, run before timing
+    and freed after)."""
+    n, M, K, N = len(xs), base["M"], base["K"], base["N"]
+    dev = xs[0].device
+    fr, br = _route(lk, "forward_route", M, q, DTYPE, dev), _route(lk, "backward_route", q, DTYPE, dev)
+    routes = {"fwd+bwd": f"{fr} / {br}" if fr and br else fr, "fwd": fr, "bwd": br}
+    lora = dict(base, r=r)
+
+    def run(method, b, weight_bytes, plans, **extra):
+        for d in directions:
+            fn, make_sets = plans[d]
+            try:
+                sets = make_sets()
+            except Exception as e:
+                rows.append(new_row(**b, method=method, direction=d, note=f"setup failed: {bf._short_error(e)}"))
+                print(f"    ! {b['shape']} M={M} {method} {d}: {rows[-1]['note']}", flush=True)
+                continue
+            x = {k: v for k, v in extra.items() if d != "fwd" or not k.startswith(("rel_err", "err_", "within"))}
+            rows.append(_time_row(args, b, fn, sets, weight_bytes=weight_bytes, method=method, direction=d, **x))
+            del sets
+
+    if "ours" in methods:
+        step = ours_step(lk)
+        step(xs[0], q, A, B, gs[0])          # the workspace exists from here on
+        ws = library.workspace_nbytes()
+        fwd = lambda x, q_, a, b: lk.qlora_linear(x, q_, a, b, SCALE)  # noqa: E731
+        plans = {"fwd+bwd": (step, lambda: [(xs[i], q, A, B, gs[i]) for i in range(n)]),
+                 "fwd": (fwd, lambda: [(xs[i], q, A, B) for i in range(n)]),
+                 "bwd": (grad_retained, lambda: [(fwd(xs[i], q, A, B), (xs[i], A, B), gs[i]) for i in range(n)])}
+        run_rows = len(rows)
+        run("ours", lora, q.nbytes(), plans, resident_mb=(q.nbytes() + ws) / 2**20, **chk)
+        for row in rows[run_rows:]:
+            row["route"] = routes.get(row["direction"])
+    for method in ("bnb_peft", "bf16_lora_peft"):
+        if method in layers:
+            wb = q.nbytes() if method == "bnb_peft" else 2 * N * K
+            layer = layers[method][1]
+            ins = lambda x, ly=layer: (x, ly.lora_A["default"].weight, ly.lora_B["default"].weight)  # noqa: E731
+            plans = {"fwd+bwd": (peft_step, lambda layer=layer: [(layer, xs[i], gs[i]) for i in range(n)]),
+                     "fwd": (lambda layer_, x: layer_(x), lambda layer=layer: [(layer, xs[i]) for i in range(n)]),
+                     "bwd": (grad_retained,
+                             lambda layer=layer, ins=ins: [(layer(xs[i]), ins(xs[i]), gs[i]) for i in range(n)])}
+            run(method, lora, wb, plans, resident_mb=wb / 2**20)
+    if "cublas_floor" in methods and first_rank:  # rank-free: once per (shape, M)
+        with torch.no_grad():
+            plans = {"fwd+bwd": (cublas_step, lambda: [(xs[i].detach(), W, gs[i]) for i in range(n)]),
+                     "fwd": (F.linear, lambda: [(xs[i].detach(), W) for i in range(n)]),
+                     "bwd": (cublas_bwd, lambda: [(gs[i], W) for i in range(n)])}
+            run("cublas_floor", base, 2 * N * K, plans)
 
 
 def run_gpu(args, lk, env, t0: float, device: str = "cuda") -> tuple[list[dict], dict, list[str]]:
@@ -207,6 +323,7 @@ def run_gpu(args, lk, env, t0: float, device: str = "cuda") -> tuple[list[dict],
     ms = sorted(args.ms or GPU_MS)
     ranks = args.ranks or RANKS
     methods = list(args.methods or METHODS)
+    directions = [DIRECTIONS[d] for d in (args.directions or ["step"])]
     notes: list[str] = []
     why_bnb = bf.bnb_peft_available(dev) if "bnb_peft" in methods else ""
     if why_bnb:
@@ -225,14 +342,18 @@ def run_gpu(args, lk, env, t0: float, device: str = "cuda") -> tuple[list[dict],
     meta = {"mode": "quick" if args.quick else "full", "dtype": "bfloat16", "scale": SCALE,
             "ranks": ",".join(map(str, ranks)), "ms": ",".join(map(str, ms)), "copy_bw_gbps": bw / 1e9,
             "bf16_matmul_tflops": mm / 1e12, "l2_bytes": harness.l2_bytes(), "warmup_ms": args.warmup_ms,
-            "rep_ms": args.rep_ms}
+            "rep_ms": args.rep_ms, "directions": ",".join(directions)}
     notes += [
         "shape = K x N (in -> out); no bias; one step = forward + torch.autograd.grad(y, (x, A, B), g), eager "
         "(each step timed with its own CUDA events: Python + launch overhead included)",
         "floor = max(FLOPs / bf16 matmul rate, bytes / copy bandwidth), both measured in this run; FLOPs = 4MKN "
         "(+6Mr(K+N) with LoRA); bytes = 2 x weight as stored + x + y + g + dX (+ A, B, dA, dB with LoRA)",
-        "cublas_floor = F.linear(x, W) and g @ W in bf16: the two matmuls no step avoids",
-        "ratio_vs_* = median / that method's median at the same (shape, M, r) (< 1: faster)",
+        "cublas_floor = F.linear(x, W) and g @ W in bf16: the two matmuls no step avoids (fwd: F.linear alone, "
+        "bwd: g @ W alone); rank-free: timed at the first rank, r empty",
+        "direction: fwd+bwd = the step; fwd = the forward alone with autograd recording; bwd = the backward alone, "
+        "torch.autograd.grad(y, inputs, g, retain_graph=True) on a forward stored once per input set (measured, "
+        "not step minus forward); floors: fwd = 2MKN (+2Mr(K+N)), weight + x + y (+ A, B); bwd = the step's rest",
+        "ratio_vs_* = median / that method's median at the same (shape, M, r, direction) (< 1: faster)",
         "rel_err_d* = ||grad - ref||_F / ||ref||_F, ref = float32 on the same dequantized weight; *_bf16_torch = "
         "the same formula in bf16 PyTorch; err_ratio = max over dX, dA, dB of ours / bf16 torch (rule: <= 2)",
         "one weight and one adapter pair per shape; x and g rotate over sets totalling > 2x L2",
@@ -254,7 +375,7 @@ def run_gpu(args, lk, env, t0: float, device: str = "cuda") -> tuple[list[dict],
                                 note=f"setup failed: {bf._short_error(e)}"))
             bf._free()
             continue
-        for r in ranks:
+        for ri, r in enumerate(ranks):
             gen.manual_seed(10_000 + r)
             A = bf._randn((r, K), gen, dev, 1.0 / math.sqrt(K)).requires_grad_()
             B = bf._randn((N, r), gen, dev, 0.02).requires_grad_()
@@ -279,27 +400,8 @@ def run_gpu(args, lk, env, t0: float, device: str = "cuda") -> tuple[list[dict],
                         print(f"  {bf._elapsed(t0)} {shape} M={M} check: err_ratio {chk['err_ratio']:.2f}", flush=True)
                     base = dict(bench="training", device=dev.type, shape=shape, K=K, N=N, M=M, variant="eager",
                                 dense_weight_mb=2 * N * K / 2**20)
-                    lora = dict(base, r=r, flops=training_flops(M, K, N, r))
-                    if "ours" in methods:
-                        ours_step(lk)(xs[0], q, A, B, gs[0])          # the workspace exists from here on
-                        ws = library.workspace_nbytes()
-                        rows.append(_time_row(args, dict(lora, bytes=training_bytes(M, K, N, r, q.nbytes())),
-                                              ours_step(lk), [(xs[i], q, A, B, gs[i]) for i in range(n)],
-                                              method="ours", resident_mb=(q.nbytes() + ws) / 2**20, **chk))
-                    for method in ("bnb_peft", "bf16_lora_peft"):
-                        if method in layers:
-                            wb = q.nbytes() if method == "bnb_peft" else 2 * N * K
-                            layer = layers[method][1]
-                            rows.append(_time_row(args, dict(lora, bytes=training_bytes(M, K, N, r, wb)), peft_step,
-                                                  [(layer, xs[i], gs[i]) for i in range(n)], method=method,
-                                                  resident_mb=wb / 2**20))
-                    if "cublas_floor" in methods:
-                        cb = dict(base, r=r, flops=training_flops(M, K, N, None),
-                                  bytes=training_bytes(M, K, N, None, 2 * N * K))
-                        with torch.no_grad():
-                            rows.append(_time_row(args, cb, cublas_step,
-                                                  [(xs[i].detach(), W, gs[i]) for i in range(n)],
-                                                  method="cublas_floor"))
+                    _time_directions(args, lk, library, methods, directions, layers, base, r, ri == 0,
+                                     q, W, A, B, xs, gs, chk, rows)
                     del xs, gs
                 except Exception as e:
                     rows.append(new_row(bench="training", device=dev.type, shape=shape, K=K, N=N, M=M, r=r,
@@ -345,7 +447,7 @@ def run_cpu(args, lk, env, t0: float) -> tuple[list[dict], dict, list[str]]:
                 g = bf._randn((M, N), gen, dev)
                 chk = correctness(lk, reference, x, q, A, B, g)
                 row = new_row(bench="training", device="cpu", shape=f"{K}x{N}", K=K, N=N, M=M, r=r, method="ours",
-                              variant="eager", flops=training_flops(M, K, N, r),
+                              variant="eager", direction="fwd+bwd", flops=training_flops(M, K, N, r),
                               bytes=training_bytes(M, K, N, r, q.nbytes()), **chk)
                 try:
                     t = harness.time_cpu(step, reps=args.reps, warmup=1, inputs_sets=[(x, q, A, B, g)])
@@ -361,18 +463,20 @@ def run_cpu(args, lk, env, t0: float) -> tuple[list[dict], dict, list[str]]:
 
 
 # ------------------------------------------------------------------------------------ output
-def result_name(env: dict, quick: bool) -> str:
-    return f"training_{env.get('key', 'unknown')}" + ("_quick" if quick else "")
+def result_name(env: dict, quick: bool, tag: str | None = None) -> str:
+    return f"training_{env.get('key', 'unknown')}" + ("_quick" if quick else "") + (f"_{tag}" if tag else "")
 
 
 def _write(args, env, rows, meta, notes):
-    return harness.write_results(result_name(env, args.quick), rows, env, args.out, meta=meta, columns=MD_COLUMNS,
-                                 notes=notes)
+    return harness.write_results(result_name(env, args.quick, getattr(args, "tag", None)), rows, env, args.out,
+                                 meta=meta, columns=MD_COLUMNS, notes=notes)
 
 
 def short_table(rows: list[dict]) -> str:
     order = {m: i for i, m in enumerate(METHODS)}
-    keep = sorted(rows, key=lambda r: (r["K"] or 0, r["N"] or 0, r["M"] or 0, order.get(r["method"], 9)))
+    dorder = {d: i for i, d in enumerate(("fwd+bwd", "fwd", "bwd"))}
+    keep = sorted(rows, key=lambda r: (r["K"] or 0, r["N"] or 0, r["M"] or 0, dorder.get(r.get("direction"), 0),
+                                       order.get(r["method"], 9)))
     sig = lambda v, n: None if v is None else f"{v:.{n}g}"  # noqa: E731
     keep = [dict(r, **{k: sig(r[k], 3) for k in ("median_ms", "frac_floor", "ratio_vs_cublas_floor",
                                                   "ratio_vs_bf16_lora", "ratio_vs_bnb_peft", "peak_mem_mb",
@@ -388,6 +492,14 @@ def parse_methods(text: str) -> list[str]:
     return vals
 
 
+def parse_directions(text: str) -> list[str]:
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in vals if v not in DIRECTIONS]
+    if bad or not vals:
+        raise argparse.ArgumentTypeError(f"unknown direction(s) {bad}; expected a subset of {list(DIRECTIONS)}")
+    return vals
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_training", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="shapes 4096x4096 and 4096x14336 only")
@@ -397,6 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ms", type=bf.parse_ints, default=None, help=f"rows of x (default {GPU_MS}; CPU {CPU_MS})")
     p.add_argument("--ranks", type=bf.parse_ints, default=None, help=f"LoRA ranks (default {RANKS}); alpha = 2r")
     p.add_argument("--methods", type=parse_methods, default=None, help=f"subset of {','.join(METHODS)}")
+    p.add_argument("--directions", type=parse_directions, default=None,
+                   help="subset of step,fwd,bwd (default step: the forward + backward step only)")
+    p.add_argument("--tag", type=bf.parse_tag, default=None,
+                   help="appended to the result file name: training_<gpu>_TAG")
     p.add_argument("--warmup-ms", type=float, default=10.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
     p.add_argument("--reps", type=int, default=3, help="CPU mode: timed repetitions")

@@ -7,8 +7,9 @@ Reads every ``*.json`` written by ``harness.write_results`` in the results folde
 ``SUMMARY.md`` there (or in ``--out``) and the PNGs of every result file whose bench has a plotter
 (``PLOTTERS``; nf4: achieved GB/s per shape and method, the copy bandwidth drawn as a line;
 forward and training: time vs M per method, log-log, one PNG per shape named
-``<result>_<KxN>.png``, the floor of ``ours`` drawn as a dashed line).  Without matplotlib it says
-so and writes the summary only.
+``<result>_<KxN>.png``, the floor of ``ours`` drawn as a dashed line; a panel per rank when a
+forward file holds several, a panel per direction — fwd+bwd, fwd, bwd — for training).  Without
+matplotlib it says so and writes the summary only.
 
 ``--readme PATH`` rewrites only the lines between ``<!-- benchmarks:start -->`` and
 ``<!-- benchmarks:end -->`` in PATH (no SUMMARY.md, no plots): the NF4 headline table, the forward
@@ -81,9 +82,15 @@ def _series_label(r: dict) -> str:
     return f"{r['method']} {v}" if v and v != "-" else r["method"]
 
 
-def plot_time_vs_m(doc: dict, path: str, plt) -> list[str]:
-    """Time vs M per (method, variant), log-log, one PNG per shape (``<path stem>_<KxN>.png``); the
-    rows' floor_ms of ``ours`` (else of the first method with one) drawn as a dashed black line.
+def _direction(r: dict) -> str:
+    """A training row's direction ("fwd+bwd" for files written before the column existed)."""
+    return r.get("direction") or "fwd+bwd"
+
+
+def _plot_panels(doc: dict, path: str, plt, panels_of, label_of, floor_key) -> list[str]:
+    """Time vs M, log-log, one PNG per shape (``<path stem>_<KxN>.png``) with one panel per
+    ``panels_of(rows)`` entry ``(title, predicate)``; a line per ``label_of(row)``; in each panel the
+    floor_ms of ``ours`` (else of the first method with one; rows picked by ``floor_key``) dashed black.
     Sweep rows (``ours-sweep``) are left out.  Returns the paths written."""
     rows = [r for r in doc["rows"] if r.get("median_ms") and r.get("M") and r.get("method") != "ours-sweep"]
     written = []
@@ -91,24 +98,30 @@ def plot_time_vs_m(doc: dict, path: str, plt) -> list[str]:
     env = doc.get("env", {})
     for shape in dict.fromkeys(r["shape"] for r in rows):
         sub = [r for r in rows if r["shape"] == shape]
-        fig, ax = plt.subplots(figsize=(7, 4.8))
-        for label in dict.fromkeys(_series_label(r) for r in sub):
-            pts = sorted((r["M"], r["median_ms"]) for r in sub if _series_label(r) == label)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        with_floor = [r for r in doc["rows"] if r.get("shape") == shape and r.get("floor_ms") and r.get("M")]
-        methods = list(dict.fromkeys(r["method"] for r in with_floor))
-        fm = "ours" if "ours" in methods else (methods[0] if methods else None)
-        if fm is not None:
-            pts = sorted({r["M"]: r["floor_ms"] for r in with_floor if r["method"] == fm}.items())
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color="black", linestyle="--", linewidth=1,
-                    label=f"floor ({fm})")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("M (rows of x)")
-        ax.set_ylabel("median time (ms)")
-        ax.set_title(f"{doc.get('name')}: {shape} (K x N)", fontsize=10)
-        ax.grid(True, which="both", linewidth=0.3)
-        ax.legend(fontsize=7)
+        panels = panels_of(sub)
+        fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.8), squeeze=False)
+        # one colour per series, the same in every panel
+        colors = {lb: f"C{i % 10}" for i, lb in enumerate(dict.fromkeys(label_of(r) for r in sub))}
+        for ax, (title, keep) in zip(axes[0], panels):
+            psub = [r for r in sub if keep(r)]
+            for label in dict.fromkeys(label_of(r) for r in psub):
+                pts = sorted((r["M"], r["median_ms"]) for r in psub if label_of(r) == label)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, color=colors[label])
+            with_floor = [r for r in doc["rows"] if r.get("shape") == shape and r.get("floor_ms") and r.get("M")
+                          and keep(r) and floor_key(r)]
+            methods = list(dict.fromkeys(r["method"] for r in with_floor))
+            fm = "ours" if "ours" in methods else (methods[0] if methods else None)
+            if fm is not None:
+                pts = sorted({r["M"]: r["floor_ms"] for r in with_floor if r["method"] == fm}.items())
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], color="black", linestyle="--", linewidth=1,
+                        label=f"floor ({fm})")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("M (rows of x)")
+            ax.set_ylabel("median time (ms)")
+            ax.set_title(f"{doc.get('name')}: {shape} (K x N){': ' + title if title else ''}", fontsize=10)
+            ax.grid(True, which="both", linewidth=0.3)
+            ax.legend(fontsize=7)
         fig.suptitle(f"{env.get('gpu') or env.get('cpu_model') or 'CPU'}, torch {env.get('torch')}", fontsize=8)
         fig.tight_layout()
         out = f"{stem}_{harness.slug(shape)}.png"
@@ -118,9 +131,40 @@ def plot_time_vs_m(doc: dict, path: str, plt) -> list[str]:
     return written
 
 
+def plot_time_vs_m(doc: dict, path: str, plt) -> list[str]:
+    """Forward: time vs M per (method, variant), log-log, one PNG per shape (``<path stem>_<KxN>.png``);
+    the rows' floor_ms of ``ours`` (else of the first method with one) drawn as a dashed black line.
+    A file with several ranks gets one panel per rank (the rank-free bf16_linear in each)."""
+    ranks = sorted({r["r"] for r in doc["rows"] if r.get("r") is not None and r.get("median_ms")})
+    if len(ranks) <= 1:
+        panels_of = lambda sub: [("", lambda r: True)]  # noqa: E731
+    else:
+        panels_of = lambda sub: [(f"r = {k}", lambda r, k=k: r.get("r") in (k, None))  # noqa: E731
+                                 for k in ranks if any(x.get("r") == k for x in sub)]
+    return _plot_panels(doc, path, plt, panels_of, _series_label, lambda r: True)
+
+
+def plot_training(doc: dict, path: str, plt) -> list[str]:
+    """Training: time vs M per method, log-log, one PNG per shape (``<path stem>_<KxN>.png``), one panel
+    per direction (fwd+bwd, fwd, bwd; files without the column are all fwd+bwd); several ranks in one
+    file: a line per (method, r); the floor of ``ours`` (its first rank) dashed."""
+    ranks = sorted({r["r"] for r in doc["rows"] if r.get("r") is not None and r.get("median_ms")})
+    many = len(ranks) > 1
+
+    def label(r):
+        return r["method"] + (f" r{r['r']}" if many and r.get("r") is not None else "")
+
+    def panels_of(sub):
+        dirs = [d for d in ("fwd+bwd", "fwd", "bwd") if any(_direction(r) == d for r in sub)]
+        return [(d, lambda r, d=d: _direction(r) == d) for d in dirs]
+
+    first = ranks[0] if ranks else None
+    return _plot_panels(doc, path, plt, panels_of, label, lambda r: r.get("r") in (first, None))
+
+
 #: bench name (rows' "bench" key) -> plotter(doc, png_path, plt) returning the path written, a list
 #: of paths, or None; later kernel families add theirs.
-PLOTTERS = {"nf4": plot_nf4, "forward": plot_time_vs_m, "training": plot_time_vs_m}
+PLOTTERS = {"nf4": plot_nf4, "forward": plot_time_vs_m, "training": plot_training}
 #: bench name -> markdown columns for the summary (default: every key).
 SUMMARY_COLUMNS = {"nf4": NF4_COLUMNS}
 
@@ -282,7 +326,7 @@ def forward_table(doc: dict) -> list[str]:
     n = 0
     for shape in dict.fromkeys(r["shape"] for r in rows if r.get("method") == "ours"):
         for M, variant in ((1, "graph"), (16, "graph"), (4096, "eager"), (16384, "eager")):
-            r = _row(rows, shape=shape, M=M, method="ours", variant=variant)
+            r = _row(rows, shape=shape, M=M, method="ours", variant=variant, r=16)
             if r is None or not r.get("median_ms"):
                 continue
             n += 1
@@ -301,9 +345,11 @@ def training_table(doc: dict) -> list[str]:
            "|---|---|---|---|---|---|---|---|"]
     n = 0
     for r in rows:
-        if r.get("method") == "ours" and r.get("median_ms"):
+        if r.get("method") == "ours" and r.get("median_ms") and _direction(r) == "fwd+bwd":
             n += 1
-            ref = _row(rows, shape=r["shape"], M=r["M"], r=r.get("r"), method="bf16_lora_peft") or {}
+            ref = next((x for x in rows if x.get("shape") == r["shape"] and x.get("M") == r["M"]
+                        and x.get("r") == r.get("r") and x.get("method") == "bf16_lora_peft"
+                        and _direction(x) == "fwd+bwd"), {})
             mine, theirs = r.get("total_mem_mb"), ref.get("total_mem_mb")
             mem = "—" if mine is None else f"{mine:.0f}" + ("" if theirs is None else f" vs {theirs:.0f}")
             out.append(f"| {r['shape'].replace('x', '→')} | {r['M']} | {r.get('r')} | {r['median_ms']:.3g} ms "
