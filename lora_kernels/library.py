@@ -300,7 +300,18 @@ def decode_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: 
     M = x.numel() // K if K and x.shape[-1] == K else 0
     if not 1 <= M <= GEMV_MAX_M or x.device != weight.device or not _cuda_gemv_ok(weight):
         return None
-    return _cuda_gemv(x.reshape(M, K), weight, lora_a, lora_b, scale, bias).view(*x.shape[:-1], N)
+    if lora_a is not None and (lora_b is None or lora_a.dim() != 2 or lora_a.shape[0] < 1 or lora_a.shape[1] != K
+                               or lora_b.shape != (N, lora_a.shape[0])):
+        return None                    # lora_linear's checks name the problem
+    if bias is not None and bias.shape != (N,):
+        return None
+    try:
+        y = _cuda_gemv(x.reshape(M, K), weight, lora_a, lora_b, scale, bias)
+    except RuntimeError as e:          # the extension's argument checks: a ValueError, like lora_linear's
+        if str(e).startswith("lora_gemv:"):
+            raise ValueError(str(e).split("\n")[0]) from None
+        raise
+    return y.view(*x.shape[:-1], N)
 
 
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)
@@ -473,6 +484,10 @@ def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None = None, lor
     ``config``: a Triton config override (triton-* routes only).  ``whole_weight=False`` (the
     training path): merge-cublas never merges more than half the weight at once.
     """
+    if route is None and config is None and isinstance(x, torch.Tensor) and x.is_cuda:
+        y = decode_linear(x, weight, lora_a, lora_b, scale, bias)   # decode: straight to the kernel
+        if y is not None:
+            return y
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise TypeError("lora_linear: x must be a tensor [..., K]")
     if isinstance(weight, NF4Weight):

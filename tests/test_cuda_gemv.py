@@ -467,9 +467,15 @@ def test_decode_fast_path_declines_other_routes(rng):
         with torch.autocast("cuda", dtype=torch.float16):
             assert layer._decode(x17[:1]) is None
             assert layer(x17[:1]).dtype == torch.float16
-    # a bad adapter reaching the extension is an error naming it, not a crash
-    with pytest.raises((ValueError, RuntimeError), match="lora_b"):
-        decode_linear(x17[:1], q, A, B[:, :4], 2.0, None)
+    # a mis-shaped adapter is left to lora_linear's checks; one the extension rejects (wrong device)
+    # is a ValueError naming it, not a crash
+    assert decode_linear(x17[:1], q, A, B[:, :4], 2.0, None) is None
+    with pytest.raises(ValueError, match="lora_b"):
+        lk.lora_linear(x17[:1], q, A, B[:, :4], 2.0)
+    with pytest.raises(ValueError, match="lora_a"):
+        decode_linear(x17[:1], q, A.detach().cpu(), B, 2.0, None)
+    y = lk.lora_linear(x17[:3], q, A, B, 2.0)               # lora_linear's own fast path, same bits
+    assert torch.equal(y, lk.lora_linear(x17[:3], q, A, B, 2.0, route="cuda-gemv"))
 
 
 def test_decode_fast_path_is_inert_on_cpu(rng):
