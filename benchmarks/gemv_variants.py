@@ -23,34 +23,17 @@ import sys
 
 import torch
 
+from benchmarks.gemv_probe import graph_time
+
 SHAPES = ((4096, 14336), (14336, 4096), (8192, 28672), (4096, 4096))
 MS = (1, 16)
 RANKS = (0, 16)
 
 
 def graph_time_us(fn, calls_per_graph: int, reps: int) -> float:
-    """Median time of one fn() in µs: `reps` calls captured in one CUDA graph, replayed 5 times."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / (reps * calls_per_graph))
-    del g
-    return sorted(times)[len(times) // 2]
+    """Median time of one of the ``calls_per_graph`` calls fn() makes, in µs (gemv_probe.graph_time:
+    `reps` calls of fn captured in one CUDA graph, replayed 5 times)."""
+    return graph_time(fn, reps) / calls_per_graph
 
 
 def _args(x, q, A, B):

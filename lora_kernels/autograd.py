@@ -248,10 +248,7 @@ def qlora_linear(x: Tensor, weight: NF4Weight | Tensor, lora_a: Tensor | None = 
         # custom-op dispatch and call the op boundary directly (one extension call on the decode
         # route).  Same routes and kernels, so the same numbers as the autograd path.
         dev = x.device.type
-        if not torch.is_autocast_enabled(dev):
-            y = library.decode_linear(x, weight, lora_a, lora_b, scale, bias)
-            if y is not None:
-                return y
+        if not torch.is_autocast_enabled(dev):   # lora_linear takes the decode fast path itself
             return library.lora_linear(x, weight if isinstance(weight, NF4Weight) else weight.to(x.dtype),
                                        lora_a, lora_b, scale, bias)
         x = x.to(torch.get_autocast_dtype(dev))
