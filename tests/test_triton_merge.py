@@ -366,3 +366,31 @@ def test_gpu_forward_route():
     ref = lora_linear_reference(x.double(), w_exact, a.double(), b.double(), s.double(), None, torch.float64)
     err = (y.double() - ref).norm() / ref.norm()
     assert err < 1e-2, f"seed={seed}: relative Frobenius error {err:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_cached_launch_matches_plain_launch(monkeypatch):
+    """The cached launcher (triton/launch.py) gives the plain ``kernel[grid]`` path's bits on every
+    call: repeated calls, windows, other dtypes, a 2-byte-aligned A (a different specialisation
+    that must not reuse the aligned kernel), a float scale that changes between calls."""
+    from lora_kernels.triton import nf4_merge
+
+    g, seed = _gen()
+    weight, _, a, b, _ = _make(1000, 1024, 24, kind="nf4dq", g=g, lora_dtype=torch.bfloat16)
+    a_buf = torch.empty(a.numel() + 1, dtype=a.dtype, device=a.device)
+    a_odd = a_buf[1:].view(a.shape).copy_(a)                 # same values, data_ptr % 16 == 2
+    assert a_odd.data_ptr() % 16 != 0
+    cases = [(a, b, 2.0, torch.bfloat16, None, None), (a, b, 0.37, torch.bfloat16, (128, 640), (256, 768)),
+             (a_odd, b, 2.0, torch.bfloat16, None, None), (a, b, 2.0, torch.float16, (0, 999), None),
+             (a.float(), b.float(), 1.5, torch.bfloat16, None, (512, 1024)), (None, None, 1.0, torch.bfloat16, None, None)]
+    launcher = nf4_merge._launch_merge
+    for aa, bb, s, dt, rows, cols in cases:
+        monkeypatch.setenv("LORA_KERNELS_TRITON_FAST_LAUNCH", "0")
+        want = dequantize_merge(weight, aa, bb, s, dt, rows=rows, cols=cols)
+        monkeypatch.setenv("LORA_KERNELS_TRITON_FAST_LAUNCH", "1")
+        for _ in range(3):                                    # first call compiles / caches, then cached
+            got = dequantize_merge(weight, aa, bb, s, dt, rows=rows, cols=cols, out=torch.full_like(want, float("nan")))
+            assert torch.equal(got, want), f"seed={seed} {dt} rows={rows} cols={cols} s={s}"
+    assert launcher.usable, "the installed triton's launcher protocol was not recognised (fast path off)"
+    assert len(launcher.compiled) >= len(cases) - 1

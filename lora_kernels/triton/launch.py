@@ -1,0 +1,87 @@
+"""Re-launching a compiled Triton kernel without ``JITFunction.run``'s per-call work.
+
+``kernel[grid](*args)`` binds every argument, specialises it (pointer alignment, integer == 1 or
+% 16), builds a cache key string and reads the runtime knobs on every call.  On the H100 machine's
+host (``benchmarks/launch_probe.py``, results/launch_probe_nvidia-h100-80gb-hbm3.txt) a whole
+``merge_window`` call costs 50 µs of host time that way and 34 µs through this cache (a bare
+``torch.mm`` costs 17 µs there); a training step launches it four times per layer.
+``CachedLauncher`` compiles and launches through ``kernel[grid]`` the first time
+it sees an argument signature, keeps the compiled kernel, and afterwards calls the compiled
+kernel's own launcher with the same arguments ``JITFunction.run`` would pass it.
+
+The signature key is exact, not a re-implementation of Triton's specialisation rules: tensors by
+(dtype, data_ptr % 16 == 0), integers and bools by value, floats by type, constexprs and launch
+options by value, plus the current device.  Two calls with equal keys specialise identically, so
+they may share a compiled kernel.
+
+Falls back to the plain ``kernel[grid](...)`` path (same results, the usual cost) under the Triton
+interpreter, when launch hooks are installed (profilers), when the installed Triton does not
+expose what this needs, or with ``LORA_KERNELS_TRITON_FAST_LAUNCH=0``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # the launcher protocol used below is the one triton 3.x's JITFunction.run ends in
+    from triton import knobs as _knobs
+    from triton.runtime.jit import JITFunction as _JITFunction
+except ImportError:  # pragma: no cover - older triton
+    _knobs = _JITFunction = None
+
+__all__ = ["CachedLauncher"]
+
+#: at most this many argument signatures are remembered per kernel (each entry refers to a
+#: compiled kernel Triton caches anyway; a model has a few per layer shape and chunk)
+_MAX_KEYS = 4096
+
+
+def _enabled() -> bool:
+    return os.environ.get("LORA_KERNELS_TRITON_FAST_LAUNCH", "1") != "0"
+
+
+def _hook_set(hook) -> bool:
+    # triton >= 3.5 keeps launch hooks as (normally empty) HookChain objects, older ones as None
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+class CachedLauncher:
+    """``launcher(grid, args, constexprs, options)`` launches ``fn`` on a 1-D grid.
+
+    ``args``: the kernel's runtime arguments in declaration order; ``constexprs``: a dict of the
+    constexpr parameters, which must all follow the runtime ones, in declaration order;
+    ``options``: ``num_warps`` etc.  Not thread-safe beyond what a dict gives (a race compiles twice).
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled: dict = {}
+        self.usable = (_JITFunction is not None and isinstance(fn, _JITFunction)
+                       and hasattr(_knobs, "runtime"))
+
+    def __call__(self, grid: int, args: tuple, constexprs: dict, options: dict) -> None:
+        rt = _knobs.runtime if self.usable else None
+        if rt is None or not _enabled() or _hook_set(rt.launch_enter_hook) or _hook_set(rt.launch_exit_hook):
+            self.fn[(grid,)](*args, **constexprs, **options)
+            return
+        device = torch.cuda.current_device()
+        key = (device, tuple(constexprs.values()), tuple(options.items()),
+               *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else
+                 (float,) if isinstance(a, float) else (type(a), a) for a in args])
+        kernel = self.compiled.get(key)
+        if kernel is None:
+            if len(self.compiled) >= _MAX_KEYS:    # many distinct shapes / windows: start over
+                self.compiled.clear()
+            kernel = self.fn[(grid,)](*args, **constexprs, **options)
+            names = self.fn.arg_names
+            if (names[len(args):] == list(constexprs) and getattr(kernel, "function", None) is not None
+                    and callable(getattr(kernel, "run", None)) and hasattr(kernel, "packed_metadata")):
+                self.compiled[key] = kernel
+            else:                      # not the protocol this relies on: always the plain path
+                self.usable = False
+            return
+        kernel.run(grid, 1, 1, torch._C._cuda_getCurrentRawStream(device), kernel.function,
+                   kernel.packed_metadata, None, None, None, *args, *constexprs.values())
+
