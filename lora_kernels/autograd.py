@@ -81,7 +81,7 @@ def _backward_common(ctx, dy, run_dx):
         scale = ctx.scale_float
     p = ctx.p
     dx = dA = dB = ds = dbias = None
-    with torch.autocast(ctx.device_type, enabled=False):
+    with _no_autocast(ctx.device_type):
         dy = dy.contiguous()
         u = None
         acc = torch.float64 if dy.dtype == torch.float64 else torch.float32  # scale math precision
@@ -99,19 +99,45 @@ def _backward_common(ctx, dy, run_dx):
             xd = x2d if p == 0.0 else _apply_mask(x2d, mask, p)
             if isinstance(scale, Tensor):
                 dA = _scaled(u, scale, acc).t() @ xd.to(dy.dtype)
-            else:  # a float scale: one GEMM, then the small [r, K] result scaled
-                dA = (u.t() @ xd.to(dy.dtype)).mul_(scale)
+            else:  # a float scale: the GEMM's alpha (one launch, one rounding)
+                dA = _mm_scaled(u.t(), xd.to(dy.dtype), scale)
         if nB:
             if isinstance(scale, Tensor):
                 dB = dy.t() @ _scaled(t, scale, acc)
             else:
-                dB = (dy.t() @ t.to(dy.dtype)).mul_(scale)
+                dB = _mm_scaled(dy.t(), t.to(dy.dtype), scale)
         if ns:
             tu = t.to(acc) * u.to(acc)
             ds = (tu.sum(0) if scale.dim() == 1 else tu.sum()).to(scale.dtype)
         if nbias:
             dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
     return dx, dA, dB, ds, dbias
+
+
+def _mm_scaled(a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """alpha · (a @ b) as one GEMM: the result's uninitialised memory is ignored (beta = 0)."""
+    return a.new_empty((a.shape[0], b.shape[1])).addmm_(a, b, beta=0, alpha=alpha)
+
+
+class _no_autocast:
+    """``torch.autocast(device_type, enabled=False)``, entered only when autocast is on (the
+    context manager costs host time on every call even when there is nothing to turn off)."""
+
+    __slots__ = ("device_type", "ctx")
+
+    def __init__(self, device_type: str):
+        self.device_type = device_type
+        self.ctx = None
+
+    def __enter__(self):
+        if torch.is_autocast_enabled(self.device_type):
+            self.ctx = torch.autocast(self.device_type, enabled=False)
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+        return False
 
 
 def _scaled(v: Tensor, scale, acc: torch.dtype) -> Tensor:
@@ -144,9 +170,10 @@ class QLoRAFunction(torch.autograd.Function):
         if torch.compiler.is_compiling():   # through the registered op: one node, no graph break
             run = lambda x_lora: torch.ops.lora_kernels.nf4_lora_forward(  # noqa: E731
                 x, *wt, N, K, blocksize, lora_a, lora_b, _op_scale(scale, x), bias, x_lora)
-        else:                               # eager: the op's implementation without the dispatcher's cost
-            w = ops._nf4_view(*wt, N, K, blocksize, x.dtype)
-            run = lambda x_lora: ops._forward_impl(x, w, lora_a, lora_b, scale, bias, x_lora, None)  # noqa: E731
+        else:   # eager: the op's implementation without the dispatcher's cost or repeated checks
+            w = ops._nf4_view(*wt, N, K, blocksize, x.dtype, checked=False)
+            run = lambda x_lora: ops._forward_impl(x, w, lora_a, lora_b, scale, bias, x_lora, None,  # noqa: E731
+                                                   checked=False)
         return _forward_common(ctx, x, lora_a, lora_b, scale, dropout_p, training,
                                (ni[0], ni[10], ni[11], ni[12], ni[13]), wt, run)
 
@@ -157,8 +184,8 @@ class QLoRAFunction(torch.autograd.Function):
             run_dx = lambda dy_, w, a, b, s: torch.ops.lora_kernels.nf4_lora_backward_dx(  # noqa: E731
                 dy_, *w, N, K, bs, a, b, _op_scale(s, dy_))
         else:
-            run_dx = lambda dy_, w, a, b, s: library.lora_linear_dx(  # noqa: E731
-                dy_, ops._nf4_view(*w, N, K, bs, dy_.dtype), a, b, 1.0 if s is None else s)
+            run_dx = lambda dy_, w, a, b, s: library.dx_2d(  # noqa: E731
+                dy_, ops._nf4_view(*w, N, K, bs, dy_.dtype, checked=False), a, b, 1.0 if s is None else s)
         dx, dA, dB, ds, dbias = _backward_common(ctx, dy, run_dx)
         return (dx, None, None, None, None, None, None, None, None, None, dA, dB, ds, dbias, None, None)
 
@@ -176,7 +203,8 @@ class LoRAFunction(torch.autograd.Function):
             run = lambda x_lora: torch.ops.lora_kernels.dense_lora_forward(  # noqa: E731
                 x, weight, lora_a, lora_b, _op_scale(scale, x), bias, x_lora)
         else:
-            run = lambda x_lora: ops._forward_impl(x, weight, lora_a, lora_b, scale, bias, x_lora, None)  # noqa: E731
+            run = lambda x_lora: ops._forward_impl(x, weight, lora_a, lora_b, scale, bias, x_lora, None,  # noqa: E731
+                                                   checked=False)
         return _forward_common(ctx, x, lora_a, lora_b, scale, dropout_p, training,
                                (ni[0], ni[2], ni[3], ni[4], ni[5]), (weight,), run)
 
@@ -186,8 +214,7 @@ class LoRAFunction(torch.autograd.Function):
             run_dx = lambda dy_, w, a, b, s: torch.ops.lora_kernels.dense_lora_backward_dx(  # noqa: E731
                 dy_, w[0], a, b, _op_scale(s, dy_))
         else:
-            run_dx = lambda dy_, w, a, b, s: library.lora_linear_dx(  # noqa: E731
-                dy_, w[0], a, b, 1.0 if s is None else s)
+            run_dx = lambda dy_, w, a, b, s: library.dx_2d(dy_, w[0], a, b, 1.0 if s is None else s)  # noqa: E731
         dx, dA, dB, ds, dbias = _backward_common(ctx, dy, run_dx)
         return dx, None, dA, dB, ds, dbias, None, None
 
@@ -205,8 +232,10 @@ def qlora_linear(x: Tensor, weight: NF4Weight | Tensor, lora_a: Tensor | None = 
     LoRA dropout probability in [0, 1), applied to the low-rank path only and only when
     ``training``.  Returns [..., N] in the compute dtype.
 
-    Compute dtype: x's dtype, or under autocast the autocast dtype (as ``nn.Linear``); A, B, bias
-    and a dense weight are cast to it (their gradients flow back through the cast).
+    Compute dtype: x's dtype, or under autocast the autocast dtype (as ``nn.Linear``); bias and a
+    dense weight are cast to it (their gradients flow back through the cast).  A and B may be in
+    another float dtype (PEFT keeps adapters in fp32): the kernels round them to the compute dtype
+    where they read them (no cast node per call), and their gradients come back in their dtype.
     """
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise TypeError("qlora_linear: x must be a tensor [..., K]")
@@ -267,10 +296,10 @@ def qlora_linear(x: Tensor, weight: NF4Weight | Tensor, lora_a: Tensor | None = 
     if torch.is_autocast_enabled(dev):
         x = x.to(torch.get_autocast_dtype(dev))
     cdt = x.dtype
-    cast = lambda t: None if t is None else t.to(cdt)  # noqa: E731
-    lora_a, lora_b, bias = cast(lora_a), cast(lora_b), cast(bias)
+    if bias is not None:
+        bias = bias.to(cdt)
     x2d = x.reshape(-1, K)
-    with torch.autocast(dev, enabled=False):
+    with _no_autocast(dev):
         if isinstance(weight, NF4Weight):
             y = QLoRAFunction.apply(x2d, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code,
                                     weight.offset, weight.code, N, K, weight.blocksize, lora_a, lora_b, s, bias,

@@ -332,7 +332,7 @@ def _workspace(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Te
     graph is captured (from the graph's pool), off CUDA, or with WORKSPACE_BYTES == 0."""
     if WORKSPACE_BYTES <= 0 or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return torch.empty(numel, dtype=dtype, device=device)
-    key = (device, dtype, torch.cuda.current_stream(device).cuda_stream)
+    key = (device, dtype, torch._C._cuda_getCurrentRawStream(device.index))   # no Stream object per call
     ws = _workspaces.get(key)
     if ws is None or ws.numel() < numel:
         _workspaces.pop(key, None)                 # free the smaller one before allocating
@@ -365,12 +365,12 @@ def _chunks(length: int, size: int):
 
 
 def _merge_args(weight, lora_a, lora_b, scale, dt):
-    """(base, A, B, s_scalar, s_vec) for ``nf4_merge.merge_window``: A, B in ``dt``."""
+    """(base, A, B, s_scalar, s_vec) for ``nf4_merge.merge_window``.  A and B stay in their own
+    float dtype (the kernel rounds them to the output dtype itself: no cast launches per call)."""
     from .triton.nf4_merge import scale_operands
 
     s_scalar, s_vec = 1.0, None
     if lora_a is not None:
-        lora_a, lora_b = lora_a.to(dt), lora_b.to(dt)
         s_scalar, s_vec = scale_operands(scale, lora_a.shape[0], lora_a.device)
     base = weight if isinstance(weight, NF4Weight) else weight.to(dt)
     return base, lora_a, lora_b, s_scalar, s_vec
@@ -388,15 +388,19 @@ def _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias, whole_weight: bool =
     base, lora_a, lora_b, s_scalar, s_vec = _merge_args(weight, lora_a, lora_b, scale, dt)
     N, K = base.shape
     rows = min(N, merge_chunk(N, K, 128, whole_weight))
-    y = torch.empty((x2d.shape[0], N), dtype=dt, device=x2d.device)
     ws = _workspace(x2d.device, dt, rows * K)
+    if rows == N:       # one chunk (inference, a weight that fits): no output slices
+        merge_window(ws, base, lora_a, lora_b, s_scalar, s_vec, (0, N), (0, K))
+        w_eff_t = ws.as_strided((K, N), (1, K))
+        return torch.mm(x2d, w_eff_t) if bias is None else torch.addmm(bias, x2d, w_eff_t)
+    y = torch.empty((x2d.shape[0], N), dtype=dt, device=x2d.device)
     for n0, n1 in _chunks(N, rows):
-        w_eff = merge_window(ws[:(n1 - n0) * K].view(n1 - n0, K), base, lora_a, lora_b, s_scalar, s_vec,
-                             (n0, n1), (0, K))
+        merge_window(ws, base, lora_a, lora_b, s_scalar, s_vec, (n0, n1), (0, K))  # ws[:n·K] = W_eff[n0:n1]
+        w_eff_t = ws.as_strided((K, n1 - n0), (1, K))            # W_eff[n0:n1]ᵀ, one view op
         if bias is None:
-            torch.mm(x2d, w_eff.t(), out=y[:, n0:n1])          # cuBLAS writes the column slice in place
+            torch.mm(x2d, w_eff_t, out=y[:, n0:n1])            # cuBLAS writes the column slice in place
         else:
-            torch.addmm(bias[n0:n1], x2d, w_eff.t(), out=y[:, n0:n1])
+            torch.addmm(bias[n0:n1], x2d, w_eff_t, out=y[:, n0:n1])
     return y
 
 
@@ -439,6 +443,14 @@ def lora_linear_dx(dy: torch.Tensor, weight, lora_a: torch.Tensor | None = None,
     if lora_a is not None and (tuple(lora_a.shape[1:]) != (K,) or tuple(lora_b.shape) != (N, lora_a.shape[0])):
         raise ValueError(f"lora_linear_dx: lora_a must be [r, K={K}] and lora_b [N={N}, r], got "
                          f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    return dx_2d(dy, weight, lora_a, lora_b, scale, route=route, whole_weight=whole_weight)
+
+
+def dx_2d(dy: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None,
+          scale: float | torch.Tensor, *, route: str | None = None, whole_weight: bool = False) -> torch.Tensor:
+    """``lora_linear_dx`` without its argument checks (for callers that have made them: itself, and
+    the eager autograd Functions); the route is still picked here, by ``backward_route``."""
+    N, K = weight.shape
     route = route or backward_route(weight, dy.dtype, dy.device)
     if route not in BACKWARD_ROUTES:
         raise ValueError(f"lora_linear_dx: unknown route {route!r}; expected one of {BACKWARD_ROUTES}")
@@ -455,9 +467,8 @@ def lora_linear_dx(dy: torch.Tensor, weight, lora_a: torch.Tensor | None = None,
         dx = torch.empty((dy.shape[0], K), dtype=dt, device=dy.device)
         ws = _workspace(dy.device, dt, N * cols)
         for k0, k1 in _chunks(K, cols):
-            w_eff = merge_window(ws[:N * (k1 - k0)].view(N, k1 - k0), base, lora_a, lora_b, s_scalar, s_vec,
-                                 (0, N), (k0, k1))
-            torch.mm(dy, w_eff, out=dx[:, k0:k1])
+            merge_window(ws, base, lora_a, lora_b, s_scalar, s_vec, (0, N), (k0, k1))  # ws[:N·k] = W_eff[:, k0:k1]
+            torch.mm(dy, ws.as_strided((N, k1 - k0), (k1 - k0, 1)), out=dx[:, k0:k1])
         return dx
     if isinstance(weight, NF4Weight):
         dense = weight.dequantize(dt if dt in _FLOAT_DTYPES else torch.float32).to(dt)
@@ -518,37 +529,47 @@ def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None = None, lor
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,) or bias.device != wdev):
         raise ValueError(f"lora_linear: bias must be a [N={N}] tensor on {wdev}, got "
                          f"{getattr(bias, 'shape', type(bias).__name__)}")
-    x2d = x.reshape(-1, K)
+    y = forward_2d(x.reshape(-1, K), weight, lora_a, lora_b, scale, bias, route=route, config=config,
+                   whole_weight=whole_weight)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def forward_2d(x2d: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None,
+               scale: float | torch.Tensor, bias: torch.Tensor | None, *, route: str | None = None,
+               config: dict | None = None, whole_weight: bool = True) -> torch.Tensor:
+    """``lora_linear`` for a 2-D x [M, K], without its argument checks: y [M, N].  For callers
+    that have made them (``lora_linear`` itself, and the eager autograd Functions after
+    ``qlora_linear``'s); the route is still picked here, by ``forward_route``."""
     M = x2d.shape[0]
     forced = route is not None
-    route = route or forward_route(M, weight, x.dtype, x.device)
+    route = route or forward_route(M, weight, x2d.dtype, x2d.device)
     if route not in FORWARD_ROUTES:
         raise ValueError(f"lora_linear: unknown route {route!r}; expected one of {FORWARD_ROUTES}")
     if route == "cuda-gemv":
         # forward_route only picks it when these hold; a forced route is checked here
         if M < 1 or (forced and (not _cuda_gemv_ok(weight) or M > GEMV_MAX_M
-                                 or x.dtype not in (torch.bfloat16, torch.float16))):
+                                 or x2d.dtype not in (torch.bfloat16, torch.float16))):
             raise ValueError("lora_linear: route 'cuda-gemv' needs the CUDA extension, an NF4 weight with "
                              f"blocksize >= 64 and K % 64 == 0, bf16/fp16 x and 1 <= M <= {GEMV_MAX_M}")
-        y = _cuda_gemv(x2d, weight, lora_a, lora_b, scale, bias)
-    elif route == "merge-cublas":
-        y = _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias, whole_weight)
-    elif route.startswith("triton-"):
+        return _cuda_gemv(x2d, weight, lora_a, lora_b, scale, bias)
+    if route == "merge-cublas":
+        return _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias, whole_weight)
+    dt = x2d.dtype
+    if route.startswith("triton-"):
         from .triton.nf4_lora_matmul import lora_matmul
 
         if lora_a is not None:
-            lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        if bias is not None and bias.dtype not in (x.dtype, torch.float32):
-            bias = bias.to(x.dtype)
-        y = lora_matmul(x2d, weight, lora_a, lora_b, scale, bias, route=route[len("triton-"):], config=config)
-    else:
-        dense = weight.dequantize(x.dtype) if isinstance(weight, NF4Weight) else weight
-        if route == "reference":
-            y = reference.lora_linear_reference(x2d, dense, lora_a, lora_b, scale, bias)
-        else:  # dequant-cublas: base GEMM, then the low-rank GEMM accumulated into y in place
-            y = torch.nn.functional.linear(x2d, dense.to(x.dtype), None if bias is None else bias.to(x.dtype))
-            if lora_a is not None:
-                t = x2d @ lora_a.to(x.dtype).t()
-                t = t.mul_(scale.to(t.dtype) if isinstance(scale, torch.Tensor) else scale)
-                y.addmm_(t, lora_b.to(x.dtype).t())
-    return y.reshape(*x.shape[:-1], N)
+            lora_a, lora_b = lora_a.to(dt), lora_b.to(dt)
+        if bias is not None and bias.dtype not in (dt, torch.float32):
+            bias = bias.to(dt)
+        return lora_matmul(x2d, weight, lora_a, lora_b, scale, bias, route=route[len("triton-"):], config=config)
+    dense = weight.dequantize(dt) if isinstance(weight, NF4Weight) else weight
+    if route == "reference":
+        return reference.lora_linear_reference(x2d, dense, lora_a, lora_b, scale, bias)
+    # dequant-cublas: base GEMM, then the low-rank GEMM accumulated into y in place
+    y = torch.nn.functional.linear(x2d, dense.to(dt), None if bias is None else bias.to(dt))
+    if lora_a is not None:
+        t = x2d @ lora_a.to(dt).t()
+        t = t.mul_(scale.to(t.dtype) if isinstance(scale, torch.Tensor) else scale)
+        y.addmm_(t, lora_b.to(dt).t())
+    return y

@@ -66,6 +66,17 @@ class NF4Weight:
         self.shape = torch.Size(self.shape)
         self.validate(check_tables)
 
+    @classmethod
+    def unchecked(cls, packed, absmax, code, shape, dtype, blocksize, nested_absmax, nested_code, offset) -> "NF4Weight":
+        """A view of tensors taken from a weight that was validated when it was built (the autograd
+        Functions rebuild one per call from their saved tensors): no ``validate``, which costs
+        ~20 µs of host time per call on a slow host.  Anything else should use the constructor."""
+        self = cls.__new__(cls)
+        self.__dict__.update(packed=packed, absmax=absmax, code=code, shape=torch.Size(shape), dtype=dtype,
+                             blocksize=blocksize, nested_absmax=nested_absmax, nested_code=nested_code,
+                             offset=offset)
+        return self
+
     # ------------------------------------------------------------------ properties
     @property
     def double_quant(self) -> bool:

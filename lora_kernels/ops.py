@@ -35,9 +35,14 @@ from .nf4 import NF4Weight
 _NF4_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _nf4_view(packed, absmax, nested_absmax, nested_code, offset, code, N, K, blocksize, dtype) -> NF4Weight:
-    return NF4Weight(packed=packed, absmax=absmax, code=code, shape=(N, K),
-                     dtype=dtype if dtype in _NF4_DTYPES else torch.float32, blocksize=blocksize,
+def _nf4_view(packed, absmax, nested_absmax, nested_code, offset, code, N, K, blocksize, dtype,
+              checked: bool = True) -> NF4Weight:
+    """The NF4Weight (N, K) these tensors describe; ``checked=False`` (the eager Functions, whose
+    tensors come from an NF4Weight that ``qlora_linear`` received) skips ``validate``."""
+    dtype = dtype if dtype in _NF4_DTYPES else torch.float32
+    if not checked:
+        return NF4Weight.unchecked(packed, absmax, code, (N, K), dtype, blocksize, nested_absmax, nested_code, offset)
+    return NF4Weight(packed=packed, absmax=absmax, code=code, shape=(N, K), dtype=dtype, blocksize=blocksize,
                      nested_absmax=nested_absmax, nested_code=nested_code, offset=offset, check_tables=False)
 
 
@@ -55,9 +60,11 @@ def _check_2d(name: str, op: str, t: Tensor, cols: int) -> None:
         raise ValueError(f"{op}: {name} must be 2-D [M, {cols}], got shape {tuple(t.shape)}")
 
 
-def _forward_impl(x: Tensor, weight, lora_a, lora_b, scale, bias, x_lora, route):
+def _forward_impl(x: Tensor, weight, lora_a, lora_b, scale, bias, x_lora, route, checked: bool = True):
     """(y, t) for ``nf4_lora_forward`` / ``dense_lora_forward`` (also called directly by the eager
-    autograd Functions, with ``scale`` a float or a tensor)."""
+    autograd Functions, with ``scale`` a float or a tensor, and ``checked=False``: ``qlora_linear``
+    has checked their arguments, so they skip ``library.lora_linear``'s checks)."""
+    forward = library.lora_linear if checked else library.forward_2d
     M = x.shape[0]
     has_lora = lora_a is not None
     lin = x if x_lora is None else x_lora
@@ -68,9 +75,9 @@ def _forward_impl(x: Tensor, weight, lora_a, lora_b, scale, bias, x_lora, route)
         y = reference.lora_linear_reference(x, dense, None, None, 1.0, bias, compute_dtype=torch.float64)
         cdt = torch.float64
     elif x_lora is None:
-        return library.lora_linear(x, weight, lora_a, lora_b, scale, bias, route=route, whole_weight=False), t
+        return forward(x, weight, lora_a, lora_b, scale, bias, route=route, whole_weight=False), t
     else:  # dropout: the base sees x, the low-rank term sees x_lora
-        y = library.lora_linear(x, weight, None, None, 1.0, bias, route=route, whole_weight=False)
+        y = forward(x, weight, None, None, 1.0, bias, route=route, whole_weight=False)
         cdt = torch.float32
     if has_lora:
         sc = scale.to(cdt) if isinstance(scale, Tensor) else scale

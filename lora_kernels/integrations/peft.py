@@ -140,11 +140,12 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if torch.is_autocast_enabled(x.device.type):  # qlora_linear casts like nn.Linear does
         return qlora_linear(x, weight, a, b, scale, bias, dropout=p, training=self.training)
     # PEFT keeps adapters in fp32 and casts around them; the fused op runs in the base's compute
-    # dtype with fp32 accumulation (the casts are differentiable: grads reach the fp32 params)
+    # dtype with fp32 accumulation, reading the fp32 adapters as they are (qlora_linear rounds them
+    # where it reads them and returns their gradients in fp32: no cast nodes per call)
     cd = compute_dtype
     if isinstance(weight, torch.Tensor) and weight.dtype != cd:
         weight = weight.to(cd)
-    y = qlora_linear(x.to(cd), weight, a.to(cd), b.to(cd), scale, None if bias is None else bias.to(cd),
+    y = qlora_linear(x.to(cd), weight, a, b, scale, None if bias is None else bias.to(cd),
                      dropout=p, training=self.training)
     return y.to(x.dtype)
 
