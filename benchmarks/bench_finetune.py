@@ -60,6 +60,50 @@ def _data(cfg, vocab, steps: int, device):
     return vocab, [torch.randint(0, vocab, (cfg.batch, cfg.seq_len), generator=gen).to(device) for _ in range(steps)]
 
 
+#: kernel-name fragments -> the group a GPU kernel's time is reported under by ``--profile``
+_KERNEL_GROUPS = (("gemm (cuBLAS)", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")),
+                  ("NF4 merge (ours)", ("_merge_kernel",)), ("NF4 dequantize (bnb)", ("dequantize", "kDequant")),
+                  ("attention", ("flash", "fmha", "attention", "sdpa")),
+                  ("optimizer", ("multi_tensor", "adam", "foreach")),
+                  ("casts / copies", ("copy_kernel", "direct_copy", "memcpy")),
+                  ("elementwise / reductions", ("elementwise_kernel", "reduce_kernel", "softmax", "norm")))
+
+
+def _profile_step(arm: str, model, opt, x) -> None:
+    """One more training step under torch.profiler: GPU time by kernel group, the step's wall time,
+    and the top kernels (where an arm's step goes; printed, not stored)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    groups: dict[str, float] = {}
+    kernels = []
+    for e in prof.key_averages():
+        if e.device_type != DeviceType.CUDA:   # kernels and copies only: CPU ops' device totals repeat them
+            continue
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        if us <= 0:
+            continue
+        name = e.key.lower()
+        group = next((g for g, frags in _KERNEL_GROUPS if any(f.lower() in name for f in frags)), "other")
+        groups[group] = groups.get(group, 0.0) + us
+        kernels.append((us, e.count, e.key[:90]))
+    total = sum(groups.values())
+    print(f"  profile {arm}: step wall {wall * 1e3:.1f} ms (under the profiler), GPU kernel time {total / 1e3:.1f} ms")
+    for g, us in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"    {g:24s} {us / 1e3:9.1f} ms  {us / total:6.1%}")
+    for us, n, name in sorted(kernels, reverse=True)[:25]:
+        print(f"      {us / 1e3:8.2f} ms  x{n:<5d} {name}")
+
+
 def run_arm(arm: str, cfg, vocab: int, batches, args, device) -> dict:
     import peft
     import transformers
@@ -103,6 +147,8 @@ def run_arm(arm: str, cfg, vocab: int, batches, args, device) -> dict:
     if cuda:
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
+    if args.profile and cuda:
+        _profile_step(arm, model, opt, batches[-1])
     row["losses"] = [float(v) for v in losses]
     row["tokens_per_s"] = (len(batches) - args.warmup) * cfg.batch * cfg.seq_len / dt
     row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
@@ -126,6 +172,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--grad-ckpt", action="store_true")
     p.add_argument("--arms", default="peft_bnb,ours")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    p.add_argument("--profile", action="store_true", help="after timing, profile one more step per arm and print "
+                   "its GPU time by kernel group (not stored)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU anyway (a check of the code path; fp32 "
                    "adapters, bf16 base compute)")
     args = p.parse_args(argv)
