@@ -302,6 +302,34 @@ def test_bad_input(monkeypatch):
     assert set(DEFAULT_CONFIG) == {"BLOCK_N", "BLOCK_K", "R_BLOCK", "num_warps", "num_stages"}
 
 
+def test_cached_launcher_falls_back_where_it_cannot_be_used(monkeypatch):
+    """triton/launch.py only takes its fast path for compiled (not interpreted) kernels, with no
+    launch hooks installed and LORA_KERNELS_TRITON_FAST_LAUNCH not 0; otherwise every call is the
+    plain ``kernel[grid]`` launch (the CPU merge tests above run that way under the interpreter)."""
+    from lora_kernels.triton import launch, nf4_merge
+
+    assert not launch._hook_set(None)
+    assert launch._hook_set(lambda *a: None)
+    chain = type("Chain", (), {"calls": []})()          # triton >= 3.5's empty HookChain
+    assert not launch._hook_set(chain)
+    chain.calls.append(print)
+    assert launch._hook_set(chain)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert not nf4_merge._launch_merge.usable and not nf4_merge._launch_merge.compiled
+
+    calls = []
+
+    class FakeKernel:                                     # records the plain-path launches
+        arg_names = ["x", "BLOCK"]
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: calls.append((grid, a, k))
+    fl = launch.CachedLauncher(FakeKernel())
+    assert not fl.usable                                  # not a JITFunction: never the fast path
+    fl(3, (1,), {"BLOCK": 4}, {"num_warps": 4})
+    assert calls == [((3,), (1,), {"BLOCK": 4, "num_warps": 4})] and not fl.compiled
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU cases (bf16 + fp16, real sizes)
 DTYPES_GPU = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
