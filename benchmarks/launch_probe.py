@@ -115,6 +115,9 @@ def main(argv=None) -> None:
     p.add_argument("--m", type=int, default=1024)
     p.add_argument("--steps", type=int, default=30)
     args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("launch_probe: needs a CUDA GPU (it measures host time around GPU launches); nothing to do")
+        return
     print(f"triton {triton.__version__}, torch {torch.__version__}")
     launch_costs()
     profile_step(args.shape, args.m, args.steps)

@@ -32,6 +32,9 @@ def main(argv=None) -> None:
     p.add_argument("--m", type=int, default=4096)
     p.add_argument("--decode", action="store_true", help="only the decode (M=1, no_grad) layer path, by piece")
     args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("overhead_probe: needs a CUDA GPU (it measures host time around GPU launches); nothing to do")
+        return
     if args.decode:
         return decode(args.shape)
     import lora_kernels as lk
