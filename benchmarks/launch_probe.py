@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from benchmarks.overhead_probe import per_call_us
+from benchmarks.overhead_probe import per_call_us, print_host_costs
 
 
 @triton.jit
@@ -61,9 +61,7 @@ def launch_costs() -> None:
 
     def merge():
         nf4_merge.merge_window(out, q, A, B, 2.0, None, (0, N), (0, K))
-    print(f"{'piece':45s} {'host us/call':>12s}")
-    for name, fn in rows:
-        print(f"{name:45s} {per_call_us(fn):12.1f}", flush=True)
+    print_host_costs(rows)
     for fast, name in (("0", "merge_window, plain kernel[grid] launch"),
                        ("1", "merge_window, cached launch (launch.py)")):
         os.environ["LORA_KERNELS_TRITON_FAST_LAUNCH"] = fast
@@ -94,8 +92,7 @@ def profile_step(shape: str, m: int, steps: int) -> None:
               ("bf16 F.linear + LoRA step (autograd)", lambda: torch.autograd.grad(
                   torch.nn.functional.linear(x, W) + (x @ A.t() * 2.0) @ B.t(), (x, A, B), g))]
     print(f"\nhost us per call, {shape} M={m} r={r} (no sync inside):")
-    for name, fn in pieces:
-        print(f"{name:45s} {per_call_us(fn, steps):12.1f}", flush=True)
+    print_host_costs(pieces, steps, header=False)
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(steps):

@@ -26,6 +26,17 @@ def per_call_us(fn, n: int = 300) -> float:
     return cpu
 
 
+def print_host_costs(rows, n: int = 300, header: bool = True) -> None:
+    """Print ``per_call_us`` of each (name, fn) row; a row that raises prints its error instead."""
+    if header:
+        print(f"{'piece':45s} {'host us/call':>12s}")
+    for name, fn in rows:
+        try:
+            print(f"{name:45s} {per_call_us(fn, n):12.1f}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"{name:45s} failed: {type(e).__name__}: {e}"[:200], flush=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="4096x4096")
@@ -72,12 +83,7 @@ def main(argv=None) -> None:
         ("bf16 F.linear+LoRA fwd+bwd (autograd)",
          lambda: torch.autograd.grad(F.linear(x, W) + (x @ A.t() * 2.0) @ B.t(), (x, A, B), g)),
     ]
-    print(f"{'piece':45s} {'host us/call':>12s}")
-    for name, fn in rows:
-        try:
-            print(f"{name:45s} {per_call_us(fn):12.1f}", flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"{name:45s} failed: {type(e).__name__}: {e}"[:200], flush=True)
+    print_host_costs(rows)
 
     # one real step under the profiler
     Kb, Nb = (int(v) for v in args.shape.split("x"))
@@ -141,12 +147,7 @@ def decode(shape: str) -> None:
         ("layer(x) eval", lambda: layer.eval()(x)),
     ]
     with torch.no_grad():
-        print(f"{'piece':45s} {'host us/call':>12s}")
-        for name, fn in rows:
-            try:
-                print(f"{name:45s} {per_call_us(fn):12.1f}", flush=True)
-            except Exception as e:  # noqa: BLE001
-                print(f"{name:45s} failed: {type(e).__name__}: {e}"[:200], flush=True)
+        print_host_costs(rows)
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(50):

@@ -593,12 +593,16 @@ def forward_table(docs: list[dict]) -> list[str]:
             b = _find(rows, shape=shape, M=M, r=rk, method="bnb_peft", variant=variant) or {}
             c = _find(rows, shape=shape, M=M, method="bf16_linear", variant=variant) or {}
             lo = _find(rows, shape=shape, M=M, r=rk, method="bf16_lora_peft", variant=variant) or {}
-            out.append(f"| {K}→{N} | {model_of(K, N)} | {M} | {rk} | {variant} | {_ms(o.get('median_ms'))} "
-                       f"| {_ms(b.get('median_ms'))} | {_ms(c.get('median_ms'))} | {_ms(lo.get('median_ms'))} "
-                       f"| {_ms(o.get('floor_ms'))} | {o.get('route') or '—'} "
-                       f"| {_ratio(o.get('median_ms'), b.get('median_ms'))} "
-                       f"| {_ratio(o.get('median_ms'), c.get('median_ms'))} |")
+            out.append(f"| {K}→{N} | {model_of(K, N)} | {M} | {rk} | {variant} | {_method_cells(o, b, c, lo)} |")
     return out
+
+
+def _method_cells(o: dict, b: dict, c: dict, lo: dict) -> str:
+    """The cells both layer tables share: ours, bnb+PEFT, the bf16 cuBLAS baseline, bf16 LoRA
+    (PEFT), floor, route, ours / bnb+PEFT, ours / cuBLAS."""
+    return (f"{_ms(o.get('median_ms'))} | {_ms(b.get('median_ms'))} | {_ms(c.get('median_ms'))} "
+            f"| {_ms(lo.get('median_ms'))} | {_ms(o.get('floor_ms'))} | {o.get('route') or '—'} "
+            f"| {_ratio(o.get('median_ms'), b.get('median_ms'))} | {_ratio(o.get('median_ms'), c.get('median_ms'))}")
 
 
 def training_table(docs: list[dict]) -> list[str]:
@@ -617,11 +621,7 @@ def training_table(docs: list[dict]) -> list[str]:
         shape = f"{K}x{N}"
         sel = lambda m, **kw: _find(rows, shape=shape, M=M, method=m, direction=d, **kw) or {}  # noqa: E731
         o, b, lo, c = sel("ours", r=rk), sel("bnb_peft", r=rk), sel("bf16_lora_peft", r=rk), sel("cublas_floor")
-        out.append(f"| {K}→{N} | {model_of(K, N)} | {M} | {rk} | {d} | {_ms(o.get('median_ms'))} "
-                   f"| {_ms(b.get('median_ms'))} | {_ms(c.get('median_ms'))} | {_ms(lo.get('median_ms'))} "
-                   f"| {_ms(o.get('floor_ms'))} | {o.get('route') or '—'} "
-                   f"| {_ratio(o.get('median_ms'), b.get('median_ms'))} "
-                   f"| {_ratio(o.get('median_ms'), c.get('median_ms'))} "
+        out.append(f"| {K}→{N} | {model_of(K, N)} | {M} | {rk} | {d} | {_method_cells(o, b, c, lo)} "
                    f"| {_ratio(o.get('median_ms'), lo.get('median_ms'))} |")
     return out
 

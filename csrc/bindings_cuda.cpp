@@ -285,49 +285,42 @@ at::Tensor lora_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return y;
 }
 
+// The GemvArgs the variant planners see for these sizes (bf16; r = 0: no low-rank term; the data
+// pointers of A and B only need to be non-null), or false when the sizes are out of range.
+bool planner_args(int64_t M, int64_t N, int64_t K, int64_t blocksize, int64_t r, cuda::GemvArgs* a) {
+  if (M < 1 || M > cuda::kGemvMaxM || N < 1 || N > 0x7fffffff || K < 1 || K > 0x7fffffff || r < 0 ||
+      r > cuda::kGemvMaxRank || !nf4::is_valid_blocksize(blocksize))
+    return false;
+  static const char dummy = 0;
+  a->M = static_cast<int>(M);
+  a->N = static_cast<int>(N);
+  a->K = static_cast<int>(K);
+  a->blocksize = static_cast<int>(blocksize);
+  a->dtype = cuda::DType::kBFloat16;
+  if (r > 0) {
+    a->lora_a = &dummy;
+    a->lora_b = &dummy;
+    a->r = static_cast<int>(r);
+  }
+  return true;
+}
+
 // Device workspace bytes variant 2 needs for these sizes on the current device (r = 0: no low-rank
 // term), or -1 when lora_gemv(..., variant=2) would fall back to variant 1 (tests, benchmarks).
 int64_t lora_gemv_v2_workspace(int64_t M, int64_t N, int64_t K, int64_t blocksize, int64_t r) {
-  if (M < 1 || M > cuda::kGemvMaxM || N < 1 || N > 0x7fffffff || K < 1 || K > 0x7fffffff || r < 0 ||
-      r > cuda::kGemvMaxRank || !nf4::is_valid_blocksize(blocksize))
-    return -1;
-  static const char dummy = 0;
   cuda::GemvArgs a;
-  a.M = static_cast<int>(M);
-  a.N = static_cast<int>(N);
-  a.K = static_cast<int>(K);
-  a.blocksize = static_cast<int>(blocksize);
-  a.dtype = cuda::DType::kBFloat16;
-  if (r > 0) {
-    a.lora_a = &dummy;
-    a.lora_b = &dummy;
-    a.r = static_cast<int>(r);
-  }
   size_t ws = 0;
-  return cuda::nf4_lora_gemv_v2_config(a, &ws) ? static_cast<int64_t>(ws) : -1;
+  if (!planner_args(M, N, K, blocksize, r, &a) || !cuda::nf4_lora_gemv_v2_config(a, &ws)) return -1;
+  return static_cast<int64_t>(ws);
 }
 
 // Whether lora_gemv(..., variant=3) runs variant 3 for these sizes on the current device (r = 0: no
 // low-rank term; bf16; the answer does not depend on the dtype or on double quantization), or falls
 // back to variant 1 (tests, benchmarks).  Reads $LORA_KERNELS_GEMV_V3_MAX_M like the call does.
 bool lora_gemv_v3_supported(int64_t M, int64_t N, int64_t K, int64_t blocksize, int64_t r) {
-  if (M < 1 || M > cuda::kGemvMaxM || N < 1 || N > 0x7fffffff || K < 1 || K > 0x7fffffff || r < 0 ||
-      r > cuda::kGemvMaxRank || !nf4::is_valid_blocksize(blocksize))
-    return false;
-  static const char dummy = 0;
   cuda::GemvArgs a;
-  a.M = static_cast<int>(M);
-  a.N = static_cast<int>(N);
-  a.K = static_cast<int>(K);
-  a.blocksize = static_cast<int>(blocksize);
-  a.dtype = cuda::DType::kBFloat16;
-  if (r > 0) {
-    a.lora_a = &dummy;
-    a.lora_b = &dummy;
-    a.r = static_cast<int>(r);
-  }
   size_t ws = 0;
-  return cuda::nf4_lora_gemv_v3_config(a, &ws);
+  return planner_args(M, N, K, blocksize, r, &a) && cuda::nf4_lora_gemv_v3_config(a, &ws);
 }
 
 }  // namespace

@@ -229,14 +229,23 @@ def _cuda_gemv_ok(weight) -> bool:
     return ext is not None and hasattr(ext, "lora_gemv")
 
 
-def forward_route(M: int, weight, x_dtype: torch.dtype, device: torch.device) -> str:
-    """The route ``lora_linear`` takes for M rows of x on ``device`` (one visible decision)."""
+def _fallback_route(weight, dtype: torch.dtype, device: torch.device) -> str | None:
+    """What both directions take before any kernel choice: "reference" off CUDA, "dequant-cublas"
+    for fp32/float64 activations or an NF4 weight whose K is not a multiple of its blocksize, else None."""
     if device.type != "cuda":
         return "reference"
-    if x_dtype not in (torch.bfloat16, torch.float16):
+    if dtype not in (torch.bfloat16, torch.float16):
         return "dequant-cublas"
     if isinstance(weight, NF4Weight) and weight.shape[1] % weight.blocksize != 0:
         return "dequant-cublas"
+    return None
+
+
+def forward_route(M: int, weight, x_dtype: torch.dtype, device: torch.device) -> str:
+    """The route ``lora_linear`` takes for M rows of x on ``device`` (one visible decision)."""
+    route = _fallback_route(weight, x_dtype, device)
+    if route is not None:
+        return route
     if M <= GEMV_MAX_M:
         if _cuda_gemv_ok(weight):
             return "cuda-gemv"
@@ -406,13 +415,8 @@ def _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias, whole_weight: bool =
 
 def backward_route(weight, dy_dtype: torch.dtype, device: torch.device) -> str:
     """The route ``lora_linear_dx`` takes (one of "merge-cublas", "dequant-cublas", "reference")."""
-    if device.type != "cuda":
-        return "reference"
-    if dy_dtype not in (torch.bfloat16, torch.float16):
-        return "dequant-cublas"
-    if isinstance(weight, NF4Weight) and weight.shape[1] % weight.blocksize != 0:
-        return "dequant-cublas"
-    return "merge-cublas" if _ext.triton_available() else "dequant-cublas"
+    return _fallback_route(weight, dy_dtype, device) or ("merge-cublas" if _ext.triton_available()
+                                                         else "dequant-cublas")
 
 
 BACKWARD_ROUTES = ("merge-cublas", "dequant-cublas", "reference")

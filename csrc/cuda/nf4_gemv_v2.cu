@@ -45,6 +45,7 @@
 #include <cstdlib>
 
 #include "nf4_common.h"
+#include "cuda/nf4_gemv_common.cuh"
 
 namespace lora_kernels {
 namespace cuda {
@@ -59,52 +60,6 @@ constexpr int kMaxWM = 4;                // tiles per group at most
 constexpr unsigned long long kWaitNs = 20ull * 1000 * 1000;  // T wait before computing it locally
 // Largest dynamic shared memory any launch asks for (M = 16): 64 KB table + 2 x extras.
 constexpr int kMaxSmemRequest = 65536 + 2 * (1024 + kWarps * 4 * 16 * 4 + 2 * kWarps * 16 * 4 * kGemvMaxM);
-
-template <typename T>
-struct Num2;
-
-template <>
-struct Num2<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ float2 unpack(uint32_t w) {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
-  }
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-  // d = A(16x16, row) · B(16x8, col) + c
-  static __device__ __forceinline__ void mma(float* d, uint32_t a0, uint32_t a1, uint32_t a2,
-                                             uint32_t a3, uint32_t b0, uint32_t b1, const float* c) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%10, %11, %12, %13};\n"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]),
-          "f"(c[3]));
-  }
-};
-
-template <>
-struct Num2<__half> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ float2 unpack(uint32_t w) {
-    return __half22float2(*reinterpret_cast<const __half2*>(&w));
-  }
-  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-  static __device__ __forceinline__ void mma(float* d, uint32_t a0, uint32_t a1, uint32_t a2,
-                                             uint32_t a3, uint32_t b0, uint32_t b1, const float* c) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%10, %11, %12, %13};\n"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]),
-          "f"(c[3]));
-  }
-};
 
 // ---- small PTX helpers ---------------------------------------------------------------------------
 __device__ __forceinline__ uint2 ld_weight(const uint8_t* p) {
@@ -212,7 +167,7 @@ __device__ __forceinline__ void t_partial(const V2Params& p, int u0, int u1, flo
         const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w}, aw[4] = {av.x, av.y, av.z, av.w};
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const float2 xf = Num2<T>::unpack(xw[i]), af = Num2<T>::unpack(aw[i]);
+          const float2 xf = Num<T>::unpack(xw[i]), af = Num<T>::unpack(aw[i]);
           acc = __fmaf_rn(xf.x, af.x, acc);
           acc = __fmaf_rn(xf.y, af.y, acc);
         }
@@ -392,10 +347,10 @@ __device__ __forceinline__ void compute_unit(const uint4* const (&xr)[NB], int i
   for (int nb = 0; nb < NB; ++nb) {
     const float zero[4] = {0.f, 0.f, 0.f, 0.f};
     float cb[4];
-    Num2<T>::mma(cb, a[0][0], a[0][1], a[0][2], a[0][3], xb[nb][0], xb[nb][1], zero);
-    Num2<T>::mma(cb, a[1][0], a[1][1], a[1][2], a[1][3], xb[nb][2], xb[nb][3], cb);
-    Num2<T>::mma(cb, a[2][0], a[2][1], a[2][2], a[2][3], xb[nb][4], xb[nb][5], cb);
-    Num2<T>::mma(cb, a[3][0], a[3][1], a[3][2], a[3][3], xb[nb][6], xb[nb][7], cb);
+    Num<T>::mma(cb, a[0][0], a[0][1], a[0][2], a[0][3], xb[nb][0], xb[nb][1], zero);
+    Num<T>::mma(cb, a[1][0], a[1][1], a[1][2], a[1][3], xb[nb][2], xb[nb][3], cb);
+    Num<T>::mma(cb, a[2][0], a[2][1], a[2][2], a[2][3], xb[nb][4], xb[nb][5], cb);
+    Num<T>::mma(cb, a[3][0], a[3][1], a[3][2], a[3][3], xb[nb][6], xb[nb][7], cb);
     // c0, c1: weight row g (x rows 2q, 2q + 1 of tile nb); c2, c3: weight row g + 8.
     acc[nb][0] = __fmaf_rn(cb[0], sc.x, acc[nb][0]);
     acc[nb][1] = __fmaf_rn(cb[1], sc.x, acc[nb][1]);
@@ -450,10 +405,10 @@ template <typename T>
 __device__ __forceinline__ void store_out(const V2Params& p, int n, int m, float v) {
   if (p.bias != nullptr) {
     const float bv = p.bias_f32 ? __ldg(static_cast<const float*>(p.bias) + n)
-                                : Num2<T>::to_float(static_cast<const T*>(p.bias)[n]);
+                                : Num<T>::to_float(static_cast<const T*>(p.bias)[n]);
     v = __fadd_rn(v, bv);
   }
-  static_cast<T*>(p.y)[static_cast<int64_t>(m) * p.N + n] = Num2<T>::from_float(v);
+  static_cast<T*>(p.y)[static_cast<int64_t>(m) * p.N + n] = Num<T>::from_float(v);
 }
 
 // End of group g: partial sums -> shared memory, one barrier, fixed-order sum over the K slices,
@@ -579,7 +534,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_v2_kernel(const V2Params
   // ---- table: entry v (dtype pair {code[v >> 4], code[v & 15]}) for lane l at lut + 256 v + 4 l
   for (int i = tid; i < 256 * 8; i += kThreads) {
     const int v = i >> 3, l4 = (i & 7) * 4;
-    const uint32_t w = Num2<T>::pack(__ldg(p.code + (v >> 4)), __ldg(p.code + (v & 15)));
+    const uint32_t w = Num<T>::pack(__ldg(p.code + (v >> 4)), __ldg(p.code + (v & 15)));
     sts_v4(lut + static_cast<uint32_t>(v) * 256u + static_cast<uint32_t>(l4) * 4u, w, w, w, w);
   }
   if (kNested) {
@@ -663,7 +618,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_v2_kernel(const V2Params
     const float* tr = ts + m * r;
     const T* br = lb + static_cast<int64_t>(n) * r;
     float lora = 0.f;
-    for (int j = 0; j < r; ++j) lora = __fmaf_rn(tr[j], Num2<T>::to_float(br[j]), lora);
+    for (int j = 0; j < r; ++j) lora = __fmaf_rn(tr[j], Num<T>::to_float(br[j]), lora);
     v = __fadd_rn(v, lora);
     store_out<T>(p, n, m, v);
   }
@@ -672,28 +627,6 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_v2_kernel(const V2Params
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
-struct DevInfo {
-  int sms = 0;
-  int smem_optin = 0;
-  int major = 0;
-};
-
-DevInfo dev_info() {
-  static std::atomic<int> cached_dev{-1};
-  static DevInfo cached;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) dev = 0;
-  if (cached_dev.load(std::memory_order_acquire) == dev) return cached;
-  DevInfo d;
-  if (cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || d.sms < 1) d.sms = 1;
-  if (cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
-    d.smem_optin = 0;
-  if (cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) d.major = 0;
-  cached = d;
-  cached_dev.store(dev, std::memory_order_release);
-  return d;
-}
-
 struct V2Config {
   bool ok = false;
   int grid = 0, NB = 1, WM = 1, P = 0, smem_optin = 0;
@@ -701,8 +634,6 @@ struct V2Config {
   size_t ws_bytes = 0;
   size_t off_tfinal = 0, off_tpart = 0, off_ybase = 0;
 };
-
-size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
 V2Config v2_config(const GemvArgs& a) {
   V2Config c;

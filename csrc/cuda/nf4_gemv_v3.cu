@@ -59,6 +59,7 @@
 #include <cstdlib>
 
 #include "nf4_common.h"
+#include "cuda/nf4_gemv_common.cuh"
 
 namespace lora_kernels {
 namespace cuda {
@@ -73,39 +74,6 @@ constexpr int kV3LutBytes = 256 * 256;      // byte -> dtype-pair table, 32 repl
 constexpr int kXMaxBytes = 46 * 1024;
 constexpr int kTThreads3 = 256;
 constexpr int kFinishThreads = 256;
-
-template <typename T>
-struct V3Num;
-
-template <>
-struct V3Num<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-  // the two halves of a packed pair as fp32 (exact)
-  static __device__ __forceinline__ void unpack(uint32_t w, float& lo, float& hi) {
-    lo = __uint_as_float(w << 16);
-    hi = __uint_as_float(w & 0xffff0000u);
-  }
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-};
-
-template <>
-struct V3Num<__half> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ void unpack(uint32_t w, float& lo, float& hi) {
-    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w));
-    lo = f.x;
-    hi = f.y;
-  }
-  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-};
 
 // Programmatic dependent launch (sm_90; no-ops below, and wait returns at once when the grid was
 // not launched as a dependent).
@@ -149,8 +117,8 @@ v3_lora_t_kernel(const T* __restrict__ x, const T* __restrict__ a, int K, int r,
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       float x0, x1, a0, a1;
-      V3Num<T>::unpack(xw[i], x0, x1);
-      V3Num<T>::unpack(aw[i], a0, a1);
+      Num<T>::unpack(xw[i], x0, x1);
+      Num<T>::unpack(aw[i], a0, a1);
       acc = __fmaf_rn(x0, a0, acc);
       acc = __fmaf_rn(x1, a1, acc);
     }
@@ -255,7 +223,7 @@ __device__ __forceinline__ void compute_batch(const LaneCtx& L, const Batch<kNes
         for (int bb = 0; bb < 4; ++bb) {
           // byte bb of the word -> table byte offset 256 · byte + 4 · lane: one prmt
           const uint32_t off = __byte_perm(words[q], lane4, 0x5504u + 16u * bb);
-          V3Num<T>::unpack(*reinterpret_cast<const uint32_t*>(lut_c + off), f[2 * bb], f[2 * bb + 1]);
+          Num<T>::unpack(*reinterpret_cast<const uint32_t*>(lut_c + off), f[2 * bb], f[2 * bb + 1]);
         }
 #pragma unroll
         for (int m = 0; m < MM; ++m) {
@@ -318,7 +286,7 @@ __global__ void __launch_bounds__(kV3Threads, 2) nf4_gemv_v3_kernel(const V3Para
   {
     for (int i = tid; i < 256 * 8; i += kV3Threads) {
       const int v = i >> 3, j = i & 7;  // entry v, lanes 4j .. 4j + 3 (bytes 128 .. 255 unused)
-      const uint32_t w = V3Num<T>::pack(__ldg(p.code + (v >> 4)), __ldg(p.code + (v & 15)));
+      const uint32_t w = Num<T>::pack(__ldg(p.code + (v >> 4)), __ldg(p.code + (v & 15)));
       *reinterpret_cast<uint4*>(smem_v3 + v * 256 + j * 16) = make_uint4(w, w, w, w);
     }
     const T* x = static_cast<const T*>(p.x);
@@ -327,10 +295,10 @@ __global__ void __launch_bounds__(kV3Threads, 2) nf4_gemv_v3_kernel(const V3Para
       const int m = i / vpr, kk = (i - m * vpr) * 8;
       const uint4 v = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * K + k0 + kk));
       float f[8];
-      V3Num<T>::unpack(v.x, f[0], f[1]);
-      V3Num<T>::unpack(v.y, f[2], f[3]);
-      V3Num<T>::unpack(v.z, f[4], f[5]);
-      V3Num<T>::unpack(v.w, f[6], f[7]);
+      Num<T>::unpack(v.x, f[0], f[1]);
+      Num<T>::unpack(v.y, f[2], f[3]);
+      Num<T>::unpack(v.z, f[4], f[5]);
+      Num<T>::unpack(v.w, f[6], f[7]);
       float4* dst = reinterpret_cast<float4*>(dsm + m * XS + kk + 4 * (kk >> 5));
       dst[0] = make_float4(f[0], f[1], f[2], f[3]);
       dst[1] = make_float4(f[4], f[5], f[6], f[7]);
@@ -393,7 +361,7 @@ __global__ void __launch_bounds__(kV3Threads, 2) nf4_gemv_v3_kernel(const V3Para
     griddep_wait();  // T written by the kernel this one was launched after
     const T* br = static_cast<const T*>(p.lora_b) + static_cast<int64_t>(n) * p.r;
     for (int j = g; j < p.r; j += 8) {
-      const float bj = V3Num<T>::to_float(br[j]);
+      const float bj = Num<T>::to_float(br[j]);
 #pragma unroll
       for (int m = 0; m < MM; ++m) lora[m] = __fmaf_rn(p.t[m * p.r + j], bj, lora[m]);
     }
@@ -407,7 +375,7 @@ __global__ void __launch_bounds__(kV3Threads, 2) nf4_gemv_v3_kernel(const V3Para
     float bias = 0.f;
     if (p.bias != nullptr) {
       bias = p.bias_f32 ? static_cast<const float*>(p.bias)[n_raw]
-                        : V3Num<T>::to_float(static_cast<const T*>(p.bias)[n_raw]);
+                        : Num<T>::to_float(static_cast<const T*>(p.bias)[n_raw]);
     }
     T* y = static_cast<T*>(p.y);
 #pragma unroll
@@ -416,7 +384,7 @@ __global__ void __launch_bounds__(kV3Threads, 2) nf4_gemv_v3_kernel(const V3Para
         float v = acc[m];
         if (p.t != nullptr) v = __fadd_rn(v, lora[m]);
         if (p.bias != nullptr) v = __fadd_rn(v, bias);
-        y[static_cast<int64_t>(m) * p.N + n_raw] = V3Num<T>::from_float(v);
+        y[static_cast<int64_t>(m) * p.N + n_raw] = Num<T>::from_float(v);
       }
     }
   }
@@ -436,40 +404,20 @@ __global__ void __launch_bounds__(kFinishThreads) v3_finish_kernel(const V3Param
     const float* tr = p.t + static_cast<int64_t>(m) * p.r;
     const T* br = static_cast<const T*>(p.lora_b) + static_cast<int64_t>(n) * p.r;
     float lora = 0.f;
-    for (int j = 0; j < p.r; ++j) lora = __fmaf_rn(tr[j], V3Num<T>::to_float(br[j]), lora);
+    for (int j = 0; j < p.r; ++j) lora = __fmaf_rn(tr[j], Num<T>::to_float(br[j]), lora);
     v = __fadd_rn(v, lora);
   }
   if (p.bias != nullptr) {
     const float b = p.bias_f32 ? static_cast<const float*>(p.bias)[n]
-                               : V3Num<T>::to_float(static_cast<const T*>(p.bias)[n]);
+                               : Num<T>::to_float(static_cast<const T*>(p.bias)[n]);
     v = __fadd_rn(v, b);
   }
-  static_cast<T*>(p.y)[idx] = V3Num<T>::from_float(v);
+  static_cast<T*>(p.y)[idx] = Num<T>::from_float(v);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
-struct DevInfo3 {
-  int sms = 1, smem_optin = 0, major = 0;
-};
-
-DevInfo3 dev_info3() {
-  static std::atomic<int> cached_dev{-1};
-  static DevInfo3 cached;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) dev = 0;
-  if (cached_dev.load(std::memory_order_acquire) == dev) return cached;
-  DevInfo3 d;
-  if (cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || d.sms < 1) d.sms = 1;
-  if (cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
-    d.smem_optin = 0;
-  if (cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) d.major = 0;
-  cached = d;
-  cached_dev.store(dev, std::memory_order_release);
-  return d;
-}
-
 struct V3Config {
   bool ok = false;
   int S = 1, KS = 0, tiles = 0;
@@ -477,8 +425,6 @@ struct V3Config {
   size_t ws_bytes = 0, off_part = 0;
   int major = 0;
 };
-
-size_t align_up3(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
 // Longest slice (elements, a multiple of 256) whose x fits: M · KS · 36/32 floats <= kXMaxBytes.
 constexpr int max_slice_elems(int M) { return (kXMaxBytes * 8 / (M * 36)) / 256 * 256; }
@@ -502,7 +448,7 @@ V3Config v3_config(const GemvArgs& a) {
   if (static_cast<int64_t>(a.N) * (a.K / a.blocksize) >= (int64_t{1} << 31)) return c;  // 32-bit blocks
   if (reinterpret_cast<uintptr_t>(a.packed) % 16 != 0) return c;  // 16-byte weight loads (x, lora_a:
                                                                   // 16-byte aligned by the caller)
-  const DevInfo3 d = dev_info3();
+  const DevInfo d = dev_info();
   if (d.major < 8) return c;
   c.major = d.major;
   c.tiles = (a.N + kV3Rows - 1) / kV3Rows;
@@ -527,7 +473,7 @@ V3Config v3_config(const GemvArgs& a) {
   c.smem_dyn = smem_dyn_bytes(a.M, c.KS);
   if (c.smem_dyn > d.smem_optin) return c;
   size_t off = 0;
-  if (a.lora_a != nullptr) off = align_up3(static_cast<size_t>(a.M) * a.r * 4, 256);
+  if (a.lora_a != nullptr) off = align_up(static_cast<size_t>(a.M) * a.r * 4, 256);
   c.off_part = off;
   if (c.S > 1) off += static_cast<size_t>(c.S) * a.M * a.N * 4;
   c.ws_bytes = off;
