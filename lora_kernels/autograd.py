@@ -265,8 +265,13 @@ def qlora_linear(x: Tensor, weight: NF4Weight | Tensor, lora_a: Tensor | None = 
         r = lora_a.shape[0]
         if lora_b.dim() != 2 or tuple(lora_b.shape) != (N, r):
             raise ValueError(f"qlora_linear: lora_b must be [N={N}, r={r}], got {tuple(lora_b.shape)}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
-        raise ValueError(f"qlora_linear: bias must be [N={N}], got {tuple(bias.shape)}")
+        if r < 1:
+            raise ValueError("qlora_linear: the rank r must be >= 1 (lora_a has 0 rows)")
+        if lora_a.device != x.device or lora_b.device != x.device:
+            raise ValueError(f"qlora_linear: lora_a/lora_b must be on x's device {x.device}, got "
+                             f"{lora_a.device} and {lora_b.device}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N or bias.device != x.device):
+        raise ValueError(f"qlora_linear: bias must be [N={N}] on {x.device}, got {tuple(bias.shape)} on {bias.device}")
     if isinstance(scale, Tensor) and lora_a is not None and not (
             scale.dim() == 0 or (scale.dim() == 1 and scale.shape[0] == lora_a.shape[0])):
         raise ValueError(f"qlora_linear: scale must be a float, a 0-d tensor or an [r={lora_a.shape[0]}] "
@@ -275,15 +280,17 @@ def qlora_linear(x: Tensor, weight: NF4Weight | Tensor, lora_a: Tensor | None = 
             and (dropout == 0.0 or not training or lora_a is None)):
         # Inference: no graph to record and nothing to save, so skip the Function and the
         # custom-op dispatch and call the op boundary directly (one extension call on the decode
-        # route).  Same routes and kernels, so the same numbers as the autograd path.
+        # route).  Same routes and kernels, so the same numbers as the autograd path; the arguments
+        # were checked above, so ``lora_linear``'s checks are not run again.
         dev = x.device.type
-        if not torch.is_autocast_enabled(dev):   # lora_linear takes the decode fast path itself
-            return library.lora_linear(x, weight if isinstance(weight, NF4Weight) else weight.to(x.dtype),
-                                       lora_a, lora_b, scale, bias)
-        x = x.to(torch.get_autocast_dtype(dev))
-        with torch.autocast(dev, enabled=False):
-            return library.lora_linear(x, weight if isinstance(weight, NF4Weight) else weight.to(x.dtype),
-                                       lora_a, lora_b, scale, bias)
+        if torch.is_autocast_enabled(dev):
+            x = x.to(torch.get_autocast_dtype(dev))
+        w = weight if isinstance(weight, NF4Weight) else weight.to(x.dtype)
+        with _no_autocast(dev):
+            y = library.decode_linear(x, w, lora_a, lora_b, scale, bias) if x.is_cuda else None
+            if y is None:
+                y = library.forward_2d(x.reshape(-1, K), w, lora_a, lora_b, scale, bias).reshape(*x.shape[:-1], N)
+        return y
     sdt = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64: gradcheck
     if isinstance(scale, Tensor):
         s = scale.to(device=x.device, dtype=sdt)

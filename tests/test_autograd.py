@@ -296,6 +296,9 @@ def test_bad_input(rng):
         qlora_linear(x, weight, a, b[:, :3])
     with pytest.raises(ValueError, match="give both lora_a and lora_b"):
         qlora_linear(x, weight, a, None)
+    for grad in (True, False):     # rank 0: an error on both paths, never a silent base-only result
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="rank r must be >= 1"):
+            qlora_linear(x.requires_grad_(grad), weight, a[:0].requires_grad_(), b[:, :0].requires_grad_())
     with pytest.raises(ValueError, match=r"scale must be a float, a 0-d tensor or an \[r=4\]"):
         qlora_linear(x, weight, a, b, torch.ones(3))
     with pytest.raises(TypeError, match="scale must be a float or a tensor"):
