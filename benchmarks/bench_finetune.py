@@ -13,6 +13,8 @@ double quantization, bf16 compute), the rest bf16, PEFT LoRA on every decoder li
 Arms (each built fresh from the same seed):
   peft_bnb  PEFT LoRA over bitsandbytes Linear4bit, as PEFT runs it
   ours      the same PEFT model after ``lora_kernels.patch_peft_model`` (the same Parameters)
+  ours_fused  ``ours`` plus ``lora_kernels.patch_model_kernels``: the model's RMSNorms, SwiGLU
+            MLPs, rotary embeddings and loss through the fused model ops as well
 Per arm: the loss of every step, tokens/s over the timed steps (after ``--warmup`` steps),
 peak memory (``torch.cuda.max_memory_allocated`` over the whole run, model included).
 Gradient checkpointing (non-reentrant) on with ``--grad-ckpt``.
@@ -34,7 +36,8 @@ from . import harness
 
 ROW_KEYS = ("bench", "model", "params_m", "arm", "batch", "seq", "r", "grad_ckpt", "steps", "tokens_per_s",
             "speedup_vs_peft_bnb", "peak_mem_mb", "mem_ratio_vs_peft_bnb", "loss_first", "loss_last",
-            "max_abs_loss_diff", "max_rel_loss_diff", "patched", "skipped", "note")
+            "max_abs_loss_diff", "max_rel_loss_diff", "patched", "skipped", "model_kernels", "note")
+ARMS = ("peft_bnb", "ours", "ours_fused")
 
 
 def _config(name: str):
@@ -62,7 +65,9 @@ def _data(cfg, vocab, steps: int, device):
 
 #: kernel-name fragments -> the group a GPU kernel's time is reported under by ``--profile``
 _KERNEL_GROUPS = (("gemm (cuBLAS)", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")),
-                  ("NF4 merge (ours)", ("_merge_kernel",)), ("NF4 dequantize (bnb)", ("dequantize", "kDequant")),
+                  ("NF4 merge (ours)", ("_merge_kernel",)),
+                  ("model ops (ours)", ("_rms_norm", "_swiglu", "_silu_mul", "_rope", "_rotary", "_cross_entropy",
+                                        "_ce_")), ("NF4 dequantize (bnb)", ("dequantize", "kDequant")),
                   ("attention", ("flash", "fmha", "attention", "sdpa")),
                   ("optimizer", ("multi_tensor", "adam", "foreach")),
                   ("casts / copies", ("copy_kernel", "direct_copy", "memcpy")),
@@ -109,6 +114,7 @@ def run_arm(arm: str, cfg, vocab: int, batches, args, device) -> dict:
     import transformers
 
     from lora_kernels.finetune import TARGETS, _llama_config, quantize_base
+    from lora_kernels.integrations.model_kernels import patch_model_kernels
     from lora_kernels.integrations.peft import patch_peft_model
 
     cuda = device.type == "cuda"
@@ -127,9 +133,16 @@ def run_arm(arm: str, cfg, vocab: int, batches, args, device) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     row = dict(bench="finetune", model=args.model, arm=arm, batch=cfg.batch, seq=cfg.seq_len, r=args.r,
                grad_ckpt=bool(args.grad_ckpt), steps=len(batches))
-    if arm == "ours":
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r} (expected one of {ARMS})")
+    if arm in ("ours", "ours_fused"):
         rep = patch_peft_model(model)
         row["patched"], row["skipped"] = len(rep.patched), len(rep.skipped)
+    if arm == "ours_fused":
+        mk = patch_model_kernels(model)
+        row["model_kernels"] = " ".join(f"{k}:{len(v)}" for k, v in mk.patched.items())
+        if mk.skipped:
+            row["model_kernels"] += f" skipped:{len(mk.skipped)}"
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     losses = []
@@ -170,7 +183,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--grad-ckpt", action="store_true")
-    p.add_argument("--arms", default="peft_bnb,ours")
+    p.add_argument("--arms", default="peft_bnb,ours,ours_fused", help=f"comma-separated, of {ARMS}")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     p.add_argument("--profile", action="store_true", help="after timing, profile one more step per arm and print "
                    "its GPU time by kernel group (not stored)")
