@@ -271,6 +271,10 @@ class NF4Weight:
                                  "to a device first) or not a bitsandbytes 4-bit weight")
         if qs.quant_type != "nf4":
             raise NF4FormatError(f"only nf4 is supported, this weight is {qs.quant_type!r}")
+        if getattr(qs, "packing_format_for_cpu", False):
+            raise NF4FormatError("bitsandbytes repacked this weight for its AVX512-BF16 CPU kernel (a Linear4bit "
+                                 "run in eval mode on the CPU): it is no longer in the NF4 storage format; reload "
+                                 "it, or see lora_kernels.integrations.bnb_cpu.use_portable_bnb_cpu_paths")
         data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
         if data.dtype != torch.uint8:
             data = data.contiguous().view(torch.uint8)

@@ -27,6 +27,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _bnb_portable_cpu_paths():
+    """bitsandbytes 0.50's native CPU NF4 dequantize is wrong on some CPUs (AVX512-BF16 hosts; see
+    lora_kernels/integrations/bnb_cpu.py): compare against its portable path there."""
+    from lora_kernels.integrations.bnb_cpu import use_portable_bnb_cpu_paths
+
+    use_portable_bnb_cpu_paths()
+    yield
+
+
 @pytest.fixture
 def rng():
     """A generator with a fresh seed; pytest shows the printed seed when the test fails."""
