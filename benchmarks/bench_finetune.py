@@ -198,6 +198,12 @@ def main(argv=None) -> list[dict]:
     if not gpu and not args.cpu:
         return []
     device = torch.device("cuda" if gpu else "cpu")
+    if not gpu:
+        from lora_kernels.integrations.bnb_cpu import use_portable_bnb_cpu_paths
+
+        if use_portable_bnb_cpu_paths():
+            print("bench_finetune: bitsandbytes' native CPU NF4 dequantize is wrong on this CPU; its portable "
+                  "implementation is used (lora_kernels/integrations/bnb_cpu.py)")
     cfg, vocab = _config(args.model)
     if args.batch:
         cfg.batch = args.batch

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from . import model_ops
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 TEXT = """\
@@ -179,10 +181,17 @@ def _greedy(model, tok: CharTokenizer, prompt: str, n: int, device, max_len: int
 def run_demo(cfg: DemoConfig, log=print) -> DemoResult:
     import peft
 
+    from .integrations.model_kernels import patch_model_kernels
     from .integrations.peft import patch_peft_model
 
     device = torch.device(cfg.device)
     res = DemoResult()
+    if device.type == "cpu":
+        from .integrations.bnb_cpu import use_portable_bnb_cpu_paths
+
+        if use_portable_bnb_cpu_paths():
+            log("note: bitsandbytes' native CPU NF4 dequantize is wrong on this CPU (rows not a multiple of "
+                "the blocksize); its portable implementation is used instead (lora_kernels/integrations/bnb_cpu.py)")
     tok = CharTokenizer(TEXT)
     ids = torch.tensor(tok.encode(TEXT))
     out_dir = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="lora-kernels-demo-"))
@@ -201,6 +210,8 @@ def run_demo(cfg: DemoConfig, log=print) -> DemoResult:
     report = patch_peft_model(model)
     res.patched, res.skipped = len(report.patched), len(report.skipped)
     log(str(report))
+    log(str(patch_model_kernels(model)) + ("" if model_ops.use_triton(torch.empty(0, device=device)) else
+                                           " (their PyTorch references here: Triton does not run on this device)"))
 
     prompt = "The lamp"
     model.eval()

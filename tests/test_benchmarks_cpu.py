@@ -140,7 +140,7 @@ def test_time_cuda_rotation_graph_and_peak_memory():
 
 
 def test_bench_finetune_cpu_code_path(tmp_path):
-    """bench_finetune's two arms on the CPU (demo model, two steps): same losses within bf16 noise."""
+    """bench_finetune's three arms on the CPU (demo model, two steps): same losses within bf16 noise."""
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
     pytest.importorskip("bitsandbytes")
@@ -149,9 +149,12 @@ def test_bench_finetune_cpu_code_path(tmp_path):
     rows = bench_finetune.main(["--model", "demo", "--steps", "2", "--warmup", "1", "--cpu", "--batch", "2",
                                 "--seq", "32", "--out", str(tmp_path)])
     by = {r["arm"]: r for r in rows}
-    assert set(by) == {"peft_bnb", "ours"} and not by["ours"]["note"], rows
-    assert by["ours"]["patched"] > 0 and by["ours"]["tokens_per_s"] > 0
-    assert by["ours"]["max_rel_loss_diff"] < 1e-2, by["ours"]
+    assert set(by) == {"peft_bnb", "ours", "ours_fused"} and not by["ours"]["note"], rows
+    assert not by["ours_fused"]["note"], rows
+    for arm in ("ours", "ours_fused"):
+        assert by[arm]["patched"] > 0 and by[arm]["tokens_per_s"] > 0
+        assert by[arm]["max_rel_loss_diff"] < 1e-2, by[arm]
+    assert by["ours_fused"]["model_kernels"].startswith("rms_norm:"), by["ours_fused"]
     assert (tmp_path / "finetune_cpu_demo.json").exists()
 
 
