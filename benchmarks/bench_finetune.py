@@ -16,7 +16,10 @@ Arms (each built fresh from the same seed):
   ours_fused  ``ours`` plus ``lora_kernels.patch_model_kernels``: the model's RMSNorms, SwiGLU
             MLPs, rotary embeddings and loss through the fused model ops as well
 Per arm: the loss of every step, tokens/s over the timed steps (after ``--warmup`` steps),
-peak memory (``torch.cuda.max_memory_allocated`` over the whole run, model included).
+the memory the prepared model holds before the first step (``model_mem_mb``) and the peak memory
+of the training steps (``torch.cuda.max_memory_allocated`` from the first step on: model,
+optimizer state and activations; building the model in fp32 and quantizing it, the same in every
+arm, is not counted).
 Gradient checkpointing (non-reentrant) on with ``--grad-ckpt``.
 
     python -m benchmarks.bench_finetune [--model demo|1b] [--steps 12] [--warmup 2] [--batch 8]
@@ -36,7 +39,7 @@ from . import harness
 
 ROW_KEYS = ("bench", "model", "params_m", "arm", "batch", "seq", "r", "grad_ckpt", "steps", "tokens_per_s",
             "speedup_vs_peft_bnb", "peak_mem_mb", "mem_ratio_vs_peft_bnb", "loss_first", "loss_last",
-            "max_abs_loss_diff", "max_rel_loss_diff", "patched", "skipped", "model_kernels", "note")
+            "max_abs_loss_diff", "max_rel_loss_diff", "patched", "skipped", "model_kernels", "model_mem_mb", "note")
 ARMS = ("peft_bnb", "ours", "ours_fused")
 
 
@@ -145,6 +148,10 @@ def run_arm(arm: str, cfg, vocab: int, batches, args, device) -> dict:
             row["model_kernels"] += f" skipped:{len(mk.skipped)}"
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    if cuda:   # peak memory of training, not of building the model (its fp32 init is the same in every arm)
+        torch.cuda.synchronize(device)
+        row["model_mem_mb"] = torch.cuda.memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
     losses = []
     t0 = None
     for i, x in enumerate(batches):
@@ -236,7 +243,9 @@ def main(argv=None) -> list[dict]:
              f"LoRA r={args.r} alpha={2 * args.r} on all decoder linears; AdamW lr {cfg.lr}; batch {cfg.batch} x seq "
              f"{cfg.seq_len}; {args.steps} steps, tokens/s over the last {args.steps - args.warmup}",
              "loss diffs: per step against peft_bnb (same init, same batches)",
-             "peak_mem_mb: torch.cuda.max_memory_allocated over the arm (model, optimizer state and activations)"]
+             "peak_mem_mb: torch.cuda.max_memory_allocated over the training steps (model, optimizer state and "
+             "activations; peak stats reset after the model was built, quantized, wrapped and patched); "
+             "model_mem_mb: memory allocated before the first step"]
     jpath, mpath = harness.write_results(tag, out, env, args.out, meta={"model": args.model}, columns=ROW_KEYS,
                                          notes=notes)
     print(f"wrote {jpath} and {mpath}")
