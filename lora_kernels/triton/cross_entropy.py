@@ -52,13 +52,12 @@ by ``block_v=`` / ``num_warps=``.  Not yet timed on a GPU.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .launch import CachedLauncher
+from .nf4_lora_matmul import _check_device
 
 __all__ = ["cross_entropy_forward", "cross_entropy_backward", "pick_config", "MAX_BLOCK_V"]
 
@@ -172,15 +171,6 @@ def _on_device(device: torch.device, launcher, grid: int, args: tuple, constexpr
         launcher(grid, args, constexprs, options)
 
 
-def _check_device(device: torch.device) -> None:
-    if device.type == "cuda":
-        return
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    raise ValueError(f"cross_entropy: tensors must be on a CUDA device (or on the CPU with TRITON_INTERPRET=1), "
-                     f"got {device}")
-
-
 def _check_inputs(logits, target) -> tuple[int, int]:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"cross_entropy: logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -203,7 +193,7 @@ def _check_inputs(logits, target) -> tuple[int, int]:
         raise ValueError(f"cross_entropy: target is on {target.device} but logits are on {logits.device}")
     if T > 0 and target.stride(0) != 1:
         raise ValueError(f"cross_entropy: target must be contiguous, got stride {target.stride()}")
-    _check_device(logits.device)
+    _check_device(logits.device, "cross_entropy")
     return T, V
 
 

@@ -63,16 +63,22 @@ _INT32_LIMIT = 2**31 - 1
 # Kernels
 # =============================================================================================
 @triton.jit
-def _silu_mul_forward_kernel(gate_ptr, up_ptr, h_ptr, numel,
-                             BLOCK: tl.constexpr, OFFSET_64: tl.constexpr):
-    # reads BLOCK gate + BLOCK up elements, writes BLOCK h elements
+def _block(numel, BLOCK: tl.constexpr, OFFSET_64: tl.constexpr):
+    # this program's BLOCK element offsets (int64 when OFFSET_64) and their in-range mask
     pid = tl.program_id(0)
     if OFFSET_64:
         start = pid.to(tl.int64) * BLOCK
     else:
         start = pid * BLOCK
     offs = start + tl.arange(0, BLOCK)
-    mask = offs < numel
+    return offs, offs < numel
+
+
+@triton.jit
+def _silu_mul_forward_kernel(gate_ptr, up_ptr, h_ptr, numel,
+                             BLOCK: tl.constexpr, OFFSET_64: tl.constexpr):
+    # reads BLOCK gate + BLOCK up elements, writes BLOCK h elements
+    offs, mask = _block(numel, BLOCK, OFFSET_64)
     g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     h = g / (1.0 + tl.exp(-g)) * u
@@ -84,13 +90,7 @@ def _silu_mul_backward_kernel(dh_ptr, gate_ptr, up_ptr, d_gate_ptr, d_up_ptr, nu
                               BLOCK: tl.constexpr, OFFSET_64: tl.constexpr,
                               WRITE_D_GATE: tl.constexpr, WRITE_D_UP: tl.constexpr):
     # reads dh, gate (and up when WRITE_D_GATE); writes the requested gradients
-    pid = tl.program_id(0)
-    if OFFSET_64:
-        start = pid.to(tl.int64) * BLOCK
-    else:
-        start = pid * BLOCK
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < numel
+    offs, mask = _block(numel, BLOCK, OFFSET_64)
     dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     e = tl.exp(-g)
