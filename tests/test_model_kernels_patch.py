@@ -106,6 +106,24 @@ def test_peft_qlora_model_with_checkpointing(rng):
         torch.testing.assert_close(g[n], g_ref[n], rtol=1e-3, atol=1e-5, msg=n)
 
 
+@pytest.mark.skipif(not model_ops.use_triton(torch.zeros(1)), reason="the model ops run the reference here")
+def test_generate_with_kv_cache_gives_the_same_tokens(rng):
+    """Greedy generation with the KV cache (one-token steps through the fused rotary and RMSNorm)."""
+    seed = _seed(rng)
+    prompt = torch.randint(0, 96, (2, 5), generator=rng)
+    out = []
+    for patched in (False, True):
+        model = _llama(seed).eval()
+        if patched:
+            mk.patch_model_kernels(model)
+        with torch.no_grad():
+            out.append(model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True,
+                                      pad_token_id=0, output_scores=True, return_dict_in_generate=True))
+    assert torch.equal(out[0].sequences, out[1].sequences)
+    for a, b in zip(out[0].scores, out[1].scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_rotary_swap_is_scoped_to_patched_models(rng):
     """The rotary function is swapped only while a patched attention module runs."""
     import transformers.models.llama.modeling_llama as ml

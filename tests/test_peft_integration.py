@@ -185,8 +185,9 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.data[i], "labels": self.data[i]}
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-ckpt"])
-def test_transformers_trainer_runs_patched_with_the_same_losses(checkpointing, rng, tmp_path):
+@pytest.mark.parametrize("checkpointing,model_kernels", [(False, False), (True, False), (True, True)],
+                         ids=["plain", "grad-ckpt", "grad-ckpt+model-kernels"])
+def test_transformers_trainer_runs_patched_with_the_same_losses(checkpointing, model_kernels, rng, tmp_path):
     seed = int(torch.randint(0, 2**31, (1,), generator=rng))
     data = _Tokens(rng)
     losses = {}
@@ -194,6 +195,11 @@ def test_transformers_trainer_runs_patched_with_the_same_losses(checkpointing, r
         pm = _peft(_llama(seed))
         if patched:
             assert len(patch_peft_model(pm).patched) == 2 * len(TARGETS)
+            if model_kernels:   # + fused RMSNorm, SwiGLU, rotary, loss (the Trainer passes num_items_in_batch)
+                from lora_kernels.integrations.model_kernels import patch_model_kernels
+
+                rep = patch_model_kernels(pm)
+                assert len(rep.patched["loss"]) == 1 and len(rep.patched["rms_norm"]) == 5, str(rep)
         args = transformers.TrainingArguments(
             output_dir=str(tmp_path / str(patched)), max_steps=3, per_device_train_batch_size=4,
             learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
