@@ -177,3 +177,31 @@ def test_user_loss_function_is_restored():
     assert model.loss_function is mk.causal_lm_loss
     mk.unpatch_model_kernels(model)
     assert model.loss_function is my_loss
+
+
+@pytest.mark.skipif(not model_ops.use_triton(torch.zeros(1)), reason="the model ops run the reference here")
+@pytest.mark.parametrize("family", ["Mistral", "Qwen2", "Qwen3"])
+def test_other_families_match_transformers(family, rng):
+    """The other supported families: every module kind is patched and loss / logits / grads match."""
+    cfg_cls = getattr(transformers, f"{family}Config")
+    model_cls = getattr(transformers, f"{family}ForCausalLM")
+    cfg = cfg_cls(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, head_dim=16)
+    seed = _seed(rng)
+    tokens = torch.randint(0, 96, (2, 9), generator=rng)
+    results = []
+    for patched in (False, True):
+        torch.manual_seed(seed)
+        model = model_cls(cfg).float()
+        if patched:
+            rep = mk.patch_model_kernels(model)
+            norms_per_layer = 4 if family == "Qwen3" else 2          # Qwen3 also norms q and k per head
+            assert {k: len(v) for k, v in rep.patched.items()} == \
+                {"rms_norm": norms_per_layer * LAYERS + 1, "swiglu": LAYERS, "rope": LAYERS, "loss": 1}, str(rep)
+        results.append(_step(model, tokens))
+    (loss_ref, logits_ref, g_ref), (loss, logits, g) = results
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    assert g.keys() == g_ref.keys()
+    for n in g:
+        torch.testing.assert_close(g[n], g_ref[n], rtol=1e-3, atol=1e-5, msg=n)
