@@ -205,3 +205,23 @@ def test_other_families_match_transformers(family, rng):
     assert g.keys() == g_ref.keys()
     for n in g:
         torch.testing.assert_close(g[n], g_ref[n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+@pytest.mark.skipif(not model_ops.use_triton(torch.zeros(1)), reason="the model ops run the reference here")
+def test_torch_compile_of_a_patched_model(rng):
+    """torch.compile (aot_eager) of a patched model: the model ops run eagerly inside it (graph breaks;
+    dynamo cannot trace Triton's launcher or interpreter) and loss and gradients equal the eager
+    patched model's."""
+    seed = _seed(rng)
+    tokens = torch.randint(0, 96, (2, 9), generator=rng)
+    model = _llama(seed)
+    mk.patch_model_kernels(model)
+    loss_ref, _, g_ref = _step(model, tokens)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    model.zero_grad(set_to_none=True)
+    loss = compiled(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), loss_ref, rtol=1e-6, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, g_ref[n], rtol=1e-5, atol=1e-6, msg=n)

@@ -21,6 +21,13 @@ import torch
 from .. import _ext
 
 
+def _eager_under_compile(fn):
+    """Run ``fn`` eagerly under ``torch.compile`` (a graph break around it): its Triton launchers
+    and argument checks are not traceable (dynamo would step into Triton's launcher, or its
+    interpreter on the CPU, and fail).  The eager path is the one the GPU tests check."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """Whether a model op on tensor ``t`` runs the Triton kernels (else the PyTorch reference)."""
     if os.environ.get("LORA_KERNELS_MODEL_OPS", "").lower() == "reference":

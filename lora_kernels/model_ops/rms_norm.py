@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from . import use_triton
+from . import _eager_under_compile, use_triton
 
 __all__ = ["rms_norm", "rms_norm_reference", "RMSNormFunction"]
 
@@ -86,6 +86,7 @@ def _validate(x, weight, eps) -> None:
         raise ValueError(f"rms_norm: eps must be finite and >= 0, got {eps}")
 
 
+@_eager_under_compile
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dim, with ``LlamaRMSNorm``'s numerics (module docstring).
 
