@@ -21,6 +21,9 @@ swap is scoped to the patched attention modules: their forward runs with the def
 ``apply_rotary_pos_emb`` pointing at the fused op and restores it on return, so other models in the
 process keep transformers' function.
 
+Under ``torch.compile`` a patched model compiles with a graph break around each model op, which
+runs eagerly (its Triton launch is not traceable); ``fullgraph=True`` is not supported.
+
 Numerics: each op computes in fp32 and rounds once, where transformers rounds after every
 elementwise op in bf16/fp16 — results agree within the low-precision rounding, not bit for bit (the
 references in ``lora_kernels.model_ops`` reproduce transformers exactly and are what runs where
