@@ -155,8 +155,7 @@ def patch_model_kernels(model: nn.Module, kinds=KINDS) -> ModelKernelReport:
                 module.__class__ = _patched_class(cls, kind)
             report.patched[kind].append(name)
         if "loss" in kinds and _is_causal_lm(module):
-            if getattr(model, "loss_type", None) not in (None, "ForCausalLM") or \
-                    getattr(module, "loss_type", None) not in (None, "ForCausalLM"):
+            if getattr(module, "loss_type", None) not in (None, "ForCausalLM"):
                 report.skipped[name or "<model>"] = "loss_type is not ForCausalLM"
                 continue
             if module.__dict__.get("_loss_function") is not causal_lm_loss:

@@ -21,6 +21,10 @@ import torch
 from .. import _ext
 
 
+#: the dtypes the model-op kernels read and write (float64 runs the references)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _eager_under_compile(fn):
     """Run ``fn`` eagerly under ``torch.compile`` (a graph break around it): its Triton launchers
     and argument checks are not traceable (dynamo would step into Triton's launcher, or its

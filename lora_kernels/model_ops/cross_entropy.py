@@ -30,13 +30,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _eager_under_compile, use_triton
+from . import KERNEL_DTYPES, _eager_under_compile, use_triton
 
 __all__ = ["cross_entropy", "causal_lm_loss", "cross_entropy_reference", "causal_lm_loss_reference",
            "CrossEntropyFunction"]
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_INDEX_DTYPES = (torch.int64, torch.int32)
+_FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
+INDEX_DTYPES = (torch.int64, torch.int32)
 _REDUCTIONS = ("mean", "sum")
 
 
@@ -152,7 +152,7 @@ def _check_logits(logits, op: str) -> None:
 def _check_index(name: str, t, op: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _INDEX_DTYPES:
+    if t.dtype not in INDEX_DTYPES:
         raise TypeError(f"{op}: {name} must be int64 or int32, got {t.dtype}")
 
 

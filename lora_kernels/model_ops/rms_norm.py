@@ -12,12 +12,11 @@ import math
 
 import torch
 
-from . import _eager_under_compile, use_triton
+from . import KERNEL_DTYPES, _eager_under_compile, use_triton
 
-__all__ = ["rms_norm", "rms_norm_reference", "RMSNormFunction"]
+__all__ = ["rms_norm", "rms_norm_reference", "RMSNormFunction", "WEIGHT_DTYPES"]
 
-_X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+WEIGHT_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
@@ -69,9 +68,9 @@ def _validate(x, weight, eps) -> None:
         raise TypeError(f"rms_norm: x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"rms_norm: weight must be a torch.Tensor, got {type(weight).__name__}")
-    if x.dtype not in _X_DTYPES:
+    if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"rms_norm: x must be float32, bfloat16 or float16, got {x.dtype}")
-    if weight.dtype not in _WEIGHT_DTYPES:
+    if weight.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"rms_norm: weight must be float16, bfloat16, float32 or float64, got {weight.dtype}")
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"rms_norm: x must be [..., H] with H >= 1, got shape {tuple(x.shape)}")

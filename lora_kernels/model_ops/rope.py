@@ -15,12 +15,11 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _eager_under_compile, use_triton
+from . import KERNEL_DTYPES, _eager_under_compile, use_triton
 
 __all__ = ["apply_rotary", "apply_rotary_reference", "RotaryFunction", "check_rotary_args", "KERNEL_DTYPES"]
 
 #: dtypes the kernel takes (q, k, cos, sin each; mixed is fine); others run the reference
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # =============================================================================================

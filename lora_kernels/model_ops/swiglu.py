@@ -18,12 +18,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _eager_under_compile, use_triton
+from . import KERNEL_DTYPES, _eager_under_compile, use_triton
 
 __all__ = ["silu_mul", "silu_mul_reference", "SiluMulFunction"]
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_DTYPES = _KERNEL_DTYPES + (torch.float64,)
+_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
 def _kernels():
@@ -92,7 +91,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     :func:`silu_mul_reference`; float64 always runs the reference (for gradcheck).
     """
     _check_args(gate, up)
-    if gate.dtype not in _KERNEL_DTYPES or not use_triton(gate):
+    if gate.dtype not in KERNEL_DTYPES or not use_triton(gate):
         return silu_mul_reference(gate, up)
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         return SiluMulFunction.apply(gate, up)

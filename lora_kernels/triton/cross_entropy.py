@@ -57,12 +57,12 @@ import triton
 import triton.language as tl
 
 from .launch import CachedLauncher
-from .nf4_lora_matmul import _check_device
+from ..model_ops import KERNEL_DTYPES
+from ..model_ops.cross_entropy import INDEX_DTYPES
+from .nf4_lora_matmul import _check_device, _next_pow2
 
 __all__ = ["cross_entropy_forward", "cross_entropy_backward", "pick_config", "MAX_BLOCK_V"]
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_INDEX_DTYPES = (torch.int64, torch.int32)
 
 #: largest chunk of a row one program holds in registers at a time (fp32 working values)
 MAX_BLOCK_V = 4096
@@ -138,10 +138,6 @@ _launch_forward = CachedLauncher(_ce_forward_kernel)
 _launch_backward = CachedLauncher(_ce_backward_kernel)
 
 
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (v - 1).bit_length())
-
-
 def _is_pow2(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0 and (v & (v - 1)) == 0
 
@@ -174,7 +170,7 @@ def _on_device(device: torch.device, launcher, grid: int, args: tuple, constexpr
 def _check_inputs(logits, target) -> tuple[int, int]:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"cross_entropy: logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in _FLOAT_DTYPES:
+    if logits.dtype not in KERNEL_DTYPES:
         raise TypeError(f"cross_entropy: logits must be float32, bfloat16 or float16, got {logits.dtype}")
     if logits.dim() != 2:
         raise ValueError(f"cross_entropy: logits must be 2-D [T, V], got shape {tuple(logits.shape)}")
@@ -185,7 +181,7 @@ def _check_inputs(logits, target) -> tuple[int, int]:
         raise ValueError(f"cross_entropy: logits' last dim must have unit stride, got strides {logits.stride()}")
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"cross_entropy: target must be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype not in _INDEX_DTYPES:
+    if target.dtype not in INDEX_DTYPES:
         raise TypeError(f"cross_entropy: target must be int64 or int32, got {target.dtype}")
     if tuple(target.shape) != (T,):
         raise ValueError(f"cross_entropy: target must have shape [T={T}], got {tuple(target.shape)}")

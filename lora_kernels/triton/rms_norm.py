@@ -43,21 +43,19 @@ plus 8.7 MB with dweight on a 132-SM H100 (528 programs).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from .launch import CachedLauncher
-from .nf4_lora_matmul import _check_device, _next_pow2
+from ..model_ops import KERNEL_DTYPES as X_DTYPES
+from ..model_ops.rms_norm import WEIGHT_DTYPES
+from .nf4_lora_matmul import _check_device, _next_pow2, _num_sms
 
 __all__ = ["rms_norm_forward", "rms_norm_backward", "MAX_HIDDEN", "X_DTYPES", "WEIGHT_DTYPES"]
 
 #: the largest hidden size one tile takes (a whole row in registers; 32 warps at this size)
 MAX_HIDDEN = 65536
-X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 #: rows are packed into one tile until it holds this many elements (small H only)
 _TILE_ELEMS = 2048
 
@@ -154,11 +152,6 @@ def _tile(n_rows: int, H: int) -> tuple[int, int, int, int]:
     return block_r, block_h, fwd_warps, bwd_warps
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def backward_programs(n_rows: int, H: int, device: torch.device) -> int:
     """Programs the backward launches when it computes dweight (rows of the fp32 workspace):
     up to 4 per SM (2 at 32 warps), never more than there are tiles; 4 on the CPU (interpreter)."""
@@ -166,8 +159,7 @@ def backward_programs(n_rows: int, H: int, device: torch.device) -> int:
     n_tiles = triton.cdiv(n_rows, block_r)
     if device.type == "cuda":
         per_sm = 2 if num_warps >= 32 else 4
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        target = _sm_count(index) * per_sm
+        target = _num_sms(device) * per_sm
     else:
         target = 4
     return max(1, min(n_tiles, target))

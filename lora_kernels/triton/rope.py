@@ -43,6 +43,7 @@ import triton.language as tl
 
 from ..model_ops.rope import KERNEL_DTYPES, check_rotary_args
 from .launch import CachedLauncher
+from .nf4_lora_matmul import _next_pow2
 
 __all__ = ["rotary_forward", "rotary_backward", "rotary_launch"]
 
@@ -122,10 +123,6 @@ def _rotary_kernel(
 # Launchers
 # =============================================================================================
 _launch_rotary = CachedLauncher(_rotary_kernel)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def _bshd_strides(t: torch.Tensor, unsqueeze_dim: int) -> tuple[int, int, int, int]:

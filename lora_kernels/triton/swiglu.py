@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..model_ops import KERNEL_DTYPES
 from .launch import CachedLauncher
 from .nf4_lora_matmul import _check_device
 
@@ -55,7 +56,6 @@ __all__ = ["silu_mul_forward", "silu_mul_backward", "BLOCK", "NUM_WARPS"]
 #: (two 16-byte vector loads per tensor in bf16/fp16, four in fp32)
 BLOCK = 4096
 NUM_WARPS = 8
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT32_LIMIT = 2**31 - 1
 
 
@@ -115,7 +115,7 @@ _launch_backward = CachedLauncher(_silu_mul_backward_kernel)
 def _check_operand(op: str, name: str, t, ref: torch.Tensor | None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in KERNEL_DTYPES:
         raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
     if ref is None:
         return
