@@ -10,13 +10,17 @@ U = dY · B [M, r]:
     dA    = (s ⊙ U)ᵀ · xd          dB = dYᵀ · (s ⊙ T)          dbias = Σ_m dY
     ds    = Σ_m T ⊙ U  (vector s, AdaLoRA)   or  Σ T ⊙ U  (0-d tensor s)
 
-Saved for backward (``ctx.save_for_backward`` only, each only when a gradient needs it):
+Saved for backward (``ctx.save_for_backward``, each only when a gradient needs it):
 x (2-D view; for dA), the dropout mask as bool (only when p > 0; xd is rebuilt from x and the
 mask, never stored), T (for dB, ds), A (for dX), B (for dX, dA, ds), s (a tensor scale; a float one
-is a ctx attribute), and the base weight's
-tensors (for dX).  Never y, never a dequantized weight (on the GPU neither pass ever holds the
-whole dense weight: ``library``'s merge-cublas routes stream it through a workspace in chunks).
-``ctx`` attributes hold only Python scalars (N, K, blocksize, p, flags, the device type).
+is a ctx attribute), and a dense base weight (for dX).  Never y, never a dequantized weight (on the
+GPU neither pass ever holds the whole dense weight: ``library``'s merge-cublas routes stream it
+through a workspace in chunks).  ``ctx`` attributes hold Python scalars (N, K, blocksize, p,
+flags, the device type) and, in eager mode, references to the NF4 base weight's own tensors (for
+dX): they are frozen module state, not activations, so recomputation (``torch.utils.checkpoint``)
+has nothing to rebuild and saved-tensor hooks (checkpointing's, ``save_on_cpu``'s) have nothing to
+pack -- saving them would run six hooks per layer and pass for nothing, or copy the whole 4-bit
+weight to the CPU with ``save_on_cpu``.  Traced by ``torch.compile`` they are saved like the rest.
 
 Public entry: ``qlora_linear``.
 """
@@ -43,8 +47,11 @@ def _apply_mask(t: Tensor, mask: Tensor, p: float) -> Tensor:
     return t * mask * (1.0 / (1.0 - p))
 
 
-def _forward_common(ctx, x2d, lora_a, lora_b, scale, dropout_p, training, needs, weight_tensors, run_op):
-    """Run the forward op and save what backward needs.  ``needs``: (x, A, B, scale, bias) flags."""
+def _forward_common(ctx, x2d, lora_a, lora_b, scale, dropout_p, training, needs, weight_tensors, run_op,
+                    hold_weight: bool = False):
+    """Run the forward op and save what backward needs.  ``needs``: (x, A, B, scale, bias) flags.
+    ``hold_weight``: the base weight's tensors are the module's own (frozen) tensors: keep references
+    on ``ctx.base`` instead of saving them (see the module docstring)."""
     nx, nA, nB, ns, nbias = needs
     has_lora = lora_a is not None
     p = float(dropout_p) if (training and has_lora) else 0.0
@@ -60,6 +67,9 @@ def _forward_common(ctx, x2d, lora_a, lora_b, scale, dropout_p, training, needs,
     ctx.needs = (nx, nA and has_lora, nB and has_lora, ns and has_lora, nbias)
     scale_is_tensor = isinstance(scale, Tensor)
     ctx.scale_float = None if scale_is_tensor else float(scale)   # a Python float, never a tensor
+    ctx.base = tuple(weight_tensors) if (hold_weight and nx) else None
+    if hold_weight:
+        weight_tensors = ()
     ctx.save_for_backward(
         x2d if (has_lora and nA) else None,
         mask if (p > 0.0 and (nA or nx)) else None,
@@ -77,6 +87,8 @@ def _backward_common(ctx, dy, run_dx):
     returns dy · (Ŵ + (B ⊙ s) · A) (lora_a = lora_b = None: dy · Ŵ)."""
     nx, nA, nB, ns, nbias = ctx.needs
     x2d, mask, t, lora_a, lora_b, scale, *weights = ctx.saved_tensors
+    if ctx.base is not None:
+        weights = ctx.base
     if scale is None:
         scale = ctx.scale_float
     p = ctx.p
@@ -167,7 +179,8 @@ class QLoRAFunction(torch.autograd.Function):
         ni = ctx.needs_input_grad
         ctx.N, ctx.K, ctx.blocksize = N, K, blocksize
         wt = (packed, absmax, nested_absmax, nested_code, offset, code)
-        if torch.compiler.is_compiling():   # through the registered op: one node, no graph break
+        compiling = torch.compiler.is_compiling()
+        if compiling:   # through the registered op: one node, no graph break
             run = lambda x_lora: torch.ops.lora_kernels.nf4_lora_forward(  # noqa: E731
                 x, *wt, N, K, blocksize, lora_a, lora_b, _op_scale(scale, x), bias, x_lora)
         else:   # eager: the op's implementation without the dispatcher's cost or repeated checks
@@ -175,7 +188,7 @@ class QLoRAFunction(torch.autograd.Function):
             run = lambda x_lora: ops._forward_impl(x, w, lora_a, lora_b, scale, bias, x_lora, None,  # noqa: E731
                                                    checked=False)
         return _forward_common(ctx, x, lora_a, lora_b, scale, dropout_p, training,
-                               (ni[0], ni[10], ni[11], ni[12], ni[13]), wt, run)
+                               (ni[0], ni[10], ni[11], ni[12], ni[13]), wt, run, hold_weight=not compiling)
 
     @staticmethod
     def backward(ctx, dy):

@@ -132,9 +132,15 @@ def test_saved_tensors_p0_and_needs_input_grad(rng):
     assert any(t.data_ptr() == x.data_ptr() for t in saved)  # a view of x, not a copy
     assert not any(t.numel() == N * K for t in saved)  # no dequantized weight
     # x needs no grad: neither x's gradient inputs (weight, A) are kept, nor is dx computed
+    # the NF4 weight's tensors are held on ctx (module state), never packed as saved tensors
+    node = _function_node(qlora_linear(x, weight, a, b, s, bb))
+    assert not any(t is not None and t.dtype == torch.uint8 for t in node.saved_tensors)
+    assert node.base is not None and node.base[0] is weight.packed and node.base[1] is weight.absmax
     xn = x.detach()
-    saved = [t for t in _function_node(qlora_linear(xn, weight, a, b, s, bb)).saved_tensors if t is not None]
+    node = _function_node(qlora_linear(xn, weight, a, b, s, bb))
+    saved = [t for t in node.saved_tensors if t is not None]
     assert not any(t.dtype == torch.uint8 for t in saved)
+    assert node.base is None                                # no dx: the weight is not kept either
     assert not any(t is a for t in saved)
     # only B needs grad: x is not kept either
     a2 = a.detach()
@@ -160,6 +166,27 @@ def test_checkpoint(rng, reentrant, p):
     y_c, got = _grads(lambda: torch.utils.checkpoint.checkpoint(f, x, a, b, s, bb, use_reentrant=reentrant),
                       leaves, gy)
     torch.testing.assert_close(y_c, y, rtol=0, atol=0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_saved_tensor_hooks_see_activations_only(rng):
+    """Saved-tensor hooks (checkpointing's, save_on_cpu's) pack x, T, A and B -- never the frozen
+    NF4 weight's tensors -- and gradients under save_on_cpu equal the plain ones."""
+    weight, _ = _base("nf4-dq", rng)
+    x = randn((2, 5, K), torch.float32, rng).requires_grad_()
+    a, b, s, bb = _params(rng, 8, False, True)
+    gy = randn((2, 5, N), torch.float32, rng)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        y = qlora_linear(x, weight, a, b, s, bb)
+    assert packed and not any(t.dtype == torch.uint8 for t in packed)
+    assert not any(t is w for t in packed for w in (weight.absmax, weight.nested_absmax, weight.code))
+    assert {id(t) for t in packed} >= {id(a), id(b)}
+    want = torch.autograd.grad(y, (x, a, b, bb), gy)
+    with torch.autograd.graph.save_on_cpu():
+        y2 = qlora_linear(x, weight, a, b, s, bb)
+    got = torch.autograd.grad(y2, (x, a, b, bb), gy)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
