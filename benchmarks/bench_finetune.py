@@ -112,6 +112,35 @@ def _profile_step(arm: str, model, opt, x) -> None:
         print(f"      {us / 1e3:8.2f} ms  x{n:<5d} {name}")
 
 
+def _host_profile_step(arm: str, model, opt, x, device) -> None:
+    """Two more training steps under cProfile: the host (Python) time by function, top entries by
+    own time and the package's functions by cumulative time (printed, not stored)."""
+    import cProfile
+    import io
+    import pstats
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    prof.enable()
+    for _ in range(2):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    prof.disable()
+    host = (time.perf_counter() - t) / 2
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = (time.perf_counter() - t) / 2
+    print(f"  host profile {arm}: {host * 1e3:.1f} ms host / {wall * 1e3:.1f} ms wall per step (under cProfile)")
+    for key, limit, restrict in (("tottime", 30, ()), ("cumulative", 25, ("lora_kernels",))):
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(*restrict, limit)
+        print("\n".join(line for line in buf.getvalue().splitlines() if line.strip())[:6000])
+
+
 def run_arm(arm: str, cfg, vocab: int, batches, args, device) -> dict:
     import peft
     import transformers
@@ -169,6 +198,8 @@ def run_arm(arm: str, cfg, vocab: int, batches, args, device) -> dict:
     dt = time.perf_counter() - t0
     if args.profile and cuda:
         _profile_step(arm, model, opt, batches[-1])
+    if args.host_profile:
+        _host_profile_step(arm, model, opt, batches[-1], device)
     row["losses"] = [float(v) for v in losses]
     row["tokens_per_s"] = (len(batches) - args.warmup) * cfg.batch * cfg.seq_len / dt
     row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
@@ -194,6 +225,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     p.add_argument("--profile", action="store_true", help="after timing, profile one more step per arm and print "
                    "its GPU time by kernel group (not stored)")
+    p.add_argument("--host-profile", action="store_true", help="after timing, run two more steps per arm under "
+                   "cProfile and print where the host time goes (not stored)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU anyway (a check of the code path; fp32 "
                    "adapters, bf16 base compute)")
     args = p.parse_args(argv)

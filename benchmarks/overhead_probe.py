@@ -42,12 +42,16 @@ def main(argv=None) -> None:
     p.add_argument("--shape", default="4096x4096")
     p.add_argument("--m", type=int, default=4096)
     p.add_argument("--decode", action="store_true", help="only the decode (M=1, no_grad) layer path, by piece")
+    p.add_argument("--train-ladder", action="store_true",
+                   help="only the training path's host cost, piece by piece (fp32 adapters, as PEFT keeps them)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("overhead_probe: needs a CUDA GPU (it measures host time around GPU launches); nothing to do")
         return
     if args.decode:
         return decode(args.shape)
+    if args.train_ladder:
+        return train_ladder()
     import lora_kernels as lk
     from lora_kernels import library
     from lora_kernels.triton.nf4_merge import dequantize_merge
@@ -153,6 +157,100 @@ def decode(shape: str) -> None:
             for _ in range(50):
                 layer(x)
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=60))
+
+
+def train_ladder() -> None:
+    """Host µs per call of each piece of a training step's LoRA layer (tiny tensors: the GPU never
+    limits; K = N = 256, M = 32, r = 16; the weight is merged in two chunks as on the training path),
+    from single launches up to the autograd Function and the layer, with fp32 adapters (PEFT's
+    default) and bf16 ones: where a fine-tune's per-layer host time goes."""
+    import lora_kernels as lk
+    from lora_kernels import autograd as ag
+    from lora_kernels import library, ops
+    from lora_kernels.lora_modules import QLoRALinear
+    from lora_kernels.triton.nf4_merge import merge_window
+
+    dev, bf, r, K, N, M = "cuda", torch.bfloat16, 16, 256, 256, 32
+    q = lk.quantize_nf4(torch.randn(N, K, device=dev, dtype=bf))
+    A32 = (torch.randn(r, K, device=dev) * 0.05).requires_grad_()
+    B32 = (torch.randn(N, r, device=dev) * 0.05).requires_grad_()
+    A16 = A32.detach().to(bf).requires_grad_()
+    B16 = B32.detach().to(bf).requires_grad_()
+    x = torch.randn(M, K, device=dev, dtype=bf, requires_grad=True)
+    xd = x.detach()
+    g = torch.randn(M, N, device=dev, dtype=bf)
+    y = torch.empty(M, N, device=dev, dtype=bf)
+    ws = torch.empty(N * K, device=dev, dtype=bf)
+    u = torch.randn(M, r, device=dev, dtype=bf)
+    w = ops._nf4_view(q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code, N, K, q.blocksize,
+                      bf, checked=False)
+    wt = (q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code, N, K, q.blocksize)
+    layer = QLoRALinear.from_linear(torch.nn.Linear(K, N, bias=False, device=dev, dtype=bf), r=r, lora_alpha=2 * r)
+    layer = layer.to(dev).train()
+    xl = torch.randn(2, M // 2, K, device=dev, dtype=bf, requires_grad=True)
+    gl = torch.randn(2, M // 2, N, device=dev, dtype=bf)
+    Ad, Bd = A32.detach(), B32.detach()
+    Wd = w.dequantize(bf)
+
+    def mm_out_dtype():
+        return torch.mm(u.t(), xd, out_dtype=torch.float32)
+
+    def addmm_out_dtype():
+        return torch.addmm(torch.empty(r, K, device=dev), u.t(), xd, out_dtype=torch.float32, beta=0, alpha=2.0)
+
+    def ckpt_step():
+        yy = torch.utils.checkpoint.checkpoint(lambda t: lk.qlora_linear(t, q, A32, B32, 2.0), x, use_reentrant=False)
+        return torch.autograd.grad(yy, (x, A32, B32), g)
+
+    stored = [lk.qlora_linear(x, q, A32, B32, 2.0) for _ in range(400)]
+    it = iter(stored)
+    print(f"training-path host cost, K=N={K}, M={M}, r={r}, two merge chunks per pass")
+    rows = [
+        ("single launches:", None),
+        ("  torch.empty(M, N)", lambda: torch.empty(M, N, device=dev, dtype=bf)),
+        ("  A fp32 -> bf16 (.to)", lambda: Ad.to(bf)),
+        ("  torch.mm x·Aᵀ bf16", lambda: torch.mm(xd, A16.detach().t())),
+        ("  torch.mm out=y[:, :128]", lambda: torch.mm(xd, ws[:128 * K].view(128, K).t(), out=y[:, :128])),
+        ("  merge_window (128 rows, fp32 A/B)", lambda: merge_window(ws, q, Ad, Bd, 2.0, None, (0, 128), (0, K))),
+        ("  _mm_scaled (dA-like)", lambda: ag._mm_scaled(u.t(), xd, 2.0)),
+        ("  torch.mm out_dtype=fp32 (dA-like)", mm_out_dtype),
+        ("  torch.addmm out_dtype=fp32 beta=0 alpha", addmm_out_dtype),
+        ("  grad cast bf16 -> fp32 (.to)", lambda: u.to(torch.float32)),
+        ("forward pieces (no autograd):", None),
+        ("  library.forward_2d (2 chunks)", lambda: library.forward_2d(xd, w, Ad, Bd, 2.0, None, whole_weight=False)),
+        ("  ops._forward_impl unchecked", lambda: ops._forward_impl(xd, w, Ad, Bd, 2.0, None, None, None,
+                                                                    checked=False)),
+        ("  library.dx_2d (2 chunks)", lambda: library.dx_2d(g, w, Ad, Bd, 2.0)),
+        ("autograd (fp32 adapters):", None),
+        ("  QLoRAFunction.apply fwd", lambda: ag.QLoRAFunction.apply(x, *wt, A32, B32, 2.0, None, 0.0, True)),
+        ("  qlora_linear fwd", lambda: lk.qlora_linear(x, q, A32, B32, 2.0)),
+        ("  qlora_linear bwd only (stored fwd)", lambda: torch.autograd.grad(next(it), (x, A32, B32), g)),
+        ("  qlora_linear fwd+bwd", lambda: torch.autograd.grad(lk.qlora_linear(x, q, A32, B32, 2.0), (x, A32, B32), g)),
+        ("  same, checkpointed (non-reentrant)", ckpt_step),
+        ("  QLoRALinear layer fwd+bwd (3-D x)",
+         lambda: torch.autograd.grad(layer(xl), (xl, layer.lora_A, layer.lora_B), gl)),
+        ("autograd (bf16 adapters):", None),
+        ("  qlora_linear fwd+bwd, bf16 A/B", lambda: torch.autograd.grad(lk.qlora_linear(x, q, A16, B16, 2.0), (x, A16, B16), g)),
+        ("  bf16 F.linear + LoRA (plain autograd)",
+         lambda: torch.autograd.grad(F.linear(x, Wd) + (x @ A16.t() * 2.0) @ B16.t(), (x, A16, B16), g)),
+    ]
+    print(f"{'piece':45s} {'host us/call':>12s}")
+    for name, fn in rows:
+        if fn is None:
+            print(name)
+            continue
+        print_host_costs([(name, fn)], n=300 if "stored" not in name else 350, header=False)
+    from torch.profiler import ProfilerActivity, profile
+    for name, fn in (("addmm out_dtype", addmm_out_dtype), ("mm out_dtype", mm_out_dtype),
+                     ("qlora_linear fwd+bwd (fp32 adapters)", dict(rows)["  qlora_linear fwd+bwd"])):
+        try:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            kernels = [e.key[:70] for e in prof.events() if e.device_type.name == "CUDA"]
+            print(f"kernels of one {name}: {len(kernels)}: {kernels}")
+        except Exception as e:  # noqa: BLE001
+            print(f"kernels of one {name}: failed: {type(e).__name__}: {e}"[:200])
 
 
 def _nograd(fn):
