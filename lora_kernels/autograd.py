@@ -16,7 +16,7 @@ mask, never stored), T (for dB, ds), A (for dX), B (for dX, dA, ds), s (a tensor
 is a ctx attribute), and a dense base weight (for dX).  Never y, never a dequantized weight (on the
 GPU neither pass ever holds the whole dense weight: ``library``'s merge-cublas routes stream it
 through a workspace in chunks).  ``ctx`` attributes hold Python scalars (N, K, blocksize, p,
-flags, the device type) and, in eager mode, references to the NF4 base weight's own tensors (for
+flags, the device type, the adapters' dtypes) and, in eager mode, references to the NF4 base weight's own tensors (for
 dX): they are frozen module state, not activations, so recomputation (``torch.utils.checkpoint``)
 has nothing to rebuild and saved-tensor hooks (checkpointing's, ``save_on_cpu``'s) have nothing to
 pack -- saving them would run six hooks per layer and pass for nothing, or copy the whole 4-bit
@@ -67,6 +67,7 @@ def _forward_common(ctx, x2d, lora_a, lora_b, scale, dropout_p, training, needs,
     ctx.needs = (nx, nA and has_lora, nB and has_lora, ns and has_lora, nbias)
     scale_is_tensor = isinstance(scale, Tensor)
     ctx.scale_float = None if scale_is_tensor else float(scale)   # a Python float, never a tensor
+    ctx.adapter_dtypes = (lora_a.dtype, lora_b.dtype) if has_lora else None
     ctx.base = tuple(weight_tensors) if (hold_weight and nx) else None
     if hold_weight:
         weight_tensors = ()
@@ -111,13 +112,13 @@ def _backward_common(ctx, dy, run_dx):
             xd = x2d if p == 0.0 else _apply_mask(x2d, mask, p)
             if isinstance(scale, Tensor):
                 dA = _scaled(u, scale, acc).t() @ xd.to(dy.dtype)
-            else:  # a float scale: the GEMM's alpha (one launch, one rounding)
-                dA = _mm_scaled(u.t(), xd.to(dy.dtype), scale)
+            else:  # a float scale: the GEMM's alpha (one launch, one rounding), in A's dtype
+                dA = _mm_scaled(u.t(), xd.to(dy.dtype), scale, ctx.adapter_dtypes[0])
         if nB:
             if isinstance(scale, Tensor):
                 dB = dy.t() @ _scaled(t, scale, acc)
             else:
-                dB = _mm_scaled(dy.t(), t.to(dy.dtype), scale)
+                dB = _mm_scaled(dy.t(), t.to(dy.dtype), scale, ctx.adapter_dtypes[1])
         if ns:
             tu = t.to(acc) * u.to(acc)
             ds = (tu.sum(0) if scale.dim() == 1 else tu.sum()).to(scale.dtype)
@@ -126,9 +127,37 @@ def _backward_common(ctx, dy, run_dx):
     return dx, dA, dB, ds, dbias
 
 
-def _mm_scaled(a: Tensor, b: Tensor, alpha: float) -> Tensor:
-    """alpha · (a @ b) as one GEMM: the result's uninitialised memory is ignored (beta = 0)."""
-    return a.new_empty((a.shape[0], b.shape[1])).addmm_(a, b, beta=0, alpha=alpha)
+def _mm_scaled(a: Tensor, b: Tensor, alpha: float, out_dtype: torch.dtype | None = None) -> Tensor:
+    """alpha · (a @ b) as one GEMM (beta = 0: the result's uninitialised memory is ignored), in
+    ``out_dtype`` (default: a's dtype).  fp32 from bf16/fp16 a, b on CUDA -- the gradient of an fp32
+    adapter (PEFT's default) -- is written by the GEMM itself (torch's ``addmm(..., out_dtype=)``:
+    fp32 accumulator, no rounding to bf16, and no cast launch by the autograd engine afterwards);
+    where torch cannot, the product is cast."""
+    shape = (a.shape[0], b.shape[1])
+    if out_dtype is None or out_dtype == a.dtype:
+        return a.new_empty(shape).addmm_(a, b, beta=0, alpha=alpha)
+    if (out_dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16)
+            and not torch.compiler.is_compiling() and _out_dtype_gemm(a.device)):
+        return torch.addmm(a.new_empty(shape, dtype=out_dtype), a, b, out_dtype=out_dtype, beta=0, alpha=alpha)
+    return a.new_empty(shape).addmm_(a, b, beta=0, alpha=alpha).to(out_dtype)
+
+
+_OUT_DTYPE_GEMM: dict = {}
+
+
+def _out_dtype_gemm(device: torch.device) -> bool:
+    """Whether this torch computes a bf16 x bf16 -> fp32 ``addmm(out_dtype=)`` on ``device``
+    (CUDA in torch >= 2.8; not on the CPU), tried once per device type on 1x1 tensors."""
+    ok = _OUT_DTYPE_GEMM.get(device.type)
+    if ok is None:
+        try:
+            one = torch.ones((1, 1), dtype=torch.bfloat16, device=device)
+            r = torch.addmm(torch.empty((1, 1), device=device), one, one, out_dtype=torch.float32, beta=0, alpha=2.0)
+            ok = r.dtype == torch.float32 and float(r) == 2.0
+        except (RuntimeError, TypeError, NotImplementedError):
+            ok = False
+        _OUT_DTYPE_GEMM[device.type] = ok
+    return ok
 
 
 class _no_autocast:

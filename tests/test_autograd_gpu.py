@@ -108,3 +108,31 @@ def test_training_step_never_allocates_the_dense_weight(rng, K, N):
     assert sizes, "no allocation recorded (is the history API working?)"
     assert max(sizes) <= N * K, (max(sizes), N * K * 2)
     assert x.grad is not None and A.grad is not None and B.grad is not None
+
+
+@gpu
+@pytest.mark.parametrize("M,K,N,r", [(17, 512, 333, 16), (2048, 2048, 5632, 16), (100, 1024, 771, 128)],
+                         ids=lambda v: str(v))
+def test_fp32_adapters_with_bf16_activations_gpu(rng, M, K, N, r):
+    """PEFT keeps adapters in fp32 while the base computes in bf16: gradients come back in fp32
+    (written by the GEMM in fp32 where torch can, ``autograd._out_dtype_gemm``), at most 2x the
+    error of PyTorch's bf16 formula against a float64 reference."""
+    from lora_kernels import autograd as ag
+
+    dev = "cuda"
+    q = lk.quantize_nf4(randn((N, K), torch.float32, rng, device=dev, scale=0.05))
+    dense = q.dequantize(torch.float32).double()
+    x = randn((M, K), torch.bfloat16, rng, device=dev).requires_grad_()
+    A = randn((r, K), torch.float32, rng, device=dev, scale=0.05).requires_grad_()
+    B = randn((N, r), torch.float32, rng, device=dev, scale=0.05).requires_grad_()
+    g = randn((M, N), torch.bfloat16, rng, device=dev)
+    got = _step(lambda: lk.qlora_linear(x, q, A, B, 2.0), [x, A, B], g)
+    assert [t.dtype for t in got] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, A, B)]
+    ref = _step(lambda: _formula(*ref_leaves[:1], dense, *ref_leaves[1:], 2.0, None), ref_leaves, g.double())
+    bf_leaves = [t.detach().to(torch.bfloat16).requires_grad_() for t in (x, A, B)]
+    mine = _step(lambda: _formula(bf_leaves[0], dense.to(torch.bfloat16), *bf_leaves[1:], 2.0, None), bf_leaves, g)
+    for name, a, b, c in zip(["y", "dx", "dA", "dB"], got, ref, mine):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) <= 2 * _rel(c, b) + 1e-5, (name, _rel(a, b), _rel(c, b))
+    print("addmm out_dtype on cuda:", ag._out_dtype_gemm(torch.device(dev)))
