@@ -16,8 +16,8 @@ mask, never stored), T (for dB, ds), A (for dX), B (for dX, dA, ds), s (a tensor
 is a ctx attribute), and a dense base weight (for dX).  Never y, never a dequantized weight (on the
 GPU neither pass ever holds the whole dense weight: ``library``'s merge-cublas routes stream it
 through a workspace in chunks).  ``ctx`` attributes hold Python scalars (N, K, blocksize, p,
-flags, the device type, the adapters' dtypes) and, in eager mode, references to the NF4 base weight's own tensors (for
-dX): they are frozen module state, not activations, so recomputation (``torch.utils.checkpoint``)
+flags, the device type, the adapters' dtypes) and, in eager mode, a reference to the NF4 base weight
+(the ``NF4Weight`` object; for dX): its tensors are frozen module state, not activations, so recomputation (``torch.utils.checkpoint``)
 has nothing to rebuild and saved-tensor hooks (checkpointing's, ``save_on_cpu``'s) have nothing to
 pack -- saving them would run six hooks per layer and pass for nothing, or copy the whole 4-bit
 weight to the CPU with ``save_on_cpu``.  Traced by ``torch.compile`` they are saved like the rest.
@@ -50,8 +50,8 @@ def _apply_mask(t: Tensor, mask: Tensor, p: float) -> Tensor:
 def _forward_common(ctx, x2d, lora_a, lora_b, scale, dropout_p, training, needs, weight_tensors, run_op,
                     hold_weight: bool = False):
     """Run the forward op and save what backward needs.  ``needs``: (x, A, B, scale, bias) flags.
-    ``hold_weight``: the base weight's tensors are the module's own (frozen) tensors: keep references
-    on ``ctx.base`` instead of saving them (see the module docstring)."""
+    ``hold_weight``: ``weight_tensors`` is the module's own frozen base weight (an ``NF4Weight``):
+    keep a reference on ``ctx.base`` instead of saving it (see the module docstring)."""
     nx, nA, nB, ns, nbias = needs
     has_lora = lora_a is not None
     p = float(dropout_p) if (training and has_lora) else 0.0
@@ -195,7 +195,9 @@ def _op_scale(scale, x: Tensor) -> Tensor:
 
 
 class QLoRAFunction(torch.autograd.Function):
-    """y [M, N] for 2-D x [M, K] and an NF4 base weight given as its tensors + (N, K, blocksize).
+    """y [M, N] for 2-D x [M, K] and an NF4 base weight given as its tensors + (N, K, blocksize):
+    the form ``torch.compile`` traces (the ops of ``ops.py``, one graph node each).  Eager calls
+    take ``LoRAFunction`` with the ``NF4Weight`` object itself (half the arguments, no per-call view).
 
     ``apply(x, packed, absmax, nested_absmax, nested_code, offset, code, N, K, blocksize,
     lora_a, lora_b, scale, bias, dropout_p, training)``; A, B, bias in x's dtype, scale an fp32
@@ -208,16 +210,15 @@ class QLoRAFunction(torch.autograd.Function):
         ni = ctx.needs_input_grad
         ctx.N, ctx.K, ctx.blocksize = N, K, blocksize
         wt = (packed, absmax, nested_absmax, nested_code, offset, code)
-        compiling = torch.compiler.is_compiling()
-        if compiling:   # through the registered op: one node, no graph break
+        if torch.compiler.is_compiling():   # through the registered op: one node, no graph break
             run = lambda x_lora: torch.ops.lora_kernels.nf4_lora_forward(  # noqa: E731
                 x, *wt, N, K, blocksize, lora_a, lora_b, _op_scale(scale, x), bias, x_lora)
-        else:   # eager: the op's implementation without the dispatcher's cost or repeated checks
+        else:   # called directly: the op's implementation without the dispatcher's cost
             w = ops._nf4_view(*wt, N, K, blocksize, x.dtype, checked=False)
             run = lambda x_lora: ops._forward_impl(x, w, lora_a, lora_b, scale, bias, x_lora, None,  # noqa: E731
                                                    checked=False)
         return _forward_common(ctx, x, lora_a, lora_b, scale, dropout_p, training,
-                               (ni[0], ni[10], ni[11], ni[12], ni[13]), wt, run, hold_weight=not compiling)
+                               (ni[0], ni[10], ni[11], ni[12], ni[13]), wt, run)
 
     @staticmethod
     def backward(ctx, dy):
@@ -233,7 +234,8 @@ class QLoRAFunction(torch.autograd.Function):
 
 
 class LoRAFunction(torch.autograd.Function):
-    """y [M, N] for 2-D x [M, K] and a dense frozen base weight [N, K] (x's dtype).
+    """y [M, N] for 2-D x [M, K] and a frozen base weight: a dense [N, K] tensor (x's dtype, saved),
+    or -- eager mode only -- an ``NF4Weight`` (held on ctx, see the module docstring).
 
     ``apply(x, weight, lora_a, lora_b, scale, bias, dropout_p, training)``; see ``QLoRAFunction``.
     """
@@ -241,6 +243,11 @@ class LoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scale, bias, dropout_p, training):
         ni = ctx.needs_input_grad
+        if isinstance(weight, NF4Weight):     # eager QLoRA: the object itself, not its tensors
+            run = lambda x_lora: ops._forward_impl(x, weight, lora_a, lora_b, scale, bias, x_lora, None,  # noqa: E731
+                                                   checked=False)
+            return _forward_common(ctx, x, lora_a, lora_b, scale, dropout_p, training,
+                                   (ni[0], ni[2], ni[3], ni[4], ni[5]), (weight,), run, hold_weight=True)
         if torch.compiler.is_compiling():
             run = lambda x_lora: torch.ops.lora_kernels.dense_lora_forward(  # noqa: E731
                 x, weight, lora_a, lora_b, _op_scale(scale, x), bias, x_lora)
@@ -349,10 +356,12 @@ def qlora_linear(x: Tensor, weight: NF4Weight | Tensor, lora_a: Tensor | None = 
         bias = bias.to(cdt)
     x2d = x.reshape(-1, K)
     with _no_autocast(dev):
-        if isinstance(weight, NF4Weight):
+        if isinstance(weight, NF4Weight) and torch.compiler.is_compiling():
             y = QLoRAFunction.apply(x2d, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code,
                                     weight.offset, weight.code, N, K, weight.blocksize, lora_a, lora_b, s, bias,
                                     float(dropout), bool(training))
+        elif isinstance(weight, NF4Weight):
+            y = LoRAFunction.apply(x2d, weight, lora_a, lora_b, s, bias, float(dropout), bool(training))
         else:
             y = LoRAFunction.apply(x2d, weight.to(cdt), lora_a, lora_b, s, bias, float(dropout), bool(training))
     return y.reshape(*x.shape[:-1], N)

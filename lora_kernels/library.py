@@ -368,19 +368,29 @@ def merge_chunk(length: int, other: int, unit: int, whole_weight: bool = True) -
     return size
 
 
-def _chunks(length: int, size: int):
-    for a in range(0, length, size):
-        yield a, min(length, a + size)
+def _merge_module():
+    """``triton/nf4_merge.py``, imported on first use (Triton is optional at import time) and kept:
+    the training path calls into it several times per layer, where an import statement costs µs."""
+    global _NF4_MERGE
+    if _NF4_MERGE is None:
+        from .triton import nf4_merge
+
+        _NF4_MERGE = nf4_merge
+    return _NF4_MERGE
+
+
+_NF4_MERGE = None
 
 
 def _merge_args(weight, lora_a, lora_b, scale, dt):
     """(base, A, B, s_scalar, s_vec) for ``nf4_merge.merge_window``.  A and B stay in their own
     float dtype (the kernel rounds them to the output dtype itself: no cast launches per call)."""
-    from .triton.nf4_merge import scale_operands
-
     s_scalar, s_vec = 1.0, None
     if lora_a is not None:
-        s_scalar, s_vec = scale_operands(scale, lora_a.shape[0], lora_a.device)
+        if isinstance(scale, torch.Tensor):
+            s_scalar, s_vec = _merge_module().scale_operands(scale, lora_a.shape[0], lora_a.device)
+        else:
+            s_scalar = float(scale)
     base = weight if isinstance(weight, NF4Weight) else weight.to(dt)
     return base, lora_a, lora_b, s_scalar, s_vec
 
@@ -392,7 +402,7 @@ def _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias, whole_weight: bool =
         bias = bias.to(dt)
     if lora_a is None and not isinstance(weight, NF4Weight):
         return torch.nn.functional.linear(x2d, weight.to(dt), bias)
-    from .triton.nf4_merge import merge_window
+    merge_window = _merge_module().merge_window
 
     base, lora_a, lora_b, s_scalar, s_vec = _merge_args(weight, lora_a, lora_b, scale, dt)
     N, K = base.shape
@@ -403,13 +413,14 @@ def _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias, whole_weight: bool =
         w_eff_t = ws.as_strided((K, N), (1, K))
         return torch.mm(x2d, w_eff_t) if bias is None else torch.addmm(bias, x2d, w_eff_t)
     y = torch.empty((x2d.shape[0], N), dtype=dt, device=x2d.device)
-    for n0, n1 in _chunks(N, rows):
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
         merge_window(ws, base, lora_a, lora_b, s_scalar, s_vec, (n0, n1), (0, K))  # ws[:n·K] = W_eff[n0:n1]
         w_eff_t = ws.as_strided((K, n1 - n0), (1, K))            # W_eff[n0:n1]ᵀ, one view op
-        if bias is None:
-            torch.mm(x2d, w_eff_t, out=y[:, n0:n1])            # cuBLAS writes the column slice in place
+        if bias is None:                                         # cuBLAS writes the column slice in place
+            torch.mm(x2d, w_eff_t, out=y.narrow(1, n0, n1 - n0))
         else:
-            torch.addmm(bias[n0:n1], x2d, w_eff_t, out=y[:, n0:n1])
+            torch.addmm(bias.narrow(0, n0, n1 - n0), x2d, w_eff_t, out=y.narrow(1, n0, n1 - n0))
     return y
 
 
@@ -463,16 +474,17 @@ def dx_2d(dy: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: torch.T
     if route == "merge-cublas":
         if lora_a is None and not isinstance(weight, NF4Weight):
             return dy @ weight.to(dt)
-        from .triton.nf4_merge import merge_window
+        merge_window = _merge_module().merge_window
 
         base, lora_a, lora_b, s_scalar, s_vec = _merge_args(weight, lora_a, lora_b, scale, dt)
         unit = max(128, base.blocksize) if isinstance(base, NF4Weight) else 128
         cols = min(K, merge_chunk(K, N, unit, whole_weight))
         dx = torch.empty((dy.shape[0], K), dtype=dt, device=dy.device)
         ws = _workspace(dy.device, dt, N * cols)
-        for k0, k1 in _chunks(K, cols):
+        for k0 in range(0, K, cols):
+            k1 = min(K, k0 + cols)
             merge_window(ws, base, lora_a, lora_b, s_scalar, s_vec, (0, N), (k0, k1))  # ws[:N·k] = W_eff[:, k0:k1]
-            torch.mm(dy, ws.as_strided((N, k1 - k0), (k1 - k0, 1)), out=dx[:, k0:k1])
+            torch.mm(dy, ws.as_strided((N, k1 - k0), (k1 - k0, 1)), out=dx.narrow(1, k0, k1 - k0))
         return dx
     if isinstance(weight, NF4Weight):
         dense = weight.dequantize(dt if dt in _FLOAT_DTYPES else torch.float32).to(dt)

@@ -33,6 +33,9 @@ except ImportError:  # pragma: no cover - older triton
 
 __all__ = ["CachedLauncher"]
 
+Tensor = torch.Tensor
+_FLOAT = (float,)
+
 #: at most this many argument signatures are remembered per kernel (each entry refers to a
 #: compiled kernel Triton caches anyway; a model has a few per layer shape and chunk)
 _MAX_KEYS = 4096
@@ -67,9 +70,10 @@ class CachedLauncher:
             self.fn[(grid,)](*args, **constexprs, **options)
             return
         device = torch.cuda.current_device()
+        # one pass over the arguments, the cheapest tests first (a launch's key is built per call)
         key = (device, tuple(constexprs.values()), tuple(options.items()),
-               *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else
-                 (float,) if isinstance(a, float) else (type(a), a) for a in args])
+               *[(a.dtype, not a.data_ptr() & 15) if isinstance(a, Tensor) else
+                 _FLOAT if a.__class__ is float else (a.__class__, a) for a in args])
         kernel = self.compiled.get(key)
         if kernel is None:
             if len(self.compiled) >= _MAX_KEYS:    # many distinct shapes / windows: start over

@@ -373,12 +373,21 @@ def merge_window(out: torch.Tensor, weight, lora_a, lora_b, s_scalar: float, s_v
         r = stride_ar = stride_ak = stride_bn = stride_br = 0
         r_block = 16
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    meta_key = (bn, bk, dense, nested_flag, bs, has_lora, r_block, s_vec is not None, out.dtype == torch.float32,
+                cfg["num_warps"], cfg["num_stages"])
+    meta = _META.get(meta_key)
+    if meta is None:          # the constexpr / option dicts, built once per combination
+        meta = _META[meta_key] = (
+            dict(BLOCK_N=bn, BLOCK_K=bk, DENSE=dense, NESTED=nested_flag, BS=bs, NBS=NESTED_BLOCKSIZE,
+                 HAS_LORA=has_lora, R_BLOCK=r_block, SCALE_VEC=s_vec is not None, IEEE=out.dtype == torch.float32),
+            dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False))
     _launch_merge(
-        triton.cdiv(N, bn) * triton.cdiv(K, bk),
+        -(-N // bn) * -(-K // bk),               # integer ceil-divisions (triton.cdiv costs µs per call)
         (w, absmax, nested, ncode, offset, code, a_arg, b_arg, s_vec if s_vec is not None else out, out,
          N, K, KH, KB, n0, k0, r, s_scalar, stride_wn, stride_ar, stride_ak, stride_bn, stride_br),
-        dict(BLOCK_N=bn, BLOCK_K=bk, DENSE=dense, NESTED=nested_flag, BS=bs, NBS=NESTED_BLOCKSIZE,
-             HAS_LORA=has_lora, R_BLOCK=r_block, SCALE_VEC=s_vec is not None, IEEE=out.dtype == torch.float32),
-        dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False),
+        *meta,
     )
     return out
+
+
+_META: dict = {}
