@@ -12,8 +12,10 @@ U = dY · B [M, r]:
 
 Saved for backward (``ctx.save_for_backward``, each only when a gradient needs it):
 x (2-D view; for dA), the dropout mask as bool (only when p > 0; xd is rebuilt from x and the
-mask, never stored), T (for dB, ds), A (for dX), B (for dX, dA, ds), s (a tensor scale; a float one
-is a ctx attribute), and a dense base weight (for dX).  Never y, never a dequantized weight (on the
+mask, never stored), T (for dB, ds; eager calls without dropout whose x is kept for dA keep A
+instead and recompute T = x · Aᵀ in the backward: one GEMM fewer per forward, and under
+checkpointing the forward runs twice), A (for dX), B (for dX, dA, ds), s (a tensor scale; a float
+one is a ctx attribute), and a dense base weight (for dX).  Never y, never a dequantized weight (on the
 GPU neither pass ever holds the whole dense weight: ``library``'s merge-cublas routes stream it
 through a workspace in chunks).  ``ctx`` attributes hold Python scalars (N, K, blocksize, p,
 flags, the device type, the adapters' dtypes) and, in eager mode, a reference to the NF4 base weight
@@ -48,10 +50,13 @@ def _apply_mask(t: Tensor, mask: Tensor, p: float) -> Tensor:
 
 
 def _forward_common(ctx, x2d, lora_a, lora_b, scale, dropout_p, training, needs, weight_tensors, run_op,
-                    hold_weight: bool = False):
+                    hold_weight: bool = False, eager: bool = False):
     """Run the forward op and save what backward needs.  ``needs``: (x, A, B, scale, bias) flags.
     ``hold_weight``: ``weight_tensors`` is the module's own frozen base weight (an ``NF4Weight``):
-    keep a reference on ``ctx.base`` instead of saving it (see the module docstring)."""
+    keep a reference on ``ctx.base`` instead of saving it (see the module docstring).  ``eager``
+    (not traced): without dropout, when x is saved for dA anyway, T = x · Aᵀ is left to the
+    backward (``run_op(x_lora, want_t=False)``) -- under checkpointing the forward runs twice and
+    only the recomputation's T was ever used."""
     nx, nA, nB, ns, nbias = needs
     has_lora = lora_a is not None
     p = float(dropout_p) if (training and has_lora) else 0.0
@@ -59,7 +64,9 @@ def _forward_common(ctx, x2d, lora_a, lora_b, scale, dropout_p, training, needs,
     if p > 0.0:
         mask = dropout_mask(x2d, p)
         x_lora = _apply_mask(x2d, mask, p)
-    y, t = run_op(x_lora)
+    defer_t = eager and has_lora and p == 0.0 and nA and (nB or ns)
+    y, t = run_op(x_lora, not defer_t)
+    ctx.defer_t = defer_t
     need_u = has_lora and (nx or nA or ns)
     ctx.has_lora = has_lora
     ctx.p = p
@@ -74,8 +81,8 @@ def _forward_common(ctx, x2d, lora_a, lora_b, scale, dropout_p, training, needs,
     ctx.save_for_backward(
         x2d if (has_lora and nA) else None,
         mask if (p > 0.0 and (nA or nx)) else None,
-        t if (has_lora and (nB or ns)) else None,
-        lora_a if (has_lora and nx) else None,
+        t if (has_lora and (nB or ns) and not defer_t) else None,
+        lora_a if (has_lora and (nx or defer_t)) else None,
         lora_b if need_u else None,
         scale if (has_lora and scale_is_tensor) else None,
         *(w if nx else None for w in weight_tensors),
@@ -98,6 +105,8 @@ def _backward_common(ctx, dy, run_dx):
         dy = dy.contiguous()
         u = None
         acc = torch.float64 if dy.dtype == torch.float64 else torch.float32  # scale math precision
+        if ctx.defer_t:   # T = x · Aᵀ exactly as the forward computes it (ops._forward_impl)
+            t = x2d @ lora_a.to(x2d.dtype).t()
         if ctx.has_lora and (nA or ns or (nx and p > 0.0)):
             u = dy @ lora_b.to(dy.dtype)                                  # U [M, r]
         if nx:
@@ -211,12 +220,12 @@ class QLoRAFunction(torch.autograd.Function):
         ctx.N, ctx.K, ctx.blocksize = N, K, blocksize
         wt = (packed, absmax, nested_absmax, nested_code, offset, code)
         if torch.compiler.is_compiling():   # through the registered op: one node, no graph break
-            run = lambda x_lora: torch.ops.lora_kernels.nf4_lora_forward(  # noqa: E731
+            run = lambda x_lora, want_t: torch.ops.lora_kernels.nf4_lora_forward(  # noqa: E731
                 x, *wt, N, K, blocksize, lora_a, lora_b, _op_scale(scale, x), bias, x_lora)
         else:   # called directly: the op's implementation without the dispatcher's cost
             w = ops._nf4_view(*wt, N, K, blocksize, x.dtype, checked=False)
-            run = lambda x_lora: ops._forward_impl(x, w, lora_a, lora_b, scale, bias, x_lora, None,  # noqa: E731
-                                                   checked=False)
+            run = lambda x_lora, want_t: ops._forward_impl(x, w, lora_a, lora_b, scale, bias, x_lora,  # noqa: E731
+                                                           None, checked=False)
         return _forward_common(ctx, x, lora_a, lora_b, scale, dropout_p, training,
                                (ni[0], ni[10], ni[11], ni[12], ni[13]), wt, run)
 
@@ -243,19 +252,16 @@ class LoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scale, bias, dropout_p, training):
         ni = ctx.needs_input_grad
-        if isinstance(weight, NF4Weight):     # eager QLoRA: the object itself, not its tensors
-            run = lambda x_lora: ops._forward_impl(x, weight, lora_a, lora_b, scale, bias, x_lora, None,  # noqa: E731
-                                                   checked=False)
-            return _forward_common(ctx, x, lora_a, lora_b, scale, dropout_p, training,
-                                   (ni[0], ni[2], ni[3], ni[4], ni[5]), (weight,), run, hold_weight=True)
-        if torch.compiler.is_compiling():
-            run = lambda x_lora: torch.ops.lora_kernels.dense_lora_forward(  # noqa: E731
+        compiling = torch.compiler.is_compiling()
+        if compiling and not isinstance(weight, NF4Weight):
+            run = lambda x_lora, want_t: torch.ops.lora_kernels.dense_lora_forward(  # noqa: E731
                 x, weight, lora_a, lora_b, _op_scale(scale, x), bias, x_lora)
-        else:
-            run = lambda x_lora: ops._forward_impl(x, weight, lora_a, lora_b, scale, bias, x_lora, None,  # noqa: E731
-                                                   checked=False)
+        else:   # eager (an NF4 weight arrives here as the NF4Weight object itself, not its tensors)
+            run = lambda x_lora, want_t: ops._forward_impl(x, weight, lora_a, lora_b, scale, bias,  # noqa: E731
+                                                           x_lora, None, checked=False, want_t=want_t)
         return _forward_common(ctx, x, lora_a, lora_b, scale, dropout_p, training,
-                               (ni[0], ni[2], ni[3], ni[4], ni[5]), (weight,), run)
+                               (ni[0], ni[2], ni[3], ni[4], ni[5]), (weight,), run,
+                               hold_weight=isinstance(weight, NF4Weight), eager=not compiling)
 
     @staticmethod
     def backward(ctx, dy):

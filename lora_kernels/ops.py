@@ -60,16 +60,23 @@ def _check_2d(name: str, op: str, t: Tensor, cols: int) -> None:
         raise ValueError(f"{op}: {name} must be 2-D [M, {cols}], got shape {tuple(t.shape)}")
 
 
-def _forward_impl(x: Tensor, weight, lora_a, lora_b, scale, bias, x_lora, route, checked: bool = True):
+def _forward_impl(x: Tensor, weight, lora_a, lora_b, scale, bias, x_lora, route, checked: bool = True,
+                  want_t: bool = True):
     """(y, t) for ``nf4_lora_forward`` / ``dense_lora_forward`` (also called directly by the eager
     autograd Functions, with ``scale`` a float or a tensor, and ``checked=False``: ``qlora_linear``
-    has checked their arguments, so they skip ``library.lora_linear``'s checks)."""
+    has checked their arguments, so they skip ``library.lora_linear``'s checks).  ``want_t=False``
+    (the eager Functions, no dropout): t is None, not computed."""
     forward = library.lora_linear if checked else library.forward_2d
     M = x.shape[0]
     has_lora = lora_a is not None
     lin = x if x_lora is None else x_lora
-    # t is recomputed here with its own matmul (the fused forward keeps it in registers only).
-    t = lin @ lora_a.to(x.dtype).t() if has_lora else x.new_empty(M, 0)
+    # t is computed here with its own matmul (the fused forward keeps it in registers only).
+    if not has_lora:
+        t = x.new_empty(M, 0)
+    else:
+        # (the float64 and dropout forms below add the low-rank term with t itself)
+        need_t = want_t or x_lora is not None or x.dtype == torch.float64
+        t = lin @ lora_a.to(x.dtype).t() if need_t else None
     if x.dtype == torch.float64:
         dense = _dense_weight(weight, torch.float64)
         y = reference.lora_linear_reference(x, dense, None, None, 1.0, bias, compute_dtype=torch.float64)

@@ -131,21 +131,24 @@ def test_saved_tensors_p0_and_needs_input_grad(rng):
     assert sum(t.numel() == x.numel() for t in saved) == 1  # x itself, once
     assert any(t.data_ptr() == x.data_ptr() for t in saved)  # a view of x, not a copy
     assert not any(t.numel() == N * K for t in saved)  # no dequantized weight
-    # x needs no grad: neither x's gradient inputs (weight, A) are kept, nor is dx computed
-    # the NF4 weight's tensors are held on ctx (module state), never packed as saved tensors
+    # the NF4 weight's tensors are held on ctx (module state), never packed as saved tensors;
+    # without dropout T = x·Aᵀ is not saved: the backward recomputes it from x (kept for dA) and A
     node = _function_node(qlora_linear(x, weight, a, b, s, bb))
     assert not any(t is not None and t.dtype == torch.uint8 for t in node.saved_tensors)
     assert node.base is not None and node.base[0] is weight
+    assert node.defer_t and not any(t is not None and t.shape == (17, 8) for t in node.saved_tensors)
+    # x needs no grad: the weight is not kept and dx is not computed (A only for T)
     xn = x.detach()
     node = _function_node(qlora_linear(xn, weight, a, b, s, bb))
     saved = [t for t in node.saved_tensors if t is not None]
     assert not any(t.dtype == torch.uint8 for t in saved)
     assert node.base is None                                # no dx: the weight is not kept either
-    assert not any(t is a for t in saved)
-    # only B needs grad: x is not kept either
+    # only B needs grad: x is not kept either (T [M, r] is, computed in the forward), nor A
     a2 = a.detach()
-    saved = [t for t in _function_node(qlora_linear(xn, weight, a2, b, s, None)).saved_tensors if t is not None]
-    assert not any(t.numel() == x.numel() for t in saved)
+    node = _function_node(qlora_linear(xn, weight, a2, b, s, None))
+    saved = [t for t in node.saved_tensors if t is not None]
+    assert not node.defer_t and not any(t.numel() == x.numel() for t in saved)
+    assert not any(t is a2 for t in saved) and any(t.shape == (17, 8) for t in saved)
     y = qlora_linear(xn, weight, a2, b, s, None)
     y.sum().backward()
     assert b.grad is not None and a2.grad is None
