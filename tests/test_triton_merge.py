@@ -396,6 +396,63 @@ def test_gpu_forward_route():
     assert err < 1e-2, f"seed={seed}: relative Frobenius error {err:.3g}"
 
 
+def test_cached_launcher_key_and_fast_path(monkeypatch):
+    """The fast path's bookkeeping, on the CPU with a stand-in compiled kernel (the real one runs
+    only on a GPU): the first call of a signature goes through ``kernel[grid]`` and keeps the
+    kernel; equal signatures then call its launcher with JITFunction.run's arguments; a float may
+    change without a new entry, while an int's value, a tensor's dtype or 16-byte alignment, or a
+    constexpr value make a new one; hooks or LORA_KERNELS_TRITON_FAST_LAUNCH=0 give the plain path."""
+    from lora_kernels.triton import launch
+
+    if launch._JITFunction is None or not hasattr(launch._knobs, "runtime"):
+        pytest.skip("this triton has no launcher protocol to test")
+    plain, runs = [], []
+
+    class FakeCompiled:
+        function, packed_metadata = "function", "metadata"
+
+        def run(self, *a):
+            runs.append(a)
+
+    class FakeJIT(launch._JITFunction):
+        def __init__(self):                                 # no source to compile
+            self.arg_names = ["p", "q", "n", "s", "BLOCK"]
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: plain.append((grid, a, k)) or FakeCompiled()
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 77, raising=False)
+    monkeypatch.delenv("LORA_KERNELS_TRITON_FAST_LAUNCH", raising=False)
+    cl = launch.CachedLauncher(FakeJIT())
+    assert cl.usable
+    t, u = torch.zeros(64, dtype=torch.float16), torch.zeros(64, dtype=torch.uint8)
+    assert t.data_ptr() % 16 == 0 and u.data_ptr() % 16 == 0
+    cl(2, (t, u, 5, 1.5), {"BLOCK": 16}, {"num_warps": 4})          # new signature: plain launch
+    assert plain == [((2,), (t, u, 5, 1.5), {"BLOCK": 16, "num_warps": 4})] and not runs
+    cl(3, (t, u, 5, 2.5), {"BLOCK": 16}, {"num_warps": 4})          # fresh dicts, another float: cached
+    assert len(plain) == 1 and len(runs) == 1
+    assert runs[0][:9] == (3, 1, 1, 77, "function", "metadata", None, None, None)
+    assert runs[0][9:13] == (t, u, 5, 2.5) and runs[0][13:] == (16,)
+    misses = [((t, u, 6, 1.5), {"BLOCK": 16}),                        # an int's value
+              ((t.float(), u, 5, 1.5), {"BLOCK": 16}),                # a tensor's dtype
+              ((t, u[1:], 5, 1.5), {"BLOCK": 16}),                    # alignment (data_ptr % 16 == 1)
+              ((t, u, 5, 1.5), {"BLOCK": 32})]                        # a constexpr
+    for i, (args, cexpr) in enumerate(misses):
+        cl(1, args, cexpr, {"num_warps": 4})
+        assert len(plain) == 2 + i and len(runs) == 1 + i, i
+        cl(1, args, cexpr, {"num_warps": 4})                          # now cached
+        assert len(plain) == 2 + i and len(runs) == 2 + i, i
+    assert len(cl.compiled) == 1 + len(misses)
+    monkeypatch.setenv("LORA_KERNELS_TRITON_FAST_LAUNCH", "0")
+    cl(2, (t, u, 5, 1.5), {"BLOCK": 16}, {"num_warps": 4})
+    assert len(plain) == 2 + len(misses) and len(runs) == 1 + len(misses)
+    monkeypatch.setenv("LORA_KERNELS_TRITON_FAST_LAUNCH", "1")
+    monkeypatch.setattr(launch, "_hook_set", lambda h: True)          # a profiler's launch hook
+    cl(2, (t, u, 5, 1.5), {"BLOCK": 16}, {"num_warps": 4})
+    assert len(plain) == 3 + len(misses) and len(runs) == 1 + len(misses)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_gpu_cached_launch_matches_plain_launch(monkeypatch):
