@@ -10,19 +10,22 @@ U = dY · B [M, r]:
     dA    = (s ⊙ U)ᵀ · xd          dB = dYᵀ · (s ⊙ T)          dbias = Σ_m dY
     ds    = Σ_m T ⊙ U  (vector s, AdaLoRA)   or  Σ T ⊙ U  (0-d tensor s)
 
-Saved for backward (``ctx.save_for_backward``, each only when a gradient needs it):
-x (2-D view; for dA), the dropout mask as bool (only when p > 0; xd is rebuilt from x and the
-mask, never stored), T (for dB, ds; eager calls without dropout whose x is kept for dA keep A
-instead and recompute T = x · Aᵀ in the backward: one GEMM fewer per forward, and under
-checkpointing the forward runs twice), A (for dX), B (for dX, dA, ds), s (a tensor scale; a float
-one is a ctx attribute), and a dense base weight (for dX).  Never y, never a dequantized weight (on the
-GPU neither pass ever holds the whole dense weight: ``library``'s merge-cublas routes stream it
-through a workspace in chunks).  ``ctx`` attributes hold Python scalars (N, K, blocksize, p,
-flags, the device type, the adapters' dtypes) and, in eager mode, a reference to the NF4 base weight
-(the ``NF4Weight`` object; for dX): its tensors are frozen module state, not activations, so recomputation (``torch.utils.checkpoint``)
-has nothing to rebuild and saved-tensor hooks (checkpointing's, ``save_on_cpu``'s) have nothing to
-pack -- saving them would run six hooks per layer and pass for nothing, or copy the whole 4-bit
-weight to the CPU with ``save_on_cpu``.  Traced by ``torch.compile`` they are saved like the rest.
+Saved for backward (``ctx.save_for_backward``, each only when a gradient needs it): x (2-D
+view; for dA), the dropout mask as bool (only when p > 0; xd is rebuilt from x and the mask,
+never stored), T (for dB, ds; eager calls without dropout whose x is kept for dA keep A instead
+and recompute T = x · Aᵀ in the backward: one GEMM fewer per forward, and under checkpointing the
+forward runs twice), A (for dX), B (for dX, dA, ds), s (a tensor scale; a float one is a ctx
+attribute), and a dense base weight (for dX).  Never y, never a dequantized weight (on the GPU
+neither pass ever holds the whole dense weight: ``library``'s merge-cublas routes stream it
+through a workspace in chunks).
+
+``ctx`` attributes hold Python scalars (N, K, blocksize, p, flags, the device type, the adapters'
+dtypes) and, in eager mode, a reference to the NF4 base weight (the ``NF4Weight`` object; for dX).
+Its tensors are frozen module state, not activations: recomputation (``torch.utils.checkpoint``)
+has nothing to rebuild and saved-tensor hooks (checkpointing's, ``save_on_cpu``'s) have nothing
+to pack -- saving them would run six hooks per layer and pass for nothing, or copy the whole
+4-bit weight to the CPU under ``save_on_cpu``.  Traced by ``torch.compile`` (``QLoRAFunction``)
+they are saved like the rest.
 
 Public entry: ``qlora_linear``.
 """
