@@ -13,6 +13,7 @@ taken from os.urandom; the seed is printed and is in every assertion message.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -84,7 +85,11 @@ def _check(y, x, weight, w_exact, a, b, s, bias, msg):
     k_max, k_fro = _errors(y, ref)
     b_max, b_fro = _errors(base, ref)
     eps = 1e-6 * max(1.0, ref.abs().max().item())
-    assert k_max <= 2 * b_max + eps, f"{msg}: max-abs error {k_max:.3g} > 2 x PyTorch's {b_max:.3g}"
+    # plus one unit in the last place of y's dtype at the output's largest magnitude: both results
+    # are rounded to that dtype at the end, and over a few hundred outputs the maximum is a noisy
+    # statistic (one seed in thousands put ours at 2.1x PyTorch's 1-ulp maximum: 2 ulps vs 1)
+    ulp = torch.finfo(y.dtype).eps * 2.0 ** math.floor(math.log2(max(ref.abs().max().item(), 1e-30)))
+    assert k_max <= 2 * b_max + max(eps, ulp), f"{msg}: max-abs error {k_max:.3g} > 2 x PyTorch's {b_max:.3g}"
     assert k_fro <= 2 * b_fro + 1e-7, f"{msg}: rel-Frobenius error {k_fro:.3g} > 2 x PyTorch's {b_fro:.3g}"
 
 
