@@ -162,6 +162,8 @@ def _out_dtype_gemm(device: torch.device) -> bool:
     (CUDA in torch >= 2.8; not on the CPU), tried once per device type on 1x1 tensors."""
     ok = _OUT_DTYPE_GEMM.get(device.type)
     if ok is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False     # the probe reads a result back: not while a CUDA graph is captured
         try:
             one = torch.ones((1, 1), dtype=torch.bfloat16, device=device)
             r = torch.addmm(torch.empty((1, 1), device=device), one, one, out_dtype=torch.float32, beta=0, alpha=2.0)
