@@ -78,8 +78,18 @@ def _entry(rank: int, world: int, tmp: str, name: str, args: tuple) -> None:
 
 def _spawn(name: str, tmp_path, *args) -> dict:
     tmp = str(tmp_path)
-    mp.spawn(_entry, args=(WORLD, tmp, name, args), nprocs=WORLD, join=True)
-    with open(os.path.join(tmp, "result.json")) as f:
+    result = os.path.join(tmp, "result.json")
+    try:
+        mp.spawn(_entry, args=(WORLD, tmp, name, args), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as e:
+        # Rank 0 writes the result only after a barrier that both ranks reach once their part of the
+        # test passed; a worker then killed by a signal (seen once in CI: SIGABRT, "terminate called
+        # without an active exception") died in the process group's or the interpreter's teardown,
+        # after the test.  Any failure inside the test raises in the worker: no result file, re-raised.
+        if e.signal_name is None or not os.path.exists(result):
+            raise
+        print(f"_spawn({name}): {e} after the result was written (teardown crash; result kept)")
+    with open(result) as f:
         return json.load(f)
 
 
