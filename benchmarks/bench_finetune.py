@@ -77,6 +77,15 @@ _KERNEL_GROUPS = (("gemm (cuBLAS)", ("nvjet", "gemm", "cutlass", "sm90_xmma", "c
                   ("elementwise / reductions", ("elementwise_kernel", "reduce_kernel", "softmax", "norm")))
 
 
+def _train_step(model, opt, x):
+    """One optimizer step on the causal-LM loss of ``x`` (its own labels); returns the loss."""
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def _profile_step(arm: str, model, opt, x) -> None:
     """One more training step under torch.profiler: GPU time by kernel group, the step's wall time,
     and the top kernels (where an arm's step goes; printed, not stored)."""
@@ -86,10 +95,7 @@ def _profile_step(arm: str, model, opt, x) -> None:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _train_step(model, opt, x)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
     groups: dict[str, float] = {}
@@ -125,10 +131,7 @@ def _host_profile_step(arm: str, model, opt, x, device) -> None:
     t = time.perf_counter()
     prof.enable()
     for _ in range(2):
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _train_step(model, opt, x)
     prof.disable()
     host = (time.perf_counter() - t) / 2
     if device.type == "cuda":
@@ -188,11 +191,7 @@ def run_arm(arm: str, cfg, vocab: int, batches, args, device) -> dict:
             if cuda:
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        losses.append(_train_step(model, opt, x).detach())
     if cuda:
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0

@@ -387,10 +387,7 @@ def _merge_args(weight, lora_a, lora_b, scale, dt):
     float dtype (the kernel rounds them to the output dtype itself: no cast launches per call)."""
     s_scalar, s_vec = 1.0, None
     if lora_a is not None:
-        if isinstance(scale, torch.Tensor):
-            s_scalar, s_vec = _merge_module().scale_operands(scale, lora_a.shape[0], lora_a.device)
-        else:
-            s_scalar = float(scale)
+        s_scalar, s_vec = _merge_module().scale_operands(scale, lora_a.shape[0], lora_a.device)
     base = weight if isinstance(weight, NF4Weight) else weight.to(dt)
     return base, lora_a, lora_b, s_scalar, s_vec
 

@@ -81,6 +81,17 @@ def _check(got, want64, ref_lp, what):
     assert err <= 2 * ref_err + slack, f"{what}: max err {err:.3e} > 2 * ref err {ref_err:.3e} + {slack:.3e}"
 
 
+def _check_vjp(g, got, cos, sin, unsq, dtype, what):
+    """A rotary backward result ``got`` for the gradient ``g``: the reference's vector-Jacobian
+    product in float64 (want) and in ``dtype`` (PyTorch's own error), through ``_check``."""
+    x64 = torch.zeros(g.shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    xl = torch.zeros(g.shape, dtype=dtype, device=DEVICE, requires_grad=True)
+    (want,) = torch.autograd.grad(apply_rotary_reference(x64, x64, cos.double(), sin.double(), unsq)[0], x64,
+                                  g.double())
+    (ref,) = torch.autograd.grad(apply_rotary_reference(xl, xl, cos, sin, unsq)[0], xl, g)
+    _check(got, want, ref, what)
+
+
 def _strides(t):
     """The layout: strides of the dims of size > 1 (a size-1 dim's stride means nothing)."""
     return tuple(st if n > 1 else None for n, st in zip(t.shape, t.stride()))
@@ -293,11 +304,7 @@ def test_backward_launcher_poisoned(dtype, unsq, rng):
     assert dq is dq_out and dk is dk_out
     # want: the vector-Jacobian product of the reference in float64 / in the low precision
     for g, got, name in ((gq, dq, "dq"), (gk, dk, "dk")):
-        x64 = torch.zeros(g.shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
-        xl = torch.zeros(g.shape, dtype=dtype, device=DEVICE, requires_grad=True)
-        (want,) = torch.autograd.grad(apply_rotary_reference(x64, x64, cos.double(), sin.double(), unsq)[0], x64, g.double())
-        (ref,) = torch.autograd.grad(apply_rotary_reference(xl, xl, cos, sin, unsq)[0], xl, g)
-        _check(got, want, ref, name)
+        _check_vjp(g, got, cos, sin, unsq, dtype, name)
     # one grad only: the other result is None; an fp32 output from low-precision grads
     dq2, dk2 = rotary_backward(gq, None, cos, sin, unsq, q_dtype=torch.float32)
     assert dk2 is None and dq2.dtype == torch.float32
@@ -525,8 +532,4 @@ def test_gpu_layouts_bf16(layout, unsq, rng):
     dq, dk = rotary_backward(q, k, cos, sin, unsq, dq_out=torch.full_like(q, float("nan")),
                              dk_out=torch.full_like(k, float("nan")))
     for g, got, name in ((q, dq, "dq"), (k, dk, "dk")):
-        x64 = torch.zeros(g.shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
-        xl = torch.zeros(g.shape, dtype=dtype, device=DEVICE, requires_grad=True)
-        (want,) = torch.autograd.grad(apply_rotary_reference(x64, x64, cos.double(), sin.double(), unsq)[0], x64, g.double())
-        (r,) = torch.autograd.grad(apply_rotary_reference(xl, xl, cos, sin, unsq)[0], xl, g)
-        _check(got, want, r, name)
+        _check_vjp(g, got, cos, sin, unsq, dtype, name)

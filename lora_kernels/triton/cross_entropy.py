@@ -59,7 +59,7 @@ import triton.language as tl
 from .launch import CachedLauncher
 from ..model_ops import KERNEL_DTYPES
 from ..model_ops.cross_entropy import INDEX_DTYPES
-from .nf4_lora_matmul import _check_device, _next_pow2
+from .nf4_lora_matmul import _check_device, _is_pow2, _next_pow2
 
 __all__ = ["cross_entropy_forward", "cross_entropy_backward", "pick_config", "MAX_BLOCK_V"]
 
@@ -136,10 +136,6 @@ def _ce_backward_kernel(
 # =============================================================================================
 _launch_forward = CachedLauncher(_ce_forward_kernel)
 _launch_backward = CachedLauncher(_ce_backward_kernel)
-
-
-def _is_pow2(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0 and (v & (v - 1)) == 0
 
 
 def pick_config(V: int, block_v: int | None = None, num_warps: int | None = None) -> tuple[int, int]:
