@@ -139,7 +139,7 @@ def test_gpu_code_path_dry_run_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "l2_bytes", lambda device=None: 16 * 1024)  # 2x L2 = 32 KiB
     fake = types.SimpleNamespace(
         quantize_nf4=lk.quantize_nf4,
-        forward_route=lambda M, q, dt, dev: "triton-gemv" if M <= 16 else "triton-tiled",
+        forward_route=lambda M, q, dt, dev, r=0: "triton-gemv" if M <= 16 else "triton-tiled",
         lora_linear=lambda x, q, A, B, s, config=None: lk.lora_linear(x, q, A, B, s, route="reference"),
     )
     args = bf.build_parser().parse_args(["--shapes", "128x64,256x256", "--ms", "1,32", "--sweep",
