@@ -94,7 +94,8 @@ def main(argv=None) -> None:
             res = {}
             for route, limit in (("merge-cublas", 0), ("triton-small", 1 << 62)):
                 library.SMALL_MAX_MNK = limit
-                assert library.forward_route(M, q, bf, x.device, r) == route
+                if library.forward_route(M, q, bf, x.device, r) != route:
+                    raise SystemExit(f"bench_small_route: {route} not taken at M={M} {K}->{N}")
                 step = _step_fn(lk, x, q, A, B, g)
                 out = [t.float() for t in step()]
                 row = harness.make_row(ROW_KEYS, M=M, K=K, N=N, r=r, mnk=M * N * K, route=route)

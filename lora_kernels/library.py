@@ -424,14 +424,16 @@ _NF4_SMALL = None
 
 def _small_operands(weight, lora_a, lora_b, scale, dt):
     """(base, A, B, s_scalar, s_vec) for ``nf4_lora_small``: a dense base in ``dt`` with unit
-    column stride, contiguous adapters (kept in their own float dtype: the kernels round them)."""
+    column stride, contiguous adapters in ``dt``.  Adapters in another dtype (PEFT's fp32) are cast
+    here, one launch each: on the H100 (triton 3.6) the dx kernel fed fp32 adapters directly gave
+    NaN and an illegal address (session 8), while every same-dtype case matched the reference."""
     s_scalar, s_vec = _merge_module().scale_operands(scale, lora_a.shape[0], lora_a.device)
     base = weight
     if not isinstance(weight, NF4Weight):
         base = weight.to(dt)
         if base.stride(1) != 1:
             base = base.contiguous()
-    return base, lora_a.contiguous(), lora_b.contiguous(), s_scalar, s_vec
+    return base, lora_a.to(dt).contiguous(), lora_b.to(dt).contiguous(), s_scalar, s_vec
 
 
 def _check_small(route: str, M: int, weight, lora_a, dt) -> None:

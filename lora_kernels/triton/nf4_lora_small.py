@@ -13,10 +13,10 @@ dx       dx [M, K] = dy·Ŵ + ((dy·B) ⊙ s)·A                        U = dy·
 =======  ======================================================  ==============================
 
 x, dy: [M, K] / [M, N] bf16 or fp16, contiguous; Ŵ: an ``NF4Weight`` (N, K) with K % blocksize
-== 0, or a dense [N, K] tensor of x's dtype (contiguous rows); A [r, K], B [N, r] in any float dtype
-(PEFT keeps them fp32: rounded to x's dtype where they are loaded), 1 <= r <= MAX_RANK; s a float or
-an fp32 [r] vector (AdaLoRA); bias [N] (x's dtype or fp32) or None.  fp32 accumulation; y, dx, T
-and U in x's dtype.
+== 0, or a dense [N, K] tensor of x's dtype (contiguous rows); A [r, K], B [N, r] contiguous in x's
+dtype (``library`` casts PEFT's fp32 adapters first: fed fp32 adapters, the dx kernel went wrong on
+the H100 under triton 3.6), 1 <= r <= MAX_RANK; s a float or an fp32 [r] vector (AdaLoRA); bias [N]
+(x's dtype or fp32) or None.  fp32 accumulation; y, dx, T and U in x's dtype.
 
 The rank term rides in the base GEMM's loop: a forward program loads each x tile once and feeds it
 to both x·Ŵᵀ and x·Aᵀ (r more columns); a dx program does the same with dy, Ŵ and B.  Ŵ is
