@@ -18,6 +18,7 @@ name        implementation                   used for
 
 from __future__ import annotations
 
+import importlib
 import os
 import types
 
@@ -385,18 +386,25 @@ def merge_chunk(length: int, other: int, unit: int, whole_weight: bool = True) -
     return size
 
 
+_TRITON_MODULES: dict = {}
+
+
+def _triton_module(name: str):
+    """``lora_kernels.triton.<name>``, imported on first use (Triton is optional at import time) and
+    kept: the training path calls into these modules several times per layer, where an import
+    statement costs µs."""
+    mod = _TRITON_MODULES.get(name)
+    if mod is None:
+        mod = _TRITON_MODULES[name] = importlib.import_module(f"{__package__}.triton.{name}")
+    return mod
+
+
 def _merge_module():
-    """``triton/nf4_merge.py``, imported on first use (Triton is optional at import time) and kept:
-    the training path calls into it several times per layer, where an import statement costs µs."""
-    global _NF4_MERGE
-    if _NF4_MERGE is None:
-        from .triton import nf4_merge
-
-        _NF4_MERGE = nf4_merge
-    return _NF4_MERGE
+    return _triton_module("nf4_merge")
 
 
-_NF4_MERGE = None
+def _small_module():
+    return _triton_module("nf4_lora_small")
 
 
 def _merge_args(weight, lora_a, lora_b, scale, dt):
@@ -407,19 +415,6 @@ def _merge_args(weight, lora_a, lora_b, scale, dt):
         s_scalar, s_vec = _merge_module().scale_operands(scale, lora_a.shape[0], lora_a.device)
     base = weight if isinstance(weight, NF4Weight) else weight.to(dt)
     return base, lora_a, lora_b, s_scalar, s_vec
-
-
-def _small_module():
-    """``triton/nf4_lora_small.py``, imported on first use and kept (as ``_merge_module``)."""
-    global _NF4_SMALL
-    if _NF4_SMALL is None:
-        from .triton import nf4_lora_small
-
-        _NF4_SMALL = nf4_lora_small
-    return _NF4_SMALL
-
-
-_NF4_SMALL = None
 
 
 def _small_operands(weight, lora_a, lora_b, scale, dt):
