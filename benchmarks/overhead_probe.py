@@ -161,9 +161,10 @@ def decode(shape: str) -> None:
 
 def train_ladder() -> None:
     """Host µs per call of each piece of a training step's LoRA layer (tiny tensors: the GPU never
-    limits; K = N = 256, M = 32, r = 16; the weight is merged in two chunks as on the training path),
-    from single launches up to the autograd Function and the layer, with fp32 adapters (PEFT's
-    default) and bf16 ones: where a fine-tune's per-layer host time goes."""
+    limits; K = N = 256, M = 32, r = 16), from single launches up to the autograd Function and the
+    layer, with fp32 adapters (PEFT's default) and bf16 ones: where a fine-tune's per-layer host time
+    goes.  At this size the Functions take the triton-small route (one launch per direction); the
+    "forward pieces" rows and the "merge-cublas" row force the merge route (two chunks per pass)."""
     import lora_kernels as lk
     from lora_kernels import autograd as ag
     from lora_kernels import library, ops
@@ -192,6 +193,15 @@ def train_ladder() -> None:
     Ad, Bd = A32.detach(), B32.detach()
     Wd = w.dequantize(bf)
 
+    def merge_route(fn):
+        def run():
+            saved, library.SMALL_MAX_MNK = library.SMALL_MAX_MNK, 0
+            try:
+                return fn()
+            finally:
+                library.SMALL_MAX_MNK = saved
+        return run
+
     def mm_out_dtype():
         return torch.mm(u.t(), xd, out_dtype=torch.float32)
 
@@ -217,10 +227,11 @@ def train_ladder() -> None:
         ("  torch.addmm out_dtype=fp32 beta=0 alpha", addmm_out_dtype),
         ("  grad cast bf16 -> fp32 (.to)", lambda: u.to(torch.float32)),
         ("forward pieces (no autograd):", None),
-        ("  library.forward_2d (2 chunks)", lambda: library.forward_2d(xd, w, Ad, Bd, 2.0, None, whole_weight=False)),
+        ("  library.forward_2d (2 chunks)", lambda: library.forward_2d(xd, w, Ad, Bd, 2.0, None, whole_weight=False,
+                                                                                route="merge-cublas")),
         ("  ops._forward_impl unchecked", lambda: ops._forward_impl(xd, w, Ad, Bd, 2.0, None, None, None,
                                                                     checked=False)),
-        ("  library.dx_2d (2 chunks)", lambda: library.dx_2d(g, w, Ad, Bd, 2.0)),
+        ("  library.dx_2d (2 chunks)", lambda: library.dx_2d(g, w, Ad, Bd, 2.0, route="merge-cublas")),
         ("autograd (fp32 adapters):", None),
         ("  LoRAFunction.apply fwd (NF4Weight: eager)", lambda: ag.LoRAFunction.apply(x, q, A32, B32, 2.0, None, 0.0,
                                                                                         True)),
@@ -230,6 +241,8 @@ def train_ladder() -> None:
         ("  qlora_linear bwd only (stored fwd)", lambda: torch.autograd.grad(next(it), (x, A32, B32), g)),
         ("  qlora_linear fwd+bwd", lambda: torch.autograd.grad(lk.qlora_linear(x, q, A32, B32, 2.0), (x, A32, B32), g)),
         ("  same, checkpointed (non-reentrant)", ckpt_step),
+        ("  qlora_linear fwd+bwd, merge-cublas route",
+         merge_route(lambda: torch.autograd.grad(lk.qlora_linear(x, q, A32, B32, 2.0), (x, A32, B32), g))),
         ("  QLoRALinear layer fwd+bwd (3-D x)",
          lambda: torch.autograd.grad(layer(xl), (xl, layer.lora_A, layer.lora_B), gl)),
         ("autograd (bf16 adapters):", None),
