@@ -38,7 +38,7 @@ import triton.language as tl
 from ..codes import NESTED_BLOCKSIZE
 from ..nf4 import NF4Weight
 from .launch import CachedLauncher
-from .nf4_lora_matmul import _next_pow2, _weight_tile
+from .nf4_lora_matmul import _absmax_of, _next_pow2, _weight_tile
 
 __all__ = ["small_forward", "small_dx", "MAX_RANK", "CONFIG"]
 
@@ -119,8 +119,13 @@ def _small_dx_kernel(
     DENSE: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr, EVEN_K: tl.constexpr,
     SCALE_VEC: tl.constexpr,
 ):
-    # Program: dx tile [BLOCK_M, BLOCK_K] at columns k0.  Per N step: dy [BLOCK_M, BLOCK_N], the
-    # weight tile [BLOCK_N, BLOCK_K] (rows n0.., columns k0..), B [BLOCK_N, R_PAD]; two tl.dot.
+    # Program: dx tile [BLOCK_M, BLOCK_K] at columns k0, kept as its even and its odd columns
+    # ([BLOCK_M, BLOCK_K / 2] each): an NF4 byte holds column k0 + 2j (high nibble) and k0 + 2j + 1
+    # (low nibble), so each half is a plain [BLOCK_N, BLOCK_K / 2] weight tile feeding tl.dot as is
+    # -- no nibble interleave (tl.join + reshape) in front of the dot.  That interleave, fed to the
+    # dot untransposed, gave wrong dx and illegal addresses on the H100 under triton 3.6 (session 8;
+    # the forward's transposed use of it is fine).  Per N step: dy [BLOCK_M, BLOCK_N], the packed
+    # tile [BLOCK_N, BLOCK_K / 2] and its absmax, B [BLOCK_N, R_PAD]; three tl.dot.
     pid = tl.program_id(0)
     num_pid_k = tl.cdiv(K, BLOCK_K)
     pid_m = pid // num_pid_k
@@ -129,14 +134,16 @@ def _small_dx_kernel(
     k0 = pid_k * BLOCK_K
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_kh = tl.arange(0, BLOCK_K // 2)
+    offs_j = tl.arange(0, BLOCK_K // 2)
     offs_r = tl.arange(0, R_PAD)
+    col_e = k0 + 2 * offs_j                  # the even columns of this tile; col_e + 1 the odd ones
+    emask = col_e < K
+    omask = (col_e + 1) < K
     mmask = offs_m < M
-    kmask = (k0 + offs_k) < K
     rmask = offs_r < R
     m64 = offs_m.to(tl.int64)
-    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    acc_e = tl.zeros([BLOCK_M, BLOCK_K // 2], dtype=tl.float32)
+    acc_o = tl.zeros([BLOCK_M, BLOCK_K // 2], dtype=tl.float32)
     u_acc = tl.zeros([BLOCK_M, R_PAD], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + offs_n
@@ -144,24 +151,35 @@ def _small_dx_kernel(
         n64 = rows.to(tl.int64)
         g = tl.load(dy_ptr + m64[:, None] * N + n64[None, :], mask=mmask[:, None] & nmask[None, :], other=0.0)
         if DENSE:
-            w_ptrs = w_ptr + n64[:, None] * stride_wn + (k0 + offs_k)[None, :]
+            wrow = w_ptr + n64[:, None] * stride_wn
+            w_e = tl.load(wrow + col_e[None, :], mask=nmask[:, None] & emask[None, :], other=0.0)
+            w_o = tl.load(wrow + (col_e + 1)[None, :], mask=nmask[:, None] & omask[None, :], other=0.0)
         else:
-            w_ptrs = w_ptr + n64[:, None] * KH + (k0 // 2 + offs_kh)[None, :]
-        w = _weight_tile(w_ptrs, n64, nmask, k0, K, KH, KB, offs_k, offs_kh,
-                         absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, code_ptr,
-                         BLOCK_N, BLOCK_K, BS, NESTED, NBS, 0, DENSE, EVEN_K).to(dt)
-        acc = tl.dot(g, w, acc)
+            # K % BS == 0 and BS is even: both columns of a byte lie in block n * KB + col_e // BS
+            wmask = nmask[:, None] & emask[None, :]
+            byte = tl.load(w_ptr + n64[:, None] * KH + (k0 // 2 + offs_j)[None, :], mask=wmask, other=0).to(tl.int32)
+            amax = _absmax_of(n64[:, None] * KB + (col_e // BS)[None, :], wmask,
+                              absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, NESTED, NBS)
+            w_e = tl.load(code_ptr + (byte >> 4)) * amax
+            w_o = tl.load(code_ptr + (byte & 15)) * amax
+        acc_e = tl.dot(g, w_e.to(dt), acc_e)
+        acc_o = tl.dot(g, w_o.to(dt), acc_o)
         b = tl.load(b_ptr + n64[:, None] * R + offs_r[None, :], mask=nmask[:, None] & rmask[None, :], other=0.0)
         u_acc = tl.dot(g, b.to(dt), u_acc)
     if pid_k == 0:
         tl.store(u_ptr + m64[:, None] * R + offs_r[None, :], u_acc.to(dt), mask=mmask[:, None] & rmask[None, :])
     if SCALE_VEC:
-        us = u_acc * tl.load(s_ptr + offs_r, mask=rmask, other=0.0)[None, :]
+        us = (u_acc * tl.load(s_ptr + offs_r, mask=rmask, other=0.0)[None, :]).to(dt)
     else:
-        us = u_acc * s_scalar
-    a = tl.load(a_ptr + offs_r[:, None] * K + (k0 + offs_k)[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-    acc = tl.dot(us.to(dt), a.to(dt), acc)
-    tl.store(dx_ptr + m64[:, None] * K + (k0 + offs_k)[None, :], acc.to(dt), mask=mmask[:, None] & kmask[None, :])
+        us = (u_acc * s_scalar).to(dt)
+    arow = a_ptr + offs_r[:, None] * K
+    a_e = tl.load(arow + col_e[None, :], mask=rmask[:, None] & emask[None, :], other=0.0)
+    a_o = tl.load(arow + (col_e + 1)[None, :], mask=rmask[:, None] & omask[None, :], other=0.0)
+    acc_e = tl.dot(us, a_e.to(dt), acc_e)
+    acc_o = tl.dot(us, a_o.to(dt), acc_o)
+    drow = dx_ptr + m64[:, None] * K
+    tl.store(drow + col_e[None, :], acc_e.to(dt), mask=mmask[:, None] & emask[None, :])
+    tl.store(drow + (col_e + 1)[None, :], acc_o.to(dt), mask=mmask[:, None] & omask[None, :])
 
 
 _launch_forward = CachedLauncher(_small_forward_kernel)
