@@ -211,10 +211,13 @@ def _dequantize_backend(device: torch.device, numel: int, requested: str | None)
 #                    + bias; the LoRA term costs no pass over y.  A chunk holds at most
 #                    WORKSPACE_BYTES (LORA_KERNELS_WORKSPACE_MB; 0 = one chunk) and, on the
 #                    training path (whole_weight=False), at most half the weight
-#   "triton-small"   M > 16 on CUDA, a LoRA term with 1 <= r <= 64 and M·N·K <= SMALL_MAX_MNK: one
-#                    Triton launch computes y and T = x·Aᵀ (triton/nf4_lora_small.py; its dx kernel
-#                    serves the backward, also writing U = dy·B).  Small layers are bound by the
-#                    host's cost per launch, not by arithmetic: four launches per direction fewer
+#   "triton-small"   opt-in (SMALL_MAX_MNK, default 0 = never picked): M > 16 on CUDA, a LoRA term
+#                    with 1 <= r <= 64 and M·N·K <= SMALL_MAX_MNK: one Triton launch computes y and
+#                    T = x·Aᵀ (triton/nf4_lora_small.py; its dx kernel serves the backward, also
+#                    writing U = dy·B): fewer launches for small, host-bound layers.  Off by default:
+#                    measured on the H100 only 11-29 % less eager time per layer at the demo's
+#                    sizes, and the dx kernel as rewritten after its first GPU run is not yet
+#                    verified on a GPU (benchmarks/NOTES.md, session 8)
 #   "triton-tiled"   tiled GEMM dequantizing weight tiles in registers (never writes the dense
 #                    weight).  NOT chosen automatically: measured 7-30x slower than cuBLAS on an
 #                    H100 (benchmarks/results/forward_*_quick*.md); reachable with route=
@@ -223,8 +226,9 @@ def _dequantize_backend(device: torch.device, numel: int, requested: str | None)
 FORWARD_ROUTES = ("cuda-gemv", "triton-gemv", "merge-cublas", "triton-small", "triton-tiled", "dequant-cublas",
                   "reference")
 GEMV_MAX_M = 16
-#: triton-small's limits: the largest M·N·K (LORA_KERNELS_SMALL_MAX_MNK) and rank it takes
-SMALL_MAX_MNK = int(float(os.environ.get("LORA_KERNELS_SMALL_MAX_MNK", str(2**28))))
+#: triton-small's limits: the largest M·N·K (LORA_KERNELS_SMALL_MAX_MNK; 0, the default, turns the
+#: route off -- see the route table above) and the largest rank it takes
+SMALL_MAX_MNK = int(float(os.environ.get("LORA_KERNELS_SMALL_MAX_MNK", "0")))
 SMALL_MAX_RANK = 64
 
 

@@ -140,6 +140,7 @@ def gpu_like_cpu(monkeypatch):
         return wrapped
 
     orig = library._fallback_route
+    monkeypatch.setattr(library, "SMALL_MAX_MNK", 1 << 40)        # the route is opt-in
     monkeypatch.setattr(library, "_fallback_route",
                         lambda w, dt, dev: None if dev.type == "cpu" and dt in (torch.float16, torch.bfloat16)
                         else orig(w, dt, dev))
@@ -205,9 +206,25 @@ def test_autograd_takes_small_route(rng, gpu_like_cpu, M, K, N, r, kind, vec, ad
             assert torch.equal(p_t, c_t), name
 
 
+def test_small_route_is_opt_in(monkeypatch):
+    """By default (LORA_KERNELS_SMALL_MAX_MNK unset) no call takes triton-small."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "LORA_KERNELS_SMALL_MAX_MNK"}
+    out = subprocess.run([sys.executable, "-c", "from lora_kernels import library; print(library.SMALL_MAX_MNK)"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "0", out
+    monkeypatch.setattr(library, "SMALL_MAX_MNK", 0)
+    monkeypatch.setattr(library, "_fallback_route", lambda w, dt, dev: None)
+    q = lk.quantize_nf4(torch.randn(48, 128))
+    assert library.forward_route(32, q, torch.float16, torch.device("cpu"), 16) == "merge-cublas"
+    assert library.backward_route(q, torch.float16, torch.device("cpu"), 32, 16) == "merge-cublas"
+
+
 def test_small_route_limits(gpu_like_cpu, monkeypatch):
-    """Who takes the route: a LoRA term of rank 1..64, M·N·K <= SMALL_MAX_MNK, M > 16 forward (the
-    gemv routes below); a forced route with an unsupported call is a ValueError, not garbage."""
+    """Who takes the route (when opted in): a LoRA term of rank 1..64, M·N·K <= SMALL_MAX_MNK, M > 16
+    forward (the gemv routes below); a forced route with an unsupported call is a ValueError."""
     q = lk.quantize_nf4(torch.randn(48, 128))
     dev = torch.device("cpu")
     assert library.forward_route(32, q, torch.float16, dev, 16) == "triton-small"
