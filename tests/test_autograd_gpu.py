@@ -157,3 +157,32 @@ def test_training_grads_gpu_small_route(monkeypatch, rng, dtype, M, K, N, r, kin
     assert calls, "the small route's dx kernel was not used"
     if dtype == torch.bfloat16 and kind == "nf4-dq":
         test_fp32_adapters_with_bf16_activations_gpu(rng, M, K, N, r)
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_layer_on_another_gpu(rng):
+    """A model split over GPUs (device_map="auto") runs layers whose tensors are not on the current
+    device: with cuda:0 current, a layer on cuda:1 gives the bits it gives on cuda:0 -- quantize,
+    dequantize, the training step (merge kernel + cuBLAS) and the decode route."""
+    M, K, N, r = 512, 1024, 768, 16
+    W = randn((N, K), torch.float32, rng, scale=0.05)
+    x0 = randn((M, K), torch.bfloat16, rng)
+    A0 = randn((r, K), torch.float32, rng, scale=0.05)
+    B0 = randn((N, r), torch.float32, rng, scale=0.05)
+    g0 = randn((M, N), torch.bfloat16, rng)
+    results = []
+    for dev in ("cuda:0", "cuda:1"):
+        torch.cuda.set_device(0)
+        q = lk.quantize_nf4(W.to(dev))
+        x = x0.to(dev).requires_grad_()
+        A, B = A0.to(dev).requires_grad_(), B0.to(dev).requires_grad_()
+        y = lk.qlora_linear(x, q, A, B, 2.0)
+        y.backward(g0.to(dev))
+        with torch.no_grad():
+            y_dec = lk.qlora_linear(x[:4].detach(), q, A, B, 2.0)
+        torch.cuda.synchronize(dev)
+        results.append([t.detach().cpu() for t in (q.packed, q.absmax, lk.dequantize_nf4(q), y, x.grad, A.grad,
+                                                   B.grad, y_dec)])
+    for name, a, b in zip(["packed", "absmax", "dequantized", "y", "dx", "dA", "dB", "decode y"], *results):
+        assert torch.equal(a, b), name

@@ -326,8 +326,9 @@ def test_cached_launcher_falls_back_where_it_cannot_be_used(monkeypatch):
             return lambda *a, **k: calls.append((grid, a, k))
     fl = launch.CachedLauncher(FakeKernel())
     assert not fl.usable                                  # not a JITFunction: never the fast path
-    fl(3, (1,), {"BLOCK": 4}, {"num_warps": 4})
-    assert calls == [((3,), (1,), {"BLOCK": 4, "num_warps": 4})] and not fl.compiled
+    x = torch.zeros(4)
+    fl(3, (x,), {"BLOCK": 4}, {"num_warps": 4})
+    assert calls == [((3,), (x,), {"BLOCK": 4, "num_warps": 4})] and not fl.compiled
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,6 +452,68 @@ def test_cached_launcher_key_and_fast_path(monkeypatch):
     monkeypatch.setattr(launch, "_hook_set", lambda h: True)          # a profiler's launch hook
     cl(2, (t, u, 5, 1.5), {"BLOCK": 16}, {"num_warps": 4})
     assert len(plain) == 3 + len(misses) and len(runs) == 1 + len(misses)
+
+
+def test_launches_go_to_the_tensors_device(monkeypatch):
+    """A model split over GPUs calls layers whose tensors are not on the current device; Triton
+    launches on the current one.  The cached launcher (both its first, plain launch and its fast
+    path) and ``device_guard`` switch to the first tensor's device around the launch and back --
+    checked on the CPU with stand-ins for the device calls and a tensor that says it is on GPU 1."""
+    from lora_kernels.triton import launch
+
+    if launch._JITFunction is None or not hasattr(launch._knobs, "runtime"):
+        pytest.skip("this triton has no launcher protocol to test")
+    current = [0]
+    seen = []
+
+    class device:                                          # torch.cuda.device's protocol
+        def __init__(self, idx):
+            self.idx = idx
+
+        def __enter__(self):
+            self.prev, current[0] = current[0], self.idx
+
+        def __exit__(self, *exc):
+            current[0] = self.prev
+            return False
+
+    class FakeCompiled:
+        function, packed_metadata = "function", "metadata"
+
+        def run(self, *a):
+            seen.append(("fast", current[0]))
+
+    class FakeJIT(launch._JITFunction):
+        def __init__(self):
+            self.arg_names = ["p", "n", "BLOCK"]
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: seen.append(("plain", current[0])) or FakeCompiled()
+
+    class OnGPU1(torch.Tensor):
+        def get_device(self):
+            return 1
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 77, raising=False)
+    monkeypatch.delenv("LORA_KERNELS_TRITON_FAST_LAUNCH", raising=False)
+    t1 = torch.zeros(64).as_subclass(OnGPU1)
+    cl = launch.CachedLauncher(FakeJIT())
+    cl(1, (t1, 5), {"BLOCK": 16}, {"num_warps": 4})
+    cl(1, (t1, 5), {"BLOCK": 16}, {"num_warps": 4})
+    assert seen == [("plain", 1), ("fast", 1)] and current[0] == 0, seen
+    t0 = torch.zeros(64)                                   # a CPU tensor (get_device() == -1): no switch
+    cl(1, (t0, 5), {"BLOCK": 16}, {"num_warps": 4})
+    assert seen[-1] == ("plain", 0)
+    monkeypatch.setenv("LORA_KERNELS_TRITON_FAST_LAUNCH", "0")  # the plain path switches too
+    cl(1, (t1, 5), {"BLOCK": 16}, {"num_warps": 4})
+    assert seen[-1] == ("plain", 1) and current[0] == 0
+    with launch.device_guard(t1):
+        assert current[0] == 1
+    assert current[0] == 0
+    with launch.device_guard(t0):
+        assert current[0] == 0
 
 
 @pytest.mark.gpu

@@ -153,16 +153,6 @@ def pick_config(V: int, block_v: int | None = None, num_warps: int | None = None
     return block_v, num_warps
 
 
-def _on_device(device: torch.device, launcher, grid: int, args: tuple, constexprs: dict, options: dict) -> None:
-    # Triton launches on the *current* CUDA device; the logits may live on another one (a model
-    # split over GPUs with device_map="auto" puts lm_head, hence the logits, on the last GPU)
-    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            launcher(grid, args, constexprs, options)
-    else:
-        launcher(grid, args, constexprs, options)
-
-
 def _check_inputs(logits, target) -> tuple[int, int]:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"cross_entropy: logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -229,8 +219,8 @@ def cross_entropy_forward(
         _check_vector_out("lse_out", lse_out, T, logits.device)
     if T == 0:
         return row_loss_out, lse_out
-    _on_device(
-        logits.device, _launch_forward, T,
+    _launch_forward(     # on the logits' device (launch.py; device_map="auto" puts them on the last GPU)
+        T,
         (logits, target, row_loss_out, lse_out, V, logits.stride(0), ignore_index),
         dict(BLOCK_V=block_v),
         dict(num_warps=num_warps),
@@ -282,8 +272,8 @@ def cross_entropy_backward(
             raise ValueError("cross_entropy: out must not be the logits tensor (the gradient is a new tensor)")
     if T == 0:
         return out
-    _on_device(
-        logits.device, _launch_backward, T,
+    _launch_backward(
+        T,
         (logits, target, lse, scale, out, V, logits.stride(0), out.stride(0), ignore_index),
         dict(BLOCK_V=block_v),
         dict(num_warps=num_warps),

@@ -17,10 +17,17 @@ they may share a compiled kernel.
 Falls back to the plain ``kernel[grid](...)`` path (same results, the usual cost) under the Triton
 interpreter, when launch hooks are installed (profilers), when the installed Triton does not
 expose what this needs, or with ``LORA_KERNELS_TRITON_FAST_LAUNCH=0``.
+
+Devices: Triton launches on the *current* CUDA device and its current stream, while a model split
+over GPUs (``device_map="auto"``) runs layers whose tensors live on other devices.  Both paths here
+launch on the device of the first argument (a tensor in every kernel of the package), switching the
+current device around the launch when it differs; ``device_guard`` does the same for the package's
+direct ``kernel[grid]`` launches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -31,7 +38,7 @@ try:  # the launcher protocol used below is the one triton 3.x's JITFunction.run
 except ImportError:  # pragma: no cover - older triton
     _knobs = _JITFunction = None
 
-__all__ = ["CachedLauncher"]
+__all__ = ["CachedLauncher", "device_guard"]
 
 Tensor = torch.Tensor
 _FLOAT = (float,)
@@ -45,6 +52,18 @@ def _enabled() -> bool:
     return os.environ.get("LORA_KERNELS_TRITON_FAST_LAUNCH", "1") != "0"
 
 
+_SAME_DEVICE = contextlib.nullcontext()
+
+
+def device_guard(t: Tensor):
+    """A context manager making ``t``'s CUDA device current for a Triton launch; a no-op when it
+    already is, or when ``t`` is not on a CUDA device (the interpreter's CPU tensors)."""
+    idx = t.get_device()
+    if idx >= 0 and idx != torch.cuda.current_device():
+        return torch.cuda.device(idx)
+    return _SAME_DEVICE
+
+
 def _hook_set(hook) -> bool:
     # triton >= 3.5 keeps launch hooks as (normally empty) HookChain objects, older ones as None
     return hook is not None and bool(getattr(hook, "calls", True))
@@ -55,7 +74,8 @@ class CachedLauncher:
 
     ``args``: the kernel's runtime arguments in declaration order; ``constexprs``: a dict of the
     constexpr parameters, which must all follow the runtime ones, in declaration order;
-    ``options``: ``num_warps`` etc.  Not thread-safe beyond what a dict gives (a race compiles twice).
+    ``options``: ``num_warps`` etc.  ``args[0]`` must be a tensor: its device is the launch's.  Not
+    thread-safe beyond what a dict gives (a race compiles twice).
     """
 
     def __init__(self, fn):
@@ -67,9 +87,15 @@ class CachedLauncher:
     def __call__(self, grid: int, args: tuple, constexprs: dict, options: dict) -> None:
         rt = _knobs.runtime if self.usable else None
         if rt is None or not _enabled() or _hook_set(rt.launch_enter_hook) or _hook_set(rt.launch_exit_hook):
-            self.fn[(grid,)](*args, **constexprs, **options)
+            with device_guard(args[0]):
+                self.fn[(grid,)](*args, **constexprs, **options)
             return
         device = torch.cuda.current_device()
+        idx = args[0].get_device()
+        if idx != device and idx >= 0:         # the tensors live on another GPU: launch there
+            with torch.cuda.device(idx):
+                self(grid, args, constexprs, options)
+            return
         # one pass over the arguments, the cheapest tests first (a launch's key is built per call)
         key = (device, tuple(constexprs.values()), tuple(options.items()),
                *[(a.dtype, not a.data_ptr() & 15) if isinstance(a, Tensor) else

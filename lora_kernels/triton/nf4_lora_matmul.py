@@ -43,6 +43,7 @@ import triton.language as tl
 
 from ..codes import NESTED_BLOCKSIZE
 from ..nf4 import NF4Weight
+from .launch import device_guard
 
 __all__ = ["lora_matmul", "pick_route", "candidate_configs", "default_config", "GEMV_MAX_M", "MAX_RANK"]
 
@@ -671,53 +672,54 @@ def lora_matmul(
         offset = weight.offset if nested_flag else code
         KH, KB = K // 2, K // bs
         stride_wn = 0
-    t = _lora_t(x, lora_a, s_scalar, s_vec) if has_lora else out
-    b_arg = lora_b if has_lora else out
-    bias_arg = bias if bias is not None else out
-    r_block = min(cfg["R_BLOCK"], max(16, _next_pow2(r))) if has_lora else 16
-    lut = _LUT_MODES[cfg["LUT"]]
-    common = dict(DENSE=dense, NESTED=nested_flag, BS=bs, NBS=NESTED_BLOCKSIZE, LUT=lut,
-                  HAS_LORA=has_lora, R_BLOCK=r_block, HAS_BIAS=bias is not None,
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=cfg["fp_fusion"])
+    with device_guard(x):             # Triton launches on the current device: make it x's
+        t = _lora_t(x, lora_a, s_scalar, s_vec) if has_lora else out
+        b_arg = lora_b if has_lora else out
+        bias_arg = bias if bias is not None else out
+        r_block = min(cfg["R_BLOCK"], max(16, _next_pow2(r))) if has_lora else 16
+        lut = _LUT_MODES[cfg["LUT"]]
+        common = dict(DENSE=dense, NESTED=nested_flag, BS=bs, NBS=NESTED_BLOCKSIZE, LUT=lut,
+                      HAS_LORA=has_lora, R_BLOCK=r_block, HAS_BIAS=bias is not None,
+                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=cfg["fp_fusion"])
 
-    if route == "tiled":
-        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        _lora_matmul_kernel[grid](
+        if route == "tiled":
+            bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+            grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+            _lora_matmul_kernel[grid](
+                x, w, absmax, nested, ncode, offset, code,
+                t, b_arg, bias_arg, out, out,
+                M, N, K, KH, KB, r, 1.0,
+                x.stride(0), stride_wn, t.stride(0), out.stride(0),
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
+                EVEN_K=K % bk == 0, SWAP_AB=bool(cfg["SWAP_AB"]), SCALE_MODE=0, **common,
+            )
+            return out
+
+        # gemv / split-K
+        bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
+        use_dot = cfg["USE_DOT"] if cfg["USE_DOT"] is not None else M > _GEMV_FMA_MAX_M
+        m_pad = 16 if use_dot else _next_pow2(M)
+        split = cfg["SPLIT_K"] or _auto_split_k(M, N, K, bn, bk, _num_sms(device))
+        k_steps = triton.cdiv(K, bk)
+        split = max(1, min(split, k_steps))
+        k_per = triton.cdiv(k_steps, split) * bk
+        split = triton.cdiv(K, k_per)                                    # no empty K slices
+        is_split = split > 1
+        ws = torch.zeros((M, N), dtype=torch.float32, device=device) if is_split else out
+        common.update(HAS_LORA=has_lora and not is_split, HAS_BIAS=bias is not None and not is_split)
+        _lora_gemv_kernel[(triton.cdiv(N, bn), split)](
             x, w, absmax, nested, ncode, offset, code,
-            t, b_arg, bias_arg, out, out,
-            M, N, K, KH, KB, r, 1.0,
-            x.stride(0), stride_wn, t.stride(0), out.stride(0),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
-            EVEN_K=K % bk == 0, SWAP_AB=bool(cfg["SWAP_AB"]), SCALE_MODE=0, **common,
+            t, b_arg, bias_arg, ws,
+            M, N, K, KH, KB, r, k_per,
+            x.stride(0), stride_wn, t.stride(0), ws.stride(0),
+            M_PAD=m_pad, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, USE_DOT=bool(use_dot), SPLIT=is_split,
+            **common,
         )
+        if is_split:
+            fbn = 64
+            _lora_gemv_finish_kernel[(triton.cdiv(N, fbn),)](
+                ws, t, b_arg, bias_arg, out, M, N, r, t.stride(0), out.stride(0),
+                BLOCK_M=16, BLOCK_N=fbn, HAS_LORA=has_lora, R_BLOCK=r_block, HAS_BIAS=bias is not None,
+                num_warps=4,
+            )
         return out
-
-    # gemv / split-K
-    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
-    use_dot = cfg["USE_DOT"] if cfg["USE_DOT"] is not None else M > _GEMV_FMA_MAX_M
-    m_pad = 16 if use_dot else _next_pow2(M)
-    split = cfg["SPLIT_K"] or _auto_split_k(M, N, K, bn, bk, _num_sms(device))
-    k_steps = triton.cdiv(K, bk)
-    split = max(1, min(split, k_steps))
-    k_per = triton.cdiv(k_steps, split) * bk
-    split = triton.cdiv(K, k_per)                                    # no empty K slices
-    is_split = split > 1
-    ws = torch.zeros((M, N), dtype=torch.float32, device=device) if is_split else out
-    common.update(HAS_LORA=has_lora and not is_split, HAS_BIAS=bias is not None and not is_split)
-    _lora_gemv_kernel[(triton.cdiv(N, bn), split)](
-        x, w, absmax, nested, ncode, offset, code,
-        t, b_arg, bias_arg, ws,
-        M, N, K, KH, KB, r, k_per,
-        x.stride(0), stride_wn, t.stride(0), ws.stride(0),
-        M_PAD=m_pad, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0, USE_DOT=bool(use_dot), SPLIT=is_split,
-        **common,
-    )
-    if is_split:
-        fbn = 64
-        _lora_gemv_finish_kernel[(triton.cdiv(N, fbn),)](
-            ws, t, b_arg, bias_arg, out, M, N, r, t.stride(0), out.stride(0),
-            BLOCK_M=16, BLOCK_N=fbn, HAS_LORA=has_lora, R_BLOCK=r_block, HAS_BIAS=bias is not None,
-            num_warps=4,
-        )
-    return out

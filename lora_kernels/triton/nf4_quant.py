@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ..codes import NESTED_BLOCKSIZE, VALID_BLOCKSIZES, nf4_thresholds, nf4_thresholds_cuda
+from .launch import device_guard
 
 __all__ = ["quantize_blocks", "quantize_absmax_nested", "dequantize"]
 
@@ -180,11 +181,12 @@ def quantize_blocks(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torc
     absmax = torch.empty(nblocks, dtype=torch.float32, device=w.device)
     rows = _rows(_QUANT_ELEMS, blocksize)
     grid = (triton.cdiv(nblocks, rows),)
-    _nf4_quantize_kernel[grid](
-        w, packed, absmax, _thresholds(w.device), n, (n + 1) // 2, nblocks,
-        BLOCKSIZE=blocksize, ROWS=rows, VEC=8 // w.element_size(), APPROX_RCP=w.is_cuda,
-        num_warps=_QUANT_WARPS, enable_fp_fusion=False,
-    )
+    with device_guard(w):
+        _nf4_quantize_kernel[grid](
+            w, packed, absmax, _thresholds(w.device), n, (n + 1) // 2, nblocks,
+            BLOCKSIZE=blocksize, ROWS=rows, VEC=8 // w.element_size(), APPROX_RCP=w.is_cuda,
+            num_warps=_QUANT_WARPS, enable_fp_fusion=False,
+        )
     return packed, absmax
 
 
@@ -250,11 +252,12 @@ def quantize_absmax_nested(
     q = torch.empty(nb, dtype=torch.uint8, device=absmax.device)
     nested = torch.empty(nnested, dtype=torch.float32, device=absmax.device)
     grid = (triton.cdiv(nnested, _NESTED_ROWS),)
-    _absmax_nested_quantize_kernel[grid](
-        absmax, offset, code, q, nested, nb, nnested,
-        ROWS=_NESTED_ROWS, NBS=NESTED_BLOCKSIZE, APPROX_RCP=absmax.is_cuda, num_warps=_NESTED_WARPS,
-        enable_fp_fusion=False,
-    )
+    with device_guard(absmax):
+        _absmax_nested_quantize_kernel[grid](
+            absmax, offset, code, q, nested, nb, nnested,
+            ROWS=_NESTED_ROWS, NBS=NESTED_BLOCKSIZE, APPROX_RCP=absmax.is_cuda, num_warps=_NESTED_WARPS,
+            enable_fp_fusion=False,
+        )
     return q, nested
 
 
@@ -357,14 +360,15 @@ def dequantize(
         raise ValueError(f"out must be a contiguous {dtype} tensor of {n} elements on {packed.device}")
     rows = _rows(_DEQUANT_ELEMS, blocksize)
     grid = (triton.cdiv(nblocks, rows),)
-    _nf4_dequantize_kernel[grid](
-        packed, absmax,
-        nested_absmax if nested else absmax,
-        nested_code if nested else code,
-        offset if nested else code,
-        code, out, n, (n + 1) // 2, nblocks,
-        BLOCKSIZE=blocksize, ROWS=rows, NESTED=nested, NBS=NESTED_BLOCKSIZE,
-        VEC=8 // out.element_size(),
-        num_warps=_DEQUANT_WARPS, enable_fp_fusion=_fp_fusion,
-    )
+    with device_guard(packed):
+        _nf4_dequantize_kernel[grid](
+            packed, absmax,
+            nested_absmax if nested else absmax,
+            nested_code if nested else code,
+            offset if nested else code,
+            code, out, n, (n + 1) // 2, nblocks,
+            BLOCKSIZE=blocksize, ROWS=rows, NESTED=nested, NBS=NESTED_BLOCKSIZE,
+            VEC=8 // out.element_size(),
+            num_warps=_DEQUANT_WARPS, enable_fp_fusion=_fp_fusion,
+        )
     return out
