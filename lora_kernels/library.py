@@ -435,8 +435,11 @@ def _small_operands(weight, lora_a, lora_b, scale, dt):
     return base, lora_a.to(dt).contiguous(), lora_b.to(dt).contiguous(), s_scalar, s_vec
 
 
-def _check_small(route: str, M: int, weight, lora_a, dt) -> None:
+def _check_small(route: str, weight, lora_a, dt, device: torch.device) -> None:
     # a forced route is checked here (forward_route / backward_route only pick it where it holds)
+    from .triton.nf4_lora_matmul import _check_device
+
+    _check_device(device, f"route {route!r}")
     if (lora_a is None or not 1 <= lora_a.shape[0] <= SMALL_MAX_RANK or dt not in (torch.bfloat16, torch.float16)
             or (isinstance(weight, NF4Weight) and weight.shape[1] % weight.blocksize != 0)):
         raise ValueError(f"route {route!r} needs a LoRA term with 1 <= r <= {SMALL_MAX_RANK}, bf16/fp16 "
@@ -557,7 +560,7 @@ def dx_2d(dy: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: torch.T
     dt = dy.dtype
     dy = dy.contiguous()
     if route == "triton-small":
-        _check_small(route, dy.shape[0], weight, lora_a, dt)
+        _check_small(route, weight, lora_a, dt, dy.device)
         base, a, b, s_scalar, s_vec = _small_operands(weight, lora_a, lora_b, scale, dt)
         return _small_module().small_dx(dy, base, a, b, s_scalar, s_vec)[0]
     if route == "merge-cublas":
@@ -661,7 +664,7 @@ def forward_2d(x2d: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: t
         return _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias, whole_weight)
     if route == "triton-small":
         if forced:
-            _check_small(route, M, weight, lora_a, x2d.dtype)
+            _check_small(route, weight, lora_a, x2d.dtype, x2d.device)
         return _small_forward(x2d, weight, lora_a, lora_b, scale, bias)[0]
     dt = x2d.dtype
     if route.startswith("triton-"):

@@ -243,6 +243,9 @@ def test_small_route_limits(gpu_like_cpu, monkeypatch):
         library.lora_linear(x, q, route="triton-small")                      # no LoRA term
     with pytest.raises(ValueError, match="triton-small"):
         library.lora_linear_dx(torch.randn(32, 48), q, a[:4], b[:, :4], 1.0, route="triton-small")  # fp32 dy
+    monkeypatch.setenv("TRITON_INTERPRET", "0")                    # CPU tensors without the interpreter
+    with pytest.raises(ValueError, match="CUDA device"):
+        library.lora_linear(x, q, a[:4], b[:, :4], 1.0, route="triton-small")
 
 
 # ------------------------------------------------------------------------------------------------
