@@ -29,6 +29,7 @@ from lora_kernels import library  # noqa: E402
 from lora_kernels.triton import nf4_lora_small as small  # noqa: E402
 
 from .conftest import randn  # noqa: E402
+from .test_forward_triton import _make  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -53,20 +54,13 @@ def _check(name, got, ref, torch_own, msg):
 
 
 def _problem(rng, M, K, N, r, *, dtype, kind, blocksize=64, vec=False, bias=False, adapter_dtype=None):
-    W = randn((N, K), torch.float32, rng, scale=K ** -0.5)
-    W *= torch.exp2(torch.randint(-2, 3, (N, 1), generator=rng).float())      # rows of varied scale
-    if kind == "dense":
-        weight = W.to(dtype).to(DEVICE)
-        w_exact = weight.double()
-    else:
-        weight = lk.quantize_nf4(W.to(DEVICE), blocksize, double_quant=(kind == "nf4dq"))
-        w_exact = weight.dequantize(torch.float32, backend="reference").double()
-    adt = adapter_dtype or dtype
-    x = randn((M, K), dtype, rng, device=DEVICE)
-    a = randn((r, K), adt, rng, device=DEVICE, scale=K ** -0.5)
-    b = randn((N, r), adt, rng, device=DEVICE, scale=0.5)
-    s = ((torch.rand(r, generator=rng) * 2).to(DEVICE) if vec else 2.0 / r)
-    bb = randn((N,), dtype, rng, device=DEVICE, scale=0.1) if bias else None
+    """test_forward_triton's random problem (rows of W at varied scales; a per-rank scale vector has
+    some zeros), with the adapters in ``adapter_dtype`` if given."""
+    x, weight, w_exact, a, b, s, bb = _make(M, N, K, r, dtype=dtype, kind=kind, blocksize=blocksize,
+                                            bias="same" if bias else None, scale="vector" if vec else "scalar",
+                                            g=rng)
+    if adapter_dtype is not None:
+        a, b = a.to(adapter_dtype), b.to(adapter_dtype)
     return x, weight, w_exact, a, b, s, bb
 
 
