@@ -14,9 +14,13 @@ dx       dx [M, K] = dy·Ŵ + ((dy·B) ⊙ s)·A                        U = dy·
 
 x, dy: [M, K] / [M, N] bf16 or fp16, contiguous; Ŵ: an ``NF4Weight`` (N, K) with K % blocksize
 == 0, or a dense [N, K] tensor of x's dtype (contiguous rows); A [r, K], B [N, r] contiguous in x's
-dtype (``library`` casts PEFT's fp32 adapters first: fed fp32 adapters, the dx kernel went wrong on
-the H100 under triton 3.6), 1 <= r <= MAX_RANK; s a float or an fp32 [r] vector (AdaLoRA); bias [N]
-(x's dtype or fp32) or None.  fp32 accumulation; y, dx, T and U in x's dtype.
+dtype (``library`` casts PEFT's fp32 adapters first: fed fp32 adapters, the first version of the dx
+kernel went wrong on the H100 under triton 3.6), 1 <= r <= MAX_RANK; s a float or an fp32 [r] vector
+(AdaLoRA); bias [N] (x's dtype or fp32) or None.  fp32 accumulation; y, dx, T and U in x's dtype.
+
+Status: the forward kernel matched the float64 reference on the H100 (bf16 and fp16); the dx
+kernel as written here (its second version) has run under the CPU interpreter only -- which is why
+``library`` leaves the route off unless ``LORA_KERNELS_SMALL_MAX_MNK`` is set.
 
 The rank term rides in the base GEMM's loop: a forward program loads each x tile once and feeds it
 to both x·Ŵᵀ and x·Aᵀ (r more columns); a dx program does the same with dy, Ŵ and B.  Ŵ is
