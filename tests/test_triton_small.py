@@ -91,7 +91,7 @@ def _run_kernels(rng, M, K, N, r, dtype=torch.float16, **kw):
     y64 = x.double() @ w_exact.t() + (t64 * s64) @ b_r.double().t() + (0 if bb is None else bb.double())
     u64 = g.double() @ b_r.double()
     dx64 = g.double() @ w_exact + (u64 * s64) @ a_r.double()
-    # PyTorch's own, in x's dtype (fp32 on the CPU for the products that have no half kernel there)
+    # PyTorch's own: the same formula in x's dtype
     w_low = w_exact.to(dtype)
     s_low = s.to(dtype) if isinstance(s, torch.Tensor) else s
     t_low = x @ a_r.t()
