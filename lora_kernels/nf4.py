@@ -114,7 +114,10 @@ class NF4Weight:
     # ------------------------------------------------------------------ checks
     def validate(self, check_tables: bool = True) -> None:
         """Raise NF4FormatError naming the first field that is inconsistent (``check_tables``:
-        also compare the NF4 table's values, which costs a device sync)."""
+        also compare the NF4 table's values, which costs a device sync; skipped while
+        ``torch.compile`` traces -- a data-dependent check there is a graph break per layer, and the
+        weight was checked when it was quantized or loaded)."""
+        check_tables = check_tables and not torch.compiler.is_compiling()
         n = self.numel
         if n < 1:
             raise NF4FormatError(f"shape {tuple(self.shape)} has no elements")

@@ -95,6 +95,42 @@ def test_patched_model_matches_peft(base, rng, monkeypatch):
     assert "LoraKernels" not in "".join(type(m).__name__ for m in pm.modules())
 
 
+@pytest.mark.parametrize("base", ["linear", "bnb-nf4"])
+def test_patched_model_compiles_without_graph_breaks(base, rng):
+    """torch.compile(fullgraph=True) traces a patched PEFT Llama -- its bitsandbytes NF4 layers
+    included -- in one graph (aot_eager: dynamo + AOT autograd through the registered ops, no code
+    generation), with the eager model's loss and LoRA gradients; a new Parameter for a base weight
+    gives a new NF4 view, not the cached one."""
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    model = _llama(seed)
+    if base == "bnb-nf4":
+        model = _to_bnb_nf4(model)
+    pm = _peft(model)
+    patch_peft_model(pm)
+    tokens = torch.randint(0, 128, (2, 12), generator=rng)
+    loss_ref, _ = _loss(pm, tokens)
+    loss_ref.backward()
+    grads_ref = _lora_grads(pm)
+    pm.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(pm, fullgraph=True, backend="aot_eager")
+    loss, _ = _loss(compiled, tokens)
+    loss.backward()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    grads = _lora_grads(pm)
+    for n in grads_ref:
+        torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+    if base == "bnb-nf4":
+        from lora_kernels.integrations.peft import _nf4_of
+
+        layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+        view = _nf4_of(layer, layer.get_base_layer())
+        w = layer.get_base_layer().weight
+        layer.get_base_layer().weight = type(w)(w.data.clone(), requires_grad=False, quant_state=w.quant_state,
+                                                quant_type="nf4", compress_statistics=True, module=w.module)
+        assert _nf4_of(layer, layer.get_base_layer()) is not view
+
+
 def test_optimizer_built_before_patch_trains_the_same_tensors(rng):
     seed = int(torch.randint(0, 2**31, (1,), generator=rng))
     tokens = torch.randint(0, 128, (2, 10), generator=rng)

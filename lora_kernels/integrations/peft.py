@@ -94,16 +94,25 @@ def _static_skip_reason(layer: nn.Module) -> str | None:
 
 
 def _nf4_of(layer: nn.Module, base: nn.Module) -> NF4Weight | None:
-    """The bitsandbytes base weight as an NF4Weight sharing its tensors (cached per storage)."""
+    """The bitsandbytes base weight as an NF4Weight sharing its tensors (cached per Parameter,
+    quant_state and storage)."""
     w = base.weight
     qs = getattr(w, "quant_state", None)
     if qs is None or w.device.type == "meta":
         return None
-    key = (w.data_ptr(), qs.absmax.data_ptr(), w.device)
     cached = layer.__dict__.get("_lk_nf4")
-    if cached is None or cached[0] != key:
-        cached = (key, NF4Weight.from_bnb(w))
-        layer.__dict__["_lk_nf4"] = cached
+    if torch.compiler.is_compiling():
+        # traced: keyed by the Parameter and quant_state objects (dynamo guards on them), not by
+        # storage addresses; a new Parameter or quant_state builds a new view
+        if cached is not None and cached[2] is w and cached[3] is qs:
+            return cached[1]
+        key = None
+    else:
+        key = (w.data_ptr(), qs.absmax.data_ptr(), w.device)
+        if cached is not None and cached[0] == key and cached[2] is w and cached[3] is qs:
+            return cached[1]
+    cached = (key, NF4Weight.from_bnb(w), w, qs)
+    layer.__dict__["_lk_nf4"] = cached
     return cached[1]
 
 
