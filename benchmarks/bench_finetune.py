@@ -39,7 +39,8 @@ from . import harness
 
 ROW_KEYS = ("bench", "model", "params_m", "arm", "batch", "seq", "r", "grad_ckpt", "steps", "tokens_per_s",
             "speedup_vs_peft_bnb", "peak_mem_mb", "mem_ratio_vs_peft_bnb", "loss_first", "loss_last",
-            "max_abs_loss_diff", "max_rel_loss_diff", "patched", "skipped", "model_kernels", "model_mem_mb", "note")
+            "max_abs_loss_diff", "max_rel_loss_diff", "patched", "skipped", "model_kernels", "compiled", "model_mem_mb",
+            "note")
 ARMS = ("peft_bnb", "ours", "ours_fused")
 
 
@@ -180,6 +181,9 @@ def run_arm(arm: str, cfg, vocab: int, batches, args, device) -> dict:
             row["model_kernels"] += f" skipped:{len(mk.skipped)}"
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    if args.compile:   # every arm alike; the first (warm-up) step compiles
+        model = torch.compile(model, backend=args.compile)
+        row["compiled"] = args.compile
     if cuda:   # peak memory of training, not of building the model (its fp32 init is the same in every arm)
         torch.cuda.synchronize(device)
         row["model_mem_mb"] = torch.cuda.memory_allocated(device) / 2**20
@@ -226,6 +230,10 @@ def main(argv=None) -> list[dict]:
                    "its GPU time by kernel group (not stored)")
     p.add_argument("--host-profile", action="store_true", help="after timing, run two more steps per arm under "
                    "cProfile and print where the host time goes (not stored)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile each arm's model (default backend inductor) after wrapping and patching: "
+                        "how much of the eager step's host cost compiling removes, for every arm alike; "
+                        "compilation happens in the warm-up steps")
     p.add_argument("--cpu", action="store_true", help="run on the CPU anyway (a check of the code path; fp32 "
                    "adapters, bf16 base compute)")
     args = p.parse_args(argv)
@@ -269,7 +277,7 @@ def main(argv=None) -> list[dict]:
             if r["peak_mem_mb"] and ref["peak_mem_mb"]:
                 r["mem_ratio_vs_peft_bnb"] = r["peak_mem_mb"] / ref["peak_mem_mb"]
     out = [harness.make_row(ROW_KEYS + ("losses",), **r) for r in rows]
-    tag = f"finetune_{env['key']}_{args.model}{'_ckpt' if args.grad_ckpt else ''}"
+    tag = f"finetune_{env['key']}_{args.model}{'_ckpt' if args.grad_ckpt else ''}{'_compiled' if args.compile else ''}"
     notes = [f"model {args.model}: LlamaForCausalLM random init (seed {cfg.seed}), hidden {cfg.hidden}, {cfg.layers} "
              f"layers, MLP {cfg.intermediate}, vocab {vocab}; NF4 (double quant) decoder linears, bf16 elsewhere",
              f"LoRA r={args.r} alpha={2 * args.r} on all decoder linears; AdamW lr {cfg.lr}; batch {cfg.batch} x seq "
@@ -278,6 +286,9 @@ def main(argv=None) -> list[dict]:
              "peak_mem_mb: torch.cuda.max_memory_allocated over the training steps (model, optimizer state and "
              "activations; peak stats reset after the model was built, quantized, wrapped and patched); "
              "model_mem_mb: memory allocated before the first step"]
+    if args.compile:
+        notes.append(f"compiled: every arm's model through torch.compile(backend={args.compile!r}) after wrapping "
+                     "and patching; compilation happens in the warm-up steps (not timed)")
     jpath, mpath = harness.write_results(tag, out, env, args.out, meta={"model": args.model}, columns=ROW_KEYS,
                                          notes=notes)
     print(f"wrote {jpath} and {mpath}")

@@ -158,6 +158,22 @@ def test_bench_finetune_cpu_code_path(tmp_path):
     assert (tmp_path / "finetune_cpu_demo.json").exists()
 
 
+def test_bench_finetune_compiled_cpu_code_path(tmp_path):
+    """--compile: our arm traced by torch.compile (the aot_eager backend here: dynamo + AOT autograd
+    through the registered ops, no code generation) trains with the eager arm's losses."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from benchmarks import bench_finetune
+
+    common = ["--model", "demo", "--steps", "2", "--warmup", "1", "--cpu", "--batch", "2", "--seq", "32",
+              "--arms", "ours"]
+    eager = bench_finetune.main(common + ["--out", str(tmp_path / "eager")])[0]
+    compiled = bench_finetune.main(common + ["--compile", "aot_eager", "--out", str(tmp_path)])[0]
+    assert not compiled["note"] and compiled["compiled"] == "aot_eager", compiled
+    assert max(abs(a - b) / abs(b) for a, b in zip(compiled["losses"], eager["losses"])) < 1e-2, (compiled, eager)
+    assert (tmp_path / "finetune_cpu_demo_compiled.json").exists()
+
+
 # ------------------------------------------------------------------------------------ the suite (issue 6)
 def test_suite_cpu_path_runs_and_exits_0(tmp_path, monkeypatch, capsys):
     """Without a GPU (or with --cpu) the suite says so, runs only the CPU quantizer bench, writes
