@@ -163,8 +163,9 @@ def train_ladder() -> None:
     """Host µs per call of each piece of a training step's LoRA layer (tiny tensors: the GPU never
     limits; K = N = 256, M = 32, r = 16), from single launches up to the autograd Function and the
     layer, with fp32 adapters (PEFT's default) and bf16 ones: where a fine-tune's per-layer host time
-    goes.  At this size the Functions take the triton-small route (one launch per direction); the
-    "forward pieces" rows and the "merge-cublas" row force the merge route (two chunks per pass)."""
+    goes.  The "forward pieces" rows and the "merge-cublas" row force the merge route (two chunks per
+    pass); the others take the default route (merge-cublas too, unless LORA_KERNELS_SMALL_MAX_MNK
+    opts this size into triton-small)."""
     import lora_kernels as lk
     from lora_kernels import autograd as ag
     from lora_kernels import library, ops
