@@ -159,6 +159,8 @@ def run_arm(arm: str, cfg, vocab: int, batches, args, device) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     with torch.device(device):
         base = transformers.LlamaForCausalLM(_llama_config(cfg, vocab))
+    base.config.use_cache = False   # training: no KV cache (and no "incompatible with checkpointing" warning,
+    #                                 a graph break per trace under --compile)
     params = sum(p.numel() for p in base.parameters())         # before packing two weights a byte
     base, _ = quantize_base(base, device, compute_dtype=torch.bfloat16)
     base = base.to(torch.bfloat16)
