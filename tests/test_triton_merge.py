@@ -397,35 +397,48 @@ def test_gpu_forward_route():
     assert err < 1e-2, f"seed={seed}: relative Frobenius error {err:.3g}"
 
 
+def _launch_module():
+    """triton/launch.py, or a skip where the installed Triton lacks what its fast path relies on."""
+    from lora_kernels.triton import launch
+
+    if launch._JITFunction is None or not hasattr(launch._knobs, "runtime"):
+        pytest.skip("this triton has no launcher protocol to test")
+    return launch
+
+
+def _stand_in_kernel(launch, arg_names, on_plain, on_run):
+    """A JITFunction stand-in (no source to compile): ``kernel[grid](*a, **k)`` calls
+    ``on_plain(grid, a, k)`` and returns a compiled stand-in whose ``run(*a)`` calls ``on_run(a)``."""
+    class FakeCompiled:
+        function, packed_metadata = "function", "metadata"
+
+        def run(self, *a):
+            on_run(a)
+
+    class FakeJIT(launch._JITFunction):
+        def __init__(self):
+            self.arg_names = arg_names
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: on_plain(grid, a, k) or FakeCompiled()
+
+    return FakeJIT()
+
+
 def test_cached_launcher_key_and_fast_path(monkeypatch):
     """The fast path's bookkeeping, on the CPU with a stand-in compiled kernel (the real one runs
     only on a GPU): the first call of a signature goes through ``kernel[grid]`` and keeps the
     kernel; equal signatures then call its launcher with JITFunction.run's arguments; a float may
     change without a new entry, while an int's value, a tensor's dtype or 16-byte alignment, or a
     constexpr value make a new one; hooks or LORA_KERNELS_TRITON_FAST_LAUNCH=0 give the plain path."""
-    from lora_kernels.triton import launch
-
-    if launch._JITFunction is None or not hasattr(launch._knobs, "runtime"):
-        pytest.skip("this triton has no launcher protocol to test")
+    launch = _launch_module()
     plain, runs = [], []
-
-    class FakeCompiled:
-        function, packed_metadata = "function", "metadata"
-
-        def run(self, *a):
-            runs.append(a)
-
-    class FakeJIT(launch._JITFunction):
-        def __init__(self):                                 # no source to compile
-            self.arg_names = ["p", "q", "n", "s", "BLOCK"]
-
-        def __getitem__(self, grid):
-            return lambda *a, **k: plain.append((grid, a, k)) or FakeCompiled()
-
+    fake = _stand_in_kernel(launch, ["p", "q", "n", "s", "BLOCK"],
+                            on_plain=lambda grid, a, k: plain.append((grid, a, k)), on_run=runs.append)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 77, raising=False)
     monkeypatch.delenv("LORA_KERNELS_TRITON_FAST_LAUNCH", raising=False)
-    cl = launch.CachedLauncher(FakeJIT())
+    cl = launch.CachedLauncher(fake)
     assert cl.usable
     t, u = torch.zeros(64, dtype=torch.float16), torch.zeros(64, dtype=torch.uint8)
     assert t.data_ptr() % 16 == 0 and u.data_ptr() % 16 == 0
@@ -459,10 +472,7 @@ def test_launches_go_to_the_tensors_device(monkeypatch):
     launches on the current one.  The cached launcher (both its first, plain launch and its fast
     path) and ``device_guard`` switch to the first tensor's device around the launch and back --
     checked on the CPU with stand-ins for the device calls and a tensor that says it is on GPU 1."""
-    from lora_kernels.triton import launch
-
-    if launch._JITFunction is None or not hasattr(launch._knobs, "runtime"):
-        pytest.skip("this triton has no launcher protocol to test")
+    launch = _launch_module()
     current = [0]
     seen = []
 
@@ -477,19 +487,6 @@ def test_launches_go_to_the_tensors_device(monkeypatch):
             current[0] = self.prev
             return False
 
-    class FakeCompiled:
-        function, packed_metadata = "function", "metadata"
-
-        def run(self, *a):
-            seen.append(("fast", current[0]))
-
-    class FakeJIT(launch._JITFunction):
-        def __init__(self):
-            self.arg_names = ["p", "n", "BLOCK"]
-
-        def __getitem__(self, grid):
-            return lambda *a, **k: seen.append(("plain", current[0])) or FakeCompiled()
-
     class OnGPU1(torch.Tensor):
         def get_device(self):
             return 1
@@ -499,7 +496,9 @@ def test_launches_go_to_the_tensors_device(monkeypatch):
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 77, raising=False)
     monkeypatch.delenv("LORA_KERNELS_TRITON_FAST_LAUNCH", raising=False)
     t1 = torch.zeros(64).as_subclass(OnGPU1)
-    cl = launch.CachedLauncher(FakeJIT())
+    cl = launch.CachedLauncher(_stand_in_kernel(launch, ["p", "n", "BLOCK"],
+                                                on_plain=lambda grid, a, k: seen.append(("plain", current[0])),
+                                                on_run=lambda a: seen.append(("fast", current[0]))))
     cl(1, (t1, 5), {"BLOCK": 16}, {"num_warps": 4})
     cl(1, (t1, 5), {"BLOCK": 16}, {"num_warps": 4})
     assert seen == [("plain", 1), ("fast", 1)] and current[0] == 0, seen

@@ -15,8 +15,8 @@ dx       dx [M, K] = dy·Ŵ + ((dy·B) ⊙ s)·A                        U = dy·
 x, dy: [M, K] / [M, N] bf16 or fp16, contiguous; Ŵ: an ``NF4Weight`` (N, K) with K % blocksize
 == 0, or a dense [N, K] tensor of x's dtype (contiguous rows); A [r, K], B [N, r] contiguous in x's
 dtype (``library`` casts PEFT's fp32 adapters first: fed fp32 adapters, the first version of the dx
-kernel went wrong on the H100 under triton 3.6), 1 <= r <= MAX_RANK; s a float or an fp32 [r] vector
-(AdaLoRA); bias [N] (x's dtype or fp32) or None.  fp32 accumulation; y, dx, T and U in x's dtype.
+kernel went wrong on the H100 under triton 3.6), 1 <= r <= ``library.SMALL_MAX_RANK``; s a float or
+an fp32 [r] vector (AdaLoRA); bias [N] (x's dtype or fp32) or None.  fp32 accumulation; y, dx, T and U in x's dtype.
 
 Status: the forward kernel matched the float64 reference on the H100 (bf16 and fp16); the dx
 kernel as written here (its second version) has run under the CPU interpreter only -- which is why
@@ -27,7 +27,8 @@ to both x·Ŵᵀ and x·Aᵀ (r more columns); a dx program does the same with d
 dequantized tile by tile in registers (the 4-bit weight is read; the dense weight is never
 written).  The programs of the first output column tile write T (U).  The r-wide product is
 recomputed by every column tile: r / BLOCK_N more FLOPs, which is why ``library`` routes here only
-small layers (``SMALL_MAX_MNK``) with r <= MAX_RANK.
+small layers (``SMALL_MAX_MNK``) with r <= ``SMALL_MAX_RANK`` (64: T / U live in registers as
+[BLOCK_M, next_pow2(r)] fp32).
 
 Launchers: :func:`small_forward`, :func:`small_dx` (no argument checks: ``library`` and the
 autograd Functions have made them).
@@ -44,10 +45,8 @@ from ..nf4 import NF4Weight
 from .launch import CachedLauncher
 from .nf4_lora_matmul import _absmax_of, _next_pow2, _weight_tile
 
-__all__ = ["small_forward", "small_dx", "MAX_RANK", "CONFIG"]
+__all__ = ["small_forward", "small_dx", "CONFIG"]
 
-#: the largest rank these kernels take (T / U live in registers: [BLOCK_M, next_pow2(r)] fp32)
-MAX_RANK = 64
 #: tile shape and launch options of both kernels (tiles of 64 divide every NF4 blocksize >= 64)
 CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)
 
@@ -120,8 +119,7 @@ def _small_dx_kernel(
     a_ptr, b_ptr, s_ptr, dx_ptr, u_ptr,
     M, N, K, KH, KB, R, s_scalar, stride_wn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-    DENSE: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr, EVEN_K: tl.constexpr,
-    SCALE_VEC: tl.constexpr,
+    DENSE: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr, SCALE_VEC: tl.constexpr,
 ):
     # Program: dx tile [BLOCK_M, BLOCK_K] at columns k0, kept as its even and its odd columns
     # ([BLOCK_M, BLOCK_K / 2] each): an NF4 byte holds column k0 + 2j (high nibble) and k0 + 2j + 1
@@ -211,9 +209,9 @@ def _meta(kind: str, dense: bool, nested_flag: bool, bs: int, even_k: bool, r: i
         c = CONFIG
         constexprs = dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
                           R_PAD=max(16, _next_pow2(r)), DENSE=dense, NESTED=nested_flag, BS=bs,
-                          NBS=NESTED_BLOCKSIZE, EVEN_K=even_k)
-        if kind == "forward":
-            constexprs["HAS_BIAS"] = bias
+                          NBS=NESTED_BLOCKSIZE)
+        if kind == "forward":               # the dx kernel masks its columns itself
+            constexprs.update(EVEN_K=even_k, HAS_BIAS=bias)
         constexprs["SCALE_VEC"] = vec
         meta = _META[key] = (constexprs, dict(num_warps=c["num_warps"], num_stages=c["num_stages"]))
     return meta
@@ -256,7 +254,7 @@ def small_dx(dy: torch.Tensor, weight, lora_a: torch.Tensor, lora_b: torch.Tenso
     if M == 0:
         return dx, u
     w, absmax, nested, ncode, offset, code, KH, KB, stride_wn, dense, nested_flag, bs = _weight_args(weight)
-    meta = _meta("dx", dense, nested_flag, bs, K % CONFIG["BLOCK_K"] == 0, r, s_vec is not None, False)
+    meta = _meta("dx", dense, nested_flag, bs, False, r, s_vec is not None, False)
     bm, bk = CONFIG["BLOCK_M"], CONFIG["BLOCK_K"]
     _launch_dx(
         -(-M // bm) * -(-K // bk),
