@@ -426,12 +426,9 @@ def _small_operands(weight, lora_a, lora_b, scale, dt):
     column stride, contiguous adapters in ``dt``.  Adapters in another dtype (PEFT's fp32) are cast
     here, one launch each: on the H100 (triton 3.6) the dx kernel fed fp32 adapters directly gave
     NaN and an illegal address (session 8), while every same-dtype case matched the reference."""
-    s_scalar, s_vec = _merge_module().scale_operands(scale, lora_a.shape[0], lora_a.device)
-    base = weight
-    if not isinstance(weight, NF4Weight):
-        base = weight.to(dt)
-        if base.stride(1) != 1:
-            base = base.contiguous()
+    base, lora_a, lora_b, s_scalar, s_vec = _merge_args(weight, lora_a, lora_b, scale, dt)
+    if not isinstance(base, NF4Weight) and base.stride(1) != 1:
+        base = base.contiguous()
     return base, lora_a.to(dt).contiguous(), lora_b.to(dt).contiguous(), s_scalar, s_vec
 
 
@@ -453,6 +450,12 @@ def _small_forward(x2d, weight, lora_a, lora_b, scale, bias):
     if bias is not None:
         bias = (bias if bias.dtype in (dt, torch.float32) else bias.to(dt)).contiguous()
     return _small_module().small_forward(x2d.contiguous(), base, a, b, s_scalar, s_vec, bias)
+
+
+def _small_dx(dy, weight, lora_a, lora_b, scale):
+    """(dx, U = dy·B) of the triton-small route: one launch."""
+    base, a, b, s_scalar, s_vec = _small_operands(weight, lora_a, lora_b, scale, dy.dtype)
+    return _small_module().small_dx(dy.contiguous(), base, a, b, s_scalar, s_vec)
 
 
 def forward_2d_t(x2d: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None,
@@ -516,8 +519,7 @@ def dx_2d_u(dy: torch.Tensor, weight, lora_a: torch.Tensor, lora_b: torch.Tensor
     computes it in the same launch (triton-small), else None."""
     route = backward_route(weight, dy.dtype, dy.device, dy.shape[0], lora_a.shape[0])
     if route == "triton-small":
-        base, a, b, s_scalar, s_vec = _small_operands(weight, lora_a, lora_b, scale, dy.dtype)
-        return _small_module().small_dx(dy.contiguous(), base, a, b, s_scalar, s_vec)
+        return _small_dx(dy, weight, lora_a, lora_b, scale)
     return dx_2d(dy, weight, lora_a, lora_b, scale, route=route), None
 
 
@@ -561,8 +563,7 @@ def dx_2d(dy: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: torch.T
     dy = dy.contiguous()
     if route == "triton-small":
         _check_small(route, weight, lora_a, dt, dy.device)
-        base, a, b, s_scalar, s_vec = _small_operands(weight, lora_a, lora_b, scale, dt)
-        return _small_module().small_dx(dy, base, a, b, s_scalar, s_vec)[0]
+        return _small_dx(dy, weight, lora_a, lora_b, scale)[0]
     if route == "merge-cublas":
         if lora_a is None and not isinstance(weight, NF4Weight):
             return dy @ weight.to(dt)
