@@ -39,8 +39,8 @@ from . import harness
 
 ROW_KEYS = ("bench", "model", "params_m", "arm", "batch", "seq", "r", "grad_ckpt", "steps", "tokens_per_s",
             "speedup_vs_peft_bnb", "peak_mem_mb", "mem_ratio_vs_peft_bnb", "loss_first", "loss_last",
-            "max_abs_loss_diff", "max_rel_loss_diff", "patched", "skipped", "model_kernels", "compiled", "model_mem_mb",
-            "note")
+            "max_abs_loss_diff", "max_rel_loss_diff", "patched", "skipped", "model_kernels", "compiled", "optim",
+            "model_mem_mb", "note")
 ARMS = ("peft_bnb", "ours", "ours_fused")
 
 
@@ -78,13 +78,18 @@ _KERNEL_GROUPS = (("gemm (cuBLAS)", ("nvjet", "gemm", "cutlass", "sm90_xmma", "c
                   ("elementwise / reductions", ("elementwise_kernel", "reduce_kernel", "softmax", "norm")))
 
 
-def _train_step(model, opt, x):
-    """One optimizer step on the causal-LM loss of ``x`` (its own labels); returns the loss."""
+def _train_step(model, opt, x, graphs: bool = False):
+    """One optimizer step on the causal-LM loss of ``x`` (its own labels); returns the loss.
+    ``graphs``: the model replays CUDA graphs (compile mode reduce-overhead): the step is marked as
+    new and the loss copied out of the graph's output buffer, which the next replay overwrites."""
+    if graphs:
+        torch.compiler.cudagraph_mark_step_begin()
     loss = model(input_ids=x, labels=x).loss
+    kept = loss.detach().clone() if graphs else loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss
+    return kept
 
 
 def _profile_step(arm: str, model, opt, x) -> None:
@@ -182,14 +187,18 @@ def run_arm(arm: str, cfg, vocab: int, batches, args, device) -> dict:
         if mk.skipped:
             row["model_kernels"] += f" skipped:{len(mk.skipped)}"
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    # foreach (torch's default) or fused (one kernel per step; transformers' Trainer default); every arm alike
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0,
+                            **({"fused": True} if args.optim == "fused" else {}))
+    row["optim"] = args.optim
     if args.compile:   # every arm alike; the first (warm-up) step compiles
-        model = torch.compile(model, backend=args.compile)
-        row["compiled"] = args.compile
+        model = torch.compile(model, backend=args.compile, mode=args.compile_mode)
+        row["compiled"] = args.compile + (f"/{args.compile_mode}" if args.compile_mode else "")
     if cuda:   # peak memory of training, not of building the model (its fp32 init is the same in every arm)
         torch.cuda.synchronize(device)
         row["model_mem_mb"] = torch.cuda.memory_allocated(device) / 2**20
         torch.cuda.reset_peak_memory_stats(device)
+    graphs = bool(args.compile) and args.compile_mode == "reduce-overhead"
     losses = []
     t0 = None
     for i, x in enumerate(batches):
@@ -197,7 +206,7 @@ def run_arm(arm: str, cfg, vocab: int, batches, args, device) -> dict:
             if cuda:
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-        losses.append(_train_step(model, opt, x).detach())
+        losses.append(_train_step(model, opt, x, graphs).detach())
     if cuda:
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
@@ -236,6 +245,11 @@ def main(argv=None) -> list[dict]:
                    help="torch.compile each arm's model (default backend inductor) after wrapping and patching: "
                         "how much of the eager step's host cost compiling removes, for every arm alike; "
                         "compilation happens in the warm-up steps")
+    p.add_argument("--optim", default="foreach", choices=("foreach", "fused"),
+                   help="AdamW implementation for every arm: foreach (torch's default, this bench's default) or fused "
+                        "(transformers' Trainer default, adamw_torch_fused)")
+    p.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode with --compile (reduce-overhead replays the compiled step as CUDA graphs)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU anyway (a check of the code path; fp32 "
                    "adapters, bf16 base compute)")
     args = p.parse_args(argv)
@@ -280,16 +294,20 @@ def main(argv=None) -> list[dict]:
                 r["mem_ratio_vs_peft_bnb"] = r["peak_mem_mb"] / ref["peak_mem_mb"]
     out = [harness.make_row(ROW_KEYS + ("losses",), **r) for r in rows]
     tag = f"finetune_{env['key']}_{args.model}{'_ckpt' if args.grad_ckpt else ''}{'_compiled' if args.compile else ''}"
+    tag += f"_{args.compile_mode.replace('-', '_')}" if args.compile and args.compile_mode else ""
+    tag += "_fusedadamw" if args.optim == "fused" else ""
     notes = [f"model {args.model}: LlamaForCausalLM random init (seed {cfg.seed}), hidden {cfg.hidden}, {cfg.layers} "
              f"layers, MLP {cfg.intermediate}, vocab {vocab}; NF4 (double quant) decoder linears, bf16 elsewhere",
-             f"LoRA r={args.r} alpha={2 * args.r} on all decoder linears; AdamW lr {cfg.lr}; batch {cfg.batch} x seq "
+             f"LoRA r={args.r} alpha={2 * args.r} on all decoder linears; AdamW ({args.optim}) lr {cfg.lr}; "
+             f"batch {cfg.batch} x seq "
              f"{cfg.seq_len}; {args.steps} steps, tokens/s over the last {args.steps - args.warmup}",
              "loss diffs: per step against peft_bnb (same init, same batches)",
              "peak_mem_mb: torch.cuda.max_memory_allocated over the training steps (model, optimizer state and "
              "activations; peak stats reset after the model was built, quantized, wrapped and patched); "
              "model_mem_mb: memory allocated before the first step"]
     if args.compile:
-        notes.append(f"compiled: every arm's model through torch.compile(backend={args.compile!r}) after wrapping "
+        notes.append(f"compiled: every arm's model through torch.compile(backend={args.compile!r}, "
+                     f"mode={args.compile_mode!r}) after wrapping "
                      "and patching; compilation happens in the warm-up steps (not timed)")
     jpath, mpath = harness.write_results(tag, out, env, args.out, meta={"model": args.model}, columns=ROW_KEYS,
                                          notes=notes)
