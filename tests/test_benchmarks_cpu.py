@@ -160,7 +160,8 @@ def test_bench_finetune_cpu_code_path(tmp_path):
 
 def test_bench_finetune_compiled_cpu_code_path(tmp_path):
     """--compile: our arm traced by torch.compile (the aot_eager backend here: dynamo + AOT autograd
-    through the registered ops, no code generation) trains with the eager arm's losses."""
+    through the registered ops, no code generation) trains with the eager arm's losses, with the fused
+    AdamW and reduce-overhead's per-step bookkeeping too."""
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
     from benchmarks import bench_finetune
@@ -168,10 +169,14 @@ def test_bench_finetune_compiled_cpu_code_path(tmp_path):
     common = ["--model", "demo", "--steps", "2", "--warmup", "1", "--cpu", "--batch", "2", "--seq", "32",
               "--arms", "ours"]
     eager = bench_finetune.main(common + ["--out", str(tmp_path / "eager")])[0]
-    compiled = bench_finetune.main(common + ["--compile", "aot_eager", "--out", str(tmp_path)])[0]
-    assert not compiled["note"] and compiled["compiled"] == "aot_eager", compiled
+    # the graph-replay step's bookkeeping (step marker, loss copied out) and the fused AdamW run here too;
+    # aot_eager ignores the mode (no CUDA graphs on the CPU)
+    compiled = bench_finetune.main(common + ["--compile", "aot_eager", "--compile-mode", "reduce-overhead",
+                                             "--optim", "fused", "--out", str(tmp_path)])[0]
+    assert not compiled["note"] and compiled["compiled"] == "aot_eager/reduce-overhead", compiled
+    assert compiled["optim"] == "fused" and eager["optim"] == "foreach", (compiled, eager)
     assert max(abs(a - b) / abs(b) for a, b in zip(compiled["losses"], eager["losses"])) < 1e-2, (compiled, eager)
-    assert (tmp_path / "finetune_cpu_demo_compiled.json").exists()
+    assert (tmp_path / "finetune_cpu_demo_compiled_reduce_overhead_fusedadamw.json").exists()
 
 
 # ------------------------------------------------------------------------------------ the suite (issue 6)
