@@ -327,6 +327,9 @@ def qlora_linear(x: Tensor, weight: NF4Weight | Tensor, lora_a: Tensor | None = 
     if (lora_a is None) != (lora_b is None):
         raise ValueError("qlora_linear: give both lora_a and lora_b, or neither")
     if lora_a is not None:
+        if not isinstance(lora_a, Tensor) or not isinstance(lora_b, Tensor):
+            raise TypeError(f"qlora_linear: lora_a and lora_b must be tensors, got {type(lora_a).__name__} and "
+                            f"{type(lora_b).__name__}")
         if lora_a.dim() != 2 or lora_a.shape[1] != K:
             raise ValueError(f"qlora_linear: lora_a must be [r, K={K}], got {tuple(lora_a.shape)}")
         r = lora_a.shape[0]
@@ -337,8 +340,12 @@ def qlora_linear(x: Tensor, weight: NF4Weight | Tensor, lora_a: Tensor | None = 
         if lora_a.device != x.device or lora_b.device != x.device:
             raise ValueError(f"qlora_linear: lora_a/lora_b must be on x's device {x.device}, got "
                              f"{lora_a.device} and {lora_b.device}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N or bias.device != x.device):
-        raise ValueError(f"qlora_linear: bias must be [N={N}] on {x.device}, got {tuple(bias.shape)} on {bias.device}")
+    if bias is not None and (not isinstance(bias, Tensor) or bias.dim() != 1 or bias.shape[0] != N
+                             or bias.device != x.device):
+        raise ValueError(f"qlora_linear: bias must be [N={N}] (a tensor) on {x.device}, got "
+                         f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__} "
+                         f"on {getattr(bias, 'device', '-')}")
+    library.check_operand_dtypes("qlora_linear", x, weight, lora_a, lora_b, bias, scale)
     if isinstance(scale, Tensor) and lora_a is not None and not (
             scale.dim() == 0 or (scale.dim() == 1 and scale.shape[0] == lora_a.shape[0])):
         raise ValueError(f"qlora_linear: scale must be a float, a 0-d tensor or an [r={lora_a.shape[0]}] "
@@ -359,12 +366,8 @@ def qlora_linear(x: Tensor, weight: NF4Weight | Tensor, lora_a: Tensor | None = 
                 y = library.forward_2d(x.reshape(-1, K), w, lora_a, lora_b, scale, bias).reshape(*x.shape[:-1], N)
         return y
     sdt = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64: gradcheck
-    if isinstance(scale, Tensor):
-        s = scale.to(device=x.device, dtype=sdt)
-    elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        s = float(scale)          # stays a Python float: no host-to-device copy per call
-    else:
-        raise TypeError(f"qlora_linear: scale must be a float or a tensor, got {type(scale).__name__}")
+    # (scale's type was checked above) a float stays a Python float: no host-to-device copy per call
+    s = scale.to(device=x.device, dtype=sdt) if isinstance(scale, Tensor) else float(scale)
 
     dev = x.device.type
     if torch.is_autocast_enabled(dev):

@@ -19,6 +19,8 @@ name        implementation                   used for
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 import os
 import types
 
@@ -31,6 +33,8 @@ from .nf4 import NF4Weight
 BACKENDS = ("cuda", "triton", "cpp", "reference")
 _PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: the dtypes the LoRA linears accept for x and their tensor operands (float64: gradcheck and references)
+_OPERAND_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 _reference_backend = types.SimpleNamespace(
     quantize_blocks=reference.quantize_blocks_reference,
@@ -592,6 +596,25 @@ def dx_2d(dy: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: torch.T
     return dx
 
 
+def check_operand_dtypes(fn: str, x: torch.Tensor, weight, lora_a, lora_b, bias, scale) -> None:
+    """The dtype checks ``lora_linear`` and ``qlora_linear`` share: x, a dense weight, the adapters
+    and bias floating point; scale a finite number or a floating-point tensor.  Raises TypeError /
+    ValueError naming ``fn`` and the operand (an integer tensor would otherwise be cast silently)."""
+    if x.dtype not in _OPERAND_DTYPES:
+        raise TypeError(f"{fn}: x must be float32, bfloat16 or float16 (float64 for checks), got {x.dtype}")
+    for name, t in (("weight", None if isinstance(weight, NF4Weight) else weight), ("lora_a", lora_a),
+                    ("lora_b", lora_b), ("bias", bias)):
+        if isinstance(t, torch.Tensor) and t.dtype not in _OPERAND_DTYPES:
+            raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {t.dtype}")
+    if isinstance(scale, torch.Tensor):
+        if not scale.is_floating_point():
+            raise TypeError(f"{fn}: a scale tensor must be floating point, got {scale.dtype}")
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{fn}: scale must be a float or a tensor, got {type(scale).__name__}")
+    elif not math.isfinite(scale):
+        raise ValueError(f"{fn}: scale must be finite, got {scale}")
+
+
 def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
                 scale: float | torch.Tensor = 1.0, bias: torch.Tensor | None = None, *,
                 route: str | None = None, config: dict | None = None, whole_weight: bool = True) -> torch.Tensor:
@@ -627,6 +650,9 @@ def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None = None, lor
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_linear: give both lora_a and lora_b, or neither")
     if lora_a is not None:
+        if not isinstance(lora_a, torch.Tensor) or not isinstance(lora_b, torch.Tensor):
+            raise TypeError(f"lora_linear: lora_a and lora_b must be tensors, got {type(lora_a).__name__} and "
+                            f"{type(lora_b).__name__}")
         r = lora_a.shape[0] if lora_a.dim() == 2 else -1
         if lora_a.dim() != 2 or lora_a.shape[1] != K or lora_b.dim() != 2 or tuple(lora_b.shape) != (N, r):
             raise ValueError(f"lora_linear: lora_a must be [r, K={K}] and lora_b [N={N}, r], got "
@@ -638,6 +664,7 @@ def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None = None, lor
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,) or bias.device != wdev):
         raise ValueError(f"lora_linear: bias must be a [N={N}] tensor on {wdev}, got "
                          f"{getattr(bias, 'shape', type(bias).__name__)}")
+    check_operand_dtypes("lora_linear", x, weight, lora_a, lora_b, bias, scale)
     y = forward_2d(x.reshape(-1, K), weight, lora_a, lora_b, scale, bias, route=route, config=config,
                    whole_weight=whole_weight)
     return y.reshape(*x.shape[:-1], N)

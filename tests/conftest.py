@@ -66,3 +66,20 @@ def bnb_cpu_available():
 def randn(shape, dtype, gen, device="cpu", scale=1.0):
     """Fresh normal data drawn on the CPU from ``gen`` (reproducible from its seed)."""
     return (torch.randn(shape, generator=gen) * scale).to(dtype=dtype, device=device)
+
+
+def bad_dtype_cases(x, weight, dense, a, b):
+    """(args, kwargs, error, message) of calls with an integer operand, a non-finite or integer
+    scale, or a non-tensor adapter: shared by qlora_linear's and lora_linear's tests."""
+    i64 = torch.int64
+    return [((x.to(torch.int32), weight, a, b), {}, TypeError, "x must be float32, bfloat16 or float16"),
+            ((x, dense.to(torch.int8), a, b), {}, TypeError, "weight must be a floating-point tensor"),
+            ((x, weight, a.to(i64), b), {}, TypeError, "lora_a must be a floating-point tensor"),
+            ((x, weight, a, b.to(i64)), {}, TypeError, "lora_b must be a floating-point tensor"),
+            ((x, weight, a, b), {"bias": torch.ones(b.shape[0], dtype=i64)}, TypeError,
+             "bias must be a floating-point tensor"),
+            ((x, weight, a, b, float("nan")), {}, ValueError, "scale must be finite, got nan"),
+            ((x, weight, a, b, float("-inf")), {}, ValueError, "scale must be finite, got -inf"),
+            ((x, weight, a, b, torch.tensor(2)), {}, TypeError, "a scale tensor must be floating point"),
+            ((x, weight, a.tolist(), b), {}, TypeError, "lora_a and lora_b must be tensors, got list")]
+

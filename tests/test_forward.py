@@ -8,7 +8,7 @@ import torch
 import lora_kernels as lk
 from lora_kernels.reference import lora_linear_reference
 
-from .conftest import HAS_CUDA, randn
+from .conftest import HAS_CUDA, bad_dtype_cases, randn
 
 
 def _err(y, ref):
@@ -77,6 +77,9 @@ def test_bad_input(rng):
         lk.lora_linear(x, torch.randn(24), A, B)
     with pytest.raises(ValueError, match="meta"):
         lk.lora_linear(x.to("meta"), w, A, B)
+    for args, kw, err, msg in bad_dtype_cases(x, w, w.dequantize(torch.float32), A, B):
+        with pytest.raises(err, match=f"lora_linear: {msg}"):
+            lk.lora_linear(*args, **kw)
 
 
 # ----------------------------------------------------------------------------------- GPU
