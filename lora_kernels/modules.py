@@ -47,7 +47,13 @@ class NF4WeightMixin(nn.Module):
         sub = {k[len(prefix):]: v for k, v in state_dict.items()
                if k == prefix + "weight" or k.startswith(prefix + "weight.")}
         if not is_nf4_state_dict(sub):
-            if strict:
+            dense = sub.get("weight")
+            if isinstance(dense, torch.Tensor):   # even non-strict: never a silently kept old weight
+                error_msgs.append(f"{prefix}weight: the state dict has a {dense.dtype} tensor of shape "
+                                  f"{tuple(dense.shape)} without NF4 quant_state entries; this layer holds an "
+                                  "NF4 weight (load a quantized checkpoint, or quantize_nf4 the dense weight and "
+                                  "assign it)")
+            elif strict:
                 missing_keys.append(prefix + "weight.quant_state.bitsandbytes__nf4")
         else:
             try:

@@ -96,6 +96,11 @@ def test_mismatched_adapters_are_refused(rng, tmp_path):
         load_adapter(ok, tmp_path)
     with pytest.raises(FileNotFoundError):
         load_adapter(ok, tmp_path / "missing")
+    cfg["use_dora"] = False
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="adapter_model.safetensors is not a readable safetensors file"):
+        load_adapter(ok, tmp_path)
 
 
 def test_save_refuses_merged_layers(tmp_path):

@@ -73,3 +73,18 @@ def test_state_dict_roundtrip_through_model(rng):
     x = randn((3, 64), torch.float32, rng)
     assert torch.equal(a(x), b(x))
     assert "0.weight.quant_state.bitsandbytes__nf4" in a.state_dict()
+
+
+def test_dense_weight_in_an_nf4_layers_state_dict_is_an_error(rng):
+    """A dense ``weight`` (no quant_state entries) loaded into an NF4 layer is an error even with
+    strict=False: never a silently kept old weight."""
+    model = _tiny_model()
+    dense_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    lk.quantize_model(model, progress=False)
+    before = model[0].weight.packed.clone()
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"0\.weight: the state dict has a torch.float32 tensor of shape"):
+            model.load_state_dict(dense_sd, strict=strict)
+    assert torch.equal(model[0].weight.packed, before)
+    missing = model.load_state_dict({}, strict=False).missing_keys   # no weight at all: just missing
+    assert "0.weight.quant_state.bitsandbytes__nf4" in missing

@@ -132,7 +132,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     for key in ("r", "lora_alpha"):
         if not isinstance(cfg.get(key), (int, float)):
             raise ValueError(f"read_adapter: {ADAPTER_CONFIG} has no numeric {key!r}")
-    return cfg, load_file(w_path)
+    from safetensors import SafetensorError
+
+    try:
+        tensors = load_file(w_path)
+    except SafetensorError as e:
+        raise ValueError(f"read_adapter: {w_path} is not a readable safetensors file: {e}") from None
+    return cfg, tensors
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
