@@ -39,6 +39,8 @@ def quantize_model(model: nn.Module, *, blocksize: int = 64, double_quant: bool 
     ``skip``: fnmatch patterns of module names to leave alone; ``filter_fn(name, linear)`` may veto
     more.  Returns {name: new layer}.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_model: model must be an nn.Module, got {type(model).__name__}")
     skip = tuple(skip)
     names = [name for name, mod in model.named_modules()
              if type(mod) is nn.Linear and not any(fnmatch.fnmatch(name, p) for p in skip)

@@ -542,6 +542,8 @@ def lora_linear_dx(dy: torch.Tensor, weight, lora_a: torch.Tensor | None = None,
     """
     if not isinstance(dy, torch.Tensor) or dy.dim() != 2:
         raise ValueError(f"lora_linear_dx: dy must be a 2-D tensor [M, N], got {getattr(dy, 'shape', dy)}")
+    if not (isinstance(weight, NF4Weight) or (isinstance(weight, torch.Tensor) and weight.dim() == 2)):
+        raise TypeError("lora_linear_dx: weight must be an NF4Weight or a 2-D tensor [N, K]")
     N, K = weight.shape
     if dy.shape[1] != N:
         raise ValueError(f"lora_linear_dx: dy must be [M, N={N}], got {tuple(dy.shape)}")
@@ -549,9 +551,16 @@ def lora_linear_dx(dy: torch.Tensor, weight, lora_a: torch.Tensor | None = None,
         raise ValueError(f"lora_linear_dx: dy is on {dy.device} but the weight is on {weight.device}")
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_linear_dx: give both lora_a and lora_b, or neither")
-    if lora_a is not None and (tuple(lora_a.shape[1:]) != (K,) or tuple(lora_b.shape) != (N, lora_a.shape[0])):
-        raise ValueError(f"lora_linear_dx: lora_a must be [r, K={K}] and lora_b [N={N}, r], got "
-                         f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    if lora_a is not None:
+        if not isinstance(lora_a, torch.Tensor) or not isinstance(lora_b, torch.Tensor):
+            raise TypeError(f"lora_linear_dx: lora_a and lora_b must be tensors, got {type(lora_a).__name__} and "
+                            f"{type(lora_b).__name__}")
+        if tuple(lora_a.shape[1:]) != (K,) or tuple(lora_b.shape) != (N, lora_a.shape[0]):
+            raise ValueError(f"lora_linear_dx: lora_a must be [r, K={K}] and lora_b [N={N}, r], got "
+                             f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+        if lora_a.shape[0] < 1:
+            raise ValueError("lora_linear_dx: the rank r must be >= 1 (lora_a has 0 rows)")
+    check_operand_dtypes("lora_linear_dx", dy, weight, lora_a, lora_b, None, scale, x_name="dy")
     return dx_2d(dy, weight, lora_a, lora_b, scale, route=route, whole_weight=whole_weight)
 
 
@@ -596,12 +605,12 @@ def dx_2d(dy: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: torch.T
     return dx
 
 
-def check_operand_dtypes(fn: str, x: torch.Tensor, weight, lora_a, lora_b, bias, scale) -> None:
+def check_operand_dtypes(fn: str, x: torch.Tensor, weight, lora_a, lora_b, bias, scale, x_name: str = "x") -> None:
     """The dtype checks ``lora_linear`` and ``qlora_linear`` share: x, a dense weight, the adapters
     and bias floating point; scale a finite number or a floating-point tensor.  Raises TypeError /
     ValueError naming ``fn`` and the operand (an integer tensor would otherwise be cast silently)."""
     if x.dtype not in _OPERAND_DTYPES:
-        raise TypeError(f"{fn}: x must be float32, bfloat16 or float16 (float64 for checks), got {x.dtype}")
+        raise TypeError(f"{fn}: {x_name} must be float32, bfloat16 or float16 (float64 for checks), got {x.dtype}")
     for name, t in (("weight", None if isinstance(weight, NF4Weight) else weight), ("lora_a", lora_a),
                     ("lora_b", lora_b), ("bias", bias)):
         if isinstance(t, torch.Tensor) and t.dtype not in _OPERAND_DTYPES:

@@ -157,6 +157,9 @@ class NF4Weight:
     # ------------------------------------------------------------------ conversions
     def to(self, device: torch.device | str) -> "NF4Weight":
         """A copy on ``device`` (dtypes never change: the format is fixed)."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"NF4Weight.to: takes a device, got the dtype {device}; the stored format's dtypes are "
+                            "fixed (dequantize(dtype) gives a dense weight in any float dtype)")
         return replace(self, **{k: v.to(device) for k, v in self.tensors().items()}, check_tables=False)
 
     def dequantize(self, dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:

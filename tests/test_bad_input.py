@@ -34,6 +34,10 @@ def test_empty_and_wrong_dtype_and_blocksize():
     for bs in (0, 16, 48, 100, 8192):
         with pytest.raises(ValueError, match="blocksize"):
             lk.quantize_nf4(torch.ones(4, 64), blocksize=bs)
+    with pytest.raises(TypeError, match="quantize_model: model must be an nn.Module, got str"):
+        lk.quantize_model("model", progress=False)
+    with pytest.raises(TypeError, match="NF4Weight.to: takes a device, got the dtype torch.float16"):
+        lk.quantize_nf4(torch.ones(4, 64)).to(torch.float16)
 
 
 def test_wrong_device_rejected():

@@ -210,5 +210,17 @@ def test_lora_linear_dx_bad_input(rng):
         lk.lora_linear_dx(dy, w, A[:, :64], B, s)
     with pytest.raises(ValueError, match="unknown route"):
         lk.lora_linear_dx(dy, w, A, B, s, route="nope")
+    with pytest.raises(ValueError, match="rank r must be >= 1"):
+        lk.lora_linear_dx(dy, w, A[:0], B[:, :0], s)
+    with pytest.raises(TypeError, match="weight must be an NF4Weight or a 2-D tensor"):
+        lk.lora_linear_dx(dy, "w", A, B, s)
+    with pytest.raises(TypeError, match="dy must be float32, bfloat16 or float16"):
+        lk.lora_linear_dx(dy.long(), w, A, B, s)
+    with pytest.raises(TypeError, match="lora_b must be a floating-point tensor"):
+        lk.lora_linear_dx(dy, w, A, B.int(), s)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        lk.lora_linear_dx(dy, w, A, B, float("inf"))
+    with pytest.raises(TypeError, match="lora_a and lora_b must be tensors"):
+        lk.lora_linear_dx(dy, w, A.tolist(), B, s)
     ref = lk.lora_linear_dx(dy + 1, w, A, B, s)
     torch.testing.assert_close(ref, (dy + 1) @ w.dequantize(torch.float32) + (((dy + 1) @ B) * s) @ A)
