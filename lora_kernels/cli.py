@@ -19,6 +19,33 @@ import time
 import torch
 from torch import nn
 
+from .codes import VALID_BLOCKSIZES
+
+
+def _device_arg(text: str) -> str:
+    """argparse type of --device: cpu, cuda or cuda:N, and a CUDA device only where there is one."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"device {text!r}: only cpu and cuda are supported")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"device {text!r}: this machine has no CUDA GPU (torch sees none)")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"device {text!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
 
 class _TinyBlock(nn.Module):
     """A Llama-style block without attention's softmax details: q/k/v/o and a SwiGLU MLP."""
@@ -140,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="QLoRA fine-tune a small embedded Llama, save, reload and merge the adapter")
     demo.add_argument("--steps", type=int, default=30)
-    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    demo.add_argument("--device", type=_device_arg, default=None, help="cpu or cuda (default: cuda if available)")
     demo.add_argument("--out", default=None, help="where to save the adapter (default: a new temporary folder)")
     demo.add_argument("--lr", type=float, default=3e-3)
     demo.add_argument("--seed", type=int, default=0)
@@ -148,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=cmd_demo)
 
     qdemo = sub.add_parser("quantize-demo", help="quantize an embedded small model and report size and error")
-    qdemo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    qdemo.add_argument("--layers", type=int, default=4)
-    qdemo.add_argument("--blocksize", type=int, default=64)
+    qdemo.add_argument("--device", type=_device_arg, default=None, help="cpu or cuda (default: cuda if available)")
+    qdemo.add_argument("--layers", type=_positive_int, default=4)
+    qdemo.add_argument("--blocksize", type=int, default=64, choices=VALID_BLOCKSIZES)
     qdemo.add_argument("--no-double-quant", action="store_true")
     qdemo.set_defaults(func=cmd_quantize_demo)
 

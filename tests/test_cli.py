@@ -135,3 +135,18 @@ def test_quantize_demo_still_runs(capsys):
     assert main(["quantize-demo", "--layers", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "quantized 7 linear layers" in out and "relative output error" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["quantize-demo", "--layers", "0"], "argument --layers: must be at least 1, got 0"),
+    (["quantize-demo", "--blocksize", "17"], "argument --blocksize: invalid choice: 17"),
+    (["quantize-demo", "--device", "tpu"], "argument --device: unknown device 'tpu'"),
+    (["quantize-demo", "--device", "meta"], "argument --device: device 'meta': only cpu and cuda"),
+    (["demo", "--device", "cuda:99", "--steps", "1"], "argument --device: device 'cuda:99'"),
+])
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
+    """Bad options end in argparse's usage error (exit code 2) naming the option, not a traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
