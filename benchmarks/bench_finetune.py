@@ -255,6 +255,8 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     if args.warmup >= args.steps:
         p.error("--warmup must be smaller than --steps")
+    if args.compile_mode and not args.compile:
+        p.error("--compile-mode needs --compile")
     os.environ.setdefault("LORA_KERNELS_QUIET", "1")
     lk, env, gpu = harness.start("bench_finetune", ("patch_peft_model",), args.cpu,
                                  "runs only with --cpu (a slow check of the code path)")
