@@ -101,16 +101,11 @@ def _nf4_of(layer: nn.Module, base: nn.Module) -> NF4Weight | None:
     if qs is None or w.device.type == "meta":
         return None
     cached = layer.__dict__.get("_lk_nf4")
-    if torch.compiler.is_compiling():
-        # traced: keyed by the Parameter and quant_state objects (dynamo guards on them), not by
-        # storage addresses; a new Parameter or quant_state builds a new view
-        if cached is not None and cached[2] is w and cached[3] is qs:
-            return cached[1]
-        key = None
-    else:
-        key = (w.data_ptr(), qs.absmax.data_ptr(), w.device)
-        if cached is not None and cached[0] == key and cached[2] is w and cached[3] is qs:
-            return cached[1]
+    # traced: keyed by the Parameter and quant_state objects only (dynamo guards on them), not by
+    # storage addresses; eager: by both; a new Parameter, quant_state or storage builds a new view
+    key = None if torch.compiler.is_compiling() else (w.data_ptr(), qs.absmax.data_ptr(), w.device)
+    if cached is not None and cached[2] is w and cached[3] is qs and (key is None or cached[0] == key):
+        return cached[1]
     cached = (key, NF4Weight.from_bnb(w), w, qs)
     layer.__dict__["_lk_nf4"] = cached
     return cached[1]

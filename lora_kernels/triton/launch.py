@@ -85,17 +85,16 @@ class CachedLauncher:
                        and hasattr(_knobs, "runtime"))
 
     def __call__(self, grid: int, args: tuple, constexprs: dict, options: dict) -> None:
-        rt = _knobs.runtime if self.usable else None
-        if rt is None or not _enabled() or _hook_set(rt.launch_enter_hook) or _hook_set(rt.launch_exit_hook):
-            with device_guard(args[0]):
-                self.fn[(grid,)](*args, **constexprs, **options)
-            return
-        device = torch.cuda.current_device()
         idx = args[0].get_device()
-        if idx != device and idx >= 0:         # the tensors live on another GPU: launch there
+        if idx >= 0 and idx != torch.cuda.current_device():   # the tensors live on another GPU: launch there
             with torch.cuda.device(idx):
                 self(grid, args, constexprs, options)
             return
+        rt = _knobs.runtime if self.usable else None
+        if rt is None or not _enabled() or _hook_set(rt.launch_enter_hook) or _hook_set(rt.launch_exit_hook):
+            self.fn[(grid,)](*args, **constexprs, **options)
+            return
+        device = idx if idx >= 0 else torch.cuda.current_device()   # idx is the current device here
         # one pass over the arguments, the cheapest tests first (a launch's key is built per call)
         key = (device, tuple(constexprs.values()), tuple(options.items()),
                *[(a.dtype, not a.data_ptr() & 15) if isinstance(a, Tensor) else
