@@ -362,12 +362,15 @@ _workspaces: dict = {}
 
 
 def _workspace(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """A flat scratch tensor of >= ``numel`` elements, cached per (device, dtype, stream) and reused
-    by every layer (grown when a larger chunk is asked for).  A fresh tensor instead while a CUDA
-    graph is captured (from the graph's pool), off CUDA, or with WORKSPACE_BYTES == 0."""
-    if WORKSPACE_BYTES <= 0 or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    """A flat scratch tensor of >= ``numel`` elements, cached per (device, dtype) and reused by every
+    layer (grown when a larger chunk is asked for) while kernels run on the device's default stream.
+    A fresh tensor on any other stream -- CUDA-graph capture and torch.compile's cudagraph warm-up
+    run on side streams and allocate from a private pool that must not keep a cached tensor alive --,
+    off CUDA, or with WORKSPACE_BYTES == 0."""
+    if (WORKSPACE_BYTES <= 0 or device.type != "cuda"
+            or torch._C._cuda_getCurrentRawStream(device.index) != 0):   # 0: the legacy default stream
         return torch.empty(numel, dtype=dtype, device=device)
-    key = (device, dtype, torch._C._cuda_getCurrentRawStream(device.index))   # no Stream object per call
+    key = (device, dtype)
     ws = _workspaces.get(key)
     if ws is None or ws.numel() < numel:
         _workspaces.pop(key, None)                 # free the smaller one before allocating
