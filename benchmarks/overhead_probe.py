@@ -163,9 +163,8 @@ def train_ladder() -> None:
     """Host µs per call of each piece of a training step's LoRA layer (tiny tensors: the GPU never
     limits; K = N = 256, M = 32, r = 16), from single launches up to the autograd Function and the
     layer, with fp32 adapters (PEFT's default) and bf16 ones: where a fine-tune's per-layer host time
-    goes.  The "forward pieces" rows and the "merge-cublas" row force the merge route (two chunks per
-    pass); the others take the default route (merge-cublas too, unless LORA_KERNELS_SMALL_MAX_MNK
-    opts this size into triton-small)."""
+    goes.  The "forward pieces" rows force the merge route (two chunks per pass); the others take
+    the default route (merge-cublas too)."""
     import lora_kernels as lk
     from lora_kernels import autograd as ag
     from lora_kernels import library, ops
@@ -193,15 +192,6 @@ def train_ladder() -> None:
     gl = torch.randn(2, M // 2, N, device=dev, dtype=bf)
     Ad, Bd = A32.detach(), B32.detach()
     Wd = w.dequantize(bf)
-
-    def merge_route(fn):
-        def run():
-            saved, library.SMALL_MAX_MNK = library.SMALL_MAX_MNK, 0
-            try:
-                return fn()
-            finally:
-                library.SMALL_MAX_MNK = saved
-        return run
 
     def mm_out_dtype():
         return torch.mm(u.t(), xd, out_dtype=torch.float32)
@@ -242,8 +232,6 @@ def train_ladder() -> None:
         ("  qlora_linear bwd only (stored fwd)", lambda: torch.autograd.grad(next(it), (x, A32, B32), g)),
         ("  qlora_linear fwd+bwd", lambda: torch.autograd.grad(lk.qlora_linear(x, q, A32, B32, 2.0), (x, A32, B32), g)),
         ("  same, checkpointed (non-reentrant)", ckpt_step),
-        ("  qlora_linear fwd+bwd, merge-cublas route",
-         merge_route(lambda: torch.autograd.grad(lk.qlora_linear(x, q, A32, B32, 2.0), (x, A32, B32), g))),
         ("  QLoRALinear layer fwd+bwd (3-D x)",
          lambda: torch.autograd.grad(layer(xl), (xl, layer.lora_A, layer.lora_B), gl)),
         ("autograd (bf16 adapters):", None),

@@ -69,7 +69,6 @@ def _forward_common(ctx, x2d, lora_a, lora_b, scale, dropout_p, training, needs,
         x_lora = _apply_mask(x2d, mask, p)
     defer_t = eager and has_lora and p == 0.0 and nA and (nB or ns)
     y, t = run_op(x_lora, not defer_t)
-    defer_t = defer_t and t is None          # a route that wrote T in the forward's launch: keep it
     ctx.defer_t = defer_t
     need_u = has_lora and (nx or nA or ns)
     ctx.has_lora = has_lora
@@ -96,8 +95,7 @@ def _forward_common(ctx, x2d, lora_a, lora_b, scale, dropout_p, training, needs,
 
 def _backward_common(ctx, dy, run_dx):
     """(dx, dA, dB, ds, dbias) from the saved tensors; ``run_dx(dy, weights, lora_a, lora_b, scale)``
-    returns (dy · (Ŵ + (B ⊙ s) · A), U) (lora_a = lora_b = None: dy · Ŵ), U = dy · B when the route
-    computed it in the same launch (triton-small), else None."""
+    returns dy · (Ŵ + (B ⊙ s) · A) (lora_a = lora_b = None: dy · Ŵ)."""
     nx, nA, nB, ns, nbias = ctx.needs
     x2d, mask, t, lora_a, lora_b, scale, *weights = ctx.saved_tensors
     if ctx.base is not None:
@@ -112,13 +110,15 @@ def _backward_common(ctx, dy, run_dx):
         acc = torch.float64 if dy.dtype == torch.float64 else torch.float32  # scale math precision
         if ctx.defer_t:   # T = x · Aᵀ exactly as the forward computes it (ops._forward_impl)
             t = x2d @ lora_a.to(x2d.dtype).t()
-        if nx and ctx.has_lora and p == 0.0:  # the low-rank term rides inside dx's GEMM / kernel
-            dx, u = run_dx(dy, weights, lora_a, lora_b, scale)
-        if u is None and ctx.has_lora and (nA or ns or (nx and p > 0.0)):
+        if ctx.has_lora and (nA or ns or (nx and p > 0.0)):
             u = dy @ lora_b.to(dy.dtype)                                  # U [M, r]
-        if nx and dx is None:
-            dx = run_dx(dy, weights, None, None, scale)[0]
-            if ctx.has_lora:  # the low-rank term saw dropout(x): its gradient goes through the mask
+        if nx:
+            if not ctx.has_lora:
+                dx = run_dx(dy, weights, None, None, scale)
+            elif p == 0.0:  # the low-rank term rides inside the merged weight
+                dx = run_dx(dy, weights, lora_a, lora_b, scale)
+            else:  # the low-rank term saw dropout(x): its gradient goes through the mask
+                dx = run_dx(dy, weights, None, None, scale)
                 dx = dx + _apply_mask(_scaled(u, scale, acc) @ lora_a.to(dy.dtype), mask, p)
         if nA:
             xd = x2d if p == 0.0 else _apply_mask(x2d, mask, p)
@@ -238,11 +238,11 @@ class QLoRAFunction(torch.autograd.Function):
     def backward(ctx, dy):
         N, K, bs = ctx.N, ctx.K, ctx.blocksize
         if torch.compiler.is_compiling():
-            run_dx = lambda dy_, w, a, b, s: (torch.ops.lora_kernels.nf4_lora_backward_dx(  # noqa: E731
-                dy_, *w, N, K, bs, a, b, _op_scale(s, dy_)), None)
+            run_dx = lambda dy_, w, a, b, s: torch.ops.lora_kernels.nf4_lora_backward_dx(  # noqa: E731
+                dy_, *w, N, K, bs, a, b, _op_scale(s, dy_))
         else:
-            run_dx = lambda dy_, w, a, b, s: (library.dx_2d(  # noqa: E731
-                dy_, ops._nf4_view(*w, N, K, bs, dy_.dtype, checked=False), a, b, 1.0 if s is None else s), None)
+            run_dx = lambda dy_, w, a, b, s: library.dx_2d(  # noqa: E731
+                dy_, ops._nf4_view(*w, N, K, bs, dy_.dtype, checked=False), a, b, 1.0 if s is None else s)
         dx, dA, dB, ds, dbias = _backward_common(ctx, dy, run_dx)
         return (dx, None, None, None, None, None, None, None, None, None, dA, dB, ds, dbias, None, None)
 
@@ -271,19 +271,12 @@ class LoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         if torch.compiler.is_compiling():
-            run_dx = lambda dy_, w, a, b, s: (torch.ops.lora_kernels.dense_lora_backward_dx(  # noqa: E731
-                dy_, w[0], a, b, _op_scale(s, dy_)), None)
-        else:   # eager: U comes back from dx's launch where the route computes it (triton-small)
-            run_dx = _eager_dx
+            run_dx = lambda dy_, w, a, b, s: torch.ops.lora_kernels.dense_lora_backward_dx(  # noqa: E731
+                dy_, w[0], a, b, _op_scale(s, dy_))
+        else:
+            run_dx = lambda dy_, w, a, b, s: library.dx_2d(dy_, w[0], a, b, 1.0 if s is None else s)  # noqa: E731
         dx, dA, dB, ds, dbias = _backward_common(ctx, dy, run_dx)
         return dx, None, dA, dB, ds, dbias, None, None
-
-
-def _eager_dx(dy, w, a, b, s):
-    """``run_dx`` of the eager ``LoRAFunction``: (dx, U or None) from ``library``'s routes."""
-    if a is None:
-        return library.dx_2d(dy, w[0], None, None, 1.0 if s is None else s), None
-    return library.dx_2d_u(dy, w[0], a, b, s)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -215,31 +215,13 @@ def _dequantize_backend(device: torch.device, numel: int, requested: str | None)
 #                    + bias; the LoRA term costs no pass over y.  A chunk holds at most
 #                    WORKSPACE_BYTES (LORA_KERNELS_WORKSPACE_MB; 0 = one chunk) and, on the
 #                    training path (whole_weight=False), at most half the weight
-#   "triton-small"   opt-in (SMALL_MAX_MNK, default 0 = never picked): M > 16 on CUDA, a LoRA term
-#                    with 1 <= r <= 64 and M·N·K <= SMALL_MAX_MNK: one Triton launch computes y and
-#                    T = x·Aᵀ (triton/nf4_lora_small.py; its dx kernel serves the backward, also
-#                    writing U = dy·B): fewer launches for small, host-bound layers.  Off by default:
-#                    measured on the H100 only 11-29 % less eager time per layer at the demo's
-#                    sizes, and the dx kernel as rewritten after its first GPU run is not yet
-#                    verified on a GPU (benchmarks/NOTES.md, session 8)
 #   "triton-tiled"   tiled GEMM dequantizing weight tiles in registers (never writes the dense
 #                    weight).  NOT chosen automatically: measured 7-30x slower than cuBLAS on an
 #                    H100 (benchmarks/results/forward_*_quick*.md); reachable with route=
 #   "dequant-cublas" the fallback: K not a multiple of the blocksize, fp32 activations, no Triton
 #   "reference"      CPU (and anything else): reference.lora_linear_reference in fp32
-FORWARD_ROUTES = ("cuda-gemv", "triton-gemv", "merge-cublas", "triton-small", "triton-tiled", "dequant-cublas",
-                  "reference")
+FORWARD_ROUTES = ("cuda-gemv", "triton-gemv", "merge-cublas", "triton-tiled", "dequant-cublas", "reference")
 GEMV_MAX_M = 16
-#: triton-small's limits: the largest M·N·K (LORA_KERNELS_SMALL_MAX_MNK; 0, the default, turns the
-#: route off -- see the route table above) and the largest rank it takes
-SMALL_MAX_MNK = int(float(os.environ.get("LORA_KERNELS_SMALL_MAX_MNK", "0")))
-SMALL_MAX_RANK = 64
-
-
-def _small_ok(M: int, weight, rank: int) -> bool:
-    """Whether the triton-small route takes this call (after ``_fallback_route`` said None)."""
-    N, K = weight.shape
-    return 0 < rank <= SMALL_MAX_RANK and M * N * K <= SMALL_MAX_MNK and _ext.triton_available()
 
 
 def _cuda_gemv_ok(weight) -> bool:
@@ -265,8 +247,8 @@ def _fallback_route(weight, dtype: torch.dtype, device: torch.device) -> str | N
 
 
 def forward_route(M: int, weight, x_dtype: torch.dtype, device: torch.device, rank: int = 0) -> str:
-    """The route ``lora_linear`` takes for M rows of x on ``device`` with a rank-``rank`` LoRA
-    term (0: none) -- one visible decision."""
+    """The route ``lora_linear`` takes for M rows of x on ``device`` (one visible decision).
+    ``rank`` (the LoRA term's, 0: none) is accepted for callers that pass it; no route depends on it."""
     route = _fallback_route(weight, x_dtype, device)
     if route is not None:
         return route
@@ -274,8 +256,6 @@ def forward_route(M: int, weight, x_dtype: torch.dtype, device: torch.device, ra
         if _cuda_gemv_ok(weight):
             return "cuda-gemv"
         return "triton-gemv" if _ext.triton_available() else "dequant-cublas"
-    if _small_ok(M, weight, rank):
-        return "triton-small"
     return "merge-cublas" if _ext.triton_available() else "dequant-cublas"
 
 
@@ -414,10 +394,6 @@ def _merge_module():
     return _triton_module("nf4_merge")
 
 
-def _small_module():
-    return _triton_module("nf4_lora_small")
-
-
 def _merge_args(weight, lora_a, lora_b, scale, dt):
     """(base, A, B, s_scalar, s_vec) for ``nf4_merge.merge_window``.  A and B stay in their own
     float dtype (the kernel rounds them to the output dtype itself: no cast launches per call)."""
@@ -426,55 +402,6 @@ def _merge_args(weight, lora_a, lora_b, scale, dt):
         s_scalar, s_vec = _merge_module().scale_operands(scale, lora_a.shape[0], lora_a.device)
     base = weight if isinstance(weight, NF4Weight) else weight.to(dt)
     return base, lora_a, lora_b, s_scalar, s_vec
-
-
-def _small_operands(weight, lora_a, lora_b, scale, dt):
-    """(base, A, B, s_scalar, s_vec) for ``nf4_lora_small``: a dense base in ``dt`` with unit
-    column stride, contiguous adapters in ``dt``.  Adapters in another dtype (PEFT's fp32) are cast
-    here, one launch each: on the H100 (triton 3.6) the dx kernel fed fp32 adapters directly gave
-    NaN and an illegal address (session 8), while every same-dtype case matched the reference."""
-    base, lora_a, lora_b, s_scalar, s_vec = _merge_args(weight, lora_a, lora_b, scale, dt)
-    if not isinstance(base, NF4Weight) and base.stride(1) != 1:
-        base = base.contiguous()
-    return base, lora_a.to(dt).contiguous(), lora_b.to(dt).contiguous(), s_scalar, s_vec
-
-
-def _check_small(route: str, weight, lora_a, dt, device: torch.device) -> None:
-    # a forced route is checked here (forward_route / backward_route only pick it where it holds)
-    from .triton.nf4_lora_matmul import _check_device
-
-    _check_device(device, f"route {route!r}")
-    if (lora_a is None or not 1 <= lora_a.shape[0] <= SMALL_MAX_RANK or dt not in (torch.bfloat16, torch.float16)
-            or (isinstance(weight, NF4Weight) and weight.shape[1] % weight.blocksize != 0)):
-        raise ValueError(f"route {route!r} needs a LoRA term with 1 <= r <= {SMALL_MAX_RANK}, bf16/fp16 "
-                         f"activations and (NF4) K a multiple of the blocksize")
-
-
-def _small_forward(x2d, weight, lora_a, lora_b, scale, bias):
-    """(y, T = x·Aᵀ) of the triton-small route: one launch."""
-    dt = x2d.dtype
-    base, a, b, s_scalar, s_vec = _small_operands(weight, lora_a, lora_b, scale, dt)
-    if bias is not None:
-        bias = (bias if bias.dtype in (dt, torch.float32) else bias.to(dt)).contiguous()
-    return _small_module().small_forward(x2d.contiguous(), base, a, b, s_scalar, s_vec, bias)
-
-
-def _small_dx(dy, weight, lora_a, lora_b, scale):
-    """(dx, U = dy·B) of the triton-small route: one launch."""
-    base, a, b, s_scalar, s_vec = _small_operands(weight, lora_a, lora_b, scale, dy.dtype)
-    return _small_module().small_dx(dy.contiguous(), base, a, b, s_scalar, s_vec)
-
-
-def forward_2d_t(x2d: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None,
-                 scale: float | torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(y, T) for the eager autograd Functions: ``forward_2d`` on the training path
-    (``whole_weight=False``), plus T = x·Aᵀ [M, r] where the route computes it in the same launch
-    (triton-small), else None."""
-    rank = 0 if lora_a is None else lora_a.shape[0]
-    route = forward_route(x2d.shape[0], weight, x2d.dtype, x2d.device, rank)
-    if route == "triton-small":
-        return _small_forward(x2d, weight, lora_a, lora_b, scale, bias)
-    return forward_2d(x2d, weight, lora_a, lora_b, scale, bias, route=route, whole_weight=False), None
 
 
 def _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias, whole_weight: bool = True) -> torch.Tensor:
@@ -507,27 +434,13 @@ def _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias, whole_weight: bool =
 
 
 def backward_route(weight, dy_dtype: torch.dtype, device: torch.device, M: int = 0, rank: int = 0) -> str:
-    """The route ``lora_linear_dx`` takes for M rows of dy and a rank-``rank`` LoRA term (one of
-    BACKWARD_ROUTES; "triton-small" as in ``forward_route``, for any M >= 1)."""
-    route = _fallback_route(weight, dy_dtype, device)
-    if route is not None:
-        return route
-    if M >= 1 and _small_ok(M, weight, rank):
-        return "triton-small"
-    return "merge-cublas" if _ext.triton_available() else "dequant-cublas"
+    """The route ``lora_linear_dx`` takes (one of BACKWARD_ROUTES).  ``M`` (dy's rows) and ``rank``
+    (the LoRA term's) are accepted for callers that pass them; no route depends on them."""
+    return _fallback_route(weight, dy_dtype, device) or ("merge-cublas" if _ext.triton_available()
+                                                         else "dequant-cublas")
 
 
-BACKWARD_ROUTES = ("merge-cublas", "triton-small", "dequant-cublas", "reference")
-
-
-def dx_2d_u(dy: torch.Tensor, weight, lora_a: torch.Tensor, lora_b: torch.Tensor,
-            scale: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(dx, U) for the eager autograd Functions: ``dx_2d`` plus U = dy·B [M, r] where the route
-    computes it in the same launch (triton-small), else None."""
-    route = backward_route(weight, dy.dtype, dy.device, dy.shape[0], lora_a.shape[0])
-    if route == "triton-small":
-        return _small_dx(dy, weight, lora_a, lora_b, scale)
-    return dx_2d(dy, weight, lora_a, lora_b, scale, route=route), None
+BACKWARD_ROUTES = ("merge-cublas", "dequant-cublas", "reference")
 
 
 def lora_linear_dx(dy: torch.Tensor, weight, lora_a: torch.Tensor | None = None,
@@ -572,14 +485,11 @@ def dx_2d(dy: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: torch.T
     """``lora_linear_dx`` without its argument checks (for callers that have made them: itself, and
     the eager autograd Functions); the route is still picked here, by ``backward_route``."""
     N, K = weight.shape
-    route = route or backward_route(weight, dy.dtype, dy.device, dy.shape[0], 0 if lora_a is None else lora_a.shape[0])
+    route = route or backward_route(weight, dy.dtype, dy.device)
     if route not in BACKWARD_ROUTES:
         raise ValueError(f"lora_linear_dx: unknown route {route!r}; expected one of {BACKWARD_ROUTES}")
     dt = dy.dtype
     dy = dy.contiguous()
-    if route == "triton-small":
-        _check_small(route, weight, lora_a, dt, dy.device)
-        return _small_dx(dy, weight, lora_a, lora_b, scale)[0]
     if route == "merge-cublas":
         if lora_a is None and not isinstance(weight, NF4Weight):
             return dy @ weight.to(dt)
@@ -690,7 +600,7 @@ def forward_2d(x2d: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: t
     ``qlora_linear``'s); the route is still picked here, by ``forward_route``."""
     M = x2d.shape[0]
     forced = route is not None
-    route = route or forward_route(M, weight, x2d.dtype, x2d.device, 0 if lora_a is None else lora_a.shape[0])
+    route = route or forward_route(M, weight, x2d.dtype, x2d.device)
     if route not in FORWARD_ROUTES:
         raise ValueError(f"lora_linear: unknown route {route!r}; expected one of {FORWARD_ROUTES}")
     if route == "cuda-gemv":
@@ -702,10 +612,6 @@ def forward_2d(x2d: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: t
         return _cuda_gemv(x2d, weight, lora_a, lora_b, scale, bias)
     if route == "merge-cublas":
         return _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias, whole_weight)
-    if route == "triton-small":
-        if forced:
-            _check_small(route, weight, lora_a, x2d.dtype, x2d.device)
-        return _small_forward(x2d, weight, lora_a, lora_b, scale, bias)[0]
     dt = x2d.dtype
     if route.startswith("triton-"):
         from .triton.nf4_lora_matmul import lora_matmul

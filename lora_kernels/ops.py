@@ -65,16 +65,10 @@ def _forward_impl(x: Tensor, weight, lora_a, lora_b, scale, bias, x_lora, route,
     """(y, t) for ``nf4_lora_forward`` / ``dense_lora_forward`` (also called directly by the eager
     autograd Functions, with ``scale`` a float or a tensor, and ``checked=False``: ``qlora_linear``
     has checked their arguments, so they skip ``library.lora_linear``'s checks).  ``want_t=False``
-    (the eager Functions, no dropout): t is None unless the route computed it anyway (triton-small)."""
+    (the eager Functions, no dropout): t is None, not computed."""
     forward = library.lora_linear if checked else library.forward_2d
     M = x.shape[0]
     has_lora = lora_a is not None
-    if not checked and has_lora and x_lora is None and route is None and x.dtype != torch.float64:
-        # the eager Functions' common case: the route may hand back T from the same launch
-        y, t = library.forward_2d_t(x, weight, lora_a, lora_b, scale, bias)
-        if t is None and want_t:
-            t = x @ lora_a.to(x.dtype).t()
-        return y, t
     lin = x if x_lora is None else x_lora
     # t is computed here with its own matmul (the fused forward keeps it in registers only).
     if not has_lora:

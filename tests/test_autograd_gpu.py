@@ -139,27 +139,6 @@ def test_fp32_adapters_with_bf16_activations_gpu(rng, M, K, N, r):
 
 
 @gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("M,K,N,r,kind,bias", [(17, 512, 333, 16, "nf4-dq", True), (512, 128, 352, 8, "nf4-dq", False),
-                                               (100, 1024, 771, 64, "dense", False), (777, 384, 129, 64, "nf4", True)],
-                         ids=lambda v: str(v))
-def test_training_grads_gpu_small_route(monkeypatch, rng, dtype, M, K, N, r, kind, bias):
-    """The opt-in triton-small route (library.SMALL_MAX_MNK > 0) through the whole Function: the same
-    checks as test_training_grads_gpu, and (fp32 adapters, PEFT's default) as the fp32 test."""
-    from lora_kernels import library
-    from lora_kernels.triton import nf4_lora_small as small
-
-    monkeypatch.setattr(library, "SMALL_MAX_MNK", 1 << 40)
-    calls = []
-    dx_kernel = small.small_dx
-    monkeypatch.setattr(small, "small_dx", lambda *a, **k: calls.append(1) or dx_kernel(*a, **k))
-    test_training_grads_gpu(rng, dtype, M, K, N, r, kind, bias)
-    assert calls, "the small route's dx kernel was not used"
-    if dtype == torch.bfloat16 and kind == "nf4-dq":
-        test_fp32_adapters_with_bf16_activations_gpu(rng, M, K, N, r)
-
-
-@gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_layer_on_another_gpu(rng):
     """A model split over GPUs (device_map="auto") runs layers whose tensors are not on the current
