@@ -40,7 +40,7 @@ from . import harness
 ROW_KEYS = ("bench", "model", "params_m", "arm", "batch", "seq", "r", "grad_ckpt", "steps", "tokens_per_s",
             "speedup_vs_peft_bnb", "peak_mem_mb", "mem_ratio_vs_peft_bnb", "loss_first", "loss_last",
             "max_abs_loss_diff", "max_rel_loss_diff", "patched", "skipped", "model_kernels", "compiled", "optim",
-            "model_mem_mb", "note")
+            "warmup_s", "model_mem_mb", "note")
 ARMS = ("peft_bnb", "ours", "ours_fused")
 
 
@@ -201,11 +201,13 @@ def run_arm(arm: str, cfg, vocab: int, batches, args, device) -> dict:
     graphs = bool(args.compile) and args.compile_mode == "reduce-overhead"
     losses = []
     t0 = None
+    t_start = time.perf_counter()
     for i, x in enumerate(batches):
         if i == args.warmup:
             if cuda:
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
+            row["warmup_s"] = t0 - t_start     # the warm-up steps' wall time, compilation included
         losses.append(_train_step(model, opt, x, graphs).detach())
     if cuda:
         torch.cuda.synchronize(device)
@@ -224,6 +226,44 @@ def run_arm(arm: str, cfg, vocab: int, batches, args, device) -> dict:
     if cuda:
         torch.cuda.empty_cache()
     return row
+
+
+def _write(rows: list[dict], arms: list[str], args, cfg, vocab: int, env: dict):
+    """Ratios against peft_bnb (where it ran), then the JSON and markdown files of the arms run so
+    far.  Returns (rows as written, json path, markdown path)."""
+    rows = [dict(r) for r in rows]
+    ref = next((r for r in rows if r["arm"] == "peft_bnb" and "losses" in r), None)
+    for r in rows:
+        if ref is not None and r is not ref and "losses" in r:
+            d = [abs(a - b) for a, b in zip(r["losses"], ref["losses"])]
+            r["max_abs_loss_diff"] = max(d)
+            r["max_rel_loss_diff"] = max(x / abs(b) for x, b in zip(d, ref["losses"]))
+            r["speedup_vs_peft_bnb"] = r["tokens_per_s"] / ref["tokens_per_s"]
+            if r["peak_mem_mb"] and ref["peak_mem_mb"]:
+                r["mem_ratio_vs_peft_bnb"] = r["peak_mem_mb"] / ref["peak_mem_mb"]
+    out = [harness.make_row(ROW_KEYS + ("losses",), **r) for r in rows]
+    tag = f"finetune_{env['key']}_{args.model}{'_ckpt' if args.grad_ckpt else ''}{'_compiled' if args.compile else ''}"
+    tag += f"_{args.compile_mode.replace('-', '_')}" if args.compile and args.compile_mode else ""
+    tag += "_fusedadamw" if args.optim == "fused" else ""
+    notes = [f"model {args.model}: LlamaForCausalLM random init (seed {cfg.seed}), hidden {cfg.hidden}, {cfg.layers} "
+             f"layers, MLP {cfg.intermediate}, vocab {vocab}; NF4 (double quant) decoder linears, bf16 elsewhere",
+             f"LoRA r={args.r} alpha={2 * args.r} on all decoder linears; AdamW ({args.optim}) lr {cfg.lr}; "
+             f"batch {cfg.batch} x seq "
+             f"{cfg.seq_len}; {args.steps} steps, tokens/s over the last {args.steps - args.warmup}",
+             "loss diffs: per step against peft_bnb (same init, same batches)",
+             "peak_mem_mb: torch.cuda.max_memory_allocated over the training steps (model, optimizer state and "
+             "activations; peak stats reset after the model was built, quantized, wrapped and patched); "
+             "model_mem_mb: memory allocated before the first step"]
+    if args.compile:
+        notes.append(f"compiled: every arm's model through torch.compile(backend={args.compile!r}, "
+                     f"mode={args.compile_mode!r}) after wrapping "
+                     "and patching; compilation happens in the warm-up steps (not timed)")
+    if len(rows) < len(arms):
+        notes.append(f"partial: {len(rows)} of the {len(arms)} arms requested ({','.join(arms)}) had run when "
+                     "this file was written")
+    jpath, mpath = harness.write_results(tag, out, env, args.out, meta={"model": args.model}, columns=ROW_KEYS,
+                                         notes=notes)
+    return out, jpath, mpath
 
 
 def main(argv=None) -> list[dict]:
@@ -275,8 +315,9 @@ def main(argv=None) -> list[dict]:
     if args.seq:
         cfg.seq_len = args.seq
     vocab, batches = _data(cfg, vocab, args.steps, device)
+    arms = args.arms.split(",")
     rows = []
-    for arm in args.arms.split(","):
+    for arm in arms:
         print(f"arm {arm} ...", flush=True)
         try:
             rows.append(run_arm(arm, cfg, vocab, batches, args, device))
@@ -284,35 +325,10 @@ def main(argv=None) -> list[dict]:
             rows.append(dict(bench="finetune", model=args.model, arm=arm, note=f"failed: {harness.short_error(e)}"))
         r = rows[-1]
         print(f"  {arm}: {r.get('tokens_per_s') or float('nan'):,.0f} tokens/s, peak {r.get('peak_mem_mb') or 0:,.0f} MiB, "
-              f"losses {[round(v, 4) for v in r.get('losses', [])]} {r.get('note', '')}", flush=True)
-    ref = next((r for r in rows if r["arm"] == "peft_bnb" and "losses" in r), None)
-    for r in rows:
-        if ref is not None and r is not ref and "losses" in r:
-            d = [abs(a - b) for a, b in zip(r["losses"], ref["losses"])]
-            r["max_abs_loss_diff"] = max(d)
-            r["max_rel_loss_diff"] = max(x / abs(b) for x, b in zip(d, ref["losses"]))
-            r["speedup_vs_peft_bnb"] = r["tokens_per_s"] / ref["tokens_per_s"]
-            if r["peak_mem_mb"] and ref["peak_mem_mb"]:
-                r["mem_ratio_vs_peft_bnb"] = r["peak_mem_mb"] / ref["peak_mem_mb"]
-    out = [harness.make_row(ROW_KEYS + ("losses",), **r) for r in rows]
-    tag = f"finetune_{env['key']}_{args.model}{'_ckpt' if args.grad_ckpt else ''}{'_compiled' if args.compile else ''}"
-    tag += f"_{args.compile_mode.replace('-', '_')}" if args.compile and args.compile_mode else ""
-    tag += "_fusedadamw" if args.optim == "fused" else ""
-    notes = [f"model {args.model}: LlamaForCausalLM random init (seed {cfg.seed}), hidden {cfg.hidden}, {cfg.layers} "
-             f"layers, MLP {cfg.intermediate}, vocab {vocab}; NF4 (double quant) decoder linears, bf16 elsewhere",
-             f"LoRA r={args.r} alpha={2 * args.r} on all decoder linears; AdamW ({args.optim}) lr {cfg.lr}; "
-             f"batch {cfg.batch} x seq "
-             f"{cfg.seq_len}; {args.steps} steps, tokens/s over the last {args.steps - args.warmup}",
-             "loss diffs: per step against peft_bnb (same init, same batches)",
-             "peak_mem_mb: torch.cuda.max_memory_allocated over the training steps (model, optimizer state and "
-             "activations; peak stats reset after the model was built, quantized, wrapped and patched); "
-             "model_mem_mb: memory allocated before the first step"]
-    if args.compile:
-        notes.append(f"compiled: every arm's model through torch.compile(backend={args.compile!r}, "
-                     f"mode={args.compile_mode!r}) after wrapping "
-                     "and patching; compilation happens in the warm-up steps (not timed)")
-    jpath, mpath = harness.write_results(tag, out, env, args.out, meta={"model": args.model}, columns=ROW_KEYS,
-                                         notes=notes)
+              f"warm-up {r.get('warmup_s') or float('nan'):.1f} s, losses {[round(v, 4) for v in r.get('losses', [])]} "
+              f"{r.get('note', '')}", flush=True)
+        # written after every arm (the same files, rewritten): a run cut short keeps the arms it finished
+        out, jpath, mpath = _write(rows, arms, args, cfg, vocab, env)
     print(f"wrote {jpath} and {mpath}")
     print(harness.markdown_table(out, ("arm", "tokens_per_s", "speedup_vs_peft_bnb", "peak_mem_mb",
                                        "mem_ratio_vs_peft_bnb", "loss_first", "loss_last", "max_abs_loss_diff",

@@ -179,6 +179,28 @@ def test_bench_finetune_compiled_cpu_code_path(tmp_path):
     assert (tmp_path / "finetune_cpu_demo_compiled_reduce_overhead_fusedadamw.json").exists()
 
 
+def test_bench_finetune_writes_each_arm_as_it_finishes(tmp_path, monkeypatch):
+    """A run cut short (the device's per-command time limit, here a KeyboardInterrupt in the second
+    arm) leaves a results file with the arms that finished, marked partial."""
+    pytest.importorskip("transformers")
+    from benchmarks import bench_finetune
+
+    def fake_arm(arm, cfg, vocab, batches, args, device):
+        if arm == "peft_bnb":
+            raise KeyboardInterrupt
+        return dict(bench="finetune", model=args.model, arm=arm, tokens_per_s=123.0, peak_mem_mb=None,
+                    losses=[3.0, 2.5], loss_first=3.0, loss_last=2.5, warmup_s=0.5)
+
+    monkeypatch.setattr(bench_finetune, "run_arm", fake_arm)
+    with pytest.raises(KeyboardInterrupt):
+        bench_finetune.main(["--model", "demo", "--steps", "2", "--warmup", "1", "--cpu", "--arms", "ours,peft_bnb",
+                             "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "finetune_cpu_demo.json").read_text())
+    assert [(r["arm"], r["tokens_per_s"], r["warmup_s"]) for r in doc["rows"]] == [("ours", 123.0, 0.5)], doc["rows"]
+    text = (tmp_path / "finetune_cpu_demo.md").read_text()
+    assert "partial: 1 of the 2 arms requested (ours,peft_bnb)" in text, text
+
+
 # ------------------------------------------------------------------------------------ the suite (issue 6)
 def test_suite_cpu_path_runs_and_exits_0(tmp_path, monkeypatch, capsys):
     """Without a GPU (or with --cpu) the suite says so, runs only the CPU quantizer bench, writes
