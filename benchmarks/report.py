@@ -363,9 +363,13 @@ def finetune_table(doc: dict) -> list[str]:
     if not rows:
         return []
     r0 = rows[0]
+    how = f", torch.compile {r0['compiled']}" if r0.get("compiled") else ", eager"
+    how += f", AdamW {r0['optim']}" if r0.get("optim") else ""
+    failed = [r["arm"] for r in doc["rows"] if not r.get("tokens_per_s") and r.get("arm")]
     out = [f"Fine-tune, model `{r0.get('model')}` ({r0.get('params_m') or 0:.0f} M parameters), batch {r0.get('batch')} "
-           f"x seq {r0.get('seq')}, r = {r0.get('r')}, gradient checkpointing {'on' if r0.get('grad_ckpt') else 'off'}, "
-           f"on {doc['env'].get('gpu')}, from `{doc['name']}`:", "",
+           f"x seq {r0.get('seq')}, r = {r0.get('r')}, gradient checkpointing {'on' if r0.get('grad_ckpt') else 'off'}"
+           f"{how}, on {doc['env'].get('gpu')}, from `{doc['name']}`"
+           f"{' (not run or failed: ' + ', '.join(failed) + ')' if failed else ''}:", "",
            "| arm | tokens/s | vs bnb+PEFT | peak MB | max rel. loss diff |", "|---|---|---|---|---|"]
     for r in rows:
         diff = r.get("max_rel_loss_diff")
