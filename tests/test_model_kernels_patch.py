@@ -209,19 +209,20 @@ def test_other_families_match_transformers(family, rng):
 
 @pytest.mark.skipif(not model_ops.use_triton(torch.zeros(1)), reason="the model ops run the reference here")
 def test_torch_compile_of_a_patched_model(rng):
-    """torch.compile (aot_eager) of a patched model: the model ops run eagerly inside it (graph breaks;
-    dynamo cannot trace Triton's launcher or interpreter) and loss and gradients equal the eager
-    patched model's."""
+    """torch.compile (aot_eager, fullgraph=True) of a patched model: one graph -- the model ops trace
+    their PyTorch references instead of breaking the graph around their Triton launches (dynamo cannot
+    trace Triton's launcher or interpreter) -- and loss and gradients equal the eager patched model's
+    within the kernels' rounding (they compute in fp32 and round once, the references op by op)."""
     seed = _seed(rng)
     tokens = torch.randint(0, 96, (2, 9), generator=rng)
     model = _llama(seed)
     mk.patch_model_kernels(model)
     loss_ref, _, g_ref = _step(model, tokens)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="aot_eager")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     model.zero_grad(set_to_none=True)
     loss = compiled(input_ids=tokens, labels=tokens).loss
     loss.backward()
-    torch.testing.assert_close(loss.detach(), loss_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss.detach(), loss_ref, rtol=1e-5, atol=1e-5)
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, g_ref[n], rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(p.grad, g_ref[n], rtol=1e-3, atol=1e-5, msg=n)

@@ -95,23 +95,32 @@ def test_patched_model_matches_peft(base, rng, monkeypatch):
     assert "LoraKernels" not in "".join(type(m).__name__ for m in pm.modules())
 
 
+@pytest.mark.parametrize("model_kernels", [False, True], ids=["lora", "lora+model-kernels"])
 @pytest.mark.parametrize("base", ["linear", "bnb-nf4"])
-def test_patched_model_compiles_without_graph_breaks(base, rng):
+def test_patched_model_compiles_without_graph_breaks(base, model_kernels, rng):
     """torch.compile(fullgraph=True) traces a patched PEFT Llama -- its bitsandbytes NF4 layers
-    included -- in one graph (aot_eager: dynamo + AOT autograd through the registered ops, no code
-    generation), with the eager model's loss and LoRA gradients; a new Parameter for a base weight
-    gives a new NF4 view, not the cached one."""
+    included, and with ``patch_model_kernels`` too (its ops trace their PyTorch references; the
+    attention's rotary swap is skipped when traced) -- in one graph (aot_eager: dynamo + AOT autograd
+    through the registered ops, no code generation), with the eager model's loss and LoRA gradients;
+    a new Parameter for a base weight gives a new NF4 view, not the cached one."""
     seed = int(torch.randint(0, 2**31, (1,), generator=rng))
     model = _llama(seed)
     if base == "bnb-nf4":
         model = _to_bnb_nf4(model)
     pm = _peft(model)
     patch_peft_model(pm)
+    if model_kernels:
+        from lora_kernels import patch_model_kernels
+
+        rep = patch_model_kernels(pm)
+        assert all(rep.patched[k] for k in ("rms_norm", "swiglu", "rope", "loss")), str(rep)
     tokens = torch.randint(0, 128, (2, 12), generator=rng)
     loss_ref, _ = _loss(pm, tokens)
     loss_ref.backward()
     grads_ref = _lora_grads(pm)
     pm.zero_grad()
+    for m in pm.modules():   # the first call is the traced one, as in a compiled fine-tune (its cache writes traced)
+        m.__dict__.pop("_lk_nf4", None)
     torch._dynamo.reset()
     compiled = torch.compile(pm, fullgraph=True, backend="aot_eager")
     loss, _ = _loss(compiled, tokens)

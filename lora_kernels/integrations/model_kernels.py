@@ -21,8 +21,9 @@ swap is scoped to the patched attention modules: their forward runs with the def
 ``apply_rotary_pos_emb`` pointing at the fused op and restores it on return, so other models in the
 process keep transformers' function.
 
-Under ``torch.compile`` a patched model compiles with a graph break around each model op, which
-runs eagerly (its Triton launch is not traceable); ``fullgraph=True`` is not supported.
+Under ``torch.compile`` each model op traces its plain-PyTorch reference (transformers' numerics),
+which inductor fuses like the unpatched model's code: the Triton kernels serve eager steps, and a
+patched model compiles as one graph (``fullgraph=True`` works).
 
 Numerics: each op computes in fp32 and rounds once, where transformers rounds after every
 elementwise op in bf16/fp16 — results agree within the low-precision rounding, not bit for bit (the
@@ -35,6 +36,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ..model_ops.cross_entropy import causal_lm_loss
@@ -77,6 +79,11 @@ def _fused_rope(q, k, cos, sin, unsqueeze_dim=1):
 
 
 def _attention_forward(self, *args, **kwargs):
+    if torch.compiler.is_compiling():
+        # traced, the fused op would trace transformers' own function (model_ops' references), and
+        # swapping a module global (or reading the class's mappingproxy) inside a traced frame is a
+        # graph break: run the original forward as it is
+        return getattr(type(self), _ORIGINAL).forward(self, *args, **kwargs)
     original = type(self).__dict__[_ORIGINAL]
     module = sys.modules[original.__module__]
     previous = module.apply_rotary_pos_emb

@@ -8,12 +8,14 @@ of transformers' Llama modules), the ``torch.autograd.Function`` over the Triton
 ``lora_kernels/triton/<family>.py``, and the public function.  Where each call runs is decided here,
 in one place (:func:`use_triton`): Triton for CUDA tensors (and for CPU tensors under
 ``TRITON_INTERPRET=1``, the CI path), the reference otherwise or when
-``LORA_KERNELS_MODEL_OPS=reference``.  ``lora_kernels.integrations.llama`` patches a transformers
-model to use them.
+``LORA_KERNELS_MODEL_OPS=reference``; under ``torch.compile`` every op traces its reference instead
+(:func:`_reference_under_compile`: inductor fuses it, and the graph does not break).
+``lora_kernels.integrations.model_kernels`` (``patch_model_kernels``) patches a transformers model to use them.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -25,11 +27,20 @@ from .. import _ext
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _eager_under_compile(fn):
-    """Run ``fn`` eagerly under ``torch.compile`` (a graph break around it): its Triton launchers
-    and argument checks are not traceable (dynamo would step into Triton's launcher, or its
-    interpreter on the CPU, and fail).  The eager path is the one the GPU tests check."""
-    return torch.compiler.disable(fn, recursive=True)
+def _reference_under_compile(reference):
+    """Decorator for a public model op: under ``torch.compile`` the op traces ``reference`` (its
+    plain-PyTorch definition, transformers' numerics) into the graph, where inductor fuses it like
+    the unpatched model's code -- no graph break; eagerly it runs the decorated function (the Triton
+    kernels where they apply, after its argument checks).  Triton's launchers are not traceable, and
+    a graph break per op split a patched decoder into dozens of graphs (session 10)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def op(*args, **kwargs):
+            if torch.compiler.is_compiling():
+                return reference(*args, **kwargs)
+            return fn(*args, **kwargs)
+        return op
+    return wrap
 
 
 def use_triton(t: torch.Tensor) -> bool:

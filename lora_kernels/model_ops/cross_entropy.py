@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import KERNEL_DTYPES, _eager_under_compile, use_triton
+from . import KERNEL_DTYPES, _reference_under_compile, use_triton
 
 __all__ = ["cross_entropy", "causal_lm_loss", "cross_entropy_reference", "causal_lm_loss_reference",
            "CrossEntropyFunction"]
@@ -174,7 +174,7 @@ def _run_triton(logits2d: torch.Tensor, target: torch.Tensor, ignore_index: int,
     return _divide(loss, num_items_in_batch)
 
 
-@_eager_under_compile
+@_reference_under_compile(cross_entropy_reference)
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
                   reduction: str = "mean", num_items_in_batch=None) -> torch.Tensor:
     """Cross-entropy of [T, V] logits against [T] class indices, computed in fp32 without upcasting the logits.
@@ -213,7 +213,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     return _run_triton(logits, target, ignore_index, reduction, num_items_in_batch)
 
 
-@_eager_under_compile
+@_reference_under_compile(causal_lm_loss_reference)
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | None, vocab_size: int,
                    num_items_in_batch=None, ignore_index: int = -100,
                    shift_labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:

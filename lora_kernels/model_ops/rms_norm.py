@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from . import KERNEL_DTYPES, _eager_under_compile, use_triton
+from . import KERNEL_DTYPES, _reference_under_compile, use_triton
 
 __all__ = ["rms_norm", "rms_norm_reference", "RMSNormFunction", "WEIGHT_DTYPES"]
 
@@ -85,7 +85,7 @@ def _validate(x, weight, eps) -> None:
         raise ValueError(f"rms_norm: eps must be finite and >= 0, got {eps}")
 
 
-@_eager_under_compile
+@_reference_under_compile(rms_norm_reference)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dim, with ``LlamaRMSNorm``'s numerics (module docstring).
 

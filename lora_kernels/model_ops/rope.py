@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import KERNEL_DTYPES, _eager_under_compile, use_triton
+from . import KERNEL_DTYPES, _reference_under_compile, use_triton
 
 __all__ = ["apply_rotary", "apply_rotary_reference", "RotaryFunction", "check_rotary_args", "KERNEL_DTYPES"]
 
@@ -143,7 +143,7 @@ class RotaryFunction(torch.autograd.Function):
 # =============================================================================================
 # Public function
 # =============================================================================================
-@_eager_under_compile
+@_reference_under_compile(apply_rotary_reference)
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop-in for transformers' ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)``.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import KERNEL_DTYPES, _eager_under_compile, use_triton
+from . import KERNEL_DTYPES, _reference_under_compile, use_triton
 
 __all__ = ["silu_mul", "silu_mul_reference", "SiluMulFunction"]
 
@@ -78,7 +78,7 @@ def _check_args(gate, up) -> None:
                          f"and up on {up.device}")
 
 
-@_eager_under_compile
+@_reference_under_compile(silu_mul_reference)
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """h = silu(gate) * up, differentiable in both.
 
