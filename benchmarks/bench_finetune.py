@@ -92,7 +92,7 @@ def _train_step(model, opt, x, graphs: bool = False):
     return kept
 
 
-def _profile_step(arm: str, model, opt, x) -> None:
+def _profile_step(arm: str, model, opt, x, graphs: bool = False) -> None:
     """One more training step under torch.profiler: GPU time by kernel group, the step's wall time,
     and the top kernels (where an arm's step goes; printed, not stored)."""
     from torch.autograd import DeviceType
@@ -101,7 +101,7 @@ def _profile_step(arm: str, model, opt, x) -> None:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()
-        _train_step(model, opt, x)
+        _train_step(model, opt, x, graphs)   # graphs: replayed like the timed steps
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
     groups: dict[str, float] = {}
@@ -124,7 +124,7 @@ def _profile_step(arm: str, model, opt, x) -> None:
         print(f"      {us / 1e3:8.2f} ms  x{n:<5d} {name}")
 
 
-def _host_profile_step(arm: str, model, opt, x, device) -> None:
+def _host_profile_step(arm: str, model, opt, x, device, graphs: bool = False) -> None:
     """Two more training steps under cProfile: the host (Python) time by function, top entries by
     own time and the package's functions by cumulative time (printed, not stored)."""
     import cProfile
@@ -137,7 +137,7 @@ def _host_profile_step(arm: str, model, opt, x, device) -> None:
     t = time.perf_counter()
     prof.enable()
     for _ in range(2):
-        _train_step(model, opt, x)
+        _train_step(model, opt, x, graphs)
     prof.disable()
     host = (time.perf_counter() - t) / 2
     if device.type == "cuda":
@@ -213,9 +213,9 @@ def run_arm(arm: str, cfg, vocab: int, batches, args, device) -> dict:
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
     if args.profile and cuda:
-        _profile_step(arm, model, opt, batches[-1])
+        _profile_step(arm, model, opt, batches[-1], graphs)
     if args.host_profile:
-        _host_profile_step(arm, model, opt, batches[-1], device)
+        _host_profile_step(arm, model, opt, batches[-1], device, graphs)
     row["losses"] = [float(v) for v in losses]
     row["tokens_per_s"] = (len(batches) - args.warmup) * cfg.batch * cfg.seq_len / dt
     row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
