@@ -546,7 +546,7 @@ def _run_shape_m(args, lk, reference, t0, shape, K, N, M, r, first_rank, methods
     xs = [_randn((M, K), gen, dev) for _ in range(n_x)]
     base = dict(bench="forward", device=dev.type, shape=shape, K=K, N=N, M=M)
     use_graph = M <= GRAPH_MAX_M
-    route = lk.forward_route(M, qs[0], DTYPE, dev, r)
+    route = lk.forward_route(M, qs[0], DTYPE, dev)
     lora_base = dict(base, r=r, flops=forward_flops(M, K, N, r), bytes=forward_bytes(M, K, N, r, qbytes))
     q_sets = [(xs[i], qs[i % nw_q], As[i % nw_q], Bs[i % nw_q]) for i in range(n_q)]
     nwq_used = min(n_q, nw_q)
@@ -704,7 +704,7 @@ def run_cpu(args, lk, env, t0: float) -> tuple[list[dict], dict, list[str]]:
             B = _randn((N, r), gen, dev, 0.02)
             for M in ms:
                 x = _randn((M, K), gen, dev)
-                route = lk.forward_route(M, q, x.dtype, x.device, r)
+                route = lk.forward_route(M, q, x.dtype, x.device)
                 chk = correctness(lk, reference, x, q, A, B)
                 chk.pop("_ref", None)
                 row = new_row(bench="forward", device="cpu", shape=shape, K=K, N=N, M=M, r=r, method="ours",

@@ -266,7 +266,7 @@ def _time_directions(args, lk, library, methods, directions, layers, base, r, fi
     and freed after)."""
     n, M, K, N = len(xs), base["M"], base["K"], base["N"]
     dev = xs[0].device
-    fr, br = _route(lk, "forward_route", M, q, DTYPE, dev, r), _route(lk, "backward_route", q, DTYPE, dev, M, r)
+    fr, br = _route(lk, "forward_route", M, q, DTYPE, dev), _route(lk, "backward_route", q, DTYPE, dev)
     routes = {"fwd+bwd": f"{fr} / {br}" if fr and br else fr, "fwd": fr, "bwd": br}
     lora = dict(base, r=r)
 

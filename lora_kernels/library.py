@@ -34,7 +34,7 @@ BACKENDS = ("cuda", "triton", "cpp", "reference")
 _PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: the dtypes the LoRA linears accept for x and their tensor operands (float64: gradcheck and references)
-_OPERAND_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_OPERAND_DTYPES = _FLOAT_DTYPES + (torch.float64,)
 
 _reference_backend = types.SimpleNamespace(
     quantize_blocks=reference.quantize_blocks_reference,
@@ -246,9 +246,8 @@ def _fallback_route(weight, dtype: torch.dtype, device: torch.device) -> str | N
     return None
 
 
-def forward_route(M: int, weight, x_dtype: torch.dtype, device: torch.device, rank: int = 0) -> str:
-    """The route ``lora_linear`` takes for M rows of x on ``device`` (one visible decision).
-    ``rank`` (the LoRA term's, 0: none) is accepted for callers that pass it; no route depends on it."""
+def forward_route(M: int, weight, x_dtype: torch.dtype, device: torch.device) -> str:
+    """The route ``lora_linear`` takes for M rows of x on ``device`` -- one visible decision."""
     route = _fallback_route(weight, x_dtype, device)
     if route is not None:
         return route
@@ -433,9 +432,8 @@ def _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias, whole_weight: bool =
     return y
 
 
-def backward_route(weight, dy_dtype: torch.dtype, device: torch.device, M: int = 0, rank: int = 0) -> str:
-    """The route ``lora_linear_dx`` takes (one of BACKWARD_ROUTES).  ``M`` (dy's rows) and ``rank``
-    (the LoRA term's) are accepted for callers that pass them; no route depends on them."""
+def backward_route(weight, dy_dtype: torch.dtype, device: torch.device) -> str:
+    """The route ``lora_linear_dx`` takes (one of BACKWARD_ROUTES)."""
     return _fallback_route(weight, dy_dtype, device) or ("merge-cublas" if _ext.triton_available()
                                                          else "dequant-cublas")
 
@@ -465,17 +463,7 @@ def lora_linear_dx(dy: torch.Tensor, weight, lora_a: torch.Tensor | None = None,
         raise ValueError(f"lora_linear_dx: dy must be [M, N={N}], got {tuple(dy.shape)}")
     if dy.device != weight.device:
         raise ValueError(f"lora_linear_dx: dy is on {dy.device} but the weight is on {weight.device}")
-    if (lora_a is None) != (lora_b is None):
-        raise ValueError("lora_linear_dx: give both lora_a and lora_b, or neither")
-    if lora_a is not None:
-        if not isinstance(lora_a, torch.Tensor) or not isinstance(lora_b, torch.Tensor):
-            raise TypeError(f"lora_linear_dx: lora_a and lora_b must be tensors, got {type(lora_a).__name__} and "
-                            f"{type(lora_b).__name__}")
-        if tuple(lora_a.shape[1:]) != (K,) or tuple(lora_b.shape) != (N, lora_a.shape[0]):
-            raise ValueError(f"lora_linear_dx: lora_a must be [r, K={K}] and lora_b [N={N}, r], got "
-                             f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
-        if lora_a.shape[0] < 1:
-            raise ValueError("lora_linear_dx: the rank r must be >= 1 (lora_a has 0 rows)")
+    _check_adapters("lora_linear_dx", lora_a, lora_b, N, K)
     check_operand_dtypes("lora_linear_dx", dy, weight, lora_a, lora_b, None, scale, x_name="dy")
     return dx_2d(dy, weight, lora_a, lora_b, scale, route=route, whole_weight=whole_weight)
 
@@ -516,6 +504,26 @@ def dx_2d(dy: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: torch.T
         su = ((dy @ lora_b.to(dt)).to(acc) * s).to(dt)
         dx.addmm_(su, lora_a.to(dt))
     return dx
+
+
+def _check_adapters(fn: str, lora_a, lora_b, N: int, K: int, device: torch.device | None = None) -> None:
+    """The adapter checks ``lora_linear`` and ``lora_linear_dx`` share: both or neither, tensors,
+    lora_a [r, K] and lora_b [N, r] with r >= 1, and (``device`` given) both on ``device``."""
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError(f"{fn}: give both lora_a and lora_b, or neither")
+    if lora_a is None:
+        return
+    if not isinstance(lora_a, torch.Tensor) or not isinstance(lora_b, torch.Tensor):
+        raise TypeError(f"{fn}: lora_a and lora_b must be tensors, got {type(lora_a).__name__} and "
+                        f"{type(lora_b).__name__}")
+    r = lora_a.shape[0] if lora_a.dim() == 2 else -1
+    if lora_a.dim() != 2 or lora_a.shape[1] != K or lora_b.dim() != 2 or tuple(lora_b.shape) != (N, r):
+        raise ValueError(f"{fn}: lora_a must be [r, K={K}] and lora_b [N={N}, r], got "
+                         f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    if r < 1:
+        raise ValueError(f"{fn}: the rank r must be >= 1 (lora_a has 0 rows)")
+    if device is not None and (lora_a.device != device or lora_b.device != device):
+        raise ValueError(f"{fn}: lora_a/lora_b must be on the weight's device {device}")
 
 
 def check_operand_dtypes(fn: str, x: torch.Tensor, weight, lora_a, lora_b, bias, scale, x_name: str = "x") -> None:
@@ -569,20 +577,7 @@ def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None = None, lor
         raise ValueError(f"lora_linear: x's last dim is {x.shape[-1]}, the weight expects K={K}")
     if x.device != wdev:
         raise ValueError(f"lora_linear: x is on {x.device} but the weight is on {wdev}")
-    if (lora_a is None) != (lora_b is None):
-        raise ValueError("lora_linear: give both lora_a and lora_b, or neither")
-    if lora_a is not None:
-        if not isinstance(lora_a, torch.Tensor) or not isinstance(lora_b, torch.Tensor):
-            raise TypeError(f"lora_linear: lora_a and lora_b must be tensors, got {type(lora_a).__name__} and "
-                            f"{type(lora_b).__name__}")
-        r = lora_a.shape[0] if lora_a.dim() == 2 else -1
-        if lora_a.dim() != 2 or lora_a.shape[1] != K or lora_b.dim() != 2 or tuple(lora_b.shape) != (N, r):
-            raise ValueError(f"lora_linear: lora_a must be [r, K={K}] and lora_b [N={N}, r], got "
-                             f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
-        if r < 1:
-            raise ValueError("lora_linear: the rank r must be >= 1 (lora_a has 0 rows)")
-        if lora_a.device != wdev or lora_b.device != wdev:
-            raise ValueError(f"lora_linear: lora_a/lora_b must be on the weight's device {wdev}")
+    _check_adapters("lora_linear", lora_a, lora_b, N, K, wdev)
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,) or bias.device != wdev):
         raise ValueError(f"lora_linear: bias must be a [N={N}] tensor on {wdev}, got "
                          f"{getattr(bias, 'shape', type(bias).__name__)}")

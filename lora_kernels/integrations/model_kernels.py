@@ -79,12 +79,11 @@ def _fused_rope(q, k, cos, sin, unsqueeze_dim=1):
 
 
 def _attention_forward(self, *args, **kwargs):
+    original = getattr(type(self), _ORIGINAL)   # (not type(self).__dict__: dynamo breaks on mappingproxy reads)
     if torch.compiler.is_compiling():
         # traced, the fused op would trace transformers' own function (model_ops' references), and
-        # swapping a module global (or reading the class's mappingproxy) inside a traced frame is a
-        # graph break: run the original forward as it is
-        return getattr(type(self), _ORIGINAL).forward(self, *args, **kwargs)
-    original = type(self).__dict__[_ORIGINAL]
+        # swapping a module global inside a traced frame is a graph break: run the original as it is
+        return original.forward(self, *args, **kwargs)
     module = sys.modules[original.__module__]
     previous = module.apply_rotary_pos_emb
     module.apply_rotary_pos_emb = _fused_rope
