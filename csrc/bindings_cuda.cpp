@@ -143,7 +143,7 @@ std::string validate_lora_gemv(const at::Tensor& x, const at::Tensor& packed, co
                                const std::optional<at::Tensor>& bias, int64_t variant) {
   constexpr const char* fn = "lora_gemv";
   std::string e;
-  if (variant != 1 && variant != 2 && variant != 3) return fmt(fn, ": variant must be 1, 2 or 3, got ", variant);
+  if (variant < 1 || variant > 4) return fmt(fn, ": variant must be 1, 2, 3 or 4, got ", variant);
   if (!x.defined() || x.device().type() != kDev) return fmt(fn, ": x must be a CUDA tensor");
   if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf)
     return fmt(fn, ": x must be bfloat16 or float16, got ", x.scalar_type());
@@ -214,7 +214,9 @@ std::string validate_lora_gemv(const at::Tensor& x, const at::Tensor& packed, co
 // variant 1: csrc/cuda/nf4_gemv.cu (T kernel + GEMV); variant 2: csrc/cuda/nf4_gemv_v2.cu (one
 // persistent launch; falls back to variant 1 where its configuration does not fit the device);
 // variant 3: csrc/cuda/nf4_gemv_v3.cu (CUDA-core GEMV for small M; falls back to variant 1 where
-// nf4_lora_gemv_v3_config says no, e.g. M above its limit).
+// nf4_lora_gemv_v3_config says no, e.g. M above its limit); variant 4: csrc/cuda/nf4_gemv_v4.cu
+// (tensor cores, weight as the MMA's A operand, persistent grid; falls back to variant 1 where
+// nf4_lora_gemv_v4_config says no).
 at::Tensor lora_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                      const std::optional<at::Tensor>& nested_absmax,
                      const std::optional<at::Tensor>& nested_code,
@@ -276,6 +278,12 @@ at::Tensor lora_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
     check_launch(cuda::launch_nf4_lora_gemv_v3(a, ws_bytes > 0 ? ws.data_ptr() : nullptr, ws_bytes, stream), fn);
     return y;
   }
+  if (variant == 4 && cuda::nf4_lora_gemv_v4_config(a, &ws_bytes)) {
+    at::Tensor ws;
+    if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
+    check_launch(cuda::launch_nf4_lora_gemv_v4(a, ws_bytes > 0 ? ws.data_ptr() : nullptr, ws_bytes, stream), fn);
+    return y;
+  }
   at::Tensor t_ws;
   if (has_lora) {
     t_ws = at::empty({M, static_cast<int64_t>(a.r)}, x.options().dtype(at::kFloat));
@@ -323,6 +331,15 @@ bool lora_gemv_v3_supported(int64_t M, int64_t N, int64_t K, int64_t blocksize, 
   return planner_args(M, N, K, blocksize, r, &a) && cuda::nf4_lora_gemv_v3_config(a, &ws);
 }
 
+// Whether lora_gemv(..., variant=4) runs variant 4 for these sizes on the current device (r = 0: no
+// low-rank term; bf16, no double quantization: the answer does not depend on either), or falls back
+// to variant 1 (tests, benchmarks).
+bool lora_gemv_v4_supported(int64_t M, int64_t N, int64_t K, int64_t blocksize, int64_t r) {
+  cuda::GemvArgs a;
+  size_t ws = 0;
+  return planner_args(M, N, K, blocksize, r, &a) && cuda::nf4_lora_gemv_v4_config(a, &ws);
+}
+
 }  // namespace
 }  // namespace lora_kernels
 
@@ -337,7 +354,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "2 = csrc/cuda/nf4_gemv_v2.cu (one persistent launch; same math, falls back to 1 where it\n"
       "does not fit the device); 3 = csrc/cuda/nf4_gemv_v3.cu (CUDA-core GEMV for small M: M <= 4\n"
       "unless LORA_KERNELS_GEMV_V3_MAX_M (<= 8) says otherwise; falls back to 1 beyond that, see\n"
-      "lora_gemv_v3_supported).  lora_kernels reads LORA_KERNELS_GEMV_VARIANT.";
+      "lora_gemv_v3_supported); 4 = csrc/cuda/nf4_gemv_v4.cu (tensor cores with the weight as the MMA's A\n"
+      "operand, persistent grid, M <= 16; falls back to 1 where it does not fit, see lora_gemv_v4_supported).\n"
+      "lora_kernels reads LORA_KERNELS_GEMV_VARIANT.";
   m.def("lora_gemv", &lora_kernels::lora_gemv, gemv_doc.c_str(), py::arg("x"), py::arg("packed"),
         py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"), py::arg("offset"), py::arg("code"),
         py::arg("n"), py::arg("blocksize"), py::arg("lora_a") = py::none(), py::arg("lora_b") = py::none(),
@@ -351,6 +370,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_gemv_v3_supported", &lora_kernels::lora_gemv_v3_supported,
         "lora_gemv_v3_supported(M, N, K, blocksize, r) -> bool\n\nWhether lora_gemv(..., variant=3) runs "
         "variant 3 for these sizes on the current device (r = 0: no low-rank term); False: it falls back to "
+        "variant 1.",
+        py::arg("M"), py::arg("N"), py::arg("K"), py::arg("blocksize"), py::arg("r") = 0);
+  m.def("lora_gemv_v4_supported", &lora_kernels::lora_gemv_v4_supported,
+        "lora_gemv_v4_supported(M, N, K, blocksize, r) -> bool\n\nWhether lora_gemv(..., variant=4) runs "
+        "variant 4 for these sizes on the current device (r = 0: no low-rank term); False: it falls back to "
         "variant 1.",
         py::arg("M"), py::arg("N"), py::arg("K"), py::arg("blocksize"), py::arg("r") = 0);
 }

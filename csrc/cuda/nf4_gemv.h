@@ -75,5 +75,19 @@ bool nf4_lora_gemv_v3_config(const GemvArgs& args, size_t* workspace_bytes);
 cudaError_t launch_nf4_lora_gemv_v3(const GemvArgs& args, void* workspace, size_t workspace_bytes,
                                     cudaStream_t stream);
 
+// Variant 4 (csrc/cuda/nf4_gemv_v4.cu): tensor-core GEMV for M = 1..16 with the weight as the MMA's
+// A operand (16 weight rows per m16n8k16 MMA, rows of x as its n8 columns), a persistent grid (SMs x
+// CTAs per SM) splitting the (16-row tile, K slice) work evenly, a byte -> dtype-pair table built
+// in shared memory once per CTA, x of the K slice in shared memory; same math as variant 1 (block
+// scale per 64 products after the MMA), another fp32 summation order.
+// nf4_lora_gemv_v4_config: false when variant 4 does not take these arguments (sm < 80, 32-bit index
+// overflow, shared memory, ...): the caller then runs variant 1; else *workspace_bytes = the device
+// workspace it needs (T = x·Aᵀ ⊙ s with a low-rank term; fp32 partial sums [S][M][N] when K is split
+// into S > 1 slices; 0 when neither; t_ws is not used).  No initialization needed; reusable by the
+// next call on the same stream.  $LORA_KERNELS_GEMV_V4_PDL=0 turns programmatic dependent launch off.
+bool nf4_lora_gemv_v4_config(const GemvArgs& args, size_t* workspace_bytes);
+cudaError_t launch_nf4_lora_gemv_v4(const GemvArgs& args, void* workspace, size_t workspace_bytes,
+                                    cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace lora_kernels
