@@ -4,7 +4,8 @@ dtype / fp32 / none, scalar and per-rank scale, bf16 and fp16.  Every correctnes
 kernel variants (the ``variant`` fixture sets LORA_KERNELS_GEMV_VARIANT, read by
 lora_kernels.library._cuda_gemv): 1 = csrc/cuda/nf4_gemv.cu, 2 = csrc/cuda/nf4_gemv_v2.cu,
 3 = csrc/cuda/nf4_gemv_v3.cu (run with LORA_KERNELS_GEMV_V3_MAX_M=8, so every M it is built for is
-tested; larger M falls back to variant 1).
+tested; larger M falls back to variant 1), 4 = csrc/cuda/nf4_gemv_v4.cu (every M <= 16; skipped when the
+build lacks lora_gemv_v4_supported).
 Error rule: at most 2x the error of PyTorch computing the same formula in x's dtype.
 The output is allocated by the extension, so the caching allocator is first filled with NaN
 ("poisoned"): an element the kernel fails to write comes back NaN.
@@ -38,9 +39,13 @@ def _ext_or_skip():
 V3_MAX_M = 8   # rows of x variant 3 is built for (csrc/cuda/nf4_gemv.h kV3MaxM); its default limit is 4
 
 
-@pytest.fixture(params=[1, 2, 3], ids=["v1", "v2", "v3"])
+@pytest.fixture(params=[1, 2, 3, 4], ids=["v1", "v2", "v3", "v4"])
 def variant(request, monkeypatch):
-    """Runs the test once per kernel variant (variants 2 and 3 must really run, not fall back)."""
+    """Runs the test once per kernel variant (variants 2, 3 and 4 must really run, not fall back)."""
+    if request.param == 4:
+        ext = _ext.cuda_ext()
+        if ext is not None and hasattr(ext, "lora_gemv") and not hasattr(ext, "lora_gemv_v4_supported"):
+            pytest.skip("lora_kernels._C_cuda was built without variant 4 (lora_gemv_v4_supported)")
     monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", str(request.param))
     if request.param == 3:
         monkeypatch.setenv("LORA_KERNELS_GEMV_V3_MAX_M", str(V3_MAX_M))
@@ -54,15 +59,25 @@ def _v3_supported(M, K, N, r, bs):
     return ext.lora_gemv_v3_supported(M, N, K, bs, r)
 
 
+def _v4_supported(M, K, N, r, bs):
+    ext = _ext_or_skip()
+    if not hasattr(ext, "lora_gemv_v4_supported"):
+        pytest.skip("lora_kernels._C_cuda was built without variant 4 (lora_gemv_v4_supported)")
+    return ext.lora_gemv_v4_supported(M, N, K, bs, r)
+
+
 def _assert_runs(variant, M, K, N, r, bs):
-    """Variants 2 and 3 must run these sizes themselves (variant 3 for M <= V3_MAX_M; above that it
-    falls back to variant 1 by design, which the v1 cases test)."""
+    """Variants 2, 3 and 4 must run these sizes themselves (variant 3 for M <= V3_MAX_M; above that it
+    falls back to variant 1 by design, which the v1 cases test; variant 4 for every M <= 16)."""
     if variant == 2:
         ws = _ext_or_skip().lora_gemv_v2_workspace(M, N, K, bs, r)
         assert ws >= 0, f"variant 2 would fall back to variant 1 for M={M} K={K} N={N} r={r} bs={bs}"
     if variant == 3 and M <= V3_MAX_M:
         assert _v3_supported(M, K, N, r, bs), \
             f"variant 3 would fall back to variant 1 for M={M} K={K} N={N} r={r} bs={bs}"
+    if variant == 4 and M <= 16:
+        assert _v4_supported(M, K, N, r, bs), \
+            f"variant 4 would fall back to variant 1 for M={M} K={K} N={N} r={r} bs={bs}"
 
 
 def _skip_v3_above_max_m(variant, M):
@@ -151,7 +166,7 @@ def test_big_shapes_and_3d(variant, rng):
         _assert_runs(variant, 16, K, N, 16, 64)
         _check(*_case(1, K, N, 16, torch.bfloat16, rng))
         _check(*_case(16, K, N, 16, torch.bfloat16, rng))
-        if variant == 3:   # K split over CTAs (x of the slice in shared memory) + the finish kernel
+        if variant in (3, 4):   # K split over CTAs (x of the slice in shared memory) + the finish kernel
             _assert_runs(variant, 8, K, N, 16, 64)
             _check(*_case(8, K, N, 16, torch.bfloat16, rng))
     _check(*_case(4, 4096, 1024, 16, torch.bfloat16, rng, lead=(2,)))   # x [2, 4, K]: M = 8
@@ -218,6 +233,11 @@ def test_variants_agree(M, rng, monkeypatch):
             y3 = ext.lora_gemv(*args, variant=3).float()
             assert torch.isfinite(y3).all()
             assert ((y1 - y3).norm() / y1.norm()).item() < 2e-3
+        if hasattr(ext, "lora_gemv_v4_supported"):
+            assert ext.lora_gemv_v4_supported(M, N, K, bs, r)
+            y4 = ext.lora_gemv(*args, variant=4).float()
+            assert torch.isfinite(y4).all()
+            assert ((y1 - y4).norm() / y1.norm()).item() < 2e-3
 
 
 @gpu
@@ -278,6 +298,27 @@ def test_v3_repeated_calls_and_graph_replay(pdl, rng, monkeypatch):
         _check_graph_replays(case, rng, 3)
 
 
+@gpu
+@pytest.mark.parametrize("pdl", ["1", "0"], ids=["pdl", "nopdl"])
+def test_v4_repeated_calls_and_graph_replay(pdl, rng, monkeypatch):
+    """Variant 4 chains up to three kernels (T = x·Aᵀ, the persistent GEMV as a programmatic dependent
+    launch, the finish kernel when K is split into slices: M = 16 with K = 8192 on an H100): eager calls
+    of several shapes in turn and CUDA-graph replays with new inputs must all be right, with and without
+    programmatic dependent launch."""
+    _ext_or_skip()
+    monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "4")
+    monkeypatch.setenv("LORA_KERNELS_GEMV_V4_PDL", pdl)
+    cases = [(1, 4096, 4096, 16), (16, 8192, 1000, 16), (5, 14336, 300, 0), (12, 1024, 333, 64)]
+    for M, K, N, r in cases:
+        _assert_runs(4, M, K, N, r, 64)
+    made = [_case(M, K, N, r, torch.bfloat16, rng, vec=(M == 12)) for M, K, N, r in cases]
+    for _ in range(2):
+        for c in made:
+            _check(*c)
+    for case in (made[0], made[1]):
+        _check_graph_replays(case, rng, 3)
+
+
 # ---- raw-binding argument checks, each call in a child process -----------------------------------
 # On the H100 (torch 2.11) eight of these calls used to segfault instead of raising (see
 # csrc/nf4_checks.h): the calls run in a child process, so a crash fails the case it happened in
@@ -293,7 +334,8 @@ _BAD_ARGS = [  # (case id, edit of a valid call, expected message)
     ("lora_b-shape", dict(bb="r4"), "lora_b"),
     ("lora_a-dtype", dict(a="half"), "lora_a"),
     ("x-cpu", dict(xx="cpu"), "CUDA"),
-    ("variant-4", dict(variant=4), "variant"),
+    ("variant-5", dict(variant=5), "variant"),
+    ("variant-0", dict(variant=0), "variant"),
 ]
 
 _CHILD = r"""
@@ -333,7 +375,7 @@ def _run_bad_args():
     all cases (a new one after each crash)."""
     if _bad_results:
         return _bad_results
-    todo = [[cid, case, v] for cid, case, _ in _BAD_ARGS for v in (1, 2, 3)]
+    todo = [[cid, case, v] for cid, case, _ in _BAD_ARGS for v in (1, 2, 3, 4)]
     root = str(pathlib.Path(__file__).resolve().parents[1])
     while todo:
         proc = subprocess.run([sys.executable, "-c", _CHILD, root, json.dumps(todo)], capture_output=True,
@@ -369,7 +411,7 @@ def _run_bad_args():
 
 
 @gpu
-@pytest.mark.parametrize("variant_arg", [1, 2, 3], ids=["v1", "v2", "v3"])
+@pytest.mark.parametrize("variant_arg", [1, 2, 3, 4], ids=["v1", "v2", "v3", "v4"])
 @pytest.mark.parametrize("cid, case, msg", _BAD_ARGS, ids=[c[0] for c in _BAD_ARGS])
 def test_extension_rejects_bad_arguments(cid, case, msg, variant_arg):
     _ext_or_skip()
