@@ -57,7 +57,23 @@
 // Numerics: variant 1's products (dtype(code) · x in fp32 through the MMA, times the fp32 absmax
 // per 64 products); another fp32 summation order.
 //
-// Cost (SASS_COUNTS_PLACEHOLDER)
+// Resources (nvcc 13.0 -O3 --fmad=false, sm_90 and sm_80): 512 threads, 128 registers, no spills (kD = 4
+// spilled 4-12 bytes at NT8 = 1, hence kD = 3); dynamic shared memory 65536 (table + slots) + 1024 +
+// M · (CS · 128 + 16) bytes: 82 KB at M = 1, 197 KB at M = 16, K = 4096; 1 CTA per SM.
+// Cost, read off the sm_90 SASS (cuobjdump; bf16, double quant; the full-batch path of the main loop,
+// per 16 packed bytes per lane = 512 B per warp): issue block 80 / 3 chunks + compute block 221 / 3
+// + ~15 / 3 loop and flush test:
+//    M = 1 (one n8 tile):  ~105 instructions = 16 PRMT + 18 LDS (16 table + 2 nested code) + 2 LDS.128
+//        (x) + 4 HMMA + 4 FFMA + ~14 IMAD.IADD (the table base added to each prmt result: a next step
+//        is to address the table with a zero-based shared-window register) + 2 LDG.64 + 4 absmax LDG
+//        + address / loop;
+//    M = 16 (two n8 tiles): ~124 (+ 4 HMMA, 2 LDS.128, 4 FFMA per 16 B).
+//  Issue bound (4 warp-instr / cycle / SM, 132 SMs, ~1.755 GHz): M = 1 ~4.5 TB/s, M = 16 ~3.8 TB/s, so
+//  at ~2.6 TB/s the SMs issue at ~60-70 %: memory-bound on paper, with little slack.
+// PREDICTED (not measured; H100 SXM, CUDA-graph replay, bf16, bs 64, double quant, r = 16; ~3 %
+// grid imbalance (7 vs 6.8 tiles per SM), ~1.5 us launch / table / x staging / tail, ~0.5 us LoRA):
+//    4096x14336  M = 1: ~13.5 us, M = 16: ~15.5 us (S = 1; 128 KB x staging per CTA)  (floor 10.1)
+//    8192x28672  M = 1: ~50 us,   M = 16: ~57 us (S = 2: 7.3 MB of partials + finish kernel) (floor 40.3)
 #include "cuda/nf4_gemv.h"
 
 #include <cuda_bf16.h>
