@@ -59,7 +59,7 @@
 //
 // Resources (nvcc 13.0 -O3 --fmad=false, sm_90 and sm_80): 512 threads, 128 registers, no spills (kD = 4
 // spilled 4-12 bytes at NT8 = 1, hence kD = 3); dynamic shared memory 65536 (table + slots) + 1024 +
-// M · (CS · 128 + 16) bytes: 82 KB at M = 1, 197 KB at M = 16, K = 4096; 1 CTA per SM.
+// M · (CS · 128 + 16) bytes: 75 KB at M = 1, 198 KB at M = 16 (K = 4096); 1 CTA per SM.
 // Cost, read off the sm_90 SASS (cuobjdump; bf16, double quant; the full-batch path of the main loop,
 // per 16 packed bytes per lane = 512 B per warp): issue block 80 / 3 chunks + compute block 221 / 3
 // + ~15 / 3 loop and flush test:
