@@ -278,12 +278,19 @@ def _cuda_gemv(x2d, weight: NF4Weight, lora_a, lora_b, scale, bias) -> torch.Ten
         bias = bias.to(dt)
     q = weight
     nested = q.double_quant
-    v = os.environ.get("LORA_KERNELS_GEMV_VARIANT")
-    variant = int(v) if v else gemv_variant(x2d.shape[0], q.shape[0], q.shape[1], lora_a is not None)
+    variant = gemv_variant_chosen(x2d.shape[0], q.shape[0], q.shape[1], lora_a is not None)
     return _ext.cuda_ext().lora_gemv(
         x2d, q.packed.view(-1), q.absmax, q.nested_absmax if nested else None, q.nested_code if nested else None,
         q.offset if nested else None, q.code, q.shape[0], q.blocksize, lora_a, lora_b, s, scale_vec,
         None if bias is None else bias.contiguous(), variant)
+
+
+def gemv_variant_chosen(M: int, N: int, K: int, has_lora: bool) -> int:
+    """The decode kernel variant the cuda-gemv route asks the extension for: $LORA_KERNELS_GEMV_VARIANT
+    when set (1-4; tests and A/B runs), else ``gemv_variant``.  The extension falls back to variant 1
+    where the asked variant cannot take the sizes (``lora_gemv_v{2,3,4}_supported`` say when)."""
+    v = os.environ.get("LORA_KERNELS_GEMV_VARIANT")
+    return int(v) if v else gemv_variant(M, N, K, has_lora)
 
 
 def gemv_variant(M: int, N: int, K: int, has_lora: bool) -> int:
