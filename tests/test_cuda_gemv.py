@@ -533,3 +533,14 @@ def test_gemv_variant_rule():
     assert gemv_variant(1, 4096, 4096, False) == 2
     assert gemv_variant(1, 4096, 4096, True) == 1
     assert gemv_variant(2, 14336, 4096, True) == 1 and gemv_variant(16, 28672, 8192, False) == 1
+
+
+def test_gemv_variant_chosen_env_override(monkeypatch):
+    """$LORA_KERNELS_GEMV_VARIANT overrides the measured rule; unset, the rule decides."""
+    from lora_kernels.library import gemv_variant, gemv_variant_chosen
+
+    monkeypatch.delenv("LORA_KERNELS_GEMV_VARIANT", raising=False)
+    for args in ((1, 14336, 4096, True), (1, 4096, 4096, False), (16, 28672, 8192, True)):
+        assert gemv_variant_chosen(*args) == gemv_variant(*args)
+    monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "4")
+    assert gemv_variant_chosen(1, 4096, 4096, True) == 4 and gemv_variant_chosen(16, 28672, 8192, False) == 4
