@@ -1,6 +1,7 @@
-// Pieces shared by the three decode kernels (nf4_gemv.cu, nf4_gemv_v2.cu, nf4_gemv_v3.cu):
-// the bf16 / fp16 conversions and tensor-core MMA behind one ``Num<T>``, and the cached device
-// attributes the launch planners read.  Internal linkage (an anonymous namespace): each kernel
+// Pieces shared by the decode kernels (nf4_gemv.cu, nf4_gemv_v2.cu, nf4_gemv_v3.cu, nf4_gemv_v4.cu):
+// the bf16 / fp16 conversions and tensor-core MMA behind one ``Num<T>``, the cached device
+// attributes the launch planners read, and (v3, v4) the T kernel, the LoRA + bias store and the
+// slice-sum finish kernel.  Internal linkage (an anonymous namespace): each kernel
 // file gets its own copy, as when they were written out in each file.
 #pragma once
 
@@ -115,6 +116,94 @@ inline DevInfo dev_info() {
 }
 
 inline size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
+// ---------------------------------------------------------------------------------------------
+// Pieces of the decode kernels that run the low-rank term as T = (x · Aᵀ) ⊙ s first and the GEMV
+// as its programmatic dependent (nf4_gemv_v3.cu, nf4_gemv_v4.cu)
+// ---------------------------------------------------------------------------------------------
+// Programmatic dependent launch (sm_90; no-ops below, and wait returns at once when the grid was
+// not launched as a dependent).
+__device__ __forceinline__ void griddep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void griddep_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// T[m, j] = s_j · Σ_k x[m, k] A[j, k]  (grid (r, M), kThreads threads; K % 8 == 0, 16-byte rows);
+// s_j = scale_vec[j] when given, else scale.  Lets its dependent grid start at once.
+template <typename T, int kThreads>
+__global__ void __launch_bounds__(kThreads)
+lora_t_pdl_kernel(const T* __restrict__ x, const T* __restrict__ a, int K, int r, float scale,
+                  const float* __restrict__ scale_vec, float* __restrict__ t) {
+  griddep_launch_dependents();  // the GEMV (launched after this as a dependent) may start now
+  const int j = blockIdx.x, m = blockIdx.y;
+  const uint4* xr = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * K);
+  const uint4* ar = reinterpret_cast<const uint4*>(a + static_cast<int64_t>(j) * K);
+  float acc = 0.f;
+  const int nv = K / 8;
+#pragma unroll 4
+  for (int v = threadIdx.x; v < nv; v += kThreads) {
+    const uint4 xv = __ldg(xr + v), av = __ldg(ar + v);
+    const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w}, aw[4] = {av.x, av.y, av.z, av.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float x0, x1, a0, a1;
+      Num<T>::unpack(xw[i], x0, x1);
+      Num<T>::unpack(aw[i], a0, a1);
+      acc = __fmaf_rn(x0, a0, acc);
+      acc = __fmaf_rn(x1, a1, acc);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) acc = __fadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, o));
+  __shared__ float part[kThreads / 32];
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) total = __fadd_rn(total, part[w]);
+    t[static_cast<int64_t>(m) * r + j] = __fmul_rn(total, scale_vec != nullptr ? scale_vec[j] : scale);
+  }
+}
+
+// y[m, n] = dtype(v + Σ_j T[m, j] B[n, j] + bias[n]) (fp32 sums in that order; no T: no low-rank
+// term; bias of dtype or fp32).  P: a kernel's parameter struct with y, N, t, r, lora_b, bias, bias_f32.
+template <typename T, typename P>
+__device__ __forceinline__ void store_lora_bias(const P& p, int m, int n, float v) {
+  if (p.t != nullptr) {
+    const float* tr = p.t + static_cast<int64_t>(m) * p.r;
+    const T* br = static_cast<const T*>(p.lora_b) + static_cast<int64_t>(n) * p.r;
+    float lora = 0.f;
+    for (int j = 0; j < p.r; ++j) lora = __fmaf_rn(tr[j], Num<T>::to_float(br[j]), lora);
+    v = __fadd_rn(v, lora);
+  }
+  if (p.bias != nullptr) {
+    const float b = p.bias_f32 ? static_cast<const float*>(p.bias)[n]
+                               : Num<T>::to_float(static_cast<const T*>(p.bias)[n]);
+    v = __fadd_rn(v, b);
+  }
+  static_cast<T*>(p.y)[static_cast<int64_t>(m) * p.N + n] = Num<T>::from_float(v);
+}
+
+// K split into S slices: y[m, n] from the fp32 partials part[S][M][N] summed in slice order, then
+// store_lora_bias.  One thread per output, kThreads per CTA; a programmatic dependent of the GEMV.
+template <typename T, typename P, int kThreads>
+__global__ void __launch_bounds__(kThreads) slices_finish_kernel(const P p) {
+  griddep_wait();  // the GEMV (and through it the T kernel) complete and visible
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t MN = static_cast<int64_t>(p.M) * p.N;
+  if (idx >= MN) return;
+  const int m = static_cast<int>(idx / p.N), n = static_cast<int>(idx - static_cast<int64_t>(m) * p.N);
+  float v = p.part[idx];
+  for (int s = 1; s < p.S; ++s) v = __fadd_rn(v, p.part[s * MN + idx]);
+  store_lora_bias<T>(p, m, n, v);
+}
 
 }  // namespace
 }  // namespace cuda

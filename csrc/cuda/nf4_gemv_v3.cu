@@ -75,19 +75,6 @@ constexpr int kXMaxBytes = 46 * 1024;
 constexpr int kTThreads3 = 256;
 constexpr int kFinishThreads = 256;
 
-// Programmatic dependent launch (sm_90; no-ops below, and wait returns at once when the grid was
-// not launched as a dependent).
-__device__ __forceinline__ void griddep_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void griddep_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
 // Streaming 16-byte load of the packed weight (read once: no L1 allocation).
 __device__ __forceinline__ uint4 ldg_stream_v4(const uint8_t* p) {
   uint4 v;
@@ -95,45 +82,6 @@ __device__ __forceinline__ uint4 ldg_stream_v4(const uint8_t* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
-}
-
-// ---------------------------------------------------------------------------------------------
-// T[m, j] = s_j · Σ_k x[m, k] A[j, k]  (grid (r, M), 256 threads; K % 8 == 0, 16-byte rows)
-// ---------------------------------------------------------------------------------------------
-template <typename T>
-__global__ void __launch_bounds__(kTThreads3)
-v3_lora_t_kernel(const T* __restrict__ x, const T* __restrict__ a, int K, int r, float scale,
-                 const float* __restrict__ scale_vec, float* __restrict__ t) {
-  griddep_launch_dependents();  // the GEMV (launched after this as a dependent) may start now
-  const int j = blockIdx.x, m = blockIdx.y;
-  const uint4* xr = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * K);
-  const uint4* ar = reinterpret_cast<const uint4*>(a + static_cast<int64_t>(j) * K);
-  float acc = 0.f;
-  const int nv = K / 8;
-#pragma unroll 4
-  for (int v = threadIdx.x; v < nv; v += kTThreads3) {
-    const uint4 xv = __ldg(xr + v), av = __ldg(ar + v);
-    const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w}, aw[4] = {av.x, av.y, av.z, av.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float x0, x1, a0, a1;
-      Num<T>::unpack(xw[i], x0, x1);
-      Num<T>::unpack(aw[i], a0, a1);
-      acc = __fmaf_rn(x0, a0, acc);
-      acc = __fmaf_rn(x1, a1, acc);
-    }
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) acc = __fadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, o));
-  __shared__ float part[kTThreads3 / 32];
-  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = acc;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < kTThreads3 / 32; ++w) total = __fadd_rn(total, part[w]);
-    t[static_cast<int64_t>(m) * r + j] = __fmul_rn(total, scale_vec != nullptr ? scale_vec[j] : scale);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -390,31 +338,6 @@ __global__ void __launch_bounds__(kV3Threads, 2) nf4_gemv_v3_kernel(const V3Para
   }
 }
 
-// y[m, n] = Σ_s part[s][m][n] (slice order) + Σ_j T[m, j] B[n, j] + bias, one thread per (m, n).
-template <typename T>
-__global__ void __launch_bounds__(kFinishThreads) v3_finish_kernel(const V3Params p) {
-  griddep_wait();  // the GEMV (and through it the T kernel) complete and visible
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kFinishThreads + threadIdx.x;
-  const int64_t MN = static_cast<int64_t>(p.M) * p.N;
-  if (idx >= MN) return;
-  const int m = static_cast<int>(idx / p.N), n = static_cast<int>(idx - static_cast<int64_t>(m) * p.N);
-  float v = p.part[idx];
-  for (int s = 1; s < p.S; ++s) v = __fadd_rn(v, p.part[s * MN + idx]);
-  if (p.t != nullptr) {
-    const float* tr = p.t + static_cast<int64_t>(m) * p.r;
-    const T* br = static_cast<const T*>(p.lora_b) + static_cast<int64_t>(n) * p.r;
-    float lora = 0.f;
-    for (int j = 0; j < p.r; ++j) lora = __fmaf_rn(tr[j], Num<T>::to_float(br[j]), lora);
-    v = __fadd_rn(v, lora);
-  }
-  if (p.bias != nullptr) {
-    const float b = p.bias_f32 ? static_cast<const float*>(p.bias)[n]
-                               : Num<T>::to_float(static_cast<const T*>(p.bias)[n]);
-    v = __fadd_rn(v, b);
-  }
-  static_cast<T*>(p.y)[idx] = Num<T>::from_float(v);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
@@ -548,7 +471,7 @@ cudaError_t launch_v3_typed(const GemvArgs& a, const V3Params& p, const V3Config
                             cudaStream_t stream) {
   const bool pdl = use_pdl(c);
   if (a.lora_a != nullptr) {
-    v3_lora_t_kernel<T><<<dim3(a.r, a.M), kTThreads3, 0, stream>>>(
+    lora_t_pdl_kernel<T, kTThreads3><<<dim3(a.r, a.M), kTThreads3, 0, stream>>>(
         static_cast<const T*>(a.x), static_cast<const T*>(a.lora_a), a.K, a.r, a.scale, a.scale_vec, t_ws);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -561,7 +484,7 @@ cudaError_t launch_v3_typed(const GemvArgs& a, const V3Params& p, const V3Config
   if (err != cudaSuccess || c.S == 1) return err;
   const int64_t MN = static_cast<int64_t>(a.M) * a.N;
   const int grid = static_cast<int>((MN + kFinishThreads - 1) / kFinishThreads);
-  return launch_maybe_pdl(v3_finish_kernel<T>, dim3(grid), dim3(kFinishThreads), 0, stream, pdl, p);
+  return launch_maybe_pdl(slices_finish_kernel<T, V3Params, kFinishThreads>, dim3(grid), dim3(kFinishThreads), 0, stream, pdl, p);
 }
 
 }  // namespace

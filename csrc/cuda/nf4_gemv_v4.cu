@@ -99,17 +99,6 @@ constexpr int kTThreads4 = 256;
 constexpr int kFinishThreads4 = 256;
 static_assert(kV4Warps * 2 * 16 * 16 * 4 <= 256 * 128, "red slots fit in the table's spare bytes");
 
-__device__ __forceinline__ void griddep_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void griddep_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
 // Streaming 8-byte load of the packed weight (read once: no L1 allocation).
 __device__ __forceinline__ uint2 ldg_stream_v2(const uint8_t* p) {
   uint2 v;
@@ -119,45 +108,6 @@ __device__ __forceinline__ uint2 ldg_stream_v2(const uint8_t* p) {
 
 // Byte offset of float f of the in-CTA reduction buffer: bytes 128..255 of table entry f / 32.
 __device__ __forceinline__ int red_off(int f) { return ((f >> 5) << 8) + 128 + ((f & 31) << 2); }
-
-// ---------------------------------------------------------------------------------------------
-// T[m, j] = s_j · Σ_k x[m, k] A[j, k]  (variant 3's T kernel; grid (r, M), 256 threads)
-// ---------------------------------------------------------------------------------------------
-template <typename T>
-__global__ void __launch_bounds__(kTThreads4)
-v4_lora_t_kernel(const T* __restrict__ x, const T* __restrict__ a, int K, int r, float scale,
-                 const float* __restrict__ scale_vec, float* __restrict__ t) {
-  griddep_launch_dependents();  // the GEMV (launched after this as a dependent) may start now
-  const int j = blockIdx.x, m = blockIdx.y;
-  const uint4* xr = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * K);
-  const uint4* ar = reinterpret_cast<const uint4*>(a + static_cast<int64_t>(j) * K);
-  float acc = 0.f;
-  const int nv = K / 8;
-#pragma unroll 4
-  for (int v = threadIdx.x; v < nv; v += kTThreads4) {
-    const uint4 xv = __ldg(xr + v), av = __ldg(ar + v);
-    const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w}, aw[4] = {av.x, av.y, av.z, av.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float x0, x1, a0, a1;
-      Num<T>::unpack(xw[i], x0, x1);
-      Num<T>::unpack(aw[i], a0, a1);
-      acc = __fmaf_rn(x0, a0, acc);
-      acc = __fmaf_rn(x1, a1, acc);
-    }
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) acc = __fadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, o));
-  __shared__ float part[kTThreads4 / 32];
-  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = acc;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < kTThreads4 / 32; ++w) total = __fadd_rn(total, part[w]);
-    t[static_cast<int64_t>(m) * r + j] = __fmul_rn(total, scale_vec != nullptr ? scale_vec[j] : scale);
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The GEMV
@@ -317,19 +267,7 @@ __device__ __forceinline__ void emit(const V4Params& p, int s, int m, int n, flo
     p.part[(static_cast<int64_t>(s) * p.M + m) * p.N + n] = v;
     return;
   }
-  if (p.t != nullptr) {
-    const float* tr = p.t + m * p.r;
-    const T* br = static_cast<const T*>(p.lora_b) + static_cast<int64_t>(n) * p.r;
-    float lora = 0.f;
-    for (int j = 0; j < p.r; ++j) lora = __fmaf_rn(tr[j], Num<T>::to_float(br[j]), lora);
-    v = __fadd_rn(v, lora);
-  }
-  if (p.bias != nullptr) {
-    const float b = p.bias_f32 ? static_cast<const float*>(p.bias)[n]
-                               : Num<T>::to_float(static_cast<const T*>(p.bias)[n]);
-    v = __fadd_rn(v, b);
-  }
-  static_cast<T*>(p.y)[static_cast<int64_t>(m) * p.N + n] = Num<T>::from_float(v);
+  store_lora_bias<T>(p, m, n, v);
 }
 
 // Warp range of the segment's L units: [warp L / W, (warp + 1) L / W).
@@ -492,31 +430,6 @@ __global__ void __launch_bounds__(kV4Threads, 1) nf4_gemv_v4_kernel(const V4Para
   if (p.S > 1 && p.t != nullptr) griddep_wait();  // T complete before this grid completes (finish reads it)
 }
 
-// y[m, n] = Σ_s part[s][m][n] (slice order) + Σ_j T[m, j] B[n, j] + bias, one thread per (m, n).
-template <typename T>
-__global__ void __launch_bounds__(kFinishThreads4) v4_finish_kernel(const V4Params p) {
-  griddep_wait();  // the GEMV (and through it the T kernel) complete and visible
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kFinishThreads4 + threadIdx.x;
-  const int64_t MN = static_cast<int64_t>(p.M) * p.N;
-  if (idx >= MN) return;
-  const int m = static_cast<int>(idx / p.N), n = static_cast<int>(idx - static_cast<int64_t>(m) * p.N);
-  float v = p.part[idx];
-  for (int s = 1; s < p.S; ++s) v = __fadd_rn(v, p.part[s * MN + idx]);
-  if (p.t != nullptr) {
-    const float* tr = p.t + static_cast<int64_t>(m) * p.r;
-    const T* br = static_cast<const T*>(p.lora_b) + static_cast<int64_t>(n) * p.r;
-    float lora = 0.f;
-    for (int j = 0; j < p.r; ++j) lora = __fmaf_rn(tr[j], Num<T>::to_float(br[j]), lora);
-    v = __fadd_rn(v, lora);
-  }
-  if (p.bias != nullptr) {
-    const float b = p.bias_f32 ? static_cast<const float*>(p.bias)[n]
-                               : Num<T>::to_float(static_cast<const T*>(p.bias)[n]);
-    v = __fadd_rn(v, b);
-  }
-  static_cast<T*>(p.y)[idx] = Num<T>::from_float(v);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
@@ -667,7 +580,7 @@ cudaError_t launch_v4_typed(const GemvArgs& a, const V4Params& p, const V4Config
                             cudaStream_t stream) {
   const bool pdl = use_pdl(c);
   if (a.lora_a != nullptr) {
-    v4_lora_t_kernel<T><<<dim3(a.r, a.M), kTThreads4, 0, stream>>>(
+    lora_t_pdl_kernel<T, kTThreads4><<<dim3(a.r, a.M), kTThreads4, 0, stream>>>(
         static_cast<const T*>(a.x), static_cast<const T*>(a.lora_a), a.K, a.r, a.scale, a.scale_vec, t_ws);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -680,7 +593,7 @@ cudaError_t launch_v4_typed(const GemvArgs& a, const V4Params& p, const V4Config
   if (err != cudaSuccess || c.S == 1) return err;
   const int64_t MN = static_cast<int64_t>(a.M) * a.N;
   const int grid = static_cast<int>((MN + kFinishThreads4 - 1) / kFinishThreads4);
-  return launch_maybe_pdl(v4_finish_kernel<T>, dim3(grid), dim3(kFinishThreads4), 0, stream, pdl, p);
+  return launch_maybe_pdl(slices_finish_kernel<T, V4Params, kFinishThreads4>, dim3(grid), dim3(kFinishThreads4), 0, stream, pdl, p);
 }
 
 }  // namespace
