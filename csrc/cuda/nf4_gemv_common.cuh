@@ -13,6 +13,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda/nf4_gemv.h"
+
 namespace lora_kernels {
 namespace cuda {
 namespace {
@@ -203,6 +205,68 @@ __global__ void __launch_bounds__(kThreads) slices_finish_kernel(const P p) {
   float v = p.part[idx];
   for (int s = 1; s < p.S; ++s) v = __fadd_rn(v, p.part[s * MN + idx]);
   store_lora_bias<T>(p, m, n, v);
+}
+
+// Host side of the T -> GEMV -> finish chain (v3, v4) -------------------------------------------------
+// A plain launch, or (pdl) one that may start before the previous kernel on the stream completes
+// (programmatic stream serialization: the kernel must griddep_wait before reading its output).
+template <typename Kern, typename... Args>
+cudaError_t launch_maybe_pdl(Kern kern, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
+                             Args... args) {
+  if (!pdl) {
+    kern<<<grid, block, smem, stream>>>(args...);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kern, args...);
+}
+
+// The fields every chain's parameter struct P shares, from the call's arguments (t_ws: T [M, r] or
+// nullptr; part: the fp32 slice partials or nullptr).
+template <typename P>
+void fill_chain_params(P& p, const GemvArgs& a, float* t_ws, float* part) {
+  int log2_bs = 0;
+  while ((1 << log2_bs) < a.blocksize) ++log2_bs;
+  p.x = a.x; p.y = a.y; p.M = a.M; p.N = a.N; p.K = a.K;
+  p.packed = a.packed; p.absmax_f32 = a.absmax_f32; p.absmax_q = a.absmax_q;
+  p.nested_absmax = a.nested_absmax; p.nested_code = a.nested_code; p.offset = a.offset; p.code = a.code;
+  p.log2_bs = log2_bs;
+  p.lora_b = a.lora_b;
+  p.r = a.lora_a != nullptr ? a.r : 0;
+  p.t = t_ws;
+  p.bias = a.bias;
+  p.bias_f32 = a.bias_f32;
+  p.part = part;
+}
+
+// T = (x · Aᵀ) ⊙ s (with a low-rank term), then launch_gemv(pdl_gemv) -- a programmatic dependent
+// of the T kernel only (which waited for everything before it: x is complete); without a T kernel
+// it is launched plainly (it reads x at once) -- then, with S > 1 slices, the finish kernel.
+template <typename T, typename P, int kTThreads, int kFinishThreads, typename LaunchGemv>
+cudaError_t launch_chain(const GemvArgs& a, const P& p, int S, bool pdl, cudaStream_t stream,
+                         LaunchGemv launch_gemv) {
+  if (a.lora_a != nullptr) {
+    lora_t_pdl_kernel<T, kTThreads><<<dim3(a.r, a.M), kTThreads, 0, stream>>>(
+        static_cast<const T*>(a.x), static_cast<const T*>(a.lora_a), a.K, a.r, a.scale, a.scale_vec,
+        const_cast<float*>(p.t));  // the workspace fill_chain_params put there
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  const cudaError_t err = launch_gemv(pdl && a.lora_a != nullptr);
+  if (err != cudaSuccess || S == 1) return err;
+  const int64_t MN = static_cast<int64_t>(a.M) * a.N;
+  const int grid = static_cast<int>((MN + kFinishThreads - 1) / kFinishThreads);
+  return launch_maybe_pdl(slices_finish_kernel<T, P, kFinishThreads>, dim3(grid), dim3(kFinishThreads), 0,
+                          stream, pdl, p);
 }
 
 }  // namespace

@@ -410,26 +410,6 @@ bool use_pdl(const V3Config& c) {
   return !(e != nullptr && e[0] == '0');
 }
 
-template <typename Kern, typename... Args>
-cudaError_t launch_maybe_pdl(Kern kern, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
-                             Args... args) {
-  if (!pdl) {
-    kern<<<grid, block, smem, stream>>>(args...);
-    return cudaGetLastError();
-  }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kern, args...);
-}
-
 template <typename T, int MM, bool kNested>
 cudaError_t launch_gemv3(const V3Params& p, const V3Config& c, bool pdl, cudaStream_t stream) {
   auto kern = nf4_gemv_v3_kernel<T, MM, kNested>;
@@ -467,24 +447,11 @@ cudaError_t launch_gemv3_m(const V3Params& p, const V3Config& c, bool pdl, cudaS
 }
 
 template <typename T>
-cudaError_t launch_v3_typed(const GemvArgs& a, const V3Params& p, const V3Config& c, float* t_ws,
-                            cudaStream_t stream) {
-  const bool pdl = use_pdl(c);
-  if (a.lora_a != nullptr) {
-    lora_t_pdl_kernel<T, kTThreads3><<<dim3(a.r, a.M), kTThreads3, 0, stream>>>(
-        static_cast<const T*>(a.x), static_cast<const T*>(a.lora_a), a.K, a.r, a.scale, a.scale_vec, t_ws);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  // The GEMV is a programmatic dependent of the T kernel only (which waited for everything before
-  // it: x is complete).  Without a T kernel it is launched plainly (it reads x at once).
-  const bool pdl_gemv = pdl && a.lora_a != nullptr;
-  cudaError_t err = p.absmax_q != nullptr ? launch_gemv3_m<T, true>(p, c, pdl_gemv, stream)
-                                          : launch_gemv3_m<T, false>(p, c, pdl_gemv, stream);
-  if (err != cudaSuccess || c.S == 1) return err;
-  const int64_t MN = static_cast<int64_t>(a.M) * a.N;
-  const int grid = static_cast<int>((MN + kFinishThreads - 1) / kFinishThreads);
-  return launch_maybe_pdl(slices_finish_kernel<T, V3Params, kFinishThreads>, dim3(grid), dim3(kFinishThreads), 0, stream, pdl, p);
+cudaError_t launch_v3_typed(const GemvArgs& a, const V3Params& p, const V3Config& c, cudaStream_t stream) {
+  return launch_chain<T, V3Params, kTThreads3, kFinishThreads>(a, p, c.S, use_pdl(c), stream, [&](bool pdl_gemv) {
+    return p.absmax_q != nullptr ? launch_gemv3_m<T, true>(p, c, pdl_gemv, stream)
+                                 : launch_gemv3_m<T, false>(p, c, pdl_gemv, stream);
+  });
 }
 
 }  // namespace
@@ -500,26 +467,15 @@ cudaError_t launch_nf4_lora_gemv_v3(const GemvArgs& a, void* workspace, size_t w
   const V3Config c = v3_config(a);
   if (!c.ok) return cudaErrorInvalidValue;
   if (c.ws_bytes > 0 && (workspace == nullptr || workspace_bytes < c.ws_bytes)) return cudaErrorInvalidValue;
-  int log2_bs = 0;
-  while ((1 << log2_bs) < a.blocksize) ++log2_bs;
   unsigned char* ws = static_cast<unsigned char*>(workspace);
-  float* t_ws = a.lora_a != nullptr ? reinterpret_cast<float*>(ws) : nullptr;
   V3Params p;
-  p.x = a.x; p.y = a.y; p.M = a.M; p.N = a.N; p.K = a.K;
-  p.packed = a.packed; p.absmax_f32 = a.absmax_f32; p.absmax_q = a.absmax_q;
-  p.nested_absmax = a.nested_absmax; p.nested_code = a.nested_code; p.offset = a.offset; p.code = a.code;
-  p.log2_bs = log2_bs;
+  fill_chain_params(p, a, a.lora_a != nullptr ? reinterpret_cast<float*>(ws) : nullptr,
+                    c.S > 1 ? reinterpret_cast<float*>(ws + c.off_part) : nullptr);
   p.KS = c.KS;
   p.S = c.S;
-  p.lora_b = a.lora_b;
-  p.r = a.lora_a != nullptr ? a.r : 0;
-  p.t = t_ws;
-  p.bias = a.bias;
-  p.bias_f32 = a.bias_f32;
-  p.part = c.S > 1 ? reinterpret_cast<float*>(ws + c.off_part) : nullptr;
   switch (a.dtype) {
-    case DType::kBFloat16: return launch_v3_typed<__nv_bfloat16>(a, p, c, t_ws, stream);
-    case DType::kFloat16: return launch_v3_typed<__half>(a, p, c, t_ws, stream);
+    case DType::kBFloat16: return launch_v3_typed<__nv_bfloat16>(a, p, c, stream);
+    case DType::kFloat16: return launch_v3_typed<__half>(a, p, c, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -555,45 +555,12 @@ bool use_pdl(const V4Config& c) {
   return !(e != nullptr && e[0] == '0');
 }
 
-template <typename Kern, typename... Args>
-cudaError_t launch_maybe_pdl(Kern kern, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
-                             Args... args) {
-  if (!pdl) {
-    kern<<<grid, block, smem, stream>>>(args...);
-    return cudaGetLastError();
-  }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kern, args...);
-}
-
 template <typename T>
-cudaError_t launch_v4_typed(const GemvArgs& a, const V4Params& p, const V4Config& c, float* t_ws,
-                            cudaStream_t stream) {
-  const bool pdl = use_pdl(c);
-  if (a.lora_a != nullptr) {
-    lora_t_pdl_kernel<T, kTThreads4><<<dim3(a.r, a.M), kTThreads4, 0, stream>>>(
-        static_cast<const T*>(a.x), static_cast<const T*>(a.lora_a), a.K, a.r, a.scale, a.scale_vec, t_ws);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  // The GEMV is a programmatic dependent of the T kernel only (which waited for everything before
-  // it: x is complete).  Without a T kernel it is launched plainly (it reads x at once).
-  const bool pdl_gemv = pdl && a.lora_a != nullptr;
-  cudaError_t err = launch_maybe_pdl(c.kern, dim3(c.grid), dim3(kV4Threads), static_cast<size_t>(c.smem_dyn), stream,
-                                     pdl_gemv, p);
-  if (err != cudaSuccess || c.S == 1) return err;
-  const int64_t MN = static_cast<int64_t>(a.M) * a.N;
-  const int grid = static_cast<int>((MN + kFinishThreads4 - 1) / kFinishThreads4);
-  return launch_maybe_pdl(slices_finish_kernel<T, V4Params, kFinishThreads4>, dim3(grid), dim3(kFinishThreads4), 0, stream, pdl, p);
+cudaError_t launch_v4_typed(const GemvArgs& a, const V4Params& p, const V4Config& c, cudaStream_t stream) {
+  return launch_chain<T, V4Params, kTThreads4, kFinishThreads4>(a, p, c.S, use_pdl(c), stream, [&](bool pdl_gemv) {
+    return launch_maybe_pdl(c.kern, dim3(c.grid), dim3(kV4Threads), static_cast<size_t>(c.smem_dyn), stream,
+                            pdl_gemv, p);
+  });
 }
 
 }  // namespace
@@ -609,29 +576,18 @@ cudaError_t launch_nf4_lora_gemv_v4(const GemvArgs& a, void* workspace, size_t w
   const V4Config c = v4_config(a);
   if (!c.ok) return cudaErrorInvalidValue;
   if (c.ws_bytes > 0 && (workspace == nullptr || workspace_bytes < c.ws_bytes)) return cudaErrorInvalidValue;
-  int log2_bs = 0;
-  while ((1 << log2_bs) < a.blocksize) ++log2_bs;
   unsigned char* ws = static_cast<unsigned char*>(workspace);
-  float* t_ws = a.lora_a != nullptr ? reinterpret_cast<float*>(ws) : nullptr;
   V4Params p;
-  p.x = a.x; p.y = a.y; p.M = a.M; p.N = a.N; p.K = a.K;
-  p.packed = a.packed; p.absmax_f32 = a.absmax_f32; p.absmax_q = a.absmax_q;
-  p.nested_absmax = a.nested_absmax; p.nested_code = a.nested_code; p.offset = a.offset; p.code = a.code;
-  p.log2_bs = log2_bs;
+  fill_chain_params(p, a, a.lora_a != nullptr ? reinterpret_cast<float*>(ws) : nullptr,
+                    c.S > 1 ? reinterpret_cast<float*>(ws + c.off_part) : nullptr);
   p.tiles = c.tiles;
   p.C = c.C;
   p.CS = c.CS;
   p.S = c.S;
   p.XSB = c.XSB;
-  p.lora_b = a.lora_b;
-  p.r = a.lora_a != nullptr ? a.r : 0;
-  p.t = t_ws;
-  p.bias = a.bias;
-  p.bias_f32 = a.bias_f32;
-  p.part = c.S > 1 ? reinterpret_cast<float*>(ws + c.off_part) : nullptr;
   switch (a.dtype) {
-    case DType::kBFloat16: return launch_v4_typed<__nv_bfloat16>(a, p, c, t_ws, stream);
-    case DType::kFloat16: return launch_v4_typed<__half>(a, p, c, t_ws, stream);
+    case DType::kBFloat16: return launch_v4_typed<__nv_bfloat16>(a, p, c, stream);
+    case DType::kFloat16: return launch_v4_typed<__half>(a, p, c, stream);
     default: return cudaErrorInvalidValue;
   }
 }
