@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Decode variant 4 on the GPU machine (issue 3; benchmarks/NOTES.md "Session 11"), one device call:
+# build with CUDA (~1 min), the v4 GPU tests, the v1..v4 A/B (gemv_variants), then, with time left
+# (ENVELOPE s, default 530), the decode forward bench with variant 4 forced beside bitsandbytes + PEFT.
+#     OUT=$OUT bash benchmarks/run_decode_v4_device.sh      (carry .whl: the bitsandbytes wheel)
+OUT="${OUT:-/tmp/lk_out}"; mkdir -p "$OUT"
+set +e
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LORA_KERNELS_QUIET=1
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
+echo "=== build $(date +%T)"; T=$SECONDS
+LORA_KERNELS_CUDA_ARCHS=9.0 LORA_KERNELS_BUILD_CUDA=1 MAX_JOBS=16 timeout 300 python3 setup.py build_ext --inplace > $OUT/build.log 2>&1 || { echo "build failed"; grep -E "error|Error" $OUT/build.log | head -30; }
+echo "build $(( SECONDS - T )) s"; cp lora_kernels/_C_cuda*.so $OUT/ 2>/dev/null
+python3 -c "import torch, lora_kernels as lk; from lora_kernels import _ext; e=_ext.cuda_ext(); print(torch.__version__, torch.cuda.get_device_name(0), lk.available_backends(torch.device('cuda')), 'v4' , hasattr(e,'lora_gemv_v4_supported'))"
+echo "=== v4 tests $(date +%T)"
+timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider -rf --maxfail=3 tests/test_cuda_gemv.py -k "v4 or variants_agree" > $OUT/gemv_tests.log 2>&1; echo "pytest rc=$?"; tail -8 $OUT/gemv_tests.log
+echo "=== gemv_variants $(date +%T)"
+timeout 120 python3 -m benchmarks.gemv_variants --ms 1,16 --json $OUT/gemv_variants.json 2>&1 | tail -22
+LEFT=$(( ${ENVELOPE:-530} - SECONDS ))
+echo "=== decode bench, v4 forced ($LEFT s left) $(date +%T)"
+if [ $LEFT -gt 60 ]; then
+  LORA_KERNELS_GEMV_VARIANT=4 timeout $LEFT python3 -m benchmarks.bench_forward --shapes 4096x14336,14336x4096,8192x28672,28672x8192 --ms 1,16 --methods ours,ours_layer,bnb_peft,bf16_linear --tag decode_v4_session11 --out $OUT > $OUT/decode.log 2>&1; echo "decode rc=$?"
+  sed -n '/short table/,$p' $OUT/decode.log | cut -c1-150
+fi
+echo "=== end $(date +%T) ($SECONDS s)"
