@@ -42,28 +42,25 @@ V3_MAX_M = 8   # rows of x variant 3 is built for (csrc/cuda/nf4_gemv.h kV3MaxM)
 @pytest.fixture(params=[1, 2, 3, 4], ids=["v1", "v2", "v3", "v4"])
 def variant(request, monkeypatch):
     """Runs the test once per kernel variant (variants 2, 3 and 4 must really run, not fall back)."""
-    if request.param == 4:
-        ext = _ext.cuda_ext()
-        if ext is not None and hasattr(ext, "lora_gemv") and not hasattr(ext, "lora_gemv_v4_supported"):
-            pytest.skip("lora_kernels._C_cuda was built without variant 4 (lora_gemv_v4_supported)")
+    ext = _ext.cuda_ext()
+    if request.param == 4 and ext is not None and hasattr(ext, "lora_gemv"):
+        _skip_without_variant(ext, 4)   # an older build would reject variant=4 outright
     monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", str(request.param))
     if request.param == 3:
         monkeypatch.setenv("LORA_KERNELS_GEMV_V3_MAX_M", str(V3_MAX_M))
     return request.param
 
 
-def _v3_supported(M, K, N, r, bs):
-    ext = _ext_or_skip()
-    if not hasattr(ext, "lora_gemv_v3_supported"):
-        pytest.skip("lora_kernels._C_cuda was built without variant 3 (lora_gemv_v3_supported)")
-    return ext.lora_gemv_v3_supported(M, N, K, bs, r)
+def _skip_without_variant(ext, v):
+    if not hasattr(ext, f"lora_gemv_v{v}_supported"):
+        pytest.skip(f"lora_kernels._C_cuda was built without variant {v} (lora_gemv_v{v}_supported)")
 
 
-def _v4_supported(M, K, N, r, bs):
+def _supported(v, M, K, N, r, bs):
+    """lora_gemv_v{v}_supported (v = 3 or 4): whether variant v runs these sizes itself."""
     ext = _ext_or_skip()
-    if not hasattr(ext, "lora_gemv_v4_supported"):
-        pytest.skip("lora_kernels._C_cuda was built without variant 4 (lora_gemv_v4_supported)")
-    return ext.lora_gemv_v4_supported(M, N, K, bs, r)
+    _skip_without_variant(ext, v)
+    return getattr(ext, f"lora_gemv_v{v}_supported")(M, N, K, bs, r)
 
 
 def _assert_runs(variant, M, K, N, r, bs):
@@ -73,10 +70,10 @@ def _assert_runs(variant, M, K, N, r, bs):
         ws = _ext_or_skip().lora_gemv_v2_workspace(M, N, K, bs, r)
         assert ws >= 0, f"variant 2 would fall back to variant 1 for M={M} K={K} N={N} r={r} bs={bs}"
     if variant == 3 and M <= V3_MAX_M:
-        assert _v3_supported(M, K, N, r, bs), \
+        assert _supported(3, M, K, N, r, bs), \
             f"variant 3 would fall back to variant 1 for M={M} K={K} N={N} r={r} bs={bs}"
     if variant == 4 and M <= 16:
-        assert _v4_supported(M, K, N, r, bs), \
+        assert _supported(4, M, K, N, r, bs), \
             f"variant 4 would fall back to variant 1 for M={M} K={K} N={N} r={r} bs={bs}"
 
 

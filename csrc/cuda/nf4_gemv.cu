@@ -233,8 +233,6 @@ nf4_gemv_kernel(const GemvParams p) {
   }
   __syncthreads();
 
-  T* y = static_cast<T*>(p.y);
-  const T* lb = static_cast<const T*>(p.lora_b);
   for (int idx = tid; idx < NT * 4 * 32; idx += kThreads) {
     const int i = idx >> 5, l = idx & 31;
     const int t = i >> 2, e = i & 3;
@@ -244,19 +242,7 @@ nf4_gemv_kernel(const GemvParams p) {
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) v += red[(w * NT * 4 + i) * 32 + l];
-    if (p.t != nullptr) {
-      const float* tr = p.t + static_cast<int64_t>(m) * p.r;
-      const T* br = lb + static_cast<int64_t>(n) * p.r;
-      float lora = 0.f;
-      for (int j = 0; j < p.r; ++j) lora = __fmaf_rn(tr[j], Num<T>::to_float(br[j]), lora);
-      v = __fadd_rn(v, lora);
-    }
-    if (p.bias != nullptr) {
-      const float b = p.bias_f32 ? static_cast<const float*>(p.bias)[n]
-                                 : Num<T>::to_float(static_cast<const T*>(p.bias)[n]);
-      v = __fadd_rn(v, b);
-    }
-    y[static_cast<int64_t>(m) * N + n] = Num<T>::from_float(v);
+    store_lora_bias<T>(p, m, n, v);
   }
 }
 
