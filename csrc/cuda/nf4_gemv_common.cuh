@@ -1,7 +1,7 @@
 // Pieces shared by the decode kernels (nf4_gemv.cu, nf4_gemv_v2.cu, nf4_gemv_v3.cu, nf4_gemv_v4.cu):
 // the bf16 / fp16 conversions and tensor-core MMA behind one ``Num<T>``, the cached device
-// attributes the launch planners read, and (v3, v4) the T kernel, the LoRA + bias store and the
-// slice-sum finish kernel.  Internal linkage (an anonymous namespace): each kernel
+// attributes the launch planners read, the LoRA + bias store of an output (v1, v3, v4), and
+// (v3, v4) the T kernel, the slice-sum finish kernel and the host-side launch chain.  Internal linkage (an anonymous namespace): each kernel
 // file gets its own copy, as when they were written out in each file.
 #pragma once
 
