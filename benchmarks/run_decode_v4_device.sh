@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Decode variant 4 on the GPU machine (issue 3; benchmarks/NOTES.md "Session 11"), one device call:
 # build with CUDA (~1 min), the v4 GPU tests, the v1..v4 A/B (gemv_variants), then, with time left
-# (ENVELOPE s, default 530), the decode forward bench with variant 4 forced beside bitsandbytes + PEFT.
+# (ENVELOPE s, default 530), the decode forward bench with variant 4 forced beside bitsandbytes + PEFT
+# (skipped if the v4 tests fail), then issue 4's training step if time is still left.
 #     OUT=$OUT bash benchmarks/run_decode_v4_device.sh      (carry .whl: the bitsandbytes wheel)
 OUT="${OUT:-/tmp/lk_out}"; mkdir -p "$OUT"
 set +e
@@ -13,13 +14,20 @@ LORA_KERNELS_CUDA_ARCHS=9.0 LORA_KERNELS_BUILD_CUDA=1 MAX_JOBS=16 timeout 300 py
 echo "build $(( SECONDS - T )) s"; cp lora_kernels/_C_cuda*.so $OUT/ 2>/dev/null
 python3 -c "import torch, lora_kernels as lk; from lora_kernels import _ext; e=_ext.cuda_ext(); print(torch.__version__, torch.cuda.get_device_name(0), lk.available_backends(torch.device('cuda')), 'v4' , hasattr(e,'lora_gemv_v4_supported'))"
 echo "=== v4 tests $(date +%T)"
-timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider -rf --maxfail=3 tests/test_cuda_gemv.py -k "v4 or variants_agree" > $OUT/gemv_tests.log 2>&1; echo "pytest rc=$?"; tail -8 $OUT/gemv_tests.log
+timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider -rf --maxfail=3 tests/test_cuda_gemv.py -k "v4 or variants_agree" > $OUT/gemv_tests.log 2>&1; V4RC=$?; echo "pytest rc=$V4RC"; tail -8 $OUT/gemv_tests.log
 echo "=== gemv_variants $(date +%T)"
 timeout 120 python3 -m benchmarks.gemv_variants --ms 1,16 --json $OUT/gemv_variants.json 2>&1 | tail -22
 LEFT=$(( ${ENVELOPE:-530} - SECONDS ))
 echo "=== decode bench, v4 forced ($LEFT s left) $(date +%T)"
-if [ $LEFT -gt 60 ]; then
-  LORA_KERNELS_GEMV_VARIANT=4 timeout $LEFT python3 -m benchmarks.bench_forward --shapes 4096x14336,14336x4096,8192x28672,28672x8192 --ms 1,16 --methods ours,ours_layer,bnb_peft,bf16_linear --tag decode_v4_session11 --out $OUT > $OUT/decode.log 2>&1; echo "decode rc=$?"
+if [ $V4RC -ne 0 ]; then echo "v4 tests failed: no v4-forced bench"; elif [ $LEFT -gt 60 ]; then
+  DT=$LEFT; [ $LEFT -gt 300 ] && DT=$(( LEFT - 110 ))    # leave the training step ~110 s when there is room
+  LORA_KERNELS_GEMV_VARIANT=4 timeout $DT python3 -m benchmarks.bench_forward --shapes 4096x14336,14336x4096,8192x28672,28672x8192 --ms 1,16 --methods ours,ours_layer,bnb_peft,bf16_linear --tag decode_v4_session12 --out $OUT > $OUT/decode.log 2>&1; echo "decode rc=$?"
   sed -n '/short table/,$p' $OUT/decode.log | cut -c1-150
+fi
+LEFT=$(( ${ENVELOPE:-530} - SECONDS ))
+echo "=== training step, issue 4 ($LEFT s left) $(date +%T)"
+if [ $LEFT -gt 100 ]; then
+  timeout $LEFT python3 -m benchmarks.bench_training --shapes 4096x4096,4096x1024,4096x14336,14336x4096,8192x28672,28672x8192 --ms 4096,16384 --directions step --tag issue4_session12 --out $OUT > $OUT/train.log 2>&1; echo "train rc=$?"
+  sed -n '/short table/,$p' $OUT/train.log | cut -c1-170
 fi
 echo "=== end $(date +%T) ($SECONDS s)"
