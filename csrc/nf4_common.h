@@ -58,6 +58,14 @@ constexpr bool is_valid_blocksize(int64_t b) {
          b == 4096;
 }
 
+// log2 of a valid blocksize (the shift the kernels use instead of dividing by it).
+constexpr int log2_blocksize(int64_t b) {
+  int l = 0;
+  while ((int64_t{1} << l) < b) ++l;
+  return l;
+}
+static_assert(log2_blocksize(64) == 6 && log2_blocksize(4096) == 12, "log2_blocksize");
+
 // ---------------------------------------------------------------------------------------------
 // NF4 index by table lookup (used by both the CPU and the CUDA quantizer).
 //

@@ -294,8 +294,9 @@ def gemv_variant_chosen(M: int, N: int, K: int, has_lora: bool) -> int:
 
 
 def gemv_variant(M: int, N: int, K: int, has_lora: bool) -> int:
-    """Which decode kernel the cuda-gemv route runs ($LORA_KERNELS_GEMV_VARIANT overrides), from
-    the H100 A/B of all three (benchmarks/results/gemv_variants_nvidia-h100-80gb-hbm3.md):
+    """Which decode kernel the cuda-gemv route runs (``gemv_variant_chosen`` lets
+    $LORA_KERNELS_GEMV_VARIANT override it), from the H100 A/B of variants 1-3
+    (benchmarks/results/gemv_variants_nvidia-h100-80gb-hbm3.md):
     3 (nf4_gemv_v3.cu: CUDA cores, 16-byte loads, 4-8 in flight per lane) for M = 1 on weights
     of >= 2^25 elements: 1.5-1.6x faster than variant 1 there (8192x28672: 60 vs 95 us, 1.5x the
     memory floor), slower on 4096x4096;  2 (nf4_gemv_v2.cu, one persistent launch) for M = 1

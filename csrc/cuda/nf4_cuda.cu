@@ -545,8 +545,7 @@ cudaError_t launch_dequantize(const uint8_t* packed, const float* absmax_f32,
                               int64_t n, int blocksize, DType out_dtype, void* out,
                               cudaStream_t stream) {
   if (n < 1 || !nf4::is_valid_blocksize(blocksize)) return cudaErrorInvalidValue;
-  int log2_bs = 0;
-  while ((1 << log2_bs) < blocksize) ++log2_bs;
+  const int log2_bs = nf4::log2_blocksize(blocksize);
   switch (out_dtype) {
     case DType::kFloat32:
       return dequantize_dispatch_nested<DType::kFloat32>(packed, absmax_f32, absmax_q,

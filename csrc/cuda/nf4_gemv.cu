@@ -310,8 +310,7 @@ cudaError_t launch_nf4_lora_gemv(const GemvArgs& a, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   if (a.lora_a != nullptr && (a.r < 1 || a.r > kGemvMaxRank || a.lora_b == nullptr || a.t_ws == nullptr))
     return cudaErrorInvalidValue;
-  int log2_bs = 0;
-  while ((1 << log2_bs) < a.blocksize) ++log2_bs;
+  const int log2_bs = nf4::log2_blocksize(a.blocksize);
   switch (a.dtype) {
     case DType::kBFloat16: return launch_typed<__nv_bfloat16>(a, log2_bs, stream);
     case DType::kFloat16: return launch_typed<__half>(a, log2_bs, stream);

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "cuda/nf4_gemv.h"
+#include "nf4_common.h"
 
 namespace lora_kernels {
 namespace cuda {
@@ -234,12 +235,10 @@ cudaError_t launch_maybe_pdl(Kern kern, dim3 grid, dim3 block, size_t smem, cuda
 // nullptr; part: the fp32 slice partials or nullptr).
 template <typename P>
 void fill_chain_params(P& p, const GemvArgs& a, float* t_ws, float* part) {
-  int log2_bs = 0;
-  while ((1 << log2_bs) < a.blocksize) ++log2_bs;
   p.x = a.x; p.y = a.y; p.M = a.M; p.N = a.N; p.K = a.K;
   p.packed = a.packed; p.absmax_f32 = a.absmax_f32; p.absmax_q = a.absmax_q;
   p.nested_absmax = a.nested_absmax; p.nested_code = a.nested_code; p.offset = a.offset; p.code = a.code;
-  p.log2_bs = log2_bs;
+  p.log2_bs = nf4::log2_blocksize(a.blocksize);
   p.lora_b = a.lora_b;
   p.r = a.lora_a != nullptr ? a.r : 0;
   p.t = t_ws;

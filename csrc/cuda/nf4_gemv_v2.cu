@@ -723,8 +723,7 @@ cudaError_t launch_nf4_lora_gemv_v2(const GemvArgs& a, void* workspace, size_t w
   const V2Config c = v2_config(a);
   if (!c.ok) return cudaErrorInvalidValue;
   if (a.lora_a != nullptr && (workspace == nullptr || workspace_bytes < c.ws_bytes)) return cudaErrorInvalidValue;
-  int log2_bs = 0;
-  while ((1 << log2_bs) < a.blocksize) ++log2_bs;
+  const int log2_bs = nf4::log2_blocksize(a.blocksize);
   V2Params p;
   p.x = a.x; p.y = a.y; p.M = a.M; p.N = a.N; p.K = a.K;
   p.packed = a.packed; p.absmax_f32 = a.absmax_f32; p.absmax_q = a.absmax_q;
