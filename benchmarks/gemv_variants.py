@@ -9,7 +9,8 @@ Shapes K x N (in -> out): 4096x14336, 14336x4096, 8192x28672, 4096x4096; M in {1
 (bf16, blocksize 64, double quantization, no bias).  Several weights are rotated so that the 4-bit
 weight is not L2-resident between calls.  About a minute on an H100.
 
-    python -m benchmarks.gemv_variants [--quick] [--reps N] [--ms 1,4,8,16] [--json PATH]
+    python -m benchmarks.gemv_variants [--quick] [--reps N] [--ms 1,4,8,16] [--json PATH] [--variants 1,2,3]
+    python -m benchmarks.gemv_variants --diagnose 4 [--ms 1,16]
 
 "v2 ran" is "no" where variant 2 would fall back to variant 1 (lora_gemv_v2_workspace == -1); "v3 ran"
 likewise (lora_gemv_v3_supported; by default variant 3 takes M <= 4, LORA_KERNELS_GEMV_V3_MAX_M
@@ -44,6 +45,46 @@ def _args(x, q, A, B):
             q.offset if nested else None, q.code, q.shape[0], q.blocksize, A, B, 2.0, None, None)
 
 
+def diagnose(ext, v: int, ms) -> int:
+    """Variant v against variant 1, call by call (synchronised), on small shapes; prints the error's pattern.
+    Returns 0 when every case agrees within bf16 rounding, 1 otherwise."""
+    import lora_kernels as lk
+    torch.manual_seed(0)
+    bad = 0
+    for K, N in ((64, 16), (128, 64), (256, 48), (4096, 512), (4096, 14336)):
+        q = lk.quantize_nf4(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02)
+        for M in ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            for r in (0, 16):
+                A = torch.randn(r, K, device="cuda", dtype=torch.bfloat16) * 0.02 if r else None
+                B = torch.randn(N, r, device="cuda", dtype=torch.bfloat16) * 0.02 if r else None
+                a = _args(x, q, A, B)
+                try:
+                    y1 = ext.lora_gemv(*a, variant=1).float()
+                    yv = ext.lora_gemv(*a, variant=v).float()
+                    torch.cuda.synchronize()
+                except RuntimeError as e:
+                    print(f"{K}x{N} M={M} r={r}: variant {v} raised {str(e)[:200]}")
+                    return 1
+                err = (yv - y1).abs()
+                tol = 1e-2 * max(y1.abs().max().item(), 1e-30)
+                wrong = (err > tol) | ~torch.isfinite(yv)
+                line = (f"{K}x{N} M={M} r={r}: max|y{v}-y1| = {err.max().item():.3e} (tol {tol:.1e}), "
+                        f"{int(wrong.sum())} of {wrong.numel()} wrong")
+                if wrong.any():
+                    bad += 1
+                    rows = wrong.any(0).nonzero().flatten()
+                    cols = wrong.any(1).nonzero().flatten()
+                    ratio = (yv[wrong] / y1[wrong].where(y1[wrong] != 0, torch.ones_like(y1[wrong])))
+                    line += (f"; rows n: {rows.numel()} (n mod 16 seen {sorted(set((rows % 16).tolist()))}, "
+                             f"first {rows[:8].tolist()}); cols m: {cols.tolist()[:16]}; NaN/inf "
+                             f"{int((~torch.isfinite(yv)).sum())}; zeros {int((yv[wrong] == 0).sum())}; "
+                             f"y{v}/y1 median {ratio.median().item():.3g}")
+                print(line, flush=True)
+    print(f"diagnose variant {v}: {'all agree' if not bad else f'{bad} case(s) differ'}")
+    return 1 if bad else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="first two shapes only")
@@ -51,7 +92,18 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--ms", default=",".join(map(str, MS)),
                     help="rows of x to time, comma-separated, each 1..16 (default 1,16; e.g. 1,4,8,16)")
+    ap.add_argument("--variants", default="1,2,3,4",
+                    help="variants to time, comma-separated, 1 and 2 always included (default 1,2,3,4; "
+                         "leave 4 out where its tests failed, so a fault in it cannot end the run)")
+    ap.add_argument("--diagnose", type=int, default=0, metavar="V",
+                    help="instead of timing, compare variant V with variant 1 on small shapes, one call at a time, "
+                         "and print where they differ (rows n mod 16, columns m, NaN, untouched poison)")
     args = ap.parse_args(argv)
+    wanted = {int(v) for v in args.variants.split(",") if v.strip()} | {1, 2}
+    if not wanted <= {1, 2, 3, 4}:
+        ap.error(f"--variants: each must be 1..4, got {args.variants!r}")
+    if args.diagnose not in (0, 2, 3, 4):
+        ap.error(f"--diagnose: a variant 2..4 to compare with variant 1, got {args.diagnose}")
     ms = [int(v) for v in args.ms.split(",") if v.strip()]
     if not ms or any(m < 1 or m > 16 for m in ms):
         ap.error(f"--ms: rows of x must be in 1..16, got {args.ms!r}")
@@ -71,6 +123,10 @@ def main(argv=None) -> int:
     has_ws = hasattr(ext, "lora_gemv_v2_workspace")
     has_v3 = hasattr(ext, "lora_gemv_v3_supported")
     has_v4 = hasattr(ext, "lora_gemv_v4_supported")
+    if args.diagnose:
+        return diagnose(ext, args.diagnose, ms)
+    has_v3 = has_v3 and 3 in wanted
+    has_v4 = has_v4 and 4 in wanted
     variants = (1, 2) + ((3,) if has_v3 else ()) + ((4,) if has_v4 else ())
     torch.manual_seed(0)
     bw = harness.measure_copy_bandwidth(nbytes=1024**3, rep_ms=100.0)
