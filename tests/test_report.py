@@ -139,3 +139,13 @@ def test_readme_without_markers_fails_clearly(results, tmp_path, capsys, body):
     err = capsys.readouterr().err
     assert "<!-- benchmarks:start -->" in err and "<!-- benchmarks:end -->" in err
     assert readme.read_text() == body
+
+
+def test_forward_table_names_a_forced_decode_variant():
+    # a run made with LORA_KERNELS_GEMV_VARIANT set is an A/B of an opt-in kernel; the caption must say so
+    doc = {"name": "forward_fake-gpu_decode_v9", "env": ENV, "rows": _forward_rows(), "meta": {"mode": "full"}}
+    plain = report.forward_table(doc)[0]
+    assert "forced" not in plain
+    doc["meta"]["gemv_variant_forced"] = "4"
+    forced = report.forward_table(doc)[0]
+    assert "forced with LORA_KERNELS_GEMV_VARIANT=4" in forced and "not what the package picks by default" in forced
