@@ -97,7 +97,7 @@ def main(argv=None) -> int:
                          "leave 4 out where its tests failed, so a fault in it cannot end the run)")
     ap.add_argument("--diagnose", type=int, default=0, metavar="V",
                     help="instead of timing, compare variant V with variant 1 on small shapes, one call at a time, "
-                         "and print where they differ (rows n mod 16, columns m, NaN, untouched poison)")
+                         "and print where they differ (rows n mod 16, columns m, NaN/inf, zeros)")
     args = ap.parse_args(argv)
     wanted = {int(v) for v in args.variants.split(",") if v.strip()} | {1, 2}
     if not wanted <= {1, 2, 3, 4}:
