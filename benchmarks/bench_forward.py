@@ -424,8 +424,9 @@ def run_gpu(args, lk, env, t0: float, device: str = "cuda") -> tuple[list[dict],
             "scale": SCALE, "ranks": ",".join(map(str, ranks)), "ms": ",".join(map(str, ms)),
             "copy_bw_gbps": bw / 1e9, "bf16_matmul_tflops": mm / 1e12, "l2_bytes": l2,
             "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms}
-    if os.environ.get("LORA_KERNELS_GEMV_VARIANT"):   # an opt-in decode kernel forced for this run, not the default
-        meta["gemv_variant_forced"] = os.environ["LORA_KERNELS_GEMV_VARIANT"]
+    from lora_kernels.library import gemv_variant_override
+    if (forced := gemv_variant_override()) is not None:   # an opt-in decode kernel forced for this run
+        meta["gemv_variant_forced"] = forced
     notes += [
         "shape = K x N (in -> out); no bias; x, A, B, y bf16; Ŵ NF4 blocksize 64 with double quantization",
         "eager = each call timed with its own CUDA events (Python + launch overhead included); graph = CUDA-graph "

@@ -75,7 +75,8 @@ def diagnose(ext, v: int, ms) -> int:
                     bad += 1
                     rows = wrong.any(0).nonzero().flatten()
                     cols = wrong.any(1).nonzero().flatten()
-                    ratio = (yv[wrong] / y1[wrong].where(y1[wrong] != 0, torch.ones_like(y1[wrong])))
+                    ref = y1[wrong]
+                    ratio = yv[wrong] / ref.where(ref != 0, torch.ones_like(ref))
                     line += (f"; rows n: {rows.numel()} (n mod 16 seen {sorted(set((rows % 16).tolist()))}, "
                              f"first {rows[:8].tolist()}); cols m: {cols.tolist()[:16]}; NaN/inf "
                              f"{int((~torch.isfinite(yv)).sum())}; zeros {int((yv[wrong] == 0).sum())}; "
@@ -121,12 +122,10 @@ def main(argv=None) -> int:
               "(LORA_KERNELS_BUILD_CUDA=1 python setup.py build_ext --inplace)")
         return 1
     has_ws = hasattr(ext, "lora_gemv_v2_workspace")
-    has_v3 = hasattr(ext, "lora_gemv_v3_supported")
-    has_v4 = hasattr(ext, "lora_gemv_v4_supported")
     if args.diagnose:
         return diagnose(ext, args.diagnose, ms)
-    has_v3 = has_v3 and 3 in wanted
-    has_v4 = has_v4 and 4 in wanted
+    has_v3 = hasattr(ext, "lora_gemv_v3_supported") and 3 in wanted
+    has_v4 = hasattr(ext, "lora_gemv_v4_supported") and 4 in wanted
     variants = (1, 2) + ((3,) if has_v3 else ()) + ((4,) if has_v4 else ())
     torch.manual_seed(0)
     bw = harness.measure_copy_bandwidth(nbytes=1024**3, rep_ms=100.0)

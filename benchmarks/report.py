@@ -317,13 +317,13 @@ def nf4_table(doc: dict) -> list[str]:
 
 def forward_table(doc: dict) -> list[str]:
     rows = doc["rows"]
+    forced = doc.get("meta", {}).get("gemv_variant_forced")
     out = [f"Fused QLoRA forward (r = 16, NF4 double quant, bf16) on {doc['env'].get('gpu')}, from `{doc['name']}`: "
            "median time of `lora_linear` and its ratio to bf16 `F.linear` (no LoRA) and to bitsandbytes + PEFT "
            "in the same timing mode (graph = CUDA-graph replay, eager = per-call events; < 1 is faster); "
            "route = the kernel `forward_route` picked when the file was measured"
-           + (f" (decode kernel forced with LORA_KERNELS_GEMV_VARIANT={doc['meta']['gemv_variant_forced']}: an opt-in "
-              "A/B run, not what the package picks by default)" if doc.get("meta", {}).get("gemv_variant_forced") else "")
-           + ":", "",
+           + (f" (decode kernel forced with LORA_KERNELS_GEMV_VARIANT={forced}: an opt-in A/B run, not what the "
+              "package picks by default)" if forced else "") + ":", "",
            "| layer K→N | M | route | timing | ours | ours / bf16 F.linear | ours / bnb+PEFT |",
            "|---|---|---|---|---|---|---|"]
     n = 0
