@@ -143,7 +143,7 @@ std::string validate_lora_gemv(const at::Tensor& x, const at::Tensor& packed, co
                                const std::optional<at::Tensor>& bias, int64_t variant) {
   constexpr const char* fn = "lora_gemv";
   std::string e;
-  if (variant < 1 || variant > 4) return fmt(fn, ": variant must be 1, 2, 3 or 4, got ", variant);
+  if (variant < 1 || variant > 5) return fmt(fn, ": variant must be 1, 2, 3, 4 or 5, got ", variant);
   if (!x.defined() || x.device().type() != kDev) return fmt(fn, ": x must be a CUDA tensor");
   if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf)
     return fmt(fn, ": x must be bfloat16 or float16, got ", x.scalar_type());
@@ -216,7 +216,8 @@ std::string validate_lora_gemv(const at::Tensor& x, const at::Tensor& packed, co
 // variant 3: csrc/cuda/nf4_gemv_v3.cu (CUDA-core GEMV for small M; falls back to variant 1 where
 // nf4_lora_gemv_v3_config says no, e.g. M above its limit); variant 4: csrc/cuda/nf4_gemv_v4.cu
 // (tensor cores, weight as the MMA's A operand, persistent grid; falls back to variant 1 where
-// nf4_lora_gemv_v4_config says no).
+// nf4_lora_gemv_v4_config says no); variant 5: csrc/cuda/nf4_gemv_v5.cu (variant 4's MMA fed from a
+// per-warp cp.async ring; falls back to variant 1 where nf4_lora_gemv_v5_config says no).
 at::Tensor lora_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                      const std::optional<at::Tensor>& nested_absmax,
                      const std::optional<at::Tensor>& nested_code,
@@ -284,6 +285,12 @@ at::Tensor lora_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
     check_launch(cuda::launch_nf4_lora_gemv_v4(a, ws_bytes > 0 ? ws.data_ptr() : nullptr, ws_bytes, stream), fn);
     return y;
   }
+  if (variant == 5 && cuda::nf4_lora_gemv_v5_config(a, &ws_bytes)) {
+    at::Tensor ws;
+    if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
+    check_launch(cuda::launch_nf4_lora_gemv_v5(a, ws_bytes > 0 ? ws.data_ptr() : nullptr, ws_bytes, stream), fn);
+    return y;
+  }
   at::Tensor t_ws;
   if (has_lora) {
     t_ws = at::empty({M, static_cast<int64_t>(a.r)}, x.options().dtype(at::kFloat));
@@ -340,6 +347,17 @@ bool lora_gemv_v4_supported(int64_t M, int64_t N, int64_t K, int64_t blocksize, 
   return planner_args(M, N, K, blocksize, r, &a) && cuda::nf4_lora_gemv_v4_config(a, &ws);
 }
 
+// The K slices lora_gemv(..., variant=5) would use for these sizes on the current device (r = 0: no
+// low-rank term; bf16; double_quant: absmax stored as 8-bit codes, whose 4-byte words must lie in the
+// tensor), or 0 when it falls back to variant 1 (tests, benchmarks).
+int64_t lora_gemv_v5_slices(int64_t M, int64_t N, int64_t K, int64_t blocksize, int64_t r, bool double_quant) {
+  cuda::GemvArgs a;
+  if (!planner_args(M, N, K, blocksize, r, &a)) return 0;
+  static const uint32_t aligned_dummy[4] = {0, 0, 0, 0};
+  if (double_quant) a.absmax_q = reinterpret_cast<const uint8_t*>(aligned_dummy);
+  return cuda::nf4_lora_gemv_v5_slices(a);
+}
+
 }  // namespace
 }  // namespace lora_kernels
 
@@ -355,7 +373,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "does not fit the device); 3 = csrc/cuda/nf4_gemv_v3.cu (CUDA-core GEMV for small M: M <= 4\n"
       "unless LORA_KERNELS_GEMV_V3_MAX_M (<= 8) says otherwise; falls back to 1 beyond that, see\n"
       "lora_gemv_v3_supported); 4 = csrc/cuda/nf4_gemv_v4.cu (tensor cores with the weight as the MMA's A\n"
-      "operand, persistent grid, M <= 16; falls back to 1 where it does not fit, see lora_gemv_v4_supported).\n"
+      "operand, persistent grid, M <= 16; falls back to 1 where it does not fit, see lora_gemv_v4_supported);\n"
+      "5 = csrc/cuda/nf4_gemv_v5.cu (variant 4's MMA fed from a per-warp cp.async ring, M <= 8, K % 256 == 0;\n"
+      "falls back to 1 where it does not fit, see lora_gemv_v5_slices).\n"
       "lora_kernels reads LORA_KERNELS_GEMV_VARIANT.";
   m.def("lora_gemv", &lora_kernels::lora_gemv, gemv_doc.c_str(), py::arg("x"), py::arg("packed"),
         py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"), py::arg("offset"), py::arg("code"),
@@ -377,4 +397,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "variant 4 for these sizes on the current device (r = 0: no low-rank term); False: it falls back to "
         "variant 1.",
         py::arg("M"), py::arg("N"), py::arg("K"), py::arg("blocksize"), py::arg("r") = 0);
+  m.def("lora_gemv_v5_slices", &lora_kernels::lora_gemv_v5_slices,
+        "lora_gemv_v5_slices(M, N, K, blocksize, r=0, double_quant=True) -> int\n\nThe K slices "
+        "lora_gemv(..., variant=5) splits these sizes into on the current device (1: no finish kernel), or 0 "
+        "when it falls back to variant 1 (r = 0: no low-rank term).",
+        py::arg("M"), py::arg("N"), py::arg("K"), py::arg("blocksize"), py::arg("r") = 0,
+        py::arg("double_quant") = true);
 }

@@ -286,7 +286,7 @@ def _cuda_gemv(x2d, weight: NF4Weight, lora_a, lora_b, scale, bias) -> torch.Ten
 
 
 def gemv_variant_override() -> int | None:
-    """$LORA_KERNELS_GEMV_VARIANT as an int (1-4; tests and A/B runs force a decode kernel with it), or None."""
+    """$LORA_KERNELS_GEMV_VARIANT as an int (1-5; tests and A/B runs force a decode kernel with it), or None."""
     v = os.environ.get("LORA_KERNELS_GEMV_VARIANT")
     return int(v) if v else None
 
@@ -294,7 +294,8 @@ def gemv_variant_override() -> int | None:
 def gemv_variant_chosen(M: int, N: int, K: int, has_lora: bool) -> int:
     """The decode kernel variant the cuda-gemv route asks the extension for: ``gemv_variant_override``
     when set, else ``gemv_variant``.  The extension falls back to variant 1 where the asked variant
-    cannot take the sizes (``lora_gemv_v{2,3,4}_supported`` say when)."""
+    cannot take the sizes (``lora_gemv_v2_workspace``, ``lora_gemv_v{3,4}_supported`` and
+    ``lora_gemv_v5_slices`` say when)."""
     forced = gemv_variant_override()
     return forced if forced is not None else gemv_variant(M, N, K, has_lora)
 

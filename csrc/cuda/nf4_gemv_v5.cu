@@ -1,0 +1,462 @@
+// Fused QLoRA decode, variant 5 (lora_gemv(..., variant=5)): tensor cores fed from a per-warp
+// cp.async ring in shared memory, for M = 1..8 rows of x:  y = x · Ŵᵀ + ((x · Aᵀ) ⊙ s) · Bᵀ + bias.
+//
+// Why (benchmarks/NOTES.md, session 13): variant 4 was latency-bound -- its weight loads went to
+// registers, each warp waited on a batch soon after requesting it, and ~7.5 KB per SM were in flight
+// where ~20-40 KB are needed to stream at the copy bandwidth.  Variant 3 (CUDA cores) spends ~130
+// instructions per 16 packed bytes per lane and refills its 64 KB table in each of its ~450 CTAs.
+// Here the loads are cp.async copies into shared memory, so the bytes in flight no longer sit in
+// registers: each warp keeps kV5Stages - 1 = 3 steps (3 KB) requested ahead, 48 KB per SM.
+//
+// Layout
+//  * Tile = 16 weight rows (the m16n8k16 MMA's A operand: the weight; its n8 columns are the rows of
+//    x, M <= 8).  Step = one tile x 128 k = 16 rows x 64 packed bytes = 1 KB, plus the block scales
+//    of those rows (nested: the aligned 4-byte word of absmax codes holding the step's blocks and
+//    the nested absmax; plain: the aligned fp32 pair).
+//  * Work: K is cut into S slices (S divides K / 128; the host picks S so that the busiest warp's
+//    step count is near the mean, see v5_config); unit = (tile, slice), units numbered tile-major;
+//    warp w of the W = SMs x 16 warps of the persistent grid takes units [w U / W, (w + 1) U / W).
+//    Its steps run through consecutive k of a tile, then the next tile.  Each warp works alone
+//    after the setup (no CTA barrier in the main loop).  S = 1: the warp stores y itself; S > 1:
+//    fp32 partials [S][M][N] in the workspace, variant 3's finish kernel sums them in slice order
+//    (deterministic) and adds the LoRA term and the bias.
+//  * Ring: kV5Stages stages of kStageBytes per warp.  Lane (g = lane / 4, q = lane % 4) copies the
+//    16-byte piece q of rows g and g + 8 (cp.async.cg with an L2 prefetch of the line); lanes 0..15
+//    copy row `lane`'s scales, lanes 16..31 row `lane - 16`'s nested absmax.  One commit group per
+//    step; cp.async.wait_group(kV5Stages - 1) + __syncwarp before a step is read, __syncwarp after
+//    (its stage is refilled next).  Within a stage, row i's 64 bytes lie at 64 i with 16-byte piece
+//    j at slot j ^ (i & 2): the 16 lanes of a half warp reading 8 bytes each hit 32 distinct banks.
+//  * MMA (variant 4's k-permutation): in 64-k chunk c of a step, lane (g, q) holds packed bytes
+//    [32 c + 8 q, 32 c + 8 q + 8) of rows g and g + 8 = elements 16 q .. 16 q + 15 of the chunk;
+//    MMA s (0..3) takes bytes 2 s (A registers a0 / a1) and 2 s + 1 (a2 / a3), and as B the x words
+//    2 s, 2 s + 1 of x row g at the same 16 elements (lanes g >= M: zeros).  One table lookup per
+//    packed byte gives one A register: byte v -> the dtype pair {code[v >> 4], code[v & 15]}, 32
+//    replicas (entry v of lane l at byte 256 v + 4 l: one prmt per lookup, conflict-free), built once
+//    per CTA.
+//  * Block scale after the MMAs: each chunk's 4 MMAs accumulate into a fresh fp32 fragment, then
+//    acc += absmax(row, block) · c (fp32 fma; double quant decoded as fl(fl(nested_code[q] ·
+//    nested_absmax) + offset), as variants 1-4).  A chunk never straddles a block (blocksize >= 64).
+//  * x: all of x [M][K] as dtype in shared memory (row stride 2 K + 16 bytes: the two rows of a
+//    quarter warp's 16-byte reads hit disjoint banks), staged once per CTA after the ring's first
+//    requests.
+//  * LoRA: the T kernel of the chain (T = (x · Aᵀ) ⊙ s, fp32 [M, r]) runs first; this kernel is its
+//    programmatic dependent (sm_90; $LORA_KERNELS_GEMV_V5_PDL=0 turns it off) and waits
+//    (griddepcontrol.wait) before reading T in the epilogue.
+// Numerics: variant 4's (dtype(code) · x in fp32 through the MMA, times the fp32 absmax per 64
+// products; another fp32 summation order than variant 1).
+// Limits (else nf4_lora_gemv_v5_config says no and the binding runs variant 1): M <= 8, K % 256 == 0,
+// blocksize >= 64, 16-byte aligned packed weight, 4-byte (nested) / 8-byte (plain) aligned absmax,
+// nested: N · K / blocksize a multiple of 4 (the last 4-byte word of codes lies inside the tensor),
+// x in shared memory: M · (2 K + 16) bytes beside the 143 KB of table, nested code and ring.
+//
+// Cost, estimated from the source before any SASS or run (per 16 packed bytes per lane, M <= 8):
+//   16 PRMT + 16 LDS (table) + 2 LDS.64 (weights) + 2 LDS.128 (x) + 4 HMMA + 4 FFMA + ~8 (scales)
+//   + ~6 (cp.async issue, ring bookkeeping) ~ 58 instructions: an issue limit of ~7 TB/s, so the
+//   kernel should be bound by the bytes in flight and DRAM, not by issue.
+// PREDICTED (not measured; H100 SXM, CUDA-graph replay, bf16, bs 64, double quant, r = 16): the
+// weight streamed at ~80 % of the copy bandwidth after ~2 us of launch, setup and tail:
+//   4096x14336 M = 1: ~14.5 us (floor 10.0; S = 16);  14336x4096 M = 1: ~14.5 us (S = 8);
+//   8192x28672 M = 1: ~52 us (floor 40.1; S = 8);  M = 8 within ~10 % of M = 1.
+#include "cuda/nf4_gemv.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <atomic>
+#include <cstdlib>
+
+#include "nf4_common.h"
+#include "cuda/nf4_gemv_common.cuh"
+
+namespace lora_kernels {
+namespace cuda {
+namespace {
+
+constexpr int kV5Warps = 16;
+constexpr int kV5Threads = kV5Warps * 32;
+constexpr int kV5Stages = 4;                       // ring depth per warp: 3 steps requested ahead
+constexpr int kV5StepK = 128;                      // k per step
+constexpr int kStageW = 16 * kV5StepK / 2;         // 1024 packed bytes: 16 rows x 64 bytes
+constexpr int kStageAbsOff = kStageW;              // 16 rows x 8 bytes: absmax code word / fp32 pair
+constexpr int kStageNestOff = kStageW + 128;       // 16 rows x 4 bytes: nested absmax
+constexpr int kStageBytes = kStageW + 128 + 64;    // 1216 (a multiple of 16)
+constexpr int kV5LutBytes = 256 * 256;             // 32 replicas of the byte -> dtype-pair table
+constexpr int kV5NcodeBytes = 256 * 4;
+constexpr int kV5RingBytes = kV5Warps * kV5Stages * kStageBytes;
+constexpr int kV5RingOff = kV5LutBytes + kV5NcodeBytes;
+constexpr int kV5XOff = kV5RingOff + kV5RingBytes;
+constexpr int kV5MaxSlices = 64;
+constexpr int kTThreads5 = 256;
+constexpr int kFinishThreads5 = 256;
+static_assert(kStageBytes % 16 == 0 && kV5XOff % 16 == 0, "16-byte aligned stages and x");
+
+// ---------------------------------------------------------------------------------------------
+// cp.async (sm_80+)
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16 bytes, L1 bypassed, the 128-byte line prefetched into L2 (the next step reads its other half).
+__device__ __forceinline__ void cp_async16_stream(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The GEMV
+// ---------------------------------------------------------------------------------------------
+struct V5Params {
+  const void* x;
+  void* y;
+  int M, N, K;
+  const uint8_t* packed;
+  const float* absmax_f32;
+  const uint8_t* absmax_q;
+  const float* nested_absmax;
+  const float* nested_code;
+  const float* offset;
+  const float* code;
+  int log2_bs;
+  int tiles;       // ceil(N / 16)
+  int kst;         // steps in K (K / 128)
+  int S;           // slices
+  int sst;         // steps per slice (kst / S)
+  int64_t units;   // tiles · S
+  int XSB;         // x row stride in shared memory, bytes (2 K + 16)
+  const void* lora_b;
+  int r;
+  const float* t;  // T [M, r] fp32 (nullptr: no low-rank term)
+  const void* bias;
+  bool bias_f32;
+  float* part;     // S > 1: fp32 partial sums [S][M][N]
+};
+
+// Byte offset, inside a stage, of piece `piece` (16 bytes) of row `row` (the swizzle above).
+__host__ __device__ constexpr int stage_piece_off(int row, int piece) { return 64 * row + 16 * (piece ^ (row & 2)); }
+
+// Requests step (tile, kk) into the stage at shared address st (every lane; one commit group is
+// made by the caller).
+template <bool kNested>
+__device__ __forceinline__ void issue_step(const V5Params& p, uint32_t st, int tile, int kk, int g, int q, int lane,
+                                           uint32_t KB) {
+  const int nb = tile * 16;
+  const int n0 = min(nb + g, p.N - 1), n1 = min(nb + g + 8, p.N - 1);  // rows past N: clamped, never stored
+  const int64_t KH = p.K >> 1;
+  const uint8_t* w = p.packed + static_cast<int64_t>(kk) * (kV5StepK / 2) + 16 * q;
+  cp_async16_stream(st + stage_piece_off(g, q), w + static_cast<int64_t>(n0) * KH);
+  cp_async16_stream(st + stage_piece_off(g + 8, q), w + static_cast<int64_t>(n1) * KH);
+  const int row = lane & 15;
+  const uint32_t na = static_cast<uint32_t>(min(nb + row, p.N - 1));
+  const uint32_t b0 = na * KB + (static_cast<uint32_t>(kk * kV5StepK) >> p.log2_bs);  // the step's first block
+  if (kNested) {
+    if (lane < 16) cp_async4(st + kStageAbsOff + 4 * row, p.absmax_q + (b0 & ~3u));
+    else cp_async4(st + kStageNestOff + 4 * row, p.nested_absmax + (b0 >> 8));  // 256 codes per nested block
+  } else if (lane < 16) {
+    cp_async8(st + kStageAbsOff + 8 * row, p.absmax_f32 + (b0 & ~1u));
+  }
+}
+
+// Table lookup of byte bb of word: the dtype pair {code[v >> 4], code[v & 15]}, v = the byte.
+__device__ __forceinline__ uint32_t lut_pair5(const unsigned char* lut, uint32_t word, uint32_t lane4, int bb) {
+  return *reinterpret_cast<const uint32_t*>(lut + __byte_perm(word, lane4, 0x5504u + 16u * bb));
+}
+
+// Block scale of row slot `row` of the stage for block b (b inside the stage's word / pair).
+template <bool kNested>
+__device__ __forceinline__ float stage_scale(const unsigned char* st, int row, uint32_t b, const float* ncode_s,
+                                             float offset) {
+  if (kNested) {
+    const uint32_t word = *reinterpret_cast<const uint32_t*>(st + kStageAbsOff + 4 * row);
+    const uint32_t code = __byte_perm(word, 0u, 0x4440u | (b & 3u));
+    const float nabs = *reinterpret_cast<const float*>(st + kStageNestOff + 4 * row);
+    return __fadd_rn(__fmul_rn(ncode_s[code], nabs), offset);
+  }
+  const float2 pr = *reinterpret_cast<const float2*>(st + kStageAbsOff + 8 * row);
+  return (b & 1u) ? pr.y : pr.x;
+}
+
+// acc += the step's two chunks: absmax(row, block) · (A_chunk · B_chunk).
+template <typename T, bool kNested>
+__device__ __forceinline__ void compute_step(const V5Params& p, const unsigned char* st, const unsigned char* lut,
+                                             uint32_t lane4, const unsigned char* xrow, bool has_x, int tile, int kk,
+                                             int g, int q, uint32_t KB, const float* ncode_s, float offset,
+                                             float (&acc)[4]) {
+  const uint32_t n0 = static_cast<uint32_t>(min(tile * 16 + g, p.N - 1));
+  const uint32_t n1 = static_cast<uint32_t>(min(tile * 16 + g + 8, p.N - 1));
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const int kc = kk * kV5StepK + 64 * c;  // first k of the chunk
+    const uint32_t kb = static_cast<uint32_t>(kc) >> p.log2_bs;
+    const float s0 = stage_scale<kNested>(st, g, n0 * KB + kb, ncode_s, offset);
+    const float s1 = stage_scale<kNested>(st, g + 8, n1 * KB + kb, ncode_s, offset);
+    const int off = stage_piece_off(g, 2 * c + (q >> 1)) + 8 * (q & 1);
+    const uint2 wl = *reinterpret_cast<const uint2*>(st + off);           // row g
+    const uint2 wh = *reinterpret_cast<const uint2*>(st + off + 64 * 8);  // row g + 8 (same swizzle)
+    uint4 xa = make_uint4(0u, 0u, 0u, 0u), xb = xa;
+    if (has_x) {
+      const uint4* px = reinterpret_cast<const uint4*>(xrow + 2 * (kc + 16 * q));
+      xa = px[0];
+      xb = px[1];
+    }
+    const uint32_t xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+    float cf[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const uint32_t wlw = (s < 2) ? wl.x : wl.y;
+      const uint32_t whw = (s < 2) ? wh.x : wh.y;
+      const int bb = 2 * (s & 1);
+      const uint32_t a0 = lut_pair5(lut, wlw, lane4, bb);      // row g,     k 16q + 4s + {0, 1}
+      const uint32_t a1 = lut_pair5(lut, whw, lane4, bb);      // row g + 8, k 16q + 4s + {0, 1}
+      const uint32_t a2 = lut_pair5(lut, wlw, lane4, bb + 1);  // row g,     k 16q + 4s + {2, 3}
+      const uint32_t a3 = lut_pair5(lut, whw, lane4, bb + 1);  // row g + 8, k 16q + 4s + {2, 3}
+      Num<T>::mma(cf, a0, a1, a2, a3, xw[2 * s], xw[2 * s + 1]);
+    }
+    acc[0] = __fmaf_rn(cf[0], s0, acc[0]);
+    acc[1] = __fmaf_rn(cf[1], s0, acc[1]);
+    acc[2] = __fmaf_rn(cf[2], s1, acc[2]);
+    acc[3] = __fmaf_rn(cf[3], s1, acc[3]);
+  }
+}
+
+template <typename T, bool kNested>
+__global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Params p) {
+  // Dynamic shared memory: the table (64 KB), nested code [256], the warps' rings, x [M][XSB bytes].
+  extern __shared__ __align__(128) unsigned char smem_v5[];
+  const unsigned char* lut = smem_v5;
+  float* ncode_s = reinterpret_cast<float*>(smem_v5 + kV5LutBytes);
+  unsigned char* xs = smem_v5 + kV5XOff;
+
+  // Dependents (the finish kernel) may be scheduled now; they wait for this grid's completion.
+  griddep_launch_dependents();
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const uint32_t KB = static_cast<uint32_t>(p.K >> p.log2_bs);
+
+  // This warp's units and steps.
+  const int64_t W = static_cast<int64_t>(gridDim.x) * kV5Warps;
+  const int64_t wid = static_cast<int64_t>(blockIdx.x) * kV5Warps + warp;
+  const int64_t u0 = wid * p.units / W, u1 = (wid + 1) * p.units / W;
+  const int nsteps = static_cast<int>((u1 - u0) * p.sst);
+  const int tile0 = static_cast<int>(u0 / p.S);
+  const int kk0 = static_cast<int>(u0 % p.S) * p.sst;
+
+  unsigned char* ring = smem_v5 + kV5RingOff + warp * (kV5Stages * kStageBytes);
+  const uint32_t ring_s = smem_addr(ring);
+
+  // ---- the first kV5Stages - 1 steps are requested before the table and x are staged
+  int it = tile0, ik = kk0;  // next step to request
+#pragma unroll
+  for (int i = 0; i < kV5Stages - 1; ++i) {
+    if (i < nsteps) {
+      issue_step<kNested>(p, ring_s + i * kStageBytes, it, ik, g, q, lane, KB);
+      if (++ik == p.kst) { ik = 0; ++it; }
+    }
+    cp_async_commit();
+  }
+
+  // ---- table, nested code, x
+  for (int i = tid; i < 256 * 8; i += kV5Threads) {
+    const int v = i >> 3, j = i & 7;  // entry v, lanes 4j .. 4j + 3
+    const uint32_t w = Num<T>::pack(__ldg(p.code + (v >> 4)), __ldg(p.code + (v & 15)));
+    *reinterpret_cast<uint4*>(smem_v5 + v * 256 + j * 16) = make_uint4(w, w, w, w);
+  }
+  if (kNested) {
+    for (int i = tid; i < 256; i += kV5Threads) ncode_s[i] = __ldg(p.nested_code + i);
+  }
+  {
+    const int vpr = p.K >> 3;  // 16-byte vectors per row of x
+    const uint4* xg = static_cast<const uint4*>(p.x);
+    for (int i = tid; i < p.M * vpr; i += kV5Threads) {
+      const int m = i / vpr, v = i - m * vpr;
+      *reinterpret_cast<uint4*>(xs + m * p.XSB + 16 * v) = __ldg(xg + i);
+    }
+  }
+  const float offset = kNested ? __ldg(p.offset) : 0.f;
+  __syncthreads();
+
+  const uint32_t lane4 = static_cast<uint32_t>(lane) * 4u;
+  const bool has_x = g < p.M;
+  const unsigned char* xrow = xs + (has_x ? g : 0) * p.XSB;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  int ct = tile0, ck = kk0, cj = 0;  // step being computed; cj: its index in the slice
+
+  for (int i = 0; i < nsteps; ++i) {
+    if (i + kV5Stages - 1 < nsteps) {
+      issue_step<kNested>(p, ring_s + ((i + kV5Stages - 1) % kV5Stages) * kStageBytes, it, ik, g, q, lane, KB);
+      if (++ik == p.kst) { ik = 0; ++it; }
+    }
+    cp_async_commit();
+    cp_async_wait<kV5Stages - 1>();  // step i's group complete (this lane's copies)
+    __syncwarp();                      // ... and every lane's
+    compute_step<T, kNested>(p, ring + (i % kV5Stages) * kStageBytes, lut, lane4, xrow, has_x, ct, ck, g, q, KB,
+                             ncode_s, offset, acc);
+    __syncwarp();  // the stage is refilled by the next request
+    if (++cj == p.sst) {
+      // end of a unit (tile ct, slice ck / sst): y itself (S = 1) or the slice's partial sums
+      const int slice = ck / p.sst;
+      if (p.S == 1 && p.t != nullptr) griddep_wait();  // T written by the kernel this one depends on
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = 2 * q + (e & 1);
+        const int n = ct * 16 + g + 8 * (e >> 1);
+        if (m < p.M && n < p.N) {
+          if (p.S == 1) store_lora_bias<T>(p, m, n, acc[e]);
+          else p.part[(static_cast<int64_t>(slice) * p.M + m) * p.N + n] = acc[e];
+        }
+        acc[e] = 0.f;
+      }
+      cj = 0;
+    }
+    if (++ck == p.kst) { ck = 0; ++ct; }
+  }
+  cp_async_wait<0>();
+  griddep_wait();  // T (if any) complete before this grid completes: the finish kernel reads it
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------------
+struct V5Config {
+  bool ok = false;
+  int S = 1, sst = 0, kst = 0, tiles = 0, grid = 0;
+  int64_t units = 0;
+  int smem_dyn = 0;
+  size_t ws_bytes = 0, off_part = 0;
+  int major = 0;
+};
+
+constexpr int smem_dyn_bytes5(int M, int K) { return kV5XOff + M * (2 * K + 16); }
+
+// The slice count: S divides K / 128 (every unit has sst steps); the busiest warp's steps,
+// ceil(tiles · S / W) · (kst / S), plus for S > 1 ~1.5 steps of finish-kernel launch and the
+// partials' traffic, is smallest (ties: the smaller S).
+int pick_slices(int tiles, int kst, int M, int N, int64_t W) {
+  int best = 1;
+  double best_cost = 0.0;
+  for (int S = 1; S <= kst && S <= kV5MaxSlices; ++S) {
+    if (kst % S != 0) continue;
+    const int64_t units = static_cast<int64_t>(tiles) * S;
+    const double steps = static_cast<double>((units + W - 1) / W) * (kst / S);
+    const double cost = steps + (S > 1 ? 1.5 + 8.0 * S * M * static_cast<double>(N) / (1024.0 * W) : 0.0);
+    if (S == 1 || cost < best_cost) {
+      best = S;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
+V5Config v5_config(const GemvArgs& a) {
+  V5Config c;
+  if (a.M < 1 || a.M > kV5MaxM || a.N < 1 || a.K < 256 || a.K % 256 != 0) return c;
+  if (!nf4::is_valid_blocksize(a.blocksize) || a.blocksize < 64 || a.K % a.blocksize != 0) return c;
+  if (a.dtype != DType::kBFloat16 && a.dtype != DType::kFloat16) return c;
+  if (a.lora_a != nullptr && (a.r < 1 || a.r > kGemvMaxRank || a.lora_b == nullptr)) return c;
+  const int64_t blocks = static_cast<int64_t>(a.N) * (a.K / a.blocksize);
+  if (blocks >= (int64_t{1} << 31) || static_cast<int64_t>(a.M) * a.K >= (int64_t{1} << 31)) return c;
+  if (reinterpret_cast<uintptr_t>(a.packed) % 16 != 0 || reinterpret_cast<uintptr_t>(a.x) % 16 != 0) return c;
+  if (a.absmax_q != nullptr) {
+    // the step's codes are copied as the aligned 4-byte word holding them: it must lie in the tensor
+    if (reinterpret_cast<uintptr_t>(a.absmax_q) % 4 != 0 || blocks % 4 != 0) return c;
+  } else if (reinterpret_cast<uintptr_t>(a.absmax_f32) % 8 != 0 || blocks % 2 != 0) {
+    return c;
+  }
+  const DevInfo d = dev_info();
+  if (d.major < 8) return c;
+  c.major = d.major;
+  c.smem_dyn = smem_dyn_bytes5(a.M, a.K);
+  if (c.smem_dyn > d.smem_optin) return c;
+  c.grid = d.sms;  // one 512-thread CTA per SM (the shared memory allows no second one)
+  c.tiles = (a.N + 15) / 16;
+  c.kst = a.K / kV5StepK;
+  c.S = pick_slices(c.tiles, c.kst, a.M, a.N, static_cast<int64_t>(c.grid) * kV5Warps);
+  c.sst = c.kst / c.S;
+  c.units = static_cast<int64_t>(c.tiles) * c.S;
+  size_t off = 0;
+  if (a.lora_a != nullptr) off = align_up(static_cast<size_t>(a.M) * a.r * 4, 256);
+  c.off_part = off;
+  if (c.S > 1) off += static_cast<size_t>(c.S) * a.M * a.N * 4;
+  c.ws_bytes = off;
+  c.ok = true;
+  return c;
+}
+
+bool use_pdl5(const V5Config& c) {
+  if (c.major < 9) return false;
+  const char* e = std::getenv("LORA_KERNELS_GEMV_V5_PDL");
+  return !(e != nullptr && e[0] == '0');
+}
+
+template <typename T, bool kNested>
+cudaError_t launch_gemv5(const V5Params& p, const V5Config& c, bool pdl, cudaStream_t stream) {
+  auto kern = nf4_gemv_v5_kernel<T, kNested>;
+  static std::atomic<int> smem_set[64];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
+  if (smem_set[dev].load(std::memory_order_acquire) < c.smem_dyn) {
+    const int want = dev_info().smem_optin;  // the most any call can ask for, once per device
+    const cudaError_t err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, want);
+    if (err != cudaSuccess) return err;
+    (void)cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+    (void)cudaGetLastError();
+    smem_set[dev].store(want, std::memory_order_release);
+  }
+  return launch_maybe_pdl(kern, dim3(c.grid), dim3(kV5Threads), static_cast<size_t>(c.smem_dyn), stream, pdl, p);
+}
+
+template <typename T>
+cudaError_t launch_v5_typed(const GemvArgs& a, const V5Params& p, const V5Config& c, cudaStream_t stream) {
+  return launch_chain<T, V5Params, kTThreads5, kFinishThreads5>(a, p, c.S, use_pdl5(c), stream, [&](bool pdl_gemv) {
+    return p.absmax_q != nullptr ? launch_gemv5<T, true>(p, c, pdl_gemv, stream)
+                                 : launch_gemv5<T, false>(p, c, pdl_gemv, stream);
+  });
+}
+
+}  // namespace
+
+bool nf4_lora_gemv_v5_config(const GemvArgs& a, size_t* workspace_bytes) {
+  const V5Config c = v5_config(a);
+  if (workspace_bytes != nullptr) *workspace_bytes = c.ok ? c.ws_bytes : 0;
+  return c.ok;
+}
+
+int nf4_lora_gemv_v5_slices(const GemvArgs& a) {
+  const V5Config c = v5_config(a);
+  return c.ok ? c.S : 0;
+}
+
+cudaError_t launch_nf4_lora_gemv_v5(const GemvArgs& a, void* workspace, size_t workspace_bytes,
+                                    cudaStream_t stream) {
+  const V5Config c = v5_config(a);
+  if (!c.ok) return cudaErrorInvalidValue;
+  if (c.ws_bytes > 0 && (workspace == nullptr || workspace_bytes < c.ws_bytes)) return cudaErrorInvalidValue;
+  unsigned char* ws = static_cast<unsigned char*>(workspace);
+  V5Params p;
+  fill_chain_params(p, a, a.lora_a != nullptr ? reinterpret_cast<float*>(ws) : nullptr,
+                    c.S > 1 ? reinterpret_cast<float*>(ws + c.off_part) : nullptr);
+  p.tiles = c.tiles;
+  p.kst = c.kst;
+  p.S = c.S;
+  p.sst = c.sst;
+  p.units = c.units;
+  p.XSB = 2 * a.K + 16;
+  switch (a.dtype) {
+    case DType::kBFloat16: return launch_v5_typed<__nv_bfloat16>(a, p, c, stream);
+    case DType::kFloat16: return launch_v5_typed<__half>(a, p, c, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace cuda
+}  // namespace lora_kernels
