@@ -5,7 +5,8 @@ kernel variants (the ``variant`` fixture sets LORA_KERNELS_GEMV_VARIANT, read by
 lora_kernels.library._cuda_gemv): 1 = csrc/cuda/nf4_gemv.cu, 2 = csrc/cuda/nf4_gemv_v2.cu,
 3 = csrc/cuda/nf4_gemv_v3.cu (run with LORA_KERNELS_GEMV_V3_MAX_M=8, so every M it is built for is
 tested; larger M falls back to variant 1), 4 = csrc/cuda/nf4_gemv_v4.cu (every M <= 16; skipped when the
-build lacks lora_gemv_v4_supported).
+build lacks lora_gemv_v4_supported), 5 = csrc/cuda/nf4_gemv_v5.cu (M <= 8 where K % 256 == 0 and x fits
+its shared memory, see _v5_runs; elsewhere it falls back to variant 1).
 Error rule: at most 2x the error of PyTorch computing the same formula in x's dtype.
 The output is allocated by the extension, so the caching allocator is first filled with NaN
 ("poisoned"): an element the kernel fails to write comes back NaN.
@@ -39,12 +40,12 @@ def _ext_or_skip():
 V3_MAX_M = 8   # rows of x variant 3 is built for (csrc/cuda/nf4_gemv.h kV3MaxM); its default limit is 4
 
 
-@pytest.fixture(params=[1, 2, 3, 4], ids=["v1", "v2", "v3", "v4"])
+@pytest.fixture(params=[1, 2, 3, 4, 5], ids=["v1", "v2", "v3", "v4", "v5"])
 def variant(request, monkeypatch):
-    """Runs the test once per kernel variant (variants 2, 3 and 4 must really run, not fall back)."""
+    """Runs the test once per kernel variant (variants 2-5 must really run where they take the sizes)."""
     ext = _ext.cuda_ext()
-    if request.param == 4 and ext is not None and hasattr(ext, "lora_gemv"):
-        _skip_without_variant(ext, 4)   # an older build would reject variant=4 outright
+    if request.param in (4, 5) and ext is not None and hasattr(ext, "lora_gemv"):
+        _skip_without_variant(ext, request.param)   # an older build would reject the variant outright
     monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", str(request.param))
     if request.param == 3:
         monkeypatch.setenv("LORA_KERNELS_GEMV_V3_MAX_M", str(V3_MAX_M))
@@ -52,8 +53,26 @@ def variant(request, monkeypatch):
 
 
 def _skip_without_variant(ext, v):
-    if not hasattr(ext, f"lora_gemv_v{v}_supported"):
-        pytest.skip(f"lora_kernels._C_cuda was built without variant {v} (lora_gemv_v{v}_supported)")
+    probe = "lora_gemv_v5_slices" if v == 5 else f"lora_gemv_v{v}_supported"
+    if not hasattr(ext, probe):
+        pytest.skip(f"lora_kernels._C_cuda was built without variant {v} ({probe})")
+
+
+V5_MAX_M = 8            # csrc/cuda/nf4_gemv.h kV5MaxM
+V5_FIXED_SMEM = 65536 + 1024 + 16 * 4 * 1216   # table, nested code, 16 warps x 4 stages (nf4_gemv_v5.cu)
+
+
+def _v5_runs(M, K, N, bs, dq=True):
+    """Whether variant 5 should take these sizes, from its documented limits (nf4_gemv_v5.cu):
+    M <= 8, K % 256 == 0, blocksize >= 64, the absmax words / pairs inside the tensor, and x
+    (M · (2K + 16) bytes) beside the fixed shared memory within the device's opt-in limit."""
+    blocks = N * (K // bs)
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin is None:
+        pytest.skip("this torch does not report the opt-in shared memory per block")
+    return (M <= V5_MAX_M and K % 256 == 0 and bs >= 64 and blocks % (4 if dq else 2) == 0
+            and V5_FIXED_SMEM + M * (2 * K + 16) <= optin)
 
 
 def _supported(v, M, K, N, r, bs):
@@ -63,9 +82,10 @@ def _supported(v, M, K, N, r, bs):
     return getattr(ext, f"lora_gemv_v{v}_supported")(M, N, K, bs, r)
 
 
-def _assert_runs(variant, M, K, N, r, bs):
+def _assert_runs(variant, M, K, N, r, bs, dq=True):
     """Variants 2, 3 and 4 must run these sizes themselves (variant 3 for M <= V3_MAX_M; above that it
-    falls back to variant 1 by design, which the v1 cases test; variant 4 for every M <= 16)."""
+    falls back to variant 1 by design, which the v1 cases test; variant 4 for every M <= 16); variant 5
+    exactly where _v5_runs says (its planner must agree with its documented limits)."""
     if variant == 2:
         ws = _ext_or_skip().lora_gemv_v2_workspace(M, N, K, bs, r)
         assert ws >= 0, f"variant 2 would fall back to variant 1 for M={M} K={K} N={N} r={r} bs={bs}"
@@ -75,12 +95,20 @@ def _assert_runs(variant, M, K, N, r, bs):
     if variant == 4 and M <= 16:
         assert _supported(4, M, K, N, r, bs), \
             f"variant 4 would fall back to variant 1 for M={M} K={K} N={N} r={r} bs={bs}"
+    if variant == 5:
+        ext = _ext_or_skip()
+        _skip_without_variant(ext, 5)
+        assert (ext.lora_gemv_v5_slices(M, N, K, bs, r, dq) > 0) == _v5_runs(M, K, N, bs, dq), \
+            f"variant 5's planner disagrees with its limits for M={M} K={K} N={N} r={r} bs={bs} dq={dq}"
 
 
 def _skip_v3_above_max_m(variant, M):
     if variant == 3 and M > V3_MAX_M:
         pytest.skip(f"variant 3 is built for M <= {V3_MAX_M} (CUDA-core FMAs grow with M); M={M} falls "
                     "back to variant 1, which the v1 case tests")
+    if variant == 5 and M > V5_MAX_M:
+        pytest.skip(f"variant 5 is built for M <= {V5_MAX_M} (one n8 MMA tile); M={M} falls back to "
+                    "variant 1, which the v1 case tests")
 
 
 def _poison_allocator(nbytes: int) -> None:
@@ -149,8 +177,8 @@ def test_ranks_bias_scale(r, variant, rng):
 @pytest.mark.parametrize("dq", [True, False], ids=["dq", "plain"])
 def test_blocksizes_and_double_quant(bs, dq, variant, rng):
     _ext_or_skip()
-    _assert_runs(variant, 3, 4096, 517, 8, bs)
-    _assert_runs(variant, 16, 8192, 64, 8, bs)
+    _assert_runs(variant, 3, 4096, 517, 8, bs, dq)
+    _assert_runs(variant, 16, 8192, 64, 8, bs, dq)
     _check(*_case(3, 4096, 517, 8, torch.float16, rng, bs=bs, dq=dq))
     _check(*_case(16, 8192, 64, 8, torch.bfloat16, rng, bs=bs, dq=dq))
 
@@ -163,7 +191,7 @@ def test_big_shapes_and_3d(variant, rng):
         _assert_runs(variant, 16, K, N, 16, 64)
         _check(*_case(1, K, N, 16, torch.bfloat16, rng))
         _check(*_case(16, K, N, 16, torch.bfloat16, rng))
-        if variant in (3, 4):   # K split over CTAs (x of the slice in shared memory) + the finish kernel
+        if variant in (3, 4, 5):   # K split over CTAs / slices + the finish kernel (v5: M = 8 fits only K = 4096)
             _assert_runs(variant, 8, K, N, 16, 64)
             _check(*_case(8, K, N, 16, torch.bfloat16, rng))
     _check(*_case(4, 4096, 1024, 16, torch.bfloat16, rng, lead=(2,)))   # x [2, 4, K]: M = 8
@@ -235,6 +263,11 @@ def test_variants_agree(M, rng, monkeypatch):
             y4 = ext.lora_gemv(*args, variant=4).float()
             assert torch.isfinite(y4).all()
             assert ((y1 - y4).norm() / y1.norm()).item() < 2e-3
+        if hasattr(ext, "lora_gemv_v5_slices"):
+            assert (ext.lora_gemv_v5_slices(M, N, K, bs, r) > 0) == _v5_runs(M, K, N, bs)
+            y5 = ext.lora_gemv(*args, variant=5).float()
+            assert torch.isfinite(y5).all()
+            assert ((y1 - y5).norm() / y1.norm()).item() < 2e-3
 
 
 @gpu
@@ -316,6 +349,31 @@ def test_v4_repeated_calls_and_graph_replay(pdl, rng, monkeypatch):
         _check_graph_replays(case, rng, 3)
 
 
+@gpu
+@pytest.mark.parametrize("pdl", ["1", "0"], ids=["pdl", "nopdl"])
+def test_v5_repeated_calls_and_graph_replay(pdl, rng, monkeypatch):
+    """Variant 5 chains up to three kernels (T = x·Aᵀ, the persistent GEMV as a programmatic dependent
+    launch, the finish kernel when K is split into slices) and reuses its shared-memory ring across a
+    warp's units: eager calls of several shapes in turn (one slice and several) and CUDA-graph replays
+    with new inputs must all be right, with and without programmatic dependent launch."""
+    ext = _ext_or_skip()
+    _skip_without_variant(ext, 5)
+    monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "5")
+    monkeypatch.setenv("LORA_KERNELS_GEMV_V5_PDL", pdl)
+    cases = [(2, 256, 40000, 8), (1, 4096, 4096, 16), (1, 4096, 14336, 0), (3, 14336, 1024, 64), (8, 2048, 300, 8),
+             (1, 256, 5, 0)]
+    for M, K, N, r in cases:
+        _assert_runs(5, M, K, N, r, 64)
+    assert ext.lora_gemv_v5_slices(2, 40000, 256, 64, 8) == 1      # y stored by the GEMV itself
+    assert ext.lora_gemv_v5_slices(1, 4096, 4096, 64, 16) > 1      # partials + the finish kernel
+    made = [_case(M, K, N, r, torch.bfloat16, rng, vec=(M == 3)) for M, K, N, r in cases]
+    for _ in range(2):
+        for c in made:
+            _check(*c)
+    for case in (made[0], made[1], made[3]):
+        _check_graph_replays(case, rng, 3)
+
+
 # ---- raw-binding argument checks, each call in a child process -----------------------------------
 # On the H100 (torch 2.11) eight of these calls used to segfault instead of raising (see
 # csrc/nf4_checks.h): the calls run in a child process, so a crash fails the case it happened in
@@ -331,7 +389,7 @@ _BAD_ARGS = [  # (case id, edit of a valid call, expected message)
     ("lora_b-shape", dict(bb="r4"), "lora_b"),
     ("lora_a-dtype", dict(a="half"), "lora_a"),
     ("x-cpu", dict(xx="cpu"), "CUDA"),
-    ("variant-5", dict(variant=5), "variant"),
+    ("variant-6", dict(variant=6), "variant"),
     ("variant-0", dict(variant=0), "variant"),
 ]
 
@@ -372,7 +430,7 @@ def _run_bad_args():
     all cases (a new one after each crash)."""
     if _bad_results:
         return _bad_results
-    todo = [[cid, case, v] for cid, case, _ in _BAD_ARGS for v in (1, 2, 3, 4)]
+    todo = [[cid, case, v] for cid, case, _ in _BAD_ARGS for v in (1, 2, 3, 4, 5)]
     root = str(pathlib.Path(__file__).resolve().parents[1])
     while todo:
         proc = subprocess.run([sys.executable, "-c", _CHILD, root, json.dumps(todo)], capture_output=True,
@@ -408,7 +466,7 @@ def _run_bad_args():
 
 
 @gpu
-@pytest.mark.parametrize("variant_arg", [1, 2, 3, 4], ids=["v1", "v2", "v3", "v4"])
+@pytest.mark.parametrize("variant_arg", [1, 2, 3, 4, 5], ids=["v1", "v2", "v3", "v4", "v5"])
 @pytest.mark.parametrize("cid, case, msg", _BAD_ARGS, ids=[c[0] for c in _BAD_ARGS])
 def test_extension_rejects_bad_arguments(cid, case, msg, variant_arg):
     _ext_or_skip()

@@ -1,0 +1,299 @@
+"""CPU check of variant 5 (csrc/cuda/nf4_gemv_v5.cu) -- the correctness evidence possible without a
+GPU.  Emulates the kernel in numpy, warp by warp and lane by lane, in the kernel's order: the units
+each warp of the persistent grid takes, the cp.async requests of each step into the warp's ring
+(swizzled 16-byte pieces, the aligned word of absmax codes / the fp32 pair, the nested absmax), the
+ring's stage reuse, the reads of each chunk, the table lookups into A registers, x into B registers,
+the m16n8k16 MMA through the PTX fragment layouts (helpers of test_gemv_v4_layout), the block scales
+and the epilogue (y, or per-slice partials summed by the finish kernel).  With integer codes, x and
+scales every sum is exact, so the emulated y must equal W @ xᵀ exactly.  Also: the half-warp reads
+of a stage are bank-conflict-free, the x reads are, the slice choice, and the source lines the
+emulation mirrors (constants are read from the .cu file)."""
+
+import pathlib
+import re
+
+import numpy as np
+import pytest
+
+from .test_gemv_v4_layout import byte_perm, ptx_a, ptx_b, ptx_c
+
+SRC = (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "nf4_gemv_v5.cu").read_text()
+
+
+def _const(name):
+    m = re.search(rf"constexpr int {name} = ([^;]+);", SRC)
+    assert m, f"{name} not found in nf4_gemv_v5.cu"
+    return m.group(1)
+
+
+WARPS = int(_const("kV5Warps"))
+STAGES = int(_const("kV5Stages"))
+STEP_K = int(_const("kV5StepK"))
+MAX_SLICES = int(_const("kV5MaxSlices"))
+STAGE_W = 16 * STEP_K // 2
+ABS_OFF, NEST_OFF, STAGE_BYTES = STAGE_W, STAGE_W + 128, STAGE_W + 128 + 64
+
+
+def test_source_lines_the_emulation_mirrors():
+    assert _const("kStageW") == "16 * kV5StepK / 2"
+    assert _const("kStageAbsOff") == "kStageW" and _const("kStageNestOff") == "kStageW + 128"
+    assert _const("kStageBytes") == "kStageW + 128 + 64"
+    assert "return 64 * row + 16 * (piece ^ (row & 2));" in SRC
+    assert "cp_async16_stream(st + stage_piece_off(g, q), w + static_cast<int64_t>(n0) * KH);" in SRC
+    assert "cp_async16_stream(st + stage_piece_off(g + 8, q), w + static_cast<int64_t>(n1) * KH);" in SRC
+    assert "p.packed + static_cast<int64_t>(kk) * (kV5StepK / 2) + 16 * q" in SRC
+    assert "cp_async4(st + kStageAbsOff + 4 * row, p.absmax_q + (b0 & ~3u))" in SRC
+    assert "cp_async4(st + kStageNestOff + 4 * row, p.nested_absmax + (b0 >> 8))" in SRC
+    assert "cp_async8(st + kStageAbsOff + 8 * row, p.absmax_f32 + (b0 & ~1u))" in SRC
+    assert "__byte_perm(word, 0u, 0x4440u | (b & 3u))" in SRC
+    assert "const int off = stage_piece_off(g, 2 * c + (q >> 1)) + 8 * (q & 1);" in SRC
+    assert "st + off + 64 * 8" in SRC
+    assert "xrow + 2 * (kc + 16 * q)" in SRC
+    assert "__byte_perm(word, lane4, 0x5504u + 16u * bb)" in SRC
+    assert "Num<T>::mma(cf, a0, a1, a2, a3, xw[2 * s], xw[2 * s + 1]);" in SRC
+    assert "const int m = 2 * q + (e & 1);" in SRC and "const int n = ct * 16 + g + 8 * (e >> 1);" in SRC
+    assert "cp_async_wait<kV5Stages - 1>();" in SRC
+    assert "((i + kV5Stages - 1) % kV5Stages) * kStageBytes" in SRC and "(i % kV5Stages) * kStageBytes" in SRC
+    assert "p.XSB = 2 * a.K + 16;" in SRC
+
+
+# ---- the host side ------------------------------------------------------------------------------------
+def pick_slices(tiles, kst, M, N, W):
+    """csrc/cuda/nf4_gemv_v5.cu pick_slices."""
+    best, best_cost = 1, 0.0
+    for S in range(1, min(kst, MAX_SLICES) + 1):
+        if kst % S:
+            continue
+        steps = -(-tiles * S // W) * (kst // S)
+        cost = steps + (1.5 + 8.0 * S * M * N / (1024.0 * W) if S > 1 else 0.0)
+        if S == 1 or cost < best_cost:
+            best, best_cost = S, cost
+    return best
+
+
+@pytest.mark.parametrize("K, N, S", [(4096, 14336, 16), (14336, 4096, 8), (8192, 28672, 8), (4096, 4096, 8)])
+def test_slice_choice_on_an_h100(K, N, S):
+    """The S the kernel's comment names for an H100 (132 SMs): the busiest warp within ~5 % of the mean."""
+    W = 132 * WARPS
+    tiles, kst = -(-N // 16), K // STEP_K
+    got = pick_slices(tiles, kst, 1, N, W)
+    assert got == S
+    steps = -(-tiles * got // W) * (kst // got)
+    assert steps <= 1.05 * tiles * kst / W + 1
+
+
+# ---- emulation -------------------------------------------------------------------------------------------
+def _words(b):
+    return [int.from_bytes(bytes(b[4 * i: 4 * i + 4]), "little") for i in range(len(b) // 4)]
+
+
+def emulate(packed, absq, nest_abs, ncode, offset, absf, code, x, N, K, bs, G, S=None):
+    """y [M, N] as variant 5 computes it, with `G` CTAs (persistent grid), in exact integer math.
+    Nested (absq given): absmax = ncode[absq] * nest_abs[b >> 8] + offset; else absf (fp32 absmax)."""
+    M = x.shape[0]
+    nested = absq is not None
+    log2_bs = bs.bit_length() - 1
+    KB = K >> log2_bs
+    tiles, kst = -(-N // 16), K // STEP_K
+    W = G * WARPS
+    if S is None:
+        S = pick_slices(tiles, kst, M, N, W)
+    sst, units = kst // S, tiles * S
+    absq_bytes = None if absq is None else absq.tobytes()
+    absf_list = None if absf is None else list(absf)
+    nest_list = None if nest_abs is None else list(nest_abs)
+    part = np.full((S, M, N), np.nan, dtype=object)
+    y = np.full((M, N), np.nan, dtype=object)
+    covered = np.zeros((tiles, kst), dtype=int)
+
+    def issue(stage, tile, kk):
+        nb = tile * 16
+        for lane in range(32):
+            g, q = lane >> 2, lane & 3
+            for row in (g, g + 8):
+                n = min(nb + row, N - 1)
+                src = n * (K // 2) + kk * (STEP_K // 2) + 16 * q
+                off = 64 * row + 16 * (q ^ (row & 2))
+                stage[off: off + 16] = packed[src: src + 16]
+            row = lane & 15
+            na = min(nb + row, N - 1)
+            b0 = na * KB + ((kk * STEP_K) >> log2_bs)
+            if nested:
+                if lane < 16:
+                    a = b0 & ~3
+                    assert a + 4 <= len(absq_bytes), "absmax word read past the tensor"
+                    stage[ABS_OFF + 4 * row: ABS_OFF + 4 * row + 4] = list(absq_bytes[a: a + 4])
+                else:
+                    stage[NEST_OFF + 4 * row] = ("nest", nest_list[b0 >> 8])
+            elif lane < 16:
+                a = b0 & ~1
+                assert a + 2 <= len(absf_list), "fp32 absmax pair read past the tensor"
+                stage[ABS_OFF + 8 * row] = ("pair", absf_list[a], absf_list[a + 1])
+
+    def scale(stage, row, b):
+        if nested:
+            word = int.from_bytes(bytes(stage[ABS_OFF + 4 * row: ABS_OFF + 4 * row + 4]), "little")
+            c = byte_perm(word, 0, 0x4440 | (b & 3))
+            assert c < 256
+            tag, nabs = stage[NEST_OFF + 4 * row]
+            assert tag == "nest"
+            return ncode[c] * nabs + offset
+        tag, lo, hi = stage[ABS_OFF + 8 * row]
+        assert tag == "pair"
+        return hi if b & 1 else lo
+
+    def compute(stage, tile, kk, acc):
+        for c in range(2):
+            kc = kk * STEP_K + 64 * c
+            kb = kc >> log2_bs
+            A = [np.zeros((16, 16), dtype=object) for _ in range(4)]
+            B = [np.zeros((16, 8), dtype=object) for _ in range(4)]
+            scales = {}
+            for lane in range(32):
+                g, q = lane >> 2, lane & 3
+                n0, n1 = min(tile * 16 + g, N - 1), min(tile * 16 + g + 8, N - 1)
+                scales[lane] = (scale(stage, g, n0 * KB + kb), scale(stage, g + 8, n1 * KB + kb))
+                off = 64 * g + 16 * ((2 * c + (q >> 1)) ^ (g & 2)) + 8 * (q & 1)
+                wl = _words(stage[off: off + 8])
+                wh = _words(stage[off + 512: off + 520])
+                if g < M:
+                    xs = x[g, kc + 16 * q: kc + 16 * q + 16]
+                else:
+                    xs = [0] * 16
+                xw = [(xs[2 * i], xs[2 * i + 1]) for i in range(8)]
+                for s in range(4):
+                    wlw, whw = (wl[0], wh[0]) if s < 2 else (wl[1], wh[1])
+                    bb = 2 * (s & 1)
+                    regs = []
+                    for word, sel in ((wlw, bb), (whw, bb), (wlw, bb + 1), (whw, bb + 1)):
+                        toff = byte_perm(word, 4 * lane, 0x5504 + 16 * sel)
+                        assert toff % 256 == 4 * lane
+                        v = toff // 256
+                        regs.append((code[v >> 4], code[v & 15]))  # entry v: {code[v >> 4] lo, code[v & 15] hi}
+                    for reg in range(4):
+                        for half in range(2):
+                            r_, k_ = ptx_a(lane, reg, half)
+                            A[s][r_, k_] = regs[reg][half]
+                    for reg in range(2):
+                        for half in range(2):
+                            k_, col = ptx_b(lane, reg, half)
+                            B[s][k_, col] = xw[2 * s + reg][half]
+            C = sum(A[s] @ B[s] for s in range(4))
+            for lane in range(32):
+                s0, s1 = scales[lane]
+                for e in range(4):
+                    r_, col = ptx_c(lane, e)
+                    acc[lane][e] += C[r_, col] * (s0 if e < 2 else s1)
+
+    for cta in range(G):
+        for warp in range(WARPS):
+            wid = cta * WARPS + warp
+            u0, u1 = wid * units // W, (wid + 1) * units // W
+            nsteps = (u1 - u0) * sst
+            ring = [[0] * STAGE_BYTES for _ in range(STAGES)]
+            it, ik = u0 // S, (u0 % S) * sst
+            for i in range(STAGES - 1):
+                if i < nsteps:
+                    issue(ring[i], it, ik)
+                    ik += 1
+                    if ik == kst:
+                        ik, it = 0, it + 1
+            acc = [[0] * 4 for _ in range(32)]
+            ct, ck, cj = u0 // S, (u0 % S) * sst, 0
+            for i in range(nsteps):
+                if i + STAGES - 1 < nsteps:
+                    issue(ring[(i + STAGES - 1) % STAGES], it, ik)
+                    ik += 1
+                    if ik == kst:
+                        ik, it = 0, it + 1
+                covered[ct, ck] += 1
+                compute(ring[i % STAGES], ct, ck, acc)
+                cj += 1
+                if cj == sst:
+                    sl = ck // sst
+                    for lane in range(32):
+                        g, q = lane >> 2, lane & 3
+                        for e in range(4):
+                            m, n = 2 * q + (e & 1), ct * 16 + g + 8 * (e >> 1)
+                            if m < M and n < N:
+                                if S == 1:
+                                    assert y[m, n] != y[m, n], "written twice"
+                                    y[m, n] = acc[lane][e]
+                                else:
+                                    assert part[sl, m, n] != part[sl, m, n], "written twice"
+                                    part[sl, m, n] = acc[lane][e]
+                            acc[lane][e] = 0
+                    cj = 0
+                ck += 1
+                if ck == kst:
+                    ck, ct = 0, ct + 1
+    assert (covered == 1).all(), "every (tile, step) computed exactly once"
+    if S > 1:
+        y = part.sum(axis=0)   # the finish kernel (slice order; exact here)
+    return y, S
+
+
+def _quantized(rng, N, K, bs, nested):
+    code = rng.integers(-8, 8, size=16)
+    nib = rng.integers(0, 16, size=(N, K))
+    packed = ((nib[:, 0::2] << 4) | nib[:, 1::2]).astype(np.uint8).reshape(-1)
+    nblocks = N * K // bs
+    if nested:
+        ncode = rng.integers(-3, 4, size=256)
+        absq = rng.integers(0, 256, size=nblocks).astype(np.uint8)
+        nest = rng.integers(1, 4, size=-(-nblocks // 256))
+        offset = 2
+        amax = ncode[absq] * nest[np.arange(nblocks) >> 8] + offset
+        parts = dict(absq=absq, nest_abs=nest, ncode=ncode, offset=offset, absf=None)
+    else:
+        amax = rng.integers(-3, 4, size=nblocks)
+        parts = dict(absq=None, nest_abs=None, ncode=None, offset=0, absf=amax)
+    W = code[nib] * np.repeat(amax.reshape(N, K // bs), bs, axis=1)
+    return packed, parts, code, W
+
+
+@pytest.mark.parametrize("M, N, K, bs, nested, G, S", [
+    (1, 40, 512, 64, True, 2, None),      # 3 tiles (the last one partial), picked S
+    (3, 17, 256, 64, False, 1, None),     # rows past N in the only tile
+    (8, 33, 512, 128, True, 1, 2),        # M = 8: every lane's x row; forced slices + finish
+    (2, 64, 768, 256, False, 3, 3),       # 3 slices of 2 steps, blocksize 256 (one block per step)
+    (5, 50, 1024, 512, True, 1, 1),       # a block spans 4 steps
+    (1, 16, 256, 64, True, 4, 2),         # more warps than units: idle warps
+])
+def test_emulated_kernel_is_exact(M, N, K, bs, nested, G, S):
+    rng = np.random.default_rng(M * 1000 + N + K)
+    packed, parts, code, W = _quantized(rng, N, K, bs, nested)
+    x = rng.integers(-4, 5, size=(M, K))
+    y, used = emulate(packed, parts["absq"], parts["nest_abs"], parts["ncode"], parts["offset"], parts["absf"],
+                      code, x, N, K, bs, G, S)
+    if S is not None:
+        assert used == S
+    np.testing.assert_array_equal(y.astype(np.int64), x @ W.T)
+
+
+def test_stage_reads_are_bank_conflict_free():
+    """A half warp's 8-byte reads of rows g (and g + 8) of a chunk: 16 lanes x 8 bytes on 32 banks."""
+    for c in range(2):
+        for rows_off in (0, 8):
+            for half in range(2):
+                banks = set()
+                for lane in range(16 * half, 16 * half + 16):
+                    g, q = lane >> 2, lane & 3
+                    off = 64 * (g + rows_off) + 16 * ((2 * c + (q >> 1)) ^ ((g + rows_off) & 2)) + 8 * (q & 1)
+                    banks.update({(off // 4) % 32, (off // 4 + 1) % 32})
+                assert len(banks) == 32
+
+
+@pytest.mark.parametrize("K", [256, 4096, 14336])
+def test_x_reads_are_conflict_free(K):
+    xsb = 2 * K + 16
+    assert xsb % 128 == 16
+    for c in range(2):
+        for second in (0, 16):
+            for phase in range(4):
+                groups = set()
+                for lane in range(8 * phase, 8 * phase + 8):
+                    g, q = lane >> 2, lane & 3
+                    addr = g * xsb + 2 * (3 * STEP_K + 64 * c + 16 * q) + second
+                    groups.add((addr % 128) // 16)
+                assert len(groups) == 8
