@@ -1,21 +1,23 @@
 """Decode-kernel A/B (GPU): _C_cuda.lora_gemv variant 1 (csrc/cuda/nf4_gemv.cu: a T = x·Aᵀ kernel,
 then the GEMV) against variant 2 (csrc/cuda/nf4_gemv_v2.cu: one persistent launch) and variant 3
-(csrc/cuda/nf4_gemv_v3.cu: CUDA-core GEMV for small M) and variant 4 (csrc/cuda/nf4_gemv_v4.cu: tensor
-cores with the weight as the MMA's A operand, persistent grid), kernel time by CUDA-graph replay,
-against the memory floor = NF4 weight bytes as stored / device-to-device copy bandwidth (measured
-here), and whether the variants agree (max |y1 - y2|, max |y1 - y3|, max |y1 - y4|).
+(csrc/cuda/nf4_gemv_v3.cu: CUDA-core GEMV for small M), variant 4 (csrc/cuda/nf4_gemv_v4.cu: tensor
+cores with the weight as the MMA's A operand, persistent grid) and variant 5 (csrc/cuda/nf4_gemv_v5.cu:
+variant 4's MMA fed from a per-warp cp.async ring), kernel time by CUDA-graph replay, against the
+memory floor = NF4 weight bytes as stored / device-to-device copy bandwidth (measured here), and
+whether the variants agree (max |y1 - yv| for v = 2..5).
 
 Shapes K x N (in -> out): 4096x14336, 14336x4096, 8192x28672, 4096x4096; M in {1, 16}; r in {0, 16}
 (bf16, blocksize 64, double quantization, no bias).  Several weights are rotated so that the 4-bit
 weight is not L2-resident between calls.  About a minute on an H100.
 
     python -m benchmarks.gemv_variants [--quick] [--reps N] [--ms 1,4,8,16] [--json PATH] [--variants 1,2,3]
-    python -m benchmarks.gemv_variants --diagnose 4 [--ms 1,16]
+    python -m benchmarks.gemv_variants --diagnose 5 [--ms 1,16]
 
 "v2 ran" is "no" where variant 2 would fall back to variant 1 (lora_gemv_v2_workspace == -1); "v3 ran"
 likewise (lora_gemv_v3_supported; by default variant 3 takes M <= 4, LORA_KERNELS_GEMV_V3_MAX_M
-moves that); "v4 ran" likewise (lora_gemv_v4_supported).  Without variant 3 / 4 in the build their
-columns are NaN."""
+moves that); "v4 ran" likewise (lora_gemv_v4_supported); "v5 ran" likewise (lora_gemv_v5_slices > 0;
+the JSON also records the K slices it used).  Without variant 3, 4 or 5 in the build (or left out by
+--variants) their columns are NaN."""
 
 from __future__ import annotations
 
@@ -93,18 +95,18 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--ms", default=",".join(map(str, MS)),
                     help="rows of x to time, comma-separated, each 1..16 (default 1,16; e.g. 1,4,8,16)")
-    ap.add_argument("--variants", default="1,2,3,4",
-                    help="variants to time, comma-separated, 1 and 2 always included (default 1,2,3,4; "
-                         "leave 4 out where its tests failed, so a fault in it cannot end the run)")
+    ap.add_argument("--variants", default="1,2,3,4,5",
+                    help="variants to time, comma-separated, 1 and 2 always included (default 1,2,3,4,5; "
+                         "leave out one whose tests failed, so a fault in it cannot end the run)")
     ap.add_argument("--diagnose", type=int, default=0, metavar="V",
                     help="instead of timing, compare variant V with variant 1 on small shapes, one call at a time, "
                          "and print where they differ (rows n mod 16, columns m, NaN/inf, zeros)")
     args = ap.parse_args(argv)
     wanted = {int(v) for v in args.variants.split(",") if v.strip()} | {1, 2}
-    if not wanted <= {1, 2, 3, 4}:
-        ap.error(f"--variants: each must be 1..4, got {args.variants!r}")
-    if args.diagnose not in (0, 2, 3, 4):
-        ap.error(f"--diagnose: a variant 2..4 to compare with variant 1, got {args.diagnose}")
+    if not wanted <= {1, 2, 3, 4, 5}:
+        ap.error(f"--variants: each must be 1..5, got {args.variants!r}")
+    if args.diagnose not in (0, 2, 3, 4, 5):
+        ap.error(f"--diagnose: a variant 2..5 to compare with variant 1, got {args.diagnose}")
     ms = [int(v) for v in args.ms.split(",") if v.strip()]
     if not ms or any(m < 1 or m > 16 for m in ms):
         ap.error(f"--ms: rows of x must be in 1..16, got {args.ms!r}")
@@ -124,9 +126,12 @@ def main(argv=None) -> int:
     has_ws = hasattr(ext, "lora_gemv_v2_workspace")
     if args.diagnose:
         return diagnose(ext, args.diagnose, ms)
-    has_v3 = hasattr(ext, "lora_gemv_v3_supported") and 3 in wanted
-    has_v4 = hasattr(ext, "lora_gemv_v4_supported") and 4 in wanted
-    variants = (1, 2) + ((3,) if has_v3 else ()) + ((4,) if has_v4 else ())
+    # variant -> whether it runs (M, N, K, r) itself (else the extension falls back to variant 1)
+    runs = {3: ("lora_gemv_v3_supported", lambda M, N, K, r: ext.lora_gemv_v3_supported(M, N, K, 64, r)),
+            4: ("lora_gemv_v4_supported", lambda M, N, K, r: ext.lora_gemv_v4_supported(M, N, K, 64, r)),
+            5: ("lora_gemv_v5_slices", lambda M, N, K, r: ext.lora_gemv_v5_slices(M, N, K, 64, r) > 0)}
+    extra = tuple(v for v in (3, 4, 5) if v in wanted and hasattr(ext, runs[v][0]))
+    variants = (1, 2) + extra
     torch.manual_seed(0)
     bw = harness.measure_copy_bandwidth(nbytes=1024**3, rep_ms=100.0)
     l2 = harness.l2_bytes()
@@ -135,9 +140,10 @@ def main(argv=None) -> int:
           f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write), torch {torch.__version__}")
     rows = []
     shapes = SHAPES[:2] if args.quick else SHAPES
-    hdr = (f"{'K x N':>12} {'M':>3} {'r':>3} | {'v1 us':>7} {'v2 us':>7} {'v3 us':>7} {'v4 us':>7} {'floor':>7} | "
-           f"{'v1/fl':>6} {'v2/fl':>6} {'v3/fl':>6} {'v4/fl':>6} {'v1/v2':>6} | {'max|dy|':>9} {'rel':>8} "
-           f"{'rel v3':>8} {'rel v4':>8} {'v2 ran':>6} {'v3 ran':>6} {'v4 ran':>6}")
+    hdr = (f"{'K x N':>12} {'M':>3} {'r':>3} | {'v1 us':>7} {'v2 us':>7} {'v3 us':>7} {'v4 us':>7} {'v5 us':>7} "
+           f"{'floor':>7} | {'v1/fl':>6} {'v2/fl':>6} {'v3/fl':>6} {'v4/fl':>6} {'v5/fl':>6} {'v1/v2':>6} | "
+           f"{'max|dy|':>9} {'rel':>8} {'rel v3':>8} {'rel v4':>8} {'rel v5':>8} {'v2 ran':>6} {'v3 ran':>6} "
+           f"{'v4 ran':>6} {'v5 ran':>6}")
     print(hdr)
     print("-" * len(hdr))
     for K, N in shapes:
@@ -162,35 +168,34 @@ def main(argv=None) -> int:
                 diff = (outs[1] - outs[2]).abs().max().item()
                 rel = diff / max(outs[1].abs().max().item(), 1e-30)
                 ran = ("yes" if ext.lora_gemv_v2_workspace(M, N, K, 64, r) >= 0 else "no") if has_ws else "?"
-                if has_v3:
-                    diff3 = (outs[1] - outs[3]).abs().max().item()
-                    rel3 = diff3 / max(outs[1].abs().max().item(), 1e-30)
-                    ran3 = "yes" if ext.lora_gemv_v3_supported(M, N, K, 64, r) else "no"
-                else:
-                    us[3], diff3, rel3, ran3 = float("nan"), float("nan"), float("nan"), "n/a"
-                if has_v4:
-                    diff4 = (outs[1] - outs[4]).abs().max().item()
-                    rel4 = diff4 / max(outs[1].abs().max().item(), 1e-30)
-                    ran4 = "yes" if ext.lora_gemv_v4_supported(M, N, K, 64, r) else "no"
-                else:
-                    us[4], diff4, rel4, ran4 = float("nan"), float("nan"), float("nan"), "n/a"
                 row = dict(shape=f"{K}x{N}", M=M, r=r, v1_us=us[1], v2_us=us[2], floor_us=floor_us,
                            v1_over_floor=us[1] / floor_us, v2_over_floor=us[2] / floor_us, v1_over_v2=us[1] / us[2],
                            max_abs_diff=diff, rel_diff=rel, v2_ran=ran, weights_rotated=n_w,
-                           weight_bytes=wbytes, copy_bw_gbps=bw / 1e9,
-                           v3_us=us[3], v3_over_floor=us[3] / floor_us, v3_max_abs_diff=diff3, v3_rel_diff=rel3,
-                           v3_ran=ran3, v4_us=us[4], v4_over_floor=us[4] / floor_us, v4_max_abs_diff=diff4,
-                           v4_rel_diff=rel4, v4_ran=ran4)
+                           weight_bytes=wbytes, copy_bw_gbps=bw / 1e9)
+                for v in (3, 4, 5):
+                    if v in extra:
+                        dv = (outs[1] - outs[v]).abs().max().item()
+                        row.update({f"v{v}_us": us[v], f"v{v}_max_abs_diff": dv,
+                                    f"v{v}_rel_diff": dv / max(outs[1].abs().max().item(), 1e-30),
+                                    f"v{v}_ran": "yes" if runs[v][1](M, N, K, r) else "no"})
+                    else:
+                        row.update({f"v{v}_us": float("nan"), f"v{v}_max_abs_diff": float("nan"),
+                                    f"v{v}_rel_diff": float("nan"), f"v{v}_ran": "n/a"})
+                    row[f"v{v}_over_floor"] = row[f"v{v}_us"] / floor_us
+                if 5 in extra:
+                    row["v5_slices"] = ext.lora_gemv_v5_slices(M, N, K, 64, r)
                 rows.append(row)
-                print(f"{row['shape']:>12} {M:>3} {r:>3} | {us[1]:7.1f} {us[2]:7.1f} {us[3]:7.1f} {us[4]:7.1f} "
-                      f"{floor_us:7.1f} | {row['v1_over_floor']:6.2f} {row['v2_over_floor']:6.2f} "
-                      f"{row['v3_over_floor']:6.2f} {row['v4_over_floor']:6.2f} {row['v1_over_v2']:6.2f} | "
-                      f"{diff:9.2e} {rel:8.1e} {rel3:8.1e} {rel4:8.1e} {ran:>6} {ran3:>6} {ran4:>6}", flush=True)
+                print(f"{row['shape']:>12} {M:>3} {r:>3} | {us[1]:7.1f} {us[2]:7.1f} {row['v3_us']:7.1f} "
+                      f"{row['v4_us']:7.1f} {row['v5_us']:7.1f} {floor_us:7.1f} | {row['v1_over_floor']:6.2f} "
+                      f"{row['v2_over_floor']:6.2f} {row['v3_over_floor']:6.2f} {row['v4_over_floor']:6.2f} "
+                      f"{row['v5_over_floor']:6.2f} {row['v1_over_v2']:6.2f} | {diff:9.2e} {rel:8.1e} "
+                      f"{row['v3_rel_diff']:8.1e} {row['v4_rel_diff']:8.1e} {row['v5_rel_diff']:8.1e} {ran:>6} "
+                      f"{row['v3_ran']:>6} {row['v4_ran']:>6} {row['v5_ran']:>6}", flush=True)
         del qs, probe
         torch.cuda.empty_cache()
     worst = max([r["rel_diff"] for r in rows]
-                + [r[k] for r in rows for k in ("v3_rel_diff", "v4_rel_diff") if r[k] == r[k]])
-    print(f"variants agree: max relative |y1 - y2|, |y1 - y3|, |y1 - y4| / max|y1| = {worst:.2e} "
+                + [r[k] for r in rows for k in ("v3_rel_diff", "v4_rel_diff", "v5_rel_diff") if r[k] == r[k]])
+    print(f"variants agree: max relative |y1 - yv| / max|y1| over v = 2..5 = {worst:.2e} "
           f"({'OK' if worst < 1e-2 else 'MISMATCH'}; bf16 output rounding alone is ~4e-3 at most)")
     if args.json:
         with open(args.json, "w") as f:
