@@ -22,7 +22,6 @@ the JSON also records the K slices it used).  Without variant 3, 4 or 5 in the b
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 
@@ -45,6 +44,31 @@ def _args(x, q, A, B):
     nested = q.double_quant
     return (x, q.packed.view(-1), q.absmax, q.nested_absmax if nested else None, q.nested_code if nested else None,
             q.offset if nested else None, q.code, q.shape[0], q.blocksize, A, B, 2.0, None, None)
+
+
+COLUMNS = ("shape", "M", "r", "v1_us", "v2_us", "v3_us", "v4_us", "v5_us", "floor_us", "v1_over_floor",
+           "v2_over_floor", "v3_over_floor", "v4_over_floor", "v5_over_floor", "v2_ran", "v3_ran", "v4_ran", "v5_ran",
+           "v5_slices", "rel_diff", "v3_rel_diff", "v4_rel_diff", "v5_rel_diff")
+
+
+def write_json_md(json_path: str, rows, env: dict, bw: float, l2: int, reps: int):
+    """The rows as ``harness.write_results`` files beside ``json_path`` (name = its stem): JSON with
+    the machine and versions, and a markdown table of the variants that ran (columns all NaN / n/a,
+    i.e. variants left out of this run, are dropped)."""
+    import os
+
+    from benchmarks import harness
+
+    outdir, name = os.path.dirname(json_path) or ".", os.path.splitext(os.path.basename(json_path))[0]
+    cols = [c for c in COLUMNS
+            if any(r.get(c) is not None and r.get(c) == r.get(c) and r.get(c) != "n/a" for r in rows)]
+    meta = {"copy_bw_gbps": bw / 1e9, "l2_mib": l2 / 2**20, "graph_calls": reps,
+            "timing": "CUDA-graph replay of the calls over rotated weights, median of 5 replays"}
+    notes = ["floor = NF4 weight bytes as stored / copy bandwidth measured in the same run; bf16, blocksize 64, "
+             "double quantization, no bias",
+             "vN ran = no: that variant does not take these sizes and the extension ran variant 1 instead",
+             "rel_diff columns: max |y1 - yv| / max |y1| (variant v against variant 1, same inputs)"]
+    return harness.write_results(name, rows, env, outdir, meta=meta, columns=cols, notes=notes)
 
 
 def diagnose(ext, v: int, ms) -> int:
@@ -198,9 +222,8 @@ def main(argv=None) -> int:
     print(f"variants agree: max relative |y1 - yv| / max|y1| over v = 2..5 = {worst:.2e} "
           f"({'OK' if worst < 1e-2 else 'MISMATCH'}; bf16 output rounding alone is ~4e-3 at most)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": props.name, "copy_bw_gbps": bw / 1e9, "rows": rows}, f, indent=1)
-        print(f"wrote {args.json}")
+        jpath, mpath = write_json_md(args.json, rows, harness.env_info(), bw, l2, args.reps)
+        print(f"wrote {jpath} and {mpath}")
     return 0 if worst < 1e-2 else 2
 
 
