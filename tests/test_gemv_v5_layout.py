@@ -38,6 +38,7 @@ def test_source_lines_the_emulation_mirrors():
     assert _const("kStageW") == "16 * kV5StepK / 2"
     assert _const("kStageAbsOff") == "kStageW" and _const("kStageNestOff") == "kStageW + 128"
     assert _const("kStageBytes") == "kStageW + 128 + 64"
+    assert "0.5 * per_warp" in SRC and "if (++cs == p.S) cs = 0;" in SRC
     assert "return 64 * row + 16 * (piece ^ (row & 2));" in SRC
     assert "cp_async16_stream(st + stage_piece_off(g, q), w + static_cast<int64_t>(n0) * KH);" in SRC
     assert "cp_async16_stream(st + stage_piece_off(g + 8, q), w + static_cast<int64_t>(n1) * KH);" in SRC
@@ -64,22 +65,23 @@ def pick_slices(tiles, kst, M, N, W):
     for S in range(1, min(kst, MAX_SLICES) + 1):
         if kst % S:
             continue
-        steps = -(-tiles * S // W) * (kst // S)
-        cost = steps + (1.5 + 8.0 * S * M * N / (1024.0 * W) if S > 1 else 0.0)
+        per_warp = -(-tiles * S // W)
+        cost = per_warp * (kst // S) + 0.5 * per_warp + (1.5 + 8.0 * S * M * N / (1024.0 * W) if S > 1 else 0.0)
         if S == 1 or cost < best_cost:
             best, best_cost = S, cost
     return best
 
 
-@pytest.mark.parametrize("K, N, S", [(4096, 14336, 16), (14336, 4096, 8), (8192, 28672, 8), (4096, 4096, 8)])
+@pytest.mark.parametrize("K, N, S", [(4096, 14336, 2), (14336, 4096, 8), (8192, 28672, 8), (4096, 4096, 8)])
 def test_slice_choice_on_an_h100(K, N, S):
-    """The S the kernel's comment names for an H100 (132 SMs): the busiest warp within ~5 % of the mean."""
+    """The S picked on an H100 (132 SMs) at M = 1: the busiest warp's steps within ~20 % of the mean
+    (4096x14336: S = 2 leaves 320 of 2112 warps idle but gives each unit 16 steps)."""
     W = 132 * WARPS
     tiles, kst = -(-N // 16), K // STEP_K
     got = pick_slices(tiles, kst, 1, N, W)
     assert got == S
     steps = -(-tiles * got // W) * (kst // got)
-    assert steps <= 1.05 * tiles * kst / W + 1
+    assert steps <= 1.2 * tiles * kst / W + 1
 
 
 # ---- emulation -------------------------------------------------------------------------------------------
@@ -199,7 +201,7 @@ def emulate(packed, absq, nest_abs, ncode, offset, absf, code, x, N, K, bs, G, S
                     if ik == kst:
                         ik, it = 0, it + 1
             acc = [[0] * 4 for _ in range(32)]
-            ct, ck, cj = u0 // S, (u0 % S) * sst, 0
+            ct, ck, cj, cs = u0 // S, (u0 % S) * sst, 0, u0 % S
             for i in range(nsteps):
                 if i + STAGES - 1 < nsteps:
                     issue(ring[(i + STAGES - 1) % STAGES], it, ik)
@@ -210,7 +212,8 @@ def emulate(packed, absq, nest_abs, ncode, offset, absf, code, x, N, K, bs, G, S
                 compute(ring[i % STAGES], ct, ck, acc)
                 cj += 1
                 if cj == sst:
-                    sl = ck // sst
+                    sl = cs
+                    assert sl == ck // sst
                     for lane in range(32):
                         g, q = lane >> 2, lane & 3
                         for e in range(4):
@@ -224,6 +227,7 @@ def emulate(packed, absq, nest_abs, ncode, offset, absf, code, x, N, K, bs, G, S
                                     part[sl, m, n] = acc[lane][e]
                             acc[lane][e] = 0
                     cj = 0
+                    cs = 0 if cs + 1 == S else cs + 1
                 ck += 1
                 if ck == kst:
                     ck, ct = 0, ct + 1

@@ -57,6 +57,12 @@
 // weight streamed at ~80 % of the copy bandwidth after ~2 us of launch, setup and tail:
 //   4096x14336 M = 1: ~14.5 us (floor 10.0; S = 16);  14336x4096 M = 1: ~14.5 us (S = 8);
 //   8192x28672 M = 1: ~52 us (floor 40.1; S = 8);  M = 8 within ~10 % of M = 1.
+// MEASURED (session 14, H100, benchmarks/results/gemv_variants_nvidia-h100-80gb-hbm3_session14.md):
+//   4096x14336 M = 1: 22.5 / 24.3 us (r = 0 / 16; S = 16), M = 8: 20.5 / 26.2 us (S = 2);
+//   14336x4096 M = 1: 19.6 / 22.8 us;  8192x28672 M = 1: 57.7 / 59.1 us (1.44 / 1.47x the floor).
+//   ncu at 4096x14336, M = 1: 43 % of DRAM bandwidth, ~153 issued instructions per 16 packed bytes
+//   per lane (not ~58), 1.02 eligible warps per scheduler: issue- and latency-bound, not DRAM-bound.
+//   Since then the epilogue is counted in the slice choice (S = 2 there).
 #include "cuda/nf4_gemv.h"
 
 #include <cuda_bf16.h>
@@ -290,6 +296,7 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
   const unsigned char* xrow = xs + (has_x ? g : 0) * p.XSB;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   int ct = tile0, ck = kk0, cj = 0;  // step being computed; cj: its index in the slice
+  int cs = static_cast<int>(u0 % p.S);  // its slice
 
   for (int i = 0; i < nsteps; ++i) {
     if (i + kV5Stages - 1 < nsteps) {
@@ -303,8 +310,7 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
                              ncode_s, offset, acc);
     __syncwarp();  // the stage is refilled by the next request
     if (++cj == p.sst) {
-      // end of a unit (tile ct, slice ck / sst): y itself (S = 1) or the slice's partial sums
-      const int slice = ck / p.sst;
+      // end of a unit (tile ct, slice cs): y itself (S = 1) or the slice's partial sums
       if (p.S == 1 && p.t != nullptr) griddep_wait();  // T written by the kernel this one depends on
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
@@ -312,11 +318,12 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
         const int n = ct * 16 + g + 8 * (e >> 1);
         if (m < p.M && n < p.N) {
           if (p.S == 1) store_lora_bias<T>(p, m, n, acc[e]);
-          else p.part[(static_cast<int64_t>(slice) * p.M + m) * p.N + n] = acc[e];
+          else p.part[(static_cast<int64_t>(cs) * p.M + m) * p.N + n] = acc[e];
         }
         acc[e] = 0.f;
       }
       cj = 0;
+      if (++cs == p.S) cs = 0;
     }
     if (++ck == p.kst) { ck = 0; ++ct; }
   }
@@ -338,17 +345,20 @@ struct V5Config {
 
 constexpr int smem_dyn_bytes5(int M, int K) { return kV5XOff + M * (2 * K + 16); }
 
-// The slice count: S divides K / 128 (every unit has sst steps); the busiest warp's steps,
-// ceil(tiles · S / W) · (kst / S), plus for S > 1 ~1.5 steps of finish-kernel launch and the
-// partials' traffic, is smallest (ties: the smaller S).
+// The slice count: S divides K / 128 (every unit has sst steps); the busiest warp's cost is smallest
+// (ties: the smaller S): its steps, ceil(tiles · S / W) · (kst / S), plus half a step per unit it
+// takes (the epilogue; session 14's H100 run: S = 16 on 4096x14336, M = 1, 2 steps per unit, was
+// slower than S = 2 at M = 8), plus for S > 1 ~1.5 steps of finish-kernel launch and the partials'
+// traffic.
 int pick_slices(int tiles, int kst, int M, int N, int64_t W) {
   int best = 1;
   double best_cost = 0.0;
   for (int S = 1; S <= kst && S <= kV5MaxSlices; ++S) {
     if (kst % S != 0) continue;
     const int64_t units = static_cast<int64_t>(tiles) * S;
-    const double steps = static_cast<double>((units + W - 1) / W) * (kst / S);
-    const double cost = steps + (S > 1 ? 1.5 + 8.0 * S * M * static_cast<double>(N) / (1024.0 * W) : 0.0);
+    const double per_warp = static_cast<double>((units + W - 1) / W);  // units of the busiest warp
+    const double cost = per_warp * (kst / S) + 0.5 * per_warp +
+                        (S > 1 ? 1.5 + 8.0 * S * M * static_cast<double>(N) / (1024.0 * W) : 0.0);
     if (S == 1 || cost < best_cost) {
       best = S;
       best_cost = cost;
