@@ -18,6 +18,7 @@ name        implementation                   used for
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import numbers
@@ -278,7 +279,7 @@ def _cuda_gemv(x2d, weight: NF4Weight, lora_a, lora_b, scale, bias) -> torch.Ten
         bias = bias.to(dt)
     q = weight
     nested = q.double_quant
-    variant = gemv_variant_chosen(x2d.shape[0], q.shape[0], q.shape[1], lora_a is not None)
+    variant = gemv_variant_chosen(x2d.shape[0], q.shape[0], q.shape[1], lora_a is not None, q.blocksize, nested)
     return _ext.cuda_ext().lora_gemv(
         x2d, q.packed.view(-1), q.absmax, q.nested_absmax if nested else None, q.nested_code if nested else None,
         q.offset if nested else None, q.code, q.shape[0], q.blocksize, lora_a, lora_b, s, scale_vec,
@@ -291,25 +292,48 @@ def gemv_variant_override() -> int | None:
     return int(v) if v else None
 
 
-def gemv_variant_chosen(M: int, N: int, K: int, has_lora: bool) -> int:
+def gemv_variant_chosen(M: int, N: int, K: int, has_lora: bool, blocksize: int = 64,
+                        double_quant: bool = True) -> int:
     """The decode kernel variant the cuda-gemv route asks the extension for: ``gemv_variant_override``
-    when set, else ``gemv_variant``.  The extension falls back to variant 1 where the asked variant
-    cannot take the sizes (``lora_gemv_v2_workspace``, ``lora_gemv_v{3,4}_supported`` and
-    ``lora_gemv_v5_slices`` say when)."""
+    when set, else ``gemv_variant`` (told whether variant 5 takes these sizes, ``gemv_v5_takes``).
+    The extension falls back to variant 1 where the asked variant cannot take the sizes
+    (``lora_gemv_v2_workspace``, ``lora_gemv_v{3,4}_supported`` and ``lora_gemv_v5_slices`` say when)."""
     forced = gemv_variant_override()
-    return forced if forced is not None else gemv_variant(M, N, K, has_lora)
+    if forced is not None:
+        return forced
+    return gemv_variant(M, N, K, has_lora, gemv_v5_takes(M, N, K, blocksize, has_lora, double_quant))
 
 
-def gemv_variant(M: int, N: int, K: int, has_lora: bool) -> int:
+@functools.lru_cache(maxsize=1024)
+def gemv_v5_takes(M: int, N: int, K: int, blocksize: int, has_lora: bool, double_quant: bool) -> bool:
+    """Whether decode variant 5 runs these sizes itself on the current CUDA device (its planner,
+    ``_C_cuda.lora_gemv_v5_slices``; False without a build that has it).  Cached per sizes: the
+    first device's answer (the extension still falls back to variant 1 where it does not fit)."""
+    ext = _ext.cuda_ext()
+    if ext is None or not hasattr(ext, "lora_gemv_v5_slices") or not torch.cuda.is_available():
+        return False
+    return ext.lora_gemv_v5_slices(M, N, K, blocksize, 16 if has_lora else 0, double_quant) > 0
+
+
+def gemv_variant(M: int, N: int, K: int, has_lora: bool, v5_takes: bool = False) -> int:
     """Which decode kernel the cuda-gemv route runs (``gemv_variant_chosen`` lets
-    $LORA_KERNELS_GEMV_VARIANT override it), from the H100 A/B of variants 1-3
-    (benchmarks/results/gemv_variants_nvidia-h100-80gb-hbm3.md):
-    3 (nf4_gemv_v3.cu: CUDA cores, 16-byte loads, 4-8 in flight per lane) for M = 1 on weights
-    of >= 2^25 elements: 1.5-1.6x faster than variant 1 there (8192x28672: 60 vs 95 us, 1.5x the
-    memory floor), slower on 4096x4096;  2 (nf4_gemv_v2.cu, one persistent launch) for M = 1
-    without LoRA on smaller weights (1.09x faster than 1);  1 (nf4_gemv.cu, tensor cores)
-    otherwise.  A variant that cannot take the arguments falls back to 1 inside the extension."""
-    if M == 1 and N * K >= 1 << 25:
+    $LORA_KERNELS_GEMV_VARIANT override it), from the H100 A/B of variants 1, 2, 3 and 5
+    (benchmarks/results/gemv_variants_nvidia-h100-80gb-hbm3_session14b.md, CUDA-graph replay, M = 1..8):
+    2 (nf4_gemv_v2.cu, one persistent launch) without LoRA on weights of < 2^25 elements, M <= 8
+    (4096x4096: 9.8-10.3 us against 10.8-11.6 for variants 1 and 5);  else 5 (nf4_gemv_v5.cu:
+    tensor cores fed from a cp.async ring) wherever it takes the sizes (``v5_takes``: M <= 8 and x
+    fits its shared memory): the fastest on every other measured row, e.g. 4096x14336 M = 1 19.3 /
+    20.7 us (r = 0 / 16) against variant 3's 21.3 / 22.5, M = 4 19.4 against variant 1's 30.9,
+    8192x28672 M = 1 57.1 / 59.4 against 59.9 / 64.3 (1.42 / 1.48x the memory floor);  where it does
+    not: 3 (nf4_gemv_v3.cu, CUDA cores) for M = 1 on weights of >= 2^25 elements, 1 (nf4_gemv.cu,
+    tensor cores) otherwise.  A variant that cannot take the arguments falls back to 1 inside the
+    extension."""
+    small = N * K < 1 << 25
+    if small and not has_lora and M <= 8:
+        return 2
+    if v5_takes and M <= 8:
+        return 5
+    if M == 1 and not small:
         return 3
     return 2 if M == 1 and not has_lora else 1
 

@@ -581,21 +581,39 @@ def test_decode_fast_path_is_inert_on_cpu(rng):
 
 
 def test_gemv_variant_rule():
-    """The measured dispatch among the three decode kernels (library.gemv_variant)."""
+    """The measured dispatch among the decode kernels (library.gemv_variant): variant 5 where it takes
+    the sizes (M <= 8), except small weights without LoRA (variant 2); else the session-4 rule."""
     from lora_kernels.library import gemv_variant
 
+    for v5 in (True, False):
+        assert gemv_variant(1, 4096, 4096, False, v5) == 2 and gemv_variant(8, 4096, 4096, False, v5) == 2
+        assert gemv_variant(16, 28672, 8192, False, v5) == 1 and gemv_variant(9, 4096, 4096, False, v5) == 1
+    assert gemv_variant(1, 14336, 4096, True, True) == 5 and gemv_variant(4, 28672, 8192, False, True) == 5
+    assert gemv_variant(1, 4096, 4096, True, True) == 5 and gemv_variant(8, 14336, 4096, True, True) == 5
     assert gemv_variant(1, 14336, 4096, True) == 3 and gemv_variant(1, 28672, 8192, False) == 3
-    assert gemv_variant(1, 4096, 4096, False) == 2
     assert gemv_variant(1, 4096, 4096, True) == 1
-    assert gemv_variant(2, 14336, 4096, True) == 1 and gemv_variant(16, 28672, 8192, False) == 1
+    assert gemv_variant(2, 14336, 4096, True) == 1 and gemv_variant(4, 4096, 14336, False) == 1
+
+
+@gpu
+def test_gemv_variant_chosen_asks_variant_5s_planner(monkeypatch):
+    """On the GPU the rule is told what variant 5's planner says: 5 on the Llama MLP layer at M = 1, the
+    session-4 rule where x does not fit (M = 8, K = 14336)."""
+    ext = _ext_or_skip()
+    _skip_without_variant(ext, 5)
+    from lora_kernels.library import gemv_variant_chosen
+
+    monkeypatch.delenv("LORA_KERNELS_GEMV_VARIANT", raising=False)
+    assert gemv_variant_chosen(1, 14336, 4096, True) == (5 if _v5_runs(1, 4096, 14336, 64) else 3)
+    assert gemv_variant_chosen(8, 4096, 14336, True) == (5 if _v5_runs(8, 14336, 4096, 64) else 1)
 
 
 def test_gemv_variant_chosen_env_override(monkeypatch):
     """$LORA_KERNELS_GEMV_VARIANT overrides the measured rule; unset, the rule decides."""
-    from lora_kernels.library import gemv_variant, gemv_variant_chosen
+    from lora_kernels.library import gemv_v5_takes, gemv_variant, gemv_variant_chosen
 
     monkeypatch.delenv("LORA_KERNELS_GEMV_VARIANT", raising=False)
-    for args in ((1, 14336, 4096, True), (1, 4096, 4096, False), (16, 28672, 8192, True)):
-        assert gemv_variant_chosen(*args) == gemv_variant(*args)
+    for M, N, K, lora in ((1, 14336, 4096, True), (1, 4096, 4096, False), (16, 28672, 8192, True)):
+        assert gemv_variant_chosen(M, N, K, lora) == gemv_variant(M, N, K, lora, gemv_v5_takes(M, N, K, 64, lora, True))
     monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "4")
     assert gemv_variant_chosen(1, 4096, 4096, True) == 4 and gemv_variant_chosen(16, 28672, 8192, False) == 4
