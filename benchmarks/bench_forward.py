@@ -550,8 +550,8 @@ def _run_shape_m(args, lk, reference, t0, shape, K, N, M, r, first_rank, methods
     base = dict(bench="forward", device=dev.type, shape=shape, K=K, N=N, M=M)
     use_graph = M <= GRAPH_MAX_M
     route = lk.forward_route(M, qs[0], DTYPE, dev)
-    if route == "cuda-gemv":           # which decode kernel (library.gemv_variant_chosen), as asked
-        route += f" v{lk.library.gemv_variant_chosen(M, N, K, r > 0)}"
+    if route == "cuda-gemv":           # which decode kernel runs (asked for, or variant 1 where it falls back)
+        route += f" v{lk.library.gemv_variant_ran(M, N, K, r > 0)}"
     lora_base = dict(base, r=r, flops=forward_flops(M, K, N, r), bytes=forward_bytes(M, K, N, r, qbytes))
     q_sets = [(xs[i], qs[i % nw_q], As[i % nw_q], Bs[i % nw_q]) for i in range(n_q)]
     nwq_used = min(n_q, nw_q)

@@ -304,6 +304,25 @@ def gemv_variant_chosen(M: int, N: int, K: int, has_lora: bool, blocksize: int =
     return gemv_variant(M, N, K, has_lora, gemv_v5_takes(M, N, K, blocksize, has_lora, double_quant))
 
 
+def gemv_variant_ran(M: int, N: int, K: int, has_lora: bool, blocksize: int = 64, double_quant: bool = True) -> int:
+    """The decode kernel variant that actually runs for these sizes (benchmark route labels):
+    ``gemv_variant_chosen``, or 1 where the extension's planner for the chosen variant says it falls
+    back (``lora_gemv_v2_workspace`` < 0, ``lora_gemv_v{3,4}_supported`` False, ``lora_gemv_v5_slices``
+    0).  Without a CUDA build that can tell, the chosen variant."""
+    v = gemv_variant_chosen(M, N, K, has_lora, blocksize, double_quant)
+    ext = _ext.cuda_ext()
+    if v == 1 or ext is None or not torch.cuda.is_available():
+        return v
+    r = 16 if has_lora else 0
+    probes = {2: ("lora_gemv_v2_workspace", lambda: ext.lora_gemv_v2_workspace(M, N, K, blocksize, r) >= 0),
+              3: ("lora_gemv_v3_supported", lambda: ext.lora_gemv_v3_supported(M, N, K, blocksize, r)),
+              4: ("lora_gemv_v4_supported", lambda: ext.lora_gemv_v4_supported(M, N, K, blocksize, r)),
+              5: ("lora_gemv_v5_slices", lambda: ext.lora_gemv_v5_slices(M, N, K, blocksize, r, double_quant) > 0)}
+    if v not in probes or not hasattr(ext, probes[v][0]):
+        return v
+    return v if probes[v][1]() else 1
+
+
 @functools.lru_cache(maxsize=1024)
 def gemv_v5_takes(M: int, N: int, K: int, blocksize: int, has_lora: bool, double_quant: bool) -> bool:
     """Whether decode variant 5 runs these sizes itself on the current CUDA device (its planner,

@@ -617,3 +617,22 @@ def test_gemv_variant_chosen_env_override(monkeypatch):
         assert gemv_variant_chosen(M, N, K, lora) == gemv_variant(M, N, K, lora, gemv_v5_takes(M, N, K, 64, lora, True))
     monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "4")
     assert gemv_variant_chosen(1, 4096, 4096, True) == 4 and gemv_variant_chosen(16, 28672, 8192, False) == 4
+
+
+def test_gemv_variant_ran_names_the_fallback(monkeypatch):
+    """Benchmark labels name the kernel that runs: a forced variant that cannot take the sizes is
+    reported as variant 1 (on the GPU, from the planners); without a CUDA build, the chosen variant."""
+    from lora_kernels.library import gemv_variant_chosen, gemv_variant_ran
+
+    monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "5")
+    ext = _ext.cuda_ext()
+    if ext is None or not hasattr(ext, "lora_gemv_v5_slices") or not HAS_CUDA:
+        assert gemv_variant_ran(16, 4096, 4096, True) == gemv_variant_chosen(16, 4096, 4096, True) == 5
+        return
+    assert gemv_variant_ran(16, 4096, 4096, True) == 1                  # M = 16: variant 5 falls back
+    assert gemv_variant_ran(1, 4096, 4096, True) == 5
+    assert gemv_variant_ran(1, 4096, 4096, True, 64, True) == 5
+    monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "3")
+    assert gemv_variant_ran(16, 4096, 4096, True) == 1                  # above variant 3's M limit
+    monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "1")
+    assert gemv_variant_ran(16, 4096, 4096, True) == 1
