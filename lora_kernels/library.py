@@ -342,7 +342,7 @@ def gemv_variant(M: int, N: int, K: int, has_lora: bool, v5_takes: bool = False)
     (4096x4096: 9.8-10.3 us against 10.8-11.6 for variants 1 and 5);  else 5 (nf4_gemv_v5.cu:
     tensor cores fed from a cp.async ring) wherever it takes the sizes (``v5_takes``: M <= 8 and x
     fits its shared memory): the fastest on every other measured row, e.g. 4096x14336 M = 1 19.3 /
-    20.7 us (r = 0 / 16) against variant 3's 21.3 / 22.5, M = 4 19.4 against variant 1's 30.9,
+    20.7 us (r = 0 / 16) against variant 3's 21.3 / 22.5, M = 4 19.4 against 27.5 (variant 2),
     8192x28672 M = 1 57.1 / 59.4 against 59.9 / 64.3 (1.42 / 1.48x the memory floor);  where it does
     not: 3 (nf4_gemv_v3.cu, CUDA cores) for M = 1 on weights of >= 2^25 elements, 1 (nf4_gemv.cu,
     tensor cores) otherwise.  A variant that cannot take the arguments falls back to 1 inside the
@@ -354,7 +354,7 @@ def gemv_variant(M: int, N: int, K: int, has_lora: bool, v5_takes: bool = False)
         return 5
     if M == 1 and not small:
         return 3
-    return 2 if M == 1 and not has_lora else 1
+    return 1
 
 
 def decode_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None,
