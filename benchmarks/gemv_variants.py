@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 import torch
@@ -55,8 +56,6 @@ def write_json_md(json_path: str, rows, env: dict, bw: float, l2: int, reps: int
     """The rows as ``harness.write_results`` files beside ``json_path`` (name = its stem): JSON with
     the machine and versions, and a markdown table of the variants that ran (columns all NaN / n/a,
     i.e. variants left out of this run, are dropped)."""
-    import os
-
     from benchmarks import harness
 
     outdir, name = os.path.dirname(json_path) or ".", os.path.splitext(os.path.basename(json_path))[0]
@@ -147,15 +146,15 @@ def main(argv=None) -> int:
         print("gemv_variants: lora_kernels._C_cuda with lora_gemv is not built "
               "(LORA_KERNELS_BUILD_CUDA=1 python setup.py build_ext --inplace)")
         return 1
-    has_ws = hasattr(ext, "lora_gemv_v2_workspace")
     if args.diagnose:
         return diagnose(ext, args.diagnose, ms)
-    # variant -> whether it runs (M, N, K, r) itself (else the extension falls back to variant 1)
-    runs = {3: ("lora_gemv_v3_supported", lambda M, N, K, r: ext.lora_gemv_v3_supported(M, N, K, 64, r)),
-            4: ("lora_gemv_v4_supported", lambda M, N, K, r: ext.lora_gemv_v4_supported(M, N, K, 64, r)),
-            5: ("lora_gemv_v5_slices", lambda M, N, K, r: ext.lora_gemv_v5_slices(M, N, K, 64, r) > 0)}
-    extra = tuple(v for v in (3, 4, 5) if v in wanted and hasattr(ext, runs[v][0]))
+    extra = tuple(v for v in (3, 4, 5) if v in wanted and lk.library.gemv_variant_built(v))
     variants = (1, 2) + extra
+
+    def ran(v, M, N, K, r):   # "yes" / "no" (falls back to variant 1) / "?" (the build cannot tell)
+        got = lk.library.gemv_variant_runs(v, M, N, K, 64, r)
+        return "?" if got is None else ("yes" if got else "no")
+
     torch.manual_seed(0)
     bw = harness.measure_copy_bandwidth(nbytes=1024**3, rep_ms=100.0)
     l2 = harness.l2_bytes()
@@ -191,17 +190,17 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
                 diff = (outs[1] - outs[2]).abs().max().item()
                 rel = diff / max(outs[1].abs().max().item(), 1e-30)
-                ran = ("yes" if ext.lora_gemv_v2_workspace(M, N, K, 64, r) >= 0 else "no") if has_ws else "?"
+                ran2 = ran(2, M, N, K, r)
                 row = dict(shape=f"{K}x{N}", M=M, r=r, v1_us=us[1], v2_us=us[2], floor_us=floor_us,
                            v1_over_floor=us[1] / floor_us, v2_over_floor=us[2] / floor_us, v1_over_v2=us[1] / us[2],
-                           max_abs_diff=diff, rel_diff=rel, v2_ran=ran, weights_rotated=n_w,
+                           max_abs_diff=diff, rel_diff=rel, v2_ran=ran2, weights_rotated=n_w,
                            weight_bytes=wbytes, copy_bw_gbps=bw / 1e9)
                 for v in (3, 4, 5):
                     if v in extra:
                         dv = (outs[1] - outs[v]).abs().max().item()
                         row.update({f"v{v}_us": us[v], f"v{v}_max_abs_diff": dv,
                                     f"v{v}_rel_diff": dv / max(outs[1].abs().max().item(), 1e-30),
-                                    f"v{v}_ran": "yes" if runs[v][1](M, N, K, r) else "no"})
+                                    f"v{v}_ran": ran(v, M, N, K, r)})
                     else:
                         row.update({f"v{v}_us": float("nan"), f"v{v}_max_abs_diff": float("nan"),
                                     f"v{v}_rel_diff": float("nan"), f"v{v}_ran": "n/a"})
@@ -213,7 +212,7 @@ def main(argv=None) -> int:
                       f"{row['v4_us']:7.1f} {row['v5_us']:7.1f} {floor_us:7.1f} | {row['v1_over_floor']:6.2f} "
                       f"{row['v2_over_floor']:6.2f} {row['v3_over_floor']:6.2f} {row['v4_over_floor']:6.2f} "
                       f"{row['v5_over_floor']:6.2f} {row['v1_over_v2']:6.2f} | {diff:9.2e} {rel:8.1e} "
-                      f"{row['v3_rel_diff']:8.1e} {row['v4_rel_diff']:8.1e} {row['v5_rel_diff']:8.1e} {ran:>6} "
+                      f"{row['v3_rel_diff']:8.1e} {row['v4_rel_diff']:8.1e} {row['v5_rel_diff']:8.1e} {ran2:>6} "
                       f"{row['v3_ran']:>6} {row['v4_ran']:>6} {row['v5_ran']:>6}", flush=True)
         del qs, probe
         torch.cuda.empty_cache()

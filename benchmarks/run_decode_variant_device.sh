@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
 echo "=== build $(date +%T)"; T=$SECONDS
 LORA_KERNELS_CUDA_ARCHS=9.0 LORA_KERNELS_BUILD_CUDA=1 MAX_JOBS=16 timeout 300 python3 setup.py build_ext --inplace > $OUT/build.log 2>&1 || { echo "build failed"; grep -E "error|Error" $OUT/build.log | head -30; }
 echo "build $(( SECONDS - T )) s"
-python3 -c "import torch, lora_kernels as lk; from lora_kernels import _ext; e=_ext.cuda_ext(); print(torch.__version__, torch.cuda.get_device_name(0), lk.available_backends(torch.device('cuda')), 'v$V built:', hasattr(e, 'lora_gemv_v5_slices' if $V == 5 else 'lora_gemv_v${V}_supported'))"
+python3 -c "import torch, lora_kernels as lk; from lora_kernels import _ext; e=_ext.cuda_ext(); print(torch.__version__, torch.cuda.get_device_name(0), lk.available_backends(torch.device('cuda')), 'v$V built:', lk.library.gemv_variant_built($V))"
 echo "=== v$V tests $(date +%T)"
 timeout 170 python3 -m pytest -m gpu -q -p no:cacheprovider -rf --maxfail=5 tests/test_cuda_gemv.py -k "v$V or variants_agree" > $OUT/gemv_tests.log 2>&1; VRC=$?; echo "pytest rc=$VRC"; tail -12 $OUT/gemv_tests.log | cut -c1-300
 if [ $VRC -ne 0 ]; then   # it failed its tests: where does it differ, then stop (the other variants are measured)

@@ -304,34 +304,46 @@ def gemv_variant_chosen(M: int, N: int, K: int, has_lora: bool, blocksize: int =
     return gemv_variant(M, N, K, has_lora, gemv_v5_takes(M, N, K, blocksize, has_lora, double_quant))
 
 
+#: decode variant -> its planner in _C_cuda and what of the planner's answer means "runs the sizes itself"
+#: (else the extension runs variant 1); variant 5's planner also takes double_quant.
+_GEMV_PLANNERS = {2: ("lora_gemv_v2_workspace", lambda got: got >= 0),
+                  3: ("lora_gemv_v3_supported", bool),
+                  4: ("lora_gemv_v4_supported", bool),
+                  5: ("lora_gemv_v5_slices", lambda got: got > 0)}
+
+
+def gemv_variant_built(v: int) -> bool:
+    """Whether the CUDA extension has decode variant v (1: always, where the extension exists)."""
+    ext = _ext.cuda_ext()
+    return ext is not None and (v == 1 or (v in _GEMV_PLANNERS and hasattr(ext, _GEMV_PLANNERS[v][0])))
+
+
+def gemv_variant_runs(v: int, M: int, N: int, K: int, blocksize: int = 64, r: int = 0,
+                      double_quant: bool = True) -> bool | None:
+    """Whether decode variant v runs these sizes itself on the current CUDA device (its planner; r = 0:
+    no low-rank term), or None where no CUDA build with that planner can tell.  Variant 1: True."""
+    if v == 1:
+        return True
+    if not gemv_variant_built(v) or not torch.cuda.is_available():
+        return None
+    name, runs = _GEMV_PLANNERS[v]
+    args = (M, N, K, blocksize, r) + ((double_quant,) if v == 5 else ())
+    return bool(runs(getattr(_ext.cuda_ext(), name)(*args)))
+
+
 def gemv_variant_ran(M: int, N: int, K: int, has_lora: bool, blocksize: int = 64, double_quant: bool = True) -> int:
     """The decode kernel variant that actually runs for these sizes (benchmark route labels):
-    ``gemv_variant_chosen``, or 1 where the extension's planner for the chosen variant says it falls
-    back (``lora_gemv_v2_workspace`` < 0, ``lora_gemv_v{3,4}_supported`` False, ``lora_gemv_v5_slices``
-    0).  Without a CUDA build that can tell, the chosen variant."""
+    ``gemv_variant_chosen``, or 1 where ``gemv_variant_runs`` says the chosen variant falls back.
+    Without a CUDA build that can tell, the chosen variant."""
     v = gemv_variant_chosen(M, N, K, has_lora, blocksize, double_quant)
-    ext = _ext.cuda_ext()
-    if v == 1 or ext is None or not torch.cuda.is_available():
-        return v
-    r = 16 if has_lora else 0
-    probes = {2: ("lora_gemv_v2_workspace", lambda: ext.lora_gemv_v2_workspace(M, N, K, blocksize, r) >= 0),
-              3: ("lora_gemv_v3_supported", lambda: ext.lora_gemv_v3_supported(M, N, K, blocksize, r)),
-              4: ("lora_gemv_v4_supported", lambda: ext.lora_gemv_v4_supported(M, N, K, blocksize, r)),
-              5: ("lora_gemv_v5_slices", lambda: ext.lora_gemv_v5_slices(M, N, K, blocksize, r, double_quant) > 0)}
-    if v not in probes or not hasattr(ext, probes[v][0]):
-        return v
-    return v if probes[v][1]() else 1
+    return 1 if gemv_variant_runs(v, M, N, K, blocksize, 16 if has_lora else 0, double_quant) is False else v
 
 
 @functools.lru_cache(maxsize=1024)
 def gemv_v5_takes(M: int, N: int, K: int, blocksize: int, has_lora: bool, double_quant: bool) -> bool:
-    """Whether decode variant 5 runs these sizes itself on the current CUDA device (its planner,
-    ``_C_cuda.lora_gemv_v5_slices``; False without a build that has it).  Cached per sizes: the
-    first device's answer (the extension still falls back to variant 1 where it does not fit)."""
-    ext = _ext.cuda_ext()
-    if ext is None or not hasattr(ext, "lora_gemv_v5_slices") or not torch.cuda.is_available():
-        return False
-    return ext.lora_gemv_v5_slices(M, N, K, blocksize, 16 if has_lora else 0, double_quant) > 0
+    """``gemv_variant_runs`` for variant 5 (False where it cannot tell), cached per sizes: the first
+    device's answer (the extension still falls back to variant 1 where it does not fit)."""
+    return gemv_variant_runs(5, M, N, K, blocksize, 16 if has_lora else 0, double_quant) is True
 
 
 def gemv_variant(M: int, N: int, K: int, has_lora: bool, v5_takes: bool = False) -> int:
