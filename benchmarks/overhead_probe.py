@@ -144,7 +144,12 @@ def decode(shape: str) -> None:
     rows = [
         ("torch.empty(N)", lambda: torch.empty(N, device=dev, dtype=bf)),
         ("torch.mm 1xK KxN (bf16 W)", lambda: torch.mm(x2, lin.weight.t())),
-        ("ext.lora_gemv raw", lambda: ext.lora_gemv(*args)),
+        ("ext.lora_gemv_v5_slices (pybind, no launch)", lambda: ext.lora_gemv_v5_slices(1, N, K, q.blocksize, r)),
+        ("ext.lora_gemv raw v1", lambda: ext.lora_gemv(*args)),
+        ("ext.lora_gemv raw v5 r=16", lambda: ext.lora_gemv(*args, 5)),
+        ("ext.lora_gemv raw v5 r=0", lambda: ext.lora_gemv(*args[:9], None, None, 1.0, None, None, 5)),
+        ("library.gemv_variant_chosen", lambda: library.gemv_variant_chosen(1, N, K, True, q.blocksize, True)),
+        ("library.decode_linear", lambda: library.decode_linear(x, q, A, B, 2.0, None)),
         ("library._cuda_gemv", lambda: library._cuda_gemv(x2, q, A, B, 2.0, None)),
         ("library.lora_linear", lambda: library.lora_linear(x, q, A, B, 2.0)),
         ("qlora_linear(training=False)", lambda: lk.qlora_linear(x, q, A, B, 2.0, training=False)),
