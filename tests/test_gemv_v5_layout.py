@@ -40,21 +40,41 @@ def test_source_lines_the_emulation_mirrors():
     assert _const("kStageBytes") == "kStageW + 128 + 64"
     assert "0.5 * per_warp" in SRC and "if (++cs == p.S) cs = 0;" in SRC
     assert "return 64 * row + 16 * (piece ^ (row & 2));" in SRC
-    assert "cp_async16_stream(st + stage_piece_off(g, q), w + static_cast<int64_t>(n0) * KH);" in SRC
-    assert "cp_async16_stream(st + stage_piece_off(g + 8, q), w + static_cast<int64_t>(n1) * KH);" in SRC
-    assert "p.packed + static_cast<int64_t>(kk) * (kV5StepK / 2) + 16 * q" in SRC
-    assert "cp_async4(st + kStageAbsOff + 4 * row, p.absmax_q + (b0 & ~3u))" in SRC
-    assert "cp_async4(st + kStageNestOff + 4 * row, p.nested_absmax + (b0 >> 8))" in SRC
-    assert "cp_async8(st + kStageAbsOff + 8 * row, p.absmax_f32 + (b0 & ~1u))" in SRC
+    # the request state: sources per tile, advanced 64 bytes a step
+    assert "w0 = p.packed + static_cast<int64_t>(min(nb + g, p.N - 1)) * KH + 16 * q;" in SRC
+    assert "w1 = p.packed + static_cast<int64_t>(min(nb + g + 8, p.N - 1)) * KH + 16 * q;" in SRC
+    assert "rq_b = static_cast<uint32_t>(min(nb + srow, p.N - 1)) * KB;" in SRC
+    assert "w0 += static_cast<int64_t>(ik) * (kV5StepK / 2);" in SRC
+    assert "const uint32_t d0 = stage_piece_off(g, q), d1 = stage_piece_off(g + 8, q);" in SRC
+    assert "cp_async16_stream(st + d0, w0);" in SRC and "cp_async16_stream(st + d1, w1);" in SRC
+    assert "const uint32_t b0 = rq_b + ((static_cast<uint32_t>(ik) * kV5StepK) >> p.log2_bs);" in SRC
+    assert "cp_async4(st + dsc, sc_src + (lane < 16 ? (b0 & ~3u) : 4u * (b0 >> 8)));" in SRC
+    assert "cp_async8(st + dsc, p.absmax_f32 + (b0 & ~1u));" in SRC
+    assert "w0 += kV5StepK / 2;" in SRC and "request_tile(++it);" in SRC
+    assert "(lane < 16 ? kStageAbsOff + 4 * srow : kStageNestOff + 4 * srow)" in SRC
+    assert ": kStageAbsOff + 8 * srow;" in SRC
+    # the scales: one (row, chunk) per lane, shared by shuffles
     assert "__byte_perm(word, 0u, 0x4440u | (b & 3u))" in SRC
+    assert "c_b + ((static_cast<uint32_t>(ck) * kV5StepK + chunk_k) >> p.log2_bs)" in SRC
+    assert "const uint32_t chunk_k = 64u * static_cast<uint32_t>(lane >> 4);" in SRC
+    assert "c_b = static_cast<uint32_t>(min(ct * 16 + srow, p.N - 1)) * KB;" in SRC
+    assert "{__shfl_sync(0xffffffffu, sc, g), __shfl_sync(0xffffffffu, sc, 16 + g)}" in SRC
+    assert "{__shfl_sync(0xffffffffu, sc, g + 8), __shfl_sync(0xffffffffu, sc, 24 + g)}" in SRC
     assert "const int off = stage_piece_off(g, 2 * c + (q >> 1)) + 8 * (q & 1);" in SRC
     assert "st + off + 64 * 8" in SRC
-    assert "xrow + 2 * (kc + 16 * q)" in SRC
+    # x: a pointer per lane, 256 bytes a step, back to k = 16 q at a new tile
+    assert "xs + (has_x ? g : 0) * p.XSB + 32 * q;" in SRC and "xp + 128 * c" in SRC
+    assert "const unsigned char* xp = xrow + 2 * kV5StepK * ck;" in SRC
+    assert "xp = xrow;" in SRC and "xp += 2 * kV5StepK;" in SRC
     assert "__byte_perm(word, lane4, 0x5504u + 16u * bb)" in SRC
     assert "Num<T>::mma(cf, a0, a1, a2, a3, xw[2 * s], xw[2 * s + 1]);" in SRC
     assert "const int m = 2 * q + (e & 1);" in SRC and "const int n = ct * 16 + g + 8 * (e >> 1);" in SRC
     assert "cp_async_wait<kV5Stages - 1>();" in SRC
-    assert "((i + kV5Stages - 1) % kV5Stages) * kStageBytes" in SRC and "(i % kV5Stages) * kStageBytes" in SRC
+    # the ring: the next request fills the stage just computed
+    assert "uint32_t c_off = 0, r_off = (kV5Stages - 1) * kStageBytes;" in SRC
+    assert "r_off = c_off;" in SRC
+    assert "c_off = (c_off == (kV5Stages - 1) * kStageBytes) ? 0u : c_off + kStageBytes;" in SRC
+    assert "request(ring_s + r_off);" in SRC and "const unsigned char* st = ring + c_off;" in SRC
     assert "p.XSB = 2 * a.K + 16;" in SRC
 
 
@@ -108,58 +128,78 @@ def emulate(packed, absq, nest_abs, ncode, offset, absf, code, x, N, K, bs, G, S
     y = np.full((M, N), np.nan, dtype=object)
     covered = np.zeros((tiles, kst), dtype=int)
 
-    def issue(stage, tile, kk):
-        nb = tile * 16
-        for lane in range(32):
-            g, q = lane >> 2, lane & 3
-            for row in (g, g + 8):
-                n = min(nb + row, N - 1)
-                src = n * (K // 2) + kk * (STEP_K // 2) + 16 * q
-                off = 64 * row + 16 * (q ^ (row & 2))
-                stage[off: off + 16] = packed[src: src + 16]
-            row = lane & 15
-            na = min(nb + row, N - 1)
-            b0 = na * KB + ((kk * STEP_K) >> log2_bs)
-            if nested:
-                if lane < 16:
-                    a = b0 & ~3
-                    assert a + 4 <= len(absq_bytes), "absmax word read past the tensor"
-                    stage[ABS_OFF + 4 * row: ABS_OFF + 4 * row + 4] = list(absq_bytes[a: a + 4])
-                else:
-                    stage[NEST_OFF + 4 * row] = ("nest", nest_list[b0 >> 8])
-            elif lane < 16:
-                a = b0 & ~1
-                assert a + 2 <= len(absf_list), "fp32 absmax pair read past the tensor"
-                stage[ABS_OFF + 8 * row] = ("pair", absf_list[a], absf_list[a + 1])
+    KH = K // 2
 
-    def scale(stage, row, b):
+    class Requester:
+        """One warp's request state (the kernel's w0 / w1 / rq_b per lane, advanced per step)."""
+
+        def __init__(self, tile, kk):
+            self.it, self.ik = tile, kk
+            self.tile(tile)
+            for lane in range(32):
+                self.w[lane] = [a + kk * (STEP_K // 2) for a in self.w[lane]]
+
+        def tile(self, t):
+            nb = t * 16
+            self.w, self.rq_b = {}, {}
+            for lane in range(32):
+                g, q = lane >> 2, lane & 3
+                self.w[lane] = [min(nb + g, N - 1) * KH + 16 * q, min(nb + g + 8, N - 1) * KH + 16 * q]
+                self.rq_b[lane] = min(nb + (lane & 15), N - 1) * KB
+
+        def request(self, stage):
+            # check the kept sources against the step's (tile, kk) recomputed from scratch
+            for lane in range(32):
+                g, q = lane >> 2, lane & 3
+                for row, src in zip((g, g + 8), self.w[lane]):
+                    assert src == min(self.it * 16 + row, N - 1) * KH + self.ik * (STEP_K // 2) + 16 * q
+                    off = 64 * row + 16 * (q ^ (row & 2))
+                    stage[off: off + 16] = packed[src: src + 16]
+                srow = lane & 15
+                b0 = self.rq_b[lane] + ((self.ik * STEP_K) >> log2_bs)
+                if nested:
+                    if lane < 16:
+                        a = b0 & ~3
+                        assert a + 4 <= len(absq_bytes), "absmax word read past the tensor"
+                        stage[ABS_OFF + 4 * srow: ABS_OFF + 4 * srow + 4] = list(absq_bytes[a: a + 4])
+                    else:
+                        stage[NEST_OFF + 4 * srow] = ("nest", nest_list[b0 >> 8])
+                elif lane < 16:
+                    a = b0 & ~1
+                    assert a + 2 <= len(absf_list), "fp32 absmax pair read past the tensor"
+                    stage[ABS_OFF + 8 * srow] = ("pair", absf_list[a], absf_list[a + 1])
+                self.w[lane] = [src + STEP_K // 2 for src in self.w[lane]]
+            self.ik += 1
+            if self.ik == kst:
+                self.ik, self.it = 0, self.it + 1
+                self.tile(self.it)
+
+    def scale(stage, srow, b):
         if nested:
-            word = int.from_bytes(bytes(stage[ABS_OFF + 4 * row: ABS_OFF + 4 * row + 4]), "little")
+            word = int.from_bytes(bytes(stage[ABS_OFF + 4 * srow: ABS_OFF + 4 * srow + 4]), "little")
             c = byte_perm(word, 0, 0x4440 | (b & 3))
             assert c < 256
-            tag, nabs = stage[NEST_OFF + 4 * row]
+            tag, nabs = stage[NEST_OFF + 4 * srow]
             assert tag == "nest"
             return ncode[c] * nabs + offset
-        tag, lo, hi = stage[ABS_OFF + 8 * row]
+        tag, lo, hi = stage[ABS_OFF + 8 * srow]
         assert tag == "pair"
         return hi if b & 1 else lo
 
-    def compute(stage, tile, kk, acc):
+    def compute(stage, ck, c_b, xp, acc):
+        # each lane decodes the scale of (row lane & 15, chunk lane >> 4); the others come by shuffles
+        sc = [scale(stage, lane & 15, c_b[lane] + ((ck * STEP_K + 64 * (lane >> 4)) >> log2_bs)) for lane in range(32)]
         for c in range(2):
-            kc = kk * STEP_K + 64 * c
-            kb = kc >> log2_bs
             A = [np.zeros((16, 16), dtype=object) for _ in range(4)]
             B = [np.zeros((16, 8), dtype=object) for _ in range(4)]
-            scales = {}
             for lane in range(32):
                 g, q = lane >> 2, lane & 3
-                n0, n1 = min(tile * 16 + g, N - 1), min(tile * 16 + g + 8, N - 1)
-                scales[lane] = (scale(stage, g, n0 * KB + kb), scale(stage, g + 8, n1 * KB + kb))
                 off = 64 * g + 16 * ((2 * c + (q >> 1)) ^ (g & 2)) + 8 * (q & 1)
                 wl = _words(stage[off: off + 8])
                 wh = _words(stage[off + 512: off + 520])
                 if g < M:
-                    xs = x[g, kc + 16 * q: kc + 16 * q + 16]
+                    xi = xp[lane] // 2 + 64 * c         # the lane's x pointer, in elements of row g
+                    xs = x[g, xi: xi + 16]
                 else:
                     xs = [0] * 16
                 xw = [(xs[2 * i], xs[2 * i + 1]) for i in range(8)]
@@ -182,7 +222,8 @@ def emulate(packed, absq, nest_abs, ncode, offset, absf, code, x, N, K, bs, G, S
                             B[s][k_, col] = xw[2 * s + reg][half]
             C = sum(A[s] @ B[s] for s in range(4))
             for lane in range(32):
-                s0, s1 = scales[lane]
+                g = lane >> 2
+                s0, s1 = sc[16 * c + g], sc[16 * c + g + 8]    # __shfl_sync(sc, g / 16 + g, g + 8 / 24 + g)
                 for e in range(4):
                     r_, col = ptx_c(lane, e)
                     acc[lane][e] += C[r_, col] * (s0 if e < 2 else s1)
@@ -193,23 +234,23 @@ def emulate(packed, absq, nest_abs, ncode, offset, absf, code, x, N, K, bs, G, S
             u0, u1 = wid * units // W, (wid + 1) * units // W
             nsteps = (u1 - u0) * sst
             ring = [[0] * STAGE_BYTES for _ in range(STAGES)]
-            it, ik = u0 // S, (u0 % S) * sst
+            req = Requester(u0 // S, (u0 % S) * sst)
             for i in range(STAGES - 1):
                 if i < nsteps:
-                    issue(ring[i], it, ik)
-                    ik += 1
-                    if ik == kst:
-                        ik, it = 0, it + 1
+                    req.request(ring[i])
             acc = [[0] * 4 for _ in range(32)]
             ct, ck, cj, cs = u0 // S, (u0 % S) * sst, 0, u0 % S
+            c_b = [min(ct * 16 + (lane & 15), N - 1) * KB for lane in range(32)]
+            xp = [2 * STEP_K * ck + 32 * (lane & 3) for lane in range(32)]   # byte offsets in the lane's x row
+            c_off, r_off = 0, STAGES - 1
             for i in range(nsteps):
+                assert c_off == i % STAGES and r_off == (i + STAGES - 1) % STAGES
                 if i + STAGES - 1 < nsteps:
-                    issue(ring[(i + STAGES - 1) % STAGES], it, ik)
-                    ik += 1
-                    if ik == kst:
-                        ik, it = 0, it + 1
+                    req.request(ring[r_off])
                 covered[ct, ck] += 1
-                compute(ring[i % STAGES], ct, ck, acc)
+                compute(ring[c_off], ck, c_b, xp, acc)
+                r_off = c_off
+                c_off = 0 if c_off == STAGES - 1 else c_off + 1
                 cj += 1
                 if cj == sst:
                     sl = cs
@@ -231,6 +272,10 @@ def emulate(packed, absq, nest_abs, ncode, offset, absf, code, x, N, K, bs, G, S
                 ck += 1
                 if ck == kst:
                     ck, ct = 0, ct + 1
+                    c_b = [min(ct * 16 + (lane & 15), N - 1) * KB for lane in range(32)]
+                    xp = [32 * (lane & 3) for lane in range(32)]
+                else:
+                    xp = [v + 2 * STEP_K for v in xp]
     assert (covered == 1).all(), "every (tile, step) computed exactly once"
     if S > 1:
         y = part.sum(axis=0)   # the finish kernel (slice order; exact here)
@@ -263,6 +308,8 @@ def _quantized(rng, N, K, bs, nested):
     (2, 64, 768, 256, False, 3, 3),       # 3 slices of 2 steps, blocksize 256 (one block per step)
     (5, 50, 1024, 512, True, 1, 1),       # a block spans 4 steps
     (1, 16, 256, 64, True, 4, 2),         # more warps than units: idle warps
+    (2, 300, 256, 64, True, 1, 1),        # 19 tiles on 16 warps: a warp's steps run into the next tile
+    (1, 520, 512, 128, False, 1, 2),      # 66 units on 16 warps: slices and tiles crossed in one walk
 ])
 def test_emulated_kernel_is_exact(M, N, K, bs, nested, G, S):
     rng = np.random.default_rng(M * 1000 + N + K)

@@ -150,67 +150,44 @@ struct V5Params {
 // Byte offset, inside a stage, of piece `piece` (16 bytes) of row `row` (the swizzle above).
 __host__ __device__ constexpr int stage_piece_off(int row, int piece) { return 64 * row + 16 * (piece ^ (row & 2)); }
 
-// Requests step (tile, kk) into the stage at shared address st (every lane; one commit group is
-// made by the caller).
-template <bool kNested>
-__device__ __forceinline__ void issue_step(const V5Params& p, uint32_t st, int tile, int kk, int g, int q, int lane,
-                                           uint32_t KB) {
-  const int nb = tile * 16;
-  const int n0 = min(nb + g, p.N - 1), n1 = min(nb + g + 8, p.N - 1);  // rows past N: clamped, never stored
-  const int64_t KH = p.K >> 1;
-  const uint8_t* w = p.packed + static_cast<int64_t>(kk) * (kV5StepK / 2) + 16 * q;
-  cp_async16_stream(st + stage_piece_off(g, q), w + static_cast<int64_t>(n0) * KH);
-  cp_async16_stream(st + stage_piece_off(g + 8, q), w + static_cast<int64_t>(n1) * KH);
-  const int row = lane & 15;
-  const uint32_t na = static_cast<uint32_t>(min(nb + row, p.N - 1));
-  const uint32_t b0 = na * KB + (static_cast<uint32_t>(kk * kV5StepK) >> p.log2_bs);  // the step's first block
-  if (kNested) {
-    if (lane < 16) cp_async4(st + kStageAbsOff + 4 * row, p.absmax_q + (b0 & ~3u));
-    else cp_async4(st + kStageNestOff + 4 * row, p.nested_absmax + (b0 >> 8));  // 256 codes per nested block
-  } else if (lane < 16) {
-    cp_async8(st + kStageAbsOff + 8 * row, p.absmax_f32 + (b0 & ~1u));
-  }
-}
-
 // Table lookup of byte bb of word: the dtype pair {code[v >> 4], code[v & 15]}, v = the byte.
 __device__ __forceinline__ uint32_t lut_pair5(const unsigned char* lut, uint32_t word, uint32_t lane4, int bb) {
   return *reinterpret_cast<const uint32_t*>(lut + __byte_perm(word, lane4, 0x5504u + 16u * bb));
 }
 
-// Block scale of row slot `row` of the stage for block b (b inside the stage's word / pair).
+// The block scale this lane decodes for a step in stage st: row srow = lane & 15 of the tile, block
+// b (inside the stage's absmax word / pair).  Each lane decodes one (row, chunk) pair of the step's
+// 16 rows x 2 chunks; compute_step gets its four by shuffles.
 template <bool kNested>
-__device__ __forceinline__ float stage_scale(const unsigned char* st, int row, uint32_t b, const float* ncode_s,
+__device__ __forceinline__ float stage_scale(const unsigned char* st, int srow, uint32_t b, const float* ncode_s,
                                              float offset) {
   if (kNested) {
-    const uint32_t word = *reinterpret_cast<const uint32_t*>(st + kStageAbsOff + 4 * row);
+    const uint32_t word = *reinterpret_cast<const uint32_t*>(st + kStageAbsOff + 4 * srow);
     const uint32_t code = __byte_perm(word, 0u, 0x4440u | (b & 3u));
-    const float nabs = *reinterpret_cast<const float*>(st + kStageNestOff + 4 * row);
+    const float nabs = *reinterpret_cast<const float*>(st + kStageNestOff + 4 * srow);
     return __fadd_rn(__fmul_rn(ncode_s[code], nabs), offset);
   }
-  const float2 pr = *reinterpret_cast<const float2*>(st + kStageAbsOff + 8 * row);
+  const float2 pr = *reinterpret_cast<const float2*>(st + kStageAbsOff + 8 * srow);
   return (b & 1u) ? pr.y : pr.x;
 }
 
-// acc += the step's two chunks: absmax(row, block) · (A_chunk · B_chunk).
-template <typename T, bool kNested>
-__device__ __forceinline__ void compute_step(const V5Params& p, const unsigned char* st, const unsigned char* lut,
-                                             uint32_t lane4, const unsigned char* xrow, bool has_x, int tile, int kk,
-                                             int g, int q, uint32_t KB, const float* ncode_s, float offset,
+// acc += the step's two chunks: absmax(row, block) · (A_chunk · B_chunk).  st: the stage; xp: this
+// lane's x for the step's chunk 0 (x row g, k = 128 kk + 16 q; chunk 1 at xp + 128); sc: the scale
+// this lane decoded (row lane & 15, chunk lane >> 4).
+template <typename T>
+__device__ __forceinline__ void compute_step(const unsigned char* st, const unsigned char* lut, uint32_t lane4,
+                                             const unsigned char* xp, bool has_x, int g, int q, float sc,
                                              float (&acc)[4]) {
-  const uint32_t n0 = static_cast<uint32_t>(min(tile * 16 + g, p.N - 1));
-  const uint32_t n1 = static_cast<uint32_t>(min(tile * 16 + g + 8, p.N - 1));
+  const float sc_g[2] = {__shfl_sync(0xffffffffu, sc, g), __shfl_sync(0xffffffffu, sc, 16 + g)};
+  const float sc_g8[2] = {__shfl_sync(0xffffffffu, sc, g + 8), __shfl_sync(0xffffffffu, sc, 24 + g)};
 #pragma unroll
   for (int c = 0; c < 2; ++c) {
-    const int kc = kk * kV5StepK + 64 * c;  // first k of the chunk
-    const uint32_t kb = static_cast<uint32_t>(kc) >> p.log2_bs;
-    const float s0 = stage_scale<kNested>(st, g, n0 * KB + kb, ncode_s, offset);
-    const float s1 = stage_scale<kNested>(st, g + 8, n1 * KB + kb, ncode_s, offset);
     const int off = stage_piece_off(g, 2 * c + (q >> 1)) + 8 * (q & 1);
     const uint2 wl = *reinterpret_cast<const uint2*>(st + off);           // row g
     const uint2 wh = *reinterpret_cast<const uint2*>(st + off + 64 * 8);  // row g + 8 (same swizzle)
     uint4 xa = make_uint4(0u, 0u, 0u, 0u), xb = xa;
     if (has_x) {
-      const uint4* px = reinterpret_cast<const uint4*>(xrow + 2 * (kc + 16 * q));
+      const uint4* px = reinterpret_cast<const uint4*>(xp + 128 * c);
       xa = px[0];
       xb = px[1];
     }
@@ -227,10 +204,10 @@ __device__ __forceinline__ void compute_step(const V5Params& p, const unsigned c
       const uint32_t a3 = lut_pair5(lut, whw, lane4, bb + 1);  // row g + 8, k 16q + 4s + {2, 3}
       Num<T>::mma(cf, a0, a1, a2, a3, xw[2 * s], xw[2 * s + 1]);
     }
-    acc[0] = __fmaf_rn(cf[0], s0, acc[0]);
-    acc[1] = __fmaf_rn(cf[1], s0, acc[1]);
-    acc[2] = __fmaf_rn(cf[2], s1, acc[2]);
-    acc[3] = __fmaf_rn(cf[3], s1, acc[3]);
+    acc[0] = __fmaf_rn(cf[0], sc_g[c], acc[0]);
+    acc[1] = __fmaf_rn(cf[1], sc_g[c], acc[1]);
+    acc[2] = __fmaf_rn(cf[2], sc_g8[c], acc[2]);
+    acc[3] = __fmaf_rn(cf[3], sc_g8[c], acc[3]);
   }
 }
 
@@ -247,7 +224,9 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, q = lane & 3;
+  const int srow = lane & 15;  // the row whose block scales this lane copies and decodes
   const uint32_t KB = static_cast<uint32_t>(p.K >> p.log2_bs);
+  const int64_t KH = p.K >> 1;
 
   // This warp's units and steps.
   const int64_t W = static_cast<int64_t>(gridDim.x) * kV5Warps;
@@ -260,14 +239,48 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
   unsigned char* ring = smem_v5 + kV5RingOff + warp * (kV5Stages * kStageBytes);
   const uint32_t ring_s = smem_addr(ring);
 
+  // ---- request state: the next step to request is (it, ik); this lane's sources for it are kept
+  // and advanced by 64 bytes a step (rows recomputed only when the tile changes).
+  int it = tile0, ik = kk0;
+  const uint8_t* w0;  // row g's 16-byte piece q
+  const uint8_t* w1;  // row g + 8's
+  uint32_t rq_b;      // first block of row srow of tile it
+  auto request_tile = [&](int t) {
+    const int nb = t * 16;  // rows past N: clamped, never stored
+    w0 = p.packed + static_cast<int64_t>(min(nb + g, p.N - 1)) * KH + 16 * q;
+    w1 = p.packed + static_cast<int64_t>(min(nb + g + 8, p.N - 1)) * KH + 16 * q;
+    rq_b = static_cast<uint32_t>(min(nb + srow, p.N - 1)) * KB;
+  };
+  request_tile(it);
+  w0 += static_cast<int64_t>(ik) * (kV5StepK / 2);
+  w1 += static_cast<int64_t>(ik) * (kV5StepK / 2);
+  const uint32_t d0 = stage_piece_off(g, q), d1 = stage_piece_off(g + 8, q);
+  const uint32_t dsc = kNested ? (lane < 16 ? kStageAbsOff + 4 * srow : kStageNestOff + 4 * srow)
+                               : kStageAbsOff + 8 * srow;
+  // nested: lanes 0..15 copy the aligned word of absmax codes, lanes 16..31 the nested absmax
+  const uint8_t* sc_src = (kNested && lane >= 16) ? reinterpret_cast<const uint8_t*>(p.nested_absmax) : p.absmax_q;
+  // Requests step (it, ik) into the stage at shared address st (one commit group is made by the caller).
+  auto request = [&](uint32_t st) {
+    cp_async16_stream(st + d0, w0);
+    cp_async16_stream(st + d1, w1);
+    const uint32_t b0 = rq_b + ((static_cast<uint32_t>(ik) * kV5StepK) >> p.log2_bs);  // the step's first block
+    if (kNested) {  // the word holding the step's codes / the nested absmax (256 codes per nested block)
+      cp_async4(st + dsc, sc_src + (lane < 16 ? (b0 & ~3u) : 4u * (b0 >> 8)));
+    } else if (lane < 16) {
+      cp_async8(st + dsc, p.absmax_f32 + (b0 & ~1u));
+    }
+    w0 += kV5StepK / 2;
+    w1 += kV5StepK / 2;
+    if (++ik == p.kst) {
+      ik = 0;
+      request_tile(++it);
+    }
+  };
+
   // ---- the first kV5Stages - 1 steps are requested before the table and x are staged
-  int it = tile0, ik = kk0;  // next step to request
 #pragma unroll
   for (int i = 0; i < kV5Stages - 1; ++i) {
-    if (i < nsteps) {
-      issue_step<kNested>(p, ring_s + i * kStageBytes, it, ik, g, q, lane, KB);
-      if (++ik == p.kst) { ik = 0; ++it; }
-    }
+    if (i < nsteps) request(ring_s + i * kStageBytes);
     cp_async_commit();
   }
 
@@ -293,22 +306,28 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
 
   const uint32_t lane4 = static_cast<uint32_t>(lane) * 4u;
   const bool has_x = g < p.M;
-  const unsigned char* xrow = xs + (has_x ? g : 0) * p.XSB;
+  const unsigned char* xrow = xs + (has_x ? g : 0) * p.XSB + 32 * q;  // x row g at k = 16 q
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  int ct = tile0, ck = kk0, cj = 0;  // step being computed; cj: its index in the slice
-  int cs = static_cast<int>(u0 % p.S);  // its slice
+  // ---- compute state: step (ct, ck) in stage c_off; cj: its index in its slice cs
+  int ct = tile0, ck = kk0, cj = 0;
+  int cs = static_cast<int>(u0 % p.S);
+  uint32_t c_b = static_cast<uint32_t>(min(ct * 16 + srow, p.N - 1)) * KB;  // first block of row srow
+  const unsigned char* xp = xrow + 2 * kV5StepK * ck;                       // x at k = 128 ck + 16 q
+  const uint32_t chunk_k = 64u * static_cast<uint32_t>(lane >> 4);          // the chunk this lane's scale is for
+  uint32_t c_off = 0, r_off = (kV5Stages - 1) * kStageBytes;                // computed / next requested stage
 
   for (int i = 0; i < nsteps; ++i) {
-    if (i + kV5Stages - 1 < nsteps) {
-      issue_step<kNested>(p, ring_s + ((i + kV5Stages - 1) % kV5Stages) * kStageBytes, it, ik, g, q, lane, KB);
-      if (++ik == p.kst) { ik = 0; ++it; }
-    }
+    if (i + kV5Stages - 1 < nsteps) request(ring_s + r_off);
     cp_async_commit();
     cp_async_wait<kV5Stages - 1>();  // step i's group complete (this lane's copies)
     __syncwarp();                      // ... and every lane's
-    compute_step<T, kNested>(p, ring + (i % kV5Stages) * kStageBytes, lut, lane4, xrow, has_x, ct, ck, g, q, KB,
-                             ncode_s, offset, acc);
+    const unsigned char* st = ring + c_off;
+    const float sc = stage_scale<kNested>(
+        st, srow, c_b + ((static_cast<uint32_t>(ck) * kV5StepK + chunk_k) >> p.log2_bs), ncode_s, offset);
+    compute_step<T>(st, lut, lane4, xp, has_x, g, q, sc, acc);
     __syncwarp();  // the stage is refilled by the next request
+    r_off = c_off;  // step i + kV5Stages goes where step i was
+    c_off = (c_off == (kV5Stages - 1) * kStageBytes) ? 0u : c_off + kStageBytes;
     if (++cj == p.sst) {
       // end of a unit (tile ct, slice cs): y itself (S = 1) or the slice's partial sums
       if (p.S == 1 && p.t != nullptr) griddep_wait();  // T written by the kernel this one depends on
@@ -325,7 +344,14 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
       cj = 0;
       if (++cs == p.S) cs = 0;
     }
-    if (++ck == p.kst) { ck = 0; ++ct; }
+    if (++ck == p.kst) {
+      ck = 0;
+      ++ct;
+      c_b = static_cast<uint32_t>(min(ct * 16 + srow, p.N - 1)) * KB;
+      xp = xrow;
+    } else {
+      xp += 2 * kV5StepK;
+    }
   }
   cp_async_wait<0>();
   griddep_wait();  // T (if any) complete before this grid completes: the finish kernel reads it
