@@ -147,7 +147,9 @@ std::string validate_lora_gemv(const at::Tensor& x, const at::Tensor& packed, co
   if (!x.defined() || x.device().type() != kDev) return fmt(fn, ": x must be a CUDA tensor");
   if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf)
     return fmt(fn, ": x must be bfloat16 or float16, got ", x.scalar_type());
-  if (x.dim() != 2) return fmt(fn, ": x must be 2-D [M, K], got shape ", x.sizes());
+  if (x.dim() != 2)
+    return fmt(fn, ": x must be a contiguous [..., K] tensor with K > 0, got shape ", x.sizes(), " and strides ",
+               x.strides());
   const int64_t M = x.size(0), K = x.size(1);
   if (M < 1 || M > cuda::kGemvMaxM) return fmt(fn, ": M (rows of x) must be in 1..", cuda::kGemvMaxM, ", got ", M);
   if (N < 1 || N > 0x7fffffff) return fmt(fn, ": N must be >= 1, got ", N);
@@ -218,15 +220,27 @@ std::string validate_lora_gemv(const at::Tensor& x, const at::Tensor& packed, co
 // (tensor cores, weight as the MMA's A operand, persistent grid; falls back to variant 1 where
 // nf4_lora_gemv_v4_config says no); variant 5: csrc/cuda/nf4_gemv_v5.cu (variant 4's MMA fed from a
 // per-warp cp.async ring; falls back to variant 1 where nf4_lora_gemv_v5_config says no).
-at::Tensor lora_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+at::Tensor lora_gemv(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& absmax,
                      const std::optional<at::Tensor>& nested_absmax,
                      const std::optional<at::Tensor>& nested_code,
                      const std::optional<at::Tensor>& offset, const at::Tensor& code, int64_t n_out,
-                     int64_t blocksize, const std::optional<at::Tensor>& lora_a,
+                     int64_t blocksize, const std::optional<at::Tensor>& lora_a_in,
                      const std::optional<at::Tensor>& lora_b, double scale,
                      const std::optional<at::Tensor>& scale_vec, const std::optional<at::Tensor>& bias,
                      int64_t variant) {
   constexpr const char* fn = "lora_gemv";
+  // x [..., K] is read as [M, K] and y is [..., N]; packed may have any shape (bitsandbytes keeps it
+  // [N K / 2, 1]).  Views of contiguous tensors only: a bad one is left to validate_lora_gemv's message.
+  const bool flat_x = x_in.defined() && x_in.dim() >= 1 && x_in.dim() != 2 && x_in.is_contiguous() &&
+                      x_in.size(-1) > 0;
+  at::Tensor x = flat_x ? x_in.view({-1, x_in.size(-1)}) : x_in;
+  const at::Tensor packed =
+      packed_in.defined() && packed_in.dim() != 1 && packed_in.is_contiguous() ? packed_in.view(-1) : packed_in;
+  // 16-byte aligned x and lora_a (the kernels read them in 16-byte vectors): an offset view is copied
+  std::optional<at::Tensor> lora_a = lora_a_in;
+  if (x.defined() && x.is_contiguous() && x.numel() > 0 && !aligned_to(x, 16)) x = x.clone();
+  if (given(lora_a) && lora_a->is_contiguous() && lora_a->numel() > 0 && !aligned_to(*lora_a, 16))
+    lora_a = lora_a->clone();
   const std::string err = validate_lora_gemv(x, packed, absmax, nested_absmax, nested_code, offset, code, n_out,
                                              blocksize, lora_a, lora_b, scale_vec, bias, variant);
   TORCH_CHECK(err.empty(), err);
@@ -235,7 +249,10 @@ at::Tensor lora_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const bool nested = given(nested_absmax);
   const bool has_lora = given(lora_a);
   const c10::cuda::CUDAGuard guard(x.device());
-  auto y = at::empty({M, N}, x.options());
+  std::vector<int64_t> y_sizes = x_in.sizes().vec();
+  if (!flat_x) y_sizes = {M, N};
+  y_sizes.back() = N;
+  auto y = at::empty(y_sizes, x.options());
   cuda::GemvArgs a;
   a.x = x.data_ptr();
   a.y = y.data_ptr();

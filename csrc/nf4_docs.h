@@ -40,9 +40,10 @@ constexpr const char* kDequantize =
 constexpr const char* kLoraGemv =
     "lora_gemv(x, packed, absmax, nested_absmax, nested_code, offset, code, n, blocksize,\n"
     "          lora_a=None, lora_b=None, scale=1.0, scale_vec=None, bias=None) -> Tensor\n\n"
-    "CUDA only.  Fused QLoRA decode: y [M, n] = x · Ŵᵀ + ((x · lora_aᵀ) ⊙ s) · lora_bᵀ + bias,\n"
-    "fp32 accumulation, in x's dtype.  x: [M, K] bf16/fp16 contiguous, 1 <= M <= 16,\n"
-    "K % 64 == 0; the NF4 weight (n, K) as in dequantize(), blocksize >= 64 dividing K;\n"
+    "CUDA only.  Fused QLoRA decode: y [..., n] = x · Ŵᵀ + ((x · lora_aᵀ) ⊙ s) · lora_bᵀ + bias,\n"
+    "fp32 accumulation, in x's dtype.  x: [..., K] bf16/fp16 contiguous, M = x.numel() / K rows,\n"
+    "1 <= M <= 16, K % 64 == 0; the NF4 weight (n, K) as in dequantize() (packed: any shape, e.g.\n"
+    "bitsandbytes' [n K / 2, 1]), blocksize >= 64 dividing K;\n"
     "lora_a [r, K], lora_b [n, r] of x's dtype (1 <= r <= 256); s = scale_vec [r] (fp32) if\n"
     "given, else scale; bias [n] of x's dtype or fp32.  Ŵ is never written to memory.";
 

@@ -259,16 +259,12 @@ def forward_route(M: int, weight, x_dtype: torch.dtype, device: torch.device) ->
     return "merge-cublas" if _ext.triton_available() else "dequant-cublas"
 
 
-def _aligned16(t: torch.Tensor) -> torch.Tensor:
-    return t if t.data_ptr() % 16 == 0 else t.clone()
-
-
 def _cuda_gemv(x2d, weight: NF4Weight, lora_a, lora_b, scale, bias) -> torch.Tensor:
     dt = x2d.dtype
-    x2d = _aligned16(x2d.contiguous())
+    x2d = x2d.contiguous()             # (the extension copies an x or A that is not 16-byte aligned)
     scale_vec, s = None, 1.0
     if lora_a is not None:
-        lora_a = _aligned16(lora_a.to(dt).contiguous())
+        lora_a = lora_a.to(dt).contiguous()
         lora_b = lora_b.to(dt).contiguous()
         if isinstance(scale, torch.Tensor):
             scale_vec = scale.detach().to(device=x2d.device, dtype=torch.float32).reshape(-1)
@@ -281,7 +277,7 @@ def _cuda_gemv(x2d, weight: NF4Weight, lora_a, lora_b, scale, bias) -> torch.Ten
     nested = q.double_quant
     variant = gemv_variant_chosen(x2d.shape[0], q.shape[0], q.shape[1], lora_a is not None, q.blocksize, nested)
     return _ext.cuda_ext().lora_gemv(
-        x2d, q.packed.view(-1), q.absmax, q.nested_absmax if nested else None, q.nested_code if nested else None,
+        x2d, q.packed, q.absmax, q.nested_absmax if nested else None, q.nested_code if nested else None,
         q.offset if nested else None, q.code, q.shape[0], q.blocksize, lora_a, lora_b, s, scale_vec,
         None if bias is None else bias.contiguous(), variant)
 
@@ -374,28 +370,60 @@ def decode_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: 
     """``lora_linear`` for inference callers on the decode hot path: the ``cuda-gemv`` route with
     the Python argument checks left to the extension (which checks every argument and raises a
     ValueError naming it).  Returns None, having done nothing, wherever ``forward_route`` would not
-    take ``cuda-gemv`` (CPU, M > GEMV_MAX_M, fp32 x, a dense weight, ...) or ``scale`` is a tensor;
-    the caller then takes the general path.  Same kernel and arguments as ``lora_linear``, so the
-    same bits.  No autograd: call it only where no gradient is wanted."""
-    if (not isinstance(weight, NF4Weight) or not x.is_cuda or x.dtype not in _GEMV_DTYPES
-            or isinstance(scale, torch.Tensor) or x.dim() < 1):
+    take ``cuda-gemv`` (CPU, M > GEMV_MAX_M, fp32 x, a dense weight, ...), ``scale`` is a tensor,
+    or an operand is mis-shaped or not contiguous; the caller then takes the general path, whose
+    checks name the problem.  Same kernel and arguments as ``lora_linear``, so the same bits.  No
+    autograd: call it only where no gradient is wanted.
+
+    Every step here costs host time on the decode path (benchmarks/NOTES.md, session 15: a Python
+    tensor method is ~0.3-1 us on the H100 host): x goes to the extension as [..., K] (it returns
+    [..., N]) and the packed weight in its stored shape, with no reshape, view or alignment copy."""
+    if (type(weight) is not NF4Weight or not x.is_cuda or x.dtype not in _GEMV_DTYPES
+            or isinstance(scale, torch.Tensor)):
         return None
-    N, K = weight.shape if len(weight.shape) == 2 else (0, 0)
-    M = x.numel() // K if K and x.shape[-1] == K else 0
-    if not 1 <= M <= GEMV_MAX_M or x.device != weight.device or not _cuda_gemv_ok(weight):
+    xs, ws = x.shape, weight.shape
+    bs = weight.blocksize
+    if not xs or len(ws) != 2 or xs[-1] != ws[1] or bs < 64 or ws[1] % bs:
         return None
-    if lora_a is not None and (lora_b is None or lora_a.dim() != 2 or lora_a.shape[0] < 1 or lora_a.shape[1] != K
-                               or lora_b.shape != (N, lora_a.shape[0])):
-        return None                    # lora_linear's checks name the problem
-    if bias is not None and bias.shape != (N,):
+    N, K = ws
+    M = x.numel() // K
+    if not 1 <= M <= GEMV_MAX_M or not x.is_contiguous():
         return None
+    ext = _ext.cuda_ext()
+    if ext is None or not hasattr(ext, "lora_gemv"):
+        return None
+    dt = x.dtype
+    s = 1.0
+    if lora_a is not None:
+        if (lora_b is None or lora_a.dim() != 2 or lora_a.shape[1] != K or lora_b.shape != (N, lora_a.shape[0])
+                or lora_a.shape[0] < 1):
+            return None                    # lora_linear's checks name the problem
+        if lora_a.dtype != dt:
+            lora_a = lora_a.to(dt)
+        if lora_b.dtype != dt:
+            lora_b = lora_b.to(dt)
+        if not (lora_a.is_contiguous() and lora_b.is_contiguous()):
+            return None
+        s = float(scale)
+    if bias is not None:
+        if bias.shape != (N,):
+            return None
+        if bias.dtype != dt and bias.dtype != torch.float32:
+            bias = bias.to(dt)
+        if not bias.is_contiguous():
+            return None
+    nested = weight.nested_absmax is not None
+    variant = gemv_variant_chosen(M, N, K, lora_a is not None, bs, nested)
     try:
-        y = _cuda_gemv(x.reshape(M, K), weight, lora_a, lora_b, scale, bias)
+        if nested:
+            return ext.lora_gemv(x, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code,
+                                 weight.offset, weight.code, N, bs, lora_a, lora_b, s, None, bias, variant)
+        return ext.lora_gemv(x, weight.packed, weight.absmax, None, None, None, weight.code, N, bs, lora_a, lora_b,
+                             s, None, bias, variant)
     except RuntimeError as e:          # the extension's argument checks: a ValueError, like lora_linear's
         if str(e).startswith("lora_gemv:"):
             raise ValueError(str(e).split("\n")[0]) from None
         raise
-    return y.view(*x.shape[:-1], N)
 
 
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)

@@ -369,14 +369,19 @@ class QLoRALinear(NF4WeightMixin, LoRALinear):
         """Inference fast path (no autograd): straight to ``library.decode_linear`` (the decode
         kernel, one extension call) when the general path would take the same route with the same
         arguments; None otherwise.  Skips the per-call Python checks of ``qlora_linear``: on a slow
-        host they cost more than the kernel (benchmarks/NOTES.md, session 4)."""
-        if ((self.compute_dtype is not None and self.compute_dtype != x.dtype) or self.lora_E is not None
+        host they cost more than the kernel (benchmarks/NOTES.md, sessions 4 and 15; the adapters
+        are read from ``_parameters`` directly: ``nn.Module.__getattr__`` costs ~0.5 us a name there)."""
+        params = self._parameters
+        if ((self.compute_dtype is not None and self.compute_dtype != x.dtype) or params.get("lora_E") is not None
                 or (self.training and self.lora_dropout > 0) or torch.is_autocast_enabled("cuda")
                 or torch.compiler.is_compiling()):
             return None
         if self.merged:
             return library.decode_linear(x, self.weight, None, None, 1.0, self.bias)
-        return library.decode_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias)
+        lora_a, lora_b = params.get("lora_A"), params.get("lora_B")
+        if lora_a is None or lora_b is None:
+            return None                    # the general path says what is missing
+        return library.decode_linear(x, self.weight, lora_a, lora_b, self.scaling, self.bias)
 
     # ------------------------------------------------------------------ merge / export
     @torch.no_grad()

@@ -211,6 +211,32 @@ def test_non_contiguous_and_misaligned_x(variant, rng):
 
 
 @gpu
+def test_binding_takes_nd_x_stored_packed_and_misaligned_operands(variant, rng):
+    """The raw binding reads x [..., K] as [M, K] and returns [..., N], takes the packed weight in
+    its stored shape (bitsandbytes' [N K / 2, 1]), and copies an x or A that is not 16-byte aligned
+    (the decode fast path passes them as they come): each the same bits as the plain 2-D call."""
+    ext = _ext_or_skip()
+    K, N = 1024, 300
+    x, q, A, B, s, b = _case(4, K, N, 8, torch.bfloat16, rng, lead=(2,))      # x [2, 4, K]: M = 8
+    w = (q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code, N, 64)
+    flat = q.packed.reshape(-1)
+    assert q.packed.dim() == 2, "NF4Weight keeps bitsandbytes' [N K / 2, 1] packed shape"
+    base = ext.lora_gemv(x.reshape(8, K), flat, *w, A, B, s, None, b, variant)
+    y3 = ext.lora_gemv(x, q.packed, *w, A, B, s, None, b, variant)
+    assert y3.shape == (2, 4, N) and torch.equal(y3.reshape(8, N), base)
+    y1 = ext.lora_gemv(x[0, 0], q.packed, *w, A, B, s, None, b, variant)       # x [K]: y [N]
+    assert y1.shape == (N,) and torch.equal(y1, ext.lora_gemv(x[0, :1], flat, *w, A, B, s, None, b, variant)[0])
+    xbuf = torch.empty(x.numel() + 1, dtype=x.dtype, device="cuda")
+    xm = xbuf[1:].view_as(x)                                                    # 2 bytes off alignment
+    xm.copy_(x)
+    abuf = torch.empty(A.numel() + 3, dtype=A.dtype, device="cuda")
+    am = abuf[3:].view_as(A)
+    am.copy_(A)
+    assert xm.data_ptr() % 16 and am.data_ptr() % 16
+    assert torch.equal(ext.lora_gemv(xm, q.packed, *w, am, B, s, None, b, variant), y3)
+
+
+@gpu
 def test_matches_triton_gemv_closely(variant, rng):
     _ext_or_skip()
     x, q, A, B, s, b = _case(7, 4096, 4096, 16, torch.float16, rng)
@@ -390,6 +416,8 @@ _BAD_ARGS = [  # (case id, edit of a valid call, expected message)
     ("x-cpu", dict(xx="cpu"), "CUDA"),
     ("variant-6", dict(variant=6), "variant"),
     ("variant-0", dict(variant=0), "variant"),
+    ("x-3d-non-contiguous", dict(xx="noncontig3d"), "contiguous [..., K]"),
+    ("x-0d", dict(xx="scalar"), "contiguous [..., K]"),
 ]
 
 _CHILD = r"""
@@ -405,7 +433,8 @@ q = lk.quantize_nf4(W.cuda(), blocksize=64, double_quant=True)
 x = torch.randn(2, 256, generator=gen).to(torch.bfloat16).cuda()
 A = (torch.randn(8, 256, generator=gen) * 0.05).to(torch.bfloat16).cuda()
 B = (torch.randn(64, 8, generator=gen) * 0.05).to(torch.bfloat16).cuda()
-xs = {"float": x.float(), "18rows": x.repeat(9, 1), "K192": x[:, :192].contiguous(), "cpu": x.cpu()}
+xs = {"float": x.float(), "18rows": x.repeat(9, 1), "K192": x[:, :192].contiguous(), "cpu": x.cpu(),
+      "noncontig3d": x.repeat(1, 2).view(1, 2, 512)[..., ::2], "scalar": x[0, 0]}
 a_s = {"K128": A[:, :128], "half": A.half()}
 for cid, case, variant in cases:
     print("START", json.dumps([cid, variant]), flush=True)
