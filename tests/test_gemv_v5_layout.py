@@ -39,6 +39,7 @@ def test_source_lines_the_emulation_mirrors():
     assert _const("kStageAbsOff") == "kStageW" and _const("kStageNestOff") == "kStageW + 128"
     assert _const("kStageBytes") == "kStageW + 128 + 64"
     assert "0.5 * per_warp" in SRC and "if (++cs == p.S) cs = 0;" in SRC
+    assert "(S > 1 || has_lora ? 1.5 + 8.0 * S * M * static_cast<double>(N) / (1024.0 * W) : 0.0)" in SRC
     assert "return 64 * row + 16 * (piece ^ (row & 2));" in SRC
     # the request state: sources per tile, advanced 64 bytes a step
     assert "w0 = p.packed + static_cast<int64_t>(min(nb + g, p.N - 1)) * KH + 16 * q;" in SRC
@@ -79,14 +80,15 @@ def test_source_lines_the_emulation_mirrors():
 
 
 # ---- the host side ------------------------------------------------------------------------------------
-def pick_slices(tiles, kst, M, N, W):
+def pick_slices(tiles, kst, M, N, W, has_lora=False):
     """csrc/cuda/nf4_gemv_v5.cu pick_slices."""
     best, best_cost = 1, 0.0
     for S in range(1, min(kst, MAX_SLICES) + 1):
         if kst % S:
             continue
         per_warp = -(-tiles * S // W)
-        cost = per_warp * (kst // S) + 0.5 * per_warp + (1.5 + 8.0 * S * M * N / (1024.0 * W) if S > 1 else 0.0)
+        cost = per_warp * (kst // S) + 0.5 * per_warp + (1.5 + 8.0 * S * M * N / (1024.0 * W)
+                                                         if S > 1 or has_lora else 0.0)
         if S == 1 or cost < best_cost:
             best, best_cost = S, cost
     return best
@@ -348,3 +350,85 @@ def test_x_reads_are_conflict_free(K):
                     addr = g * xsb + 2 * (3 * STEP_K + 64 * c + 16 * q) + second
                     groups.add((addr % 128) // 16)
                 assert len(groups) == 8
+
+
+# ---- the low-rank term inside the kernel: T pieces and the finish kernel ---------------------------------
+def test_t_piece_source_lines():
+    assert "c.cpp = (kc % 2 == 0 && static_cast<int64_t>(a.r) * kc > W) ? 2 : 1;" in SRC
+    assert "c.jt = kc / c.cpp;" in SRC
+    assert "return static_cast<const T*>(p.lora_a) + i * p.K + j * 256 * p.cpp + 8 * lane;" in SRC
+    assert "for (int64_t piece = wid; piece < npieces; piece += W) {" in SRC
+    assert "const int k = j * 256 * p.cpp + 256 * c + 8 * lane;" in SRC
+    assert "*reinterpret_cast<const uint4*>(xs + m * p.XSB + 2 * k)" in SRC
+    assert "p.tpart[(static_cast<int64_t>(j) * p.M + m) * p.r + i] = v;" in SRC
+    assert "const int m_lo = static_cast<int>(idx0 / p.N);" in SRC
+    assert "const int m_hi = static_cast<int>(min(MN - 1, idx0 + kFinishThreads5 - 1) / p.N);" in SRC
+    assert "t_s[e] = __fmul_rn(t, p.scale_vec != nullptr ? p.scale_vec[i] : p.scale);" in SRC
+    assert "const float* tr = t_s + (m - m_lo) * p.r;" in SRC
+    assert "__shared__ float t_s[kV5MaxM * kGemvMaxRank];" in SRC
+    assert _const("kFinishThreads5") == "256"
+
+
+def emulate_lora(x, A, B, s, part, G):
+    """y = Σ_S part + (T ⊙ s) Bᵀ as variant 5 computes the low-rank term: T pieces taken by the warps of
+    a G-CTA grid, lane by lane, then the finish kernel's per-CTA reduction into t_s (exact integers)."""
+    M, K = x.shape
+    r, N = A.shape[0], B.shape[0]
+    W = G * WARPS
+    kc = K // 256
+    cpp = 2 if kc % 2 == 0 and r * kc > W else 1
+    jt = kc // cpp
+    tpart = np.full((jt, M, r), np.nan, dtype=object)
+    seen = np.zeros((r, K), dtype=int)
+    for wid in range(W):
+        for piece in range(wid, r * jt, W):
+            i, j = piece // jt, piece % jt
+            lane_sums = np.zeros((32, M), dtype=object)
+            for lane in range(32):
+                src = i * K + j * 256 * cpp + 8 * lane          # t_piece_src, in elements of A
+                for c in range(cpp):
+                    k = j * 256 * cpp + 256 * c + 8 * lane
+                    flat = src + 256 * c
+                    assert flat == i * K + k
+                    seen[i, k: k + 8] += 1
+                    lane_sums[lane] += x[:, k: k + 8] @ A[i, k: k + 8]
+            for m in range(M):
+                assert tpart[j, m, i] != tpart[j, m, i], "written twice"
+                tpart[j, m, i] = lane_sums[:, m].sum()       # the shfl_xor reduction (exact here)
+    assert (seen == 1).all(), "every element of A read by exactly one lane"
+    y = np.full((M, N), np.nan, dtype=object)
+    MN, threads = M * N, 256
+    for cta in range(-(-MN // threads)):
+        idx0 = cta * threads
+        m_lo, m_hi = idx0 // N, min(MN - 1, idx0 + threads - 1) // N
+        assert (m_hi - m_lo + 1) * r <= 8 * 256
+        t_s = [None] * ((m_hi - m_lo + 1) * r)
+        for e in range((m_hi - m_lo + 1) * r):
+            m, i = m_lo + e // r, e % r
+            t_s[e] = sum(tpart[j, m, i] for j in range(jt)) * s[i]
+        for idx in range(idx0, min(idx0 + threads, MN)):
+            m, n = idx // N, idx % N
+            v = sum(part[sl, m, n] for sl in range(part.shape[0]))
+            v += sum(t_s[(m - m_lo) * r + i] * B[n, i] for i in range(r))
+            y[m, n] = v
+    return y, cpp
+
+
+@pytest.mark.parametrize("M, N, K, r, G, cpp", [
+    (1, 40, 512, 8, 1, 1),        # a CTA of the finish kernel spans rows (N < 256)
+    (3, 300, 1024, 16, 1, 2),     # r · K / 256 = 64 > 16 warps: two chunks a piece, two pieces a warp
+    (8, 77, 2048, 130, 1, 2),     # r · K / 256 > W: two chunks a piece; the finish reduces 8 rows
+    (2, 600, 768, 5, 2, 1),       # K / 256 odd
+    (1, 256, 512, 16, 2, 1),      # 32 pieces on 32 warps: one each
+])
+def test_emulated_low_rank_term_is_exact(M, N, K, r, G, cpp):
+    rng = np.random.default_rng(M * 7 + N + K + r)
+    x = rng.integers(-4, 5, size=(M, K)).astype(object)
+    A = rng.integers(-3, 4, size=(r, K)).astype(object)
+    B = rng.integers(-3, 4, size=(N, r)).astype(object)
+    s = rng.integers(1, 4, size=r).astype(object)
+    S = 2
+    part = rng.integers(-50, 50, size=(S, M, N)).astype(object)
+    y, used = emulate_lora(x, A, B, s, part, G)
+    assert used == cpp
+    np.testing.assert_array_equal(y.astype(np.int64), (part.sum(axis=0) + ((x @ A.T) * s) @ B.T).astype(np.int64))

@@ -17,9 +17,9 @@
 //    step count is near the mean, see v5_config); unit = (tile, slice), units numbered tile-major;
 //    warp w of the W = SMs x 16 warps of the persistent grid takes units [w U / W, (w + 1) U / W).
 //    Its steps run through consecutive k of a tile, then the next tile.  Each warp works alone
-//    after the setup (no CTA barrier in the main loop).  S = 1: the warp stores y itself; S > 1:
-//    fp32 partials [S][M][N] in the workspace, variant 3's finish kernel sums them in slice order
-//    (deterministic) and adds the LoRA term and the bias.
+//    after the setup (no CTA barrier in the main loop).  S = 1 without a low-rank term: the warp
+//    stores y itself; else fp32 partials [S][M][N] in the workspace, and v5_finish_kernel sums them
+//    in slice order (deterministic) and adds the low-rank term and the bias.
 //  * Ring: kV5Stages stages of kStageBytes per warp.  Lane (g = lane / 4, q = lane % 4) copies the
 //    16-byte piece q of rows g and g + 8 (cp.async.cg with an L2 prefetch of the line); lanes 0..15
 //    copy row `lane`'s scales, lanes 16..31 row `lane - 16`'s nested absmax.  One commit group per
@@ -39,9 +39,14 @@
 //  * x: all of x [M][K] as dtype in shared memory (row stride 2 K + 16 bytes: the two rows of a
 //    quarter warp's 16-byte reads hit disjoint banks), staged once per CTA after the ring's first
 //    requests.
-//  * LoRA: the T kernel of the chain (T = (x · Aᵀ) ⊙ s, fp32 [M, r]) runs first; this kernel is its
-//    programmatic dependent (sm_90; $LORA_KERNELS_GEMV_V5_PDL=0 turns it off) and waits
-//    (griddepcontrol.wait) before reading T in the epilogue.
+//  * LoRA, inside this kernel (no T kernel: two launches at most, session 15): after x is staged,
+//    warp w of the grid takes pieces w, w + W, ... of T = x · Aᵀ -- piece (i, j) = row i of A over
+//    k in [256 cpp j, 256 cpp (j + 1)), lane l reading elements 8 l .. 8 l + 7 of each 256-k chunk
+//    (its first piece's A words are requested before the table is built) -- and writes the fp32
+//    partial sums tpart[j][m][i].  With a low-rank term the GEMV always writes partials, and the
+//    finish kernel (a programmatic dependent, sm_90; $LORA_KERNELS_GEMV_V5_PDL=0 turns PDL off)
+//    sums the slices, T[m, i] = s_i · Σ_j tpart[j][m][i] (j order), then adds Σ_i T[m, i] B[n, i]
+//    and the bias, as store_lora_bias does.
 // Numerics: variant 4's (dtype(code) · x in fp32 through the MMA, times the fp32 absmax per 64
 // products; another fp32 summation order than variant 1).
 // Limits (else nf4_lora_gemv_v5_config says no and the binding runs variant 1): M <= 8, K % 256 == 0,
@@ -92,7 +97,6 @@ constexpr int kV5RingBytes = kV5Warps * kV5Stages * kStageBytes;
 constexpr int kV5RingOff = kV5LutBytes + kV5NcodeBytes;
 constexpr int kV5XOff = kV5RingOff + kV5RingBytes;
 constexpr int kV5MaxSlices = 64;
-constexpr int kTThreads5 = 256;
 constexpr int kFinishThreads5 = 256;
 static_assert(kStageBytes % 16 == 0 && kV5XOff % 16 == 0, "16-byte aligned stages and x");
 
@@ -141,10 +145,17 @@ struct V5Params {
   int XSB;         // x row stride in shared memory, bytes (2 K + 16)
   const void* lora_b;
   int r;
-  const float* t;  // T [M, r] fp32 (nullptr: no low-rank term)
+  const float* t;  // unused by variant 5 (fill_chain_params' field; T lives in tpart)
   const void* bias;
   bool bias_f32;
-  float* part;     // S > 1: fp32 partial sums [S][M][N]
+  float* part;     // S > 1 or a low-rank term: fp32 partial sums [S][M][N] (else nullptr: y stored here)
+  // the low-rank term: T = x · Aᵀ as fp32 partials over K ranges, summed and scaled by the finish kernel
+  const void* lora_a;  // A [r, K] (nullptr: no low-rank term)
+  float scale;
+  const float* scale_vec;
+  int jt;              // K ranges: piece (i, j) = row i of A over k in [j · 256 cpp, (j + 1) · 256 cpp)
+  int cpp;             // 256-k chunks per piece (1 or 2)
+  float* tpart;        // [jt][M][r]
 };
 
 // Byte offset, inside a stage, of piece `piece` (16 bytes) of row `row` (the swizzle above).
@@ -209,6 +220,14 @@ __device__ __forceinline__ void compute_step(const unsigned char* st, const unsi
     acc[2] = __fmaf_rn(cf[2], sc_g8[c], acc[2]);
     acc[3] = __fmaf_rn(cf[3], sc_g8[c], acc[3]);
   }
+}
+
+// This lane's A words of T piece `piece` (row i = piece / jt of A, K range j = piece % jt): elements
+// 8 lane .. 8 lane + 7 of each of the piece's 256-k chunks (the first chunk's address).
+template <typename T>
+__device__ __forceinline__ const T* t_piece_src(const V5Params& p, int64_t piece, int lane) {
+  const int64_t i = piece / p.jt, j = piece % p.jt;
+  return static_cast<const T*>(p.lora_a) + i * p.K + j * 256 * p.cpp + 8 * lane;
 }
 
 template <typename T, bool kNested>
@@ -284,6 +303,15 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
     cp_async_commit();
   }
 
+  // ---- this warp's first piece of T (if any): its A words requested now, used after x is staged
+  const int64_t npieces = p.lora_a != nullptr ? static_cast<int64_t>(p.r) * p.jt : 0;
+  uint4 apre0 = make_uint4(0u, 0u, 0u, 0u), apre1 = apre0;
+  if (wid < npieces) {
+    const T* arow = t_piece_src<T>(p, wid, lane);
+    apre0 = __ldg(reinterpret_cast<const uint4*>(arow));
+    if (p.cpp > 1) apre1 = __ldg(reinterpret_cast<const uint4*>(arow + 256));
+  }
+
   // ---- table, nested code, x
   for (int i = tid; i < 256 * 8; i += kV5Threads) {
     const int v = i >> 3, j = i & 7;  // entry v, lanes 4j .. 4j + 3
@@ -303,6 +331,47 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
   }
   const float offset = kNested ? __ldg(p.offset) : 0.f;
   __syncthreads();
+
+  // ---- T pieces: warp w takes pieces w, w + W, ... (x from shared memory)
+  for (int64_t piece = wid; piece < npieces; piece += W) {
+    const T* arow = t_piece_src<T>(p, piece, lane);
+    const int j = static_cast<int>(piece % p.jt);
+    float tacc[kV5MaxM];
+#pragma unroll
+    for (int m = 0; m < kV5MaxM; ++m) tacc[m] = 0.f;
+    for (int c = 0; c < p.cpp; ++c) {
+      uint4 av;
+      if (piece == wid) av = c == 0 ? apre0 : apre1;
+      else av = __ldg(reinterpret_cast<const uint4*>(arow + 256 * c));
+      const uint32_t aw[4] = {av.x, av.y, av.z, av.w};
+      const int k = j * 256 * p.cpp + 256 * c + 8 * lane;
+#pragma unroll
+      for (int m = 0; m < kV5MaxM; ++m) {
+        if (m < p.M) {
+          const uint4 xv = *reinterpret_cast<const uint4*>(xs + m * p.XSB + 2 * k);
+          const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float x0, x1, a0, a1;
+            Num<T>::unpack(xw[e], x0, x1);
+            Num<T>::unpack(aw[e], a0, a1);
+            tacc[m] = __fmaf_rn(x0, a0, tacc[m]);
+            tacc[m] = __fmaf_rn(x1, a1, tacc[m]);
+          }
+        }
+      }
+    }
+    const int i = static_cast<int>(piece / p.jt);
+#pragma unroll
+    for (int m = 0; m < kV5MaxM; ++m) {
+      if (m < p.M) {
+        float v = tacc[m];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
+        if (lane == 0) p.tpart[(static_cast<int64_t>(j) * p.M + m) * p.r + i] = v;
+      }
+    }
+  }
 
   const uint32_t lane4 = static_cast<uint32_t>(lane) * 4u;
   const bool has_x = g < p.M;
@@ -329,14 +398,14 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
     r_off = c_off;  // step i + kV5Stages goes where step i was
     c_off = (c_off == (kV5Stages - 1) * kStageBytes) ? 0u : c_off + kStageBytes;
     if (++cj == p.sst) {
-      // end of a unit (tile ct, slice cs): y itself (S = 1) or the slice's partial sums
-      if (p.S == 1 && p.t != nullptr) griddep_wait();  // T written by the kernel this one depends on
+      // end of a unit (tile ct, slice cs): y itself (no partials: S = 1, no low-rank term) or the
+      // slice's partial sums
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int m = 2 * q + (e & 1);
         const int n = ct * 16 + g + 8 * (e >> 1);
         if (m < p.M && n < p.N) {
-          if (p.S == 1) store_lora_bias<T>(p, m, n, acc[e]);
+          if (p.part == nullptr) store_lora_bias<T>(p, m, n, acc[e]);  // p.t is nullptr: the bias only
           else p.part[(static_cast<int64_t>(cs) * p.M + m) * p.N + n] = acc[e];
         }
         acc[e] = 0.f;
@@ -354,7 +423,47 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
     }
   }
   cp_async_wait<0>();
-  griddep_wait();  // T (if any) complete before this grid completes: the finish kernel reads it
+}
+
+// y[m, n] = dtype(Σ_s part[s][m][n] + Σ_i T[m, i] B[n, i] + bias[n]), T[m, i] = s_i · Σ_j tpart[j][m][i]
+// (fp32 sums in those orders; as store_lora_bias, with T reduced into shared memory for the rows of x
+// this CTA's outputs lie in).  One thread per output; a programmatic dependent of the GEMV.
+template <typename T>
+__global__ void __launch_bounds__(kFinishThreads5) v5_finish_kernel(const V5Params p) {
+  __shared__ float t_s[kV5MaxM * kGemvMaxRank];  // T of the rows m_lo .. m_hi this CTA's outputs lie in
+  griddep_wait();                          // the GEMV complete and visible
+  const int64_t MN = static_cast<int64_t>(p.M) * p.N;
+  const int64_t idx0 = static_cast<int64_t>(blockIdx.x) * kFinishThreads5;
+  const int m_lo = static_cast<int>(idx0 / p.N);
+  const int m_hi = static_cast<int>(min(MN - 1, idx0 + kFinishThreads5 - 1) / p.N);
+  const bool lora = p.lora_a != nullptr;
+  if (lora) {
+    for (int e = threadIdx.x; e < (m_hi - m_lo + 1) * p.r; e += kFinishThreads5) {
+      const int m = m_lo + e / p.r, i = e % p.r;
+      float t = 0.f;
+      for (int j = 0; j < p.jt; ++j) t = __fadd_rn(t, p.tpart[(static_cast<int64_t>(j) * p.M + m) * p.r + i]);
+      t_s[e] = __fmul_rn(t, p.scale_vec != nullptr ? p.scale_vec[i] : p.scale);
+    }
+    __syncthreads();
+  }
+  const int64_t idx = idx0 + threadIdx.x;
+  if (idx >= MN) return;
+  const int m = static_cast<int>(idx / p.N), n = static_cast<int>(idx - static_cast<int64_t>(m) * p.N);
+  float v = p.part[idx];
+  for (int s = 1; s < p.S; ++s) v = __fadd_rn(v, p.part[s * MN + idx]);
+  if (lora) {
+    const float* tr = t_s + (m - m_lo) * p.r;
+    const T* br = static_cast<const T*>(p.lora_b) + static_cast<int64_t>(n) * p.r;
+    float l = 0.f;
+    for (int i = 0; i < p.r; ++i) l = __fmaf_rn(tr[i], Num<T>::to_float(br[i]), l);
+    v = __fadd_rn(v, l);
+  }
+  if (p.bias != nullptr) {
+    const float b = p.bias_f32 ? static_cast<const float*>(p.bias)[n]
+                               : Num<T>::to_float(static_cast<const T*>(p.bias)[n]);
+    v = __fadd_rn(v, b);
+  }
+  static_cast<T*>(p.y)[idx] = Num<T>::from_float(v);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -363,9 +472,11 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
 struct V5Config {
   bool ok = false;
   int S = 1, sst = 0, kst = 0, tiles = 0, grid = 0;
+  int jt = 0, cpp = 1;  // T pieces (low-rank term only)
   int64_t units = 0;
   int smem_dyn = 0;
   size_t ws_bytes = 0, off_part = 0;
+  bool partials = false;  // the GEMV writes part[S][M][N] and the finish kernel makes y
   int major = 0;
 };
 
@@ -375,8 +486,8 @@ constexpr int smem_dyn_bytes5(int M, int K) { return kV5XOff + M * (2 * K + 16);
 // (ties: the smaller S): its steps, ceil(tiles · S / W) · (kst / S), plus half a step per unit it
 // takes (the epilogue; session 14's H100 run: S = 16 on 4096x14336, M = 1, 2 steps per unit, was
 // slower than S = 2 at M = 8), plus for S > 1 ~1.5 steps of finish-kernel launch and the partials'
-// traffic.
-int pick_slices(int tiles, int kst, int M, int N, int64_t W) {
+// traffic (with a low-rank term the finish kernel runs at every S: only the partials' traffic differs).
+int pick_slices(int tiles, int kst, int M, int N, int64_t W, bool has_lora) {
   int best = 1;
   double best_cost = 0.0;
   for (int S = 1; S <= kst && S <= kV5MaxSlices; ++S) {
@@ -384,7 +495,7 @@ int pick_slices(int tiles, int kst, int M, int N, int64_t W) {
     const int64_t units = static_cast<int64_t>(tiles) * S;
     const double per_warp = static_cast<double>((units + W - 1) / W);  // units of the busiest warp
     const double cost = per_warp * (kst / S) + 0.5 * per_warp +
-                        (S > 1 ? 1.5 + 8.0 * S * M * static_cast<double>(N) / (1024.0 * W) : 0.0);
+                        (S > 1 || has_lora ? 1.5 + 8.0 * S * M * static_cast<double>(N) / (1024.0 * W) : 0.0);
     if (S == 1 || cost < best_cost) {
       best = S;
       best_cost = cost;
@@ -416,13 +527,22 @@ V5Config v5_config(const GemvArgs& a) {
   c.grid = d.sms;  // one 512-thread CTA per SM (the shared memory allows no second one)
   c.tiles = (a.N + 15) / 16;
   c.kst = a.K / kV5StepK;
-  c.S = pick_slices(c.tiles, c.kst, a.M, a.N, static_cast<int64_t>(c.grid) * kV5Warps);
+  const int64_t W = static_cast<int64_t>(c.grid) * kV5Warps;
+  const bool lora = a.lora_a != nullptr;
+  c.S = pick_slices(c.tiles, c.kst, a.M, a.N, W, lora);
   c.sst = c.kst / c.S;
   c.units = static_cast<int64_t>(c.tiles) * c.S;
+  c.partials = c.S > 1 || lora;
   size_t off = 0;
-  if (a.lora_a != nullptr) off = align_up(static_cast<size_t>(a.M) * a.r * 4, 256);
+  if (lora) {
+    // T pieces: one 256-k chunk each, two where r · K / 256 pieces would outnumber the warps
+    const int kc = a.K / 256;
+    c.cpp = (kc % 2 == 0 && static_cast<int64_t>(a.r) * kc > W) ? 2 : 1;
+    c.jt = kc / c.cpp;
+    off = align_up(static_cast<size_t>(c.jt) * a.M * a.r * 4, 256);
+  }
   c.off_part = off;
-  if (c.S > 1) off += static_cast<size_t>(c.S) * a.M * a.N * 4;
+  if (c.partials) off += static_cast<size_t>(c.S) * a.M * a.N * 4;
   c.ws_bytes = off;
   c.ok = true;
   return c;
@@ -451,12 +571,16 @@ cudaError_t launch_gemv5(const V5Params& p, const V5Config& c, bool pdl, cudaStr
   return launch_maybe_pdl(kern, dim3(c.grid), dim3(kV5Threads), static_cast<size_t>(c.smem_dyn), stream, pdl, p);
 }
 
+// The GEMV (a plain launch: it reads x at once), then with partials the finish kernel as its
+// programmatic dependent.  Two launches at most: T is computed inside the GEMV.
 template <typename T>
-cudaError_t launch_v5_typed(const GemvArgs& a, const V5Params& p, const V5Config& c, cudaStream_t stream) {
-  return launch_chain<T, V5Params, kTThreads5, kFinishThreads5>(a, p, c.S, use_pdl5(c), stream, [&](bool pdl_gemv) {
-    return p.absmax_q != nullptr ? launch_gemv5<T, true>(p, c, pdl_gemv, stream)
-                                 : launch_gemv5<T, false>(p, c, pdl_gemv, stream);
-  });
+cudaError_t launch_v5_typed(const V5Params& p, const V5Config& c, cudaStream_t stream) {
+  const cudaError_t err = p.absmax_q != nullptr ? launch_gemv5<T, true>(p, c, false, stream)
+                                                : launch_gemv5<T, false>(p, c, false, stream);
+  if (err != cudaSuccess || !c.partials) return err;
+  const int64_t MN = static_cast<int64_t>(p.M) * p.N;
+  const int grid = static_cast<int>((MN + kFinishThreads5 - 1) / kFinishThreads5);
+  return launch_maybe_pdl(v5_finish_kernel<T>, dim3(grid), dim3(kFinishThreads5), 0, stream, use_pdl5(c), p);
 }
 
 }  // namespace
@@ -479,8 +603,13 @@ cudaError_t launch_nf4_lora_gemv_v5(const GemvArgs& a, void* workspace, size_t w
   if (c.ws_bytes > 0 && (workspace == nullptr || workspace_bytes < c.ws_bytes)) return cudaErrorInvalidValue;
   unsigned char* ws = static_cast<unsigned char*>(workspace);
   V5Params p;
-  fill_chain_params(p, a, a.lora_a != nullptr ? reinterpret_cast<float*>(ws) : nullptr,
-                    c.S > 1 ? reinterpret_cast<float*>(ws + c.off_part) : nullptr);
+  fill_chain_params(p, a, nullptr, c.partials ? reinterpret_cast<float*>(ws + c.off_part) : nullptr);
+  p.lora_a = a.lora_a;
+  p.scale = a.scale;
+  p.scale_vec = a.scale_vec;
+  p.jt = c.jt;
+  p.cpp = c.cpp;
+  p.tpart = a.lora_a != nullptr ? reinterpret_cast<float*>(ws) : nullptr;
   p.tiles = c.tiles;
   p.kst = c.kst;
   p.S = c.S;
@@ -488,8 +617,8 @@ cudaError_t launch_nf4_lora_gemv_v5(const GemvArgs& a, void* workspace, size_t w
   p.units = c.units;
   p.XSB = 2 * a.K + 16;
   switch (a.dtype) {
-    case DType::kBFloat16: return launch_v5_typed<__nv_bfloat16>(a, p, c, stream);
-    case DType::kFloat16: return launch_v5_typed<__half>(a, p, c, stream);
+    case DType::kBFloat16: return launch_v5_typed<__nv_bfloat16>(p, c, stream);
+    case DType::kFloat16: return launch_v5_typed<__half>(p, c, stream);
     default: return cudaErrorInvalidValue;
   }
 }
