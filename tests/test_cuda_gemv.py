@@ -377,20 +377,22 @@ def test_v4_repeated_calls_and_graph_replay(pdl, rng, monkeypatch):
 @gpu
 @pytest.mark.parametrize("pdl", ["1", "0"], ids=["pdl", "nopdl"])
 def test_v5_repeated_calls_and_graph_replay(pdl, rng, monkeypatch):
-    """Variant 5 chains up to three kernels (T = x·Aᵀ, the persistent GEMV as a programmatic dependent
-    launch, the finish kernel when K is split into slices) and reuses its shared-memory ring across a
-    warp's units: eager calls of several shapes in turn (one slice and several) and CUDA-graph replays
-    with new inputs must all be right, with and without programmatic dependent launch."""
+    """Variant 5 runs the persistent GEMV (with the pieces of T = x·Aᵀ inside it) and, with partials
+    (K split into slices, or a low-rank term), the finish kernel as its programmatic dependent, and
+    reuses its shared-memory ring across a warp's units: eager calls of several shapes in turn (one
+    slice and several, with and without the low-rank term) and CUDA-graph replays with new inputs must
+    all be right, with and without programmatic dependent launch."""
     ext = _ext_or_skip()
     _skip_without_variant(ext, 5)
     monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "5")
     monkeypatch.setenv("LORA_KERNELS_GEMV_V5_PDL", pdl)
-    cases = [(2, 256, 40000, 8), (1, 4096, 4096, 16), (1, 4096, 14336, 0), (3, 14336, 1024, 64), (8, 2048, 300, 8),
+    cases = [(2, 256, 80000, 8), (1, 4096, 4096, 16), (1, 4096, 14336, 0), (3, 14336, 1024, 64), (8, 2048, 300, 8),
              (1, 256, 5, 0)]
     for M, K, N, r in cases:
         _assert_runs(5, M, K, N, r, 64)
-    assert ext.lora_gemv_v5_slices(2, 40000, 256, 64, 8) == 1      # y stored by the GEMV itself
-    assert ext.lora_gemv_v5_slices(1, 4096, 4096, 64, 16) > 1      # partials + the finish kernel
+    assert ext.lora_gemv_v5_slices(1, 5, 256, 64, 0) == 1          # no partials: y stored by the GEMV itself
+    assert ext.lora_gemv_v5_slices(2, 80000, 256, 64, 8) == 1      # one slice of partials + T, then the finish
+    assert ext.lora_gemv_v5_slices(1, 4096, 4096, 64, 16) > 1      # several slices + T, then the finish
     made = [_case(M, K, N, r, torch.bfloat16, rng, vec=(M == 3)) for M, K, N, r in cases]
     for _ in range(2):
         for c in made:
