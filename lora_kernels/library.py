@@ -378,12 +378,12 @@ def decode_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: 
     Every step here costs host time on the decode path (benchmarks/NOTES.md, session 15: a Python
     tensor method is ~0.3-1 us on the H100 host): x goes to the extension as [..., K] (it returns
     [..., N]) and the packed weight in its stored shape, with no reshape, view or alignment copy."""
-    if (type(weight) is not NF4Weight or not x.is_cuda or x.dtype not in _GEMV_DTYPES
+    if (not isinstance(weight, NF4Weight) or not x.is_cuda or x.dtype not in _GEMV_DTYPES
             or isinstance(scale, torch.Tensor)):
         return None
     xs, ws = x.shape, weight.shape
     bs = weight.blocksize
-    if not xs or len(ws) != 2 or xs[-1] != ws[1] or bs < 64 or ws[1] % bs:
+    if not xs or len(ws) != 2 or not ws[1] or xs[-1] != ws[1] or bs < 64 or ws[1] % bs:
         return None
     N, K = ws
     M = x.numel() // K
