@@ -357,7 +357,9 @@ def test_t_piece_source_lines():
     assert "c.cpp = (kc % 2 == 0 && static_cast<int64_t>(a.r) * kc > W) ? 2 : 1;" in SRC
     assert "c.jt = kc / c.cpp;" in SRC
     assert "return static_cast<const T*>(p.lora_a) + i * p.K + j * 256 * p.cpp + 8 * lane;" in SRC
-    assert "for (int64_t piece = wid; piece < npieces; piece += W) {" in SRC
+    assert "for (int64_t piece = slot; piece < npieces; piece += W) {" in SRC
+    assert "const int64_t base = p.units / W;" in SRC and "const int64_t heavy_before = u0 - wid * base;" in SRC
+    assert "const int64_t slot = (u1 - u0 == base) ? wid - heavy_before : (W - p.units % W) + heavy_before;" in SRC
     assert "const int k = j * 256 * p.cpp + 256 * c + 8 * lane;" in SRC
     assert "*reinterpret_cast<const uint4*>(xs + m * p.XSB + 2 * k)" in SRC
     assert "p.tpart[(static_cast<int64_t>(j) * p.M + m) * p.r + i] = v;" in SRC
@@ -369,9 +371,30 @@ def test_t_piece_source_lines():
     assert _const("kFinishThreads5") == "256"
 
 
-def emulate_lora(x, A, B, s, part, G):
+def piece_slots(units, W):
+    """Each warp's first T piece (the kernel's slot): light warps (units // W units) first."""
+    base, slots, light = units // W, [], []
+    for wid in range(W):
+        u0, u1 = wid * units // W, (wid + 1) * units // W
+        heavy_before = u0 - wid * base
+        slots.append(wid - heavy_before if u1 - u0 == base else (W - units % W) + heavy_before)
+        light.append(u1 - u0 == base)
+    return slots, light
+
+
+@pytest.mark.parametrize("units, W", [(1792, 2112), (14336, 2112), (2048, 2112), (4224, 2112), (5, 16), (37, 16)])
+def test_piece_slots_put_light_warps_first(units, W):
+    slots, light = piece_slots(units, W)
+    assert sorted(slots) == list(range(W)), "a bijection of warps onto slots"
+    n_light = sum(light)
+    assert n_light == W - units % W
+    assert all((slot < n_light) == lt for slot, lt in zip(slots, light)), "light warps take the first slots"
+
+
+def emulate_lora(x, A, B, s, part, G, units):
     """y = Σ_S part + (T ⊙ s) Bᵀ as variant 5 computes the low-rank term: T pieces taken by the warps of
-    a G-CTA grid, lane by lane, then the finish kernel's per-CTA reduction into t_s (exact integers)."""
+    a G-CTA grid (whose GEMV has `units` units), lane by lane, then the finish kernel's per-CTA
+    reduction into t_s (exact integers)."""
     M, K = x.shape
     r, N = A.shape[0], B.shape[0]
     W = G * WARPS
@@ -380,8 +403,9 @@ def emulate_lora(x, A, B, s, part, G):
     jt = kc // cpp
     tpart = np.full((jt, M, r), np.nan, dtype=object)
     seen = np.zeros((r, K), dtype=int)
+    slots, _ = piece_slots(units, W)
     for wid in range(W):
-        for piece in range(wid, r * jt, W):
+        for piece in range(slots[wid], r * jt, W):
             i, j = piece // jt, piece % jt
             lane_sums = np.zeros((32, M), dtype=object)
             for lane in range(32):
@@ -414,14 +438,14 @@ def emulate_lora(x, A, B, s, part, G):
     return y, cpp
 
 
-@pytest.mark.parametrize("M, N, K, r, G, cpp", [
-    (1, 40, 512, 8, 1, 1),        # a CTA of the finish kernel spans rows (N < 256)
-    (3, 300, 1024, 16, 1, 2),     # r · K / 256 = 64 > 16 warps: two chunks a piece, two pieces a warp
-    (8, 77, 2048, 130, 1, 2),     # r · K / 256 > W: two chunks a piece; the finish reduces 8 rows
-    (2, 600, 768, 5, 2, 1),       # K / 256 odd
-    (1, 256, 512, 16, 2, 1),      # 32 pieces on 32 warps: one each
+@pytest.mark.parametrize("M, N, K, r, G, cpp, units", [
+    (1, 40, 512, 8, 1, 1, 3),        # a CTA of the finish kernel spans rows (N < 256); 13 idle warps
+    (3, 300, 1024, 16, 1, 2, 19),    # r · K / 256 = 64 > 16 warps: two chunks a piece, two pieces a warp
+    (8, 77, 2048, 130, 1, 2, 16),    # r · K / 256 > W: two chunks a piece; the finish reduces 8 rows
+    (2, 600, 768, 5, 2, 1, 45),      # K / 256 odd
+    (1, 256, 512, 16, 2, 1, 32),     # 32 pieces on 32 warps: one each
 ])
-def test_emulated_low_rank_term_is_exact(M, N, K, r, G, cpp):
+def test_emulated_low_rank_term_is_exact(M, N, K, r, G, cpp, units):
     rng = np.random.default_rng(M * 7 + N + K + r)
     x = rng.integers(-4, 5, size=(M, K)).astype(object)
     A = rng.integers(-3, 4, size=(r, K)).astype(object)
@@ -429,6 +453,6 @@ def test_emulated_low_rank_term_is_exact(M, N, K, r, G, cpp):
     s = rng.integers(1, 4, size=r).astype(object)
     S = 2
     part = rng.integers(-50, 50, size=(S, M, N)).astype(object)
-    y, used = emulate_lora(x, A, B, s, part, G)
+    y, used = emulate_lora(x, A, B, s, part, G, units)
     assert used == cpp
     np.testing.assert_array_equal(y.astype(np.int64), (part.sum(axis=0) + ((x @ A.T) * s) @ B.T).astype(np.int64))

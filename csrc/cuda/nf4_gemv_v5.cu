@@ -39,11 +39,13 @@
 //  * x: all of x [M][K] as dtype in shared memory (row stride 2 K + 16 bytes: the two rows of a
 //    quarter warp's 16-byte reads hit disjoint banks), staged once per CTA after the ring's first
 //    requests.
-//  * LoRA, inside this kernel (no T kernel: two launches at most, session 15): after x is staged,
-//    warp w of the grid takes pieces w, w + W, ... of T = x · Aᵀ -- piece (i, j) = row i of A over
-//    k in [256 cpp j, 256 cpp (j + 1)), lane l reading elements 8 l .. 8 l + 7 of each 256-k chunk
-//    (its first piece's A words are requested before the table is built) -- and writes the fp32
-//    partial sums tpart[j][m][i].  With a low-rank term the GEMV always writes partials, and the
+//  * LoRA, inside this kernel (no T kernel: two launches at most, session 15): after its main loop
+//    a warp takes pieces slot, slot + W, ... of T = x · Aᵀ -- piece (i, j) = row i of A over k in
+//    [256 cpp j, 256 cpp (j + 1)), lane l reading elements 8 l .. 8 l + 7 of each 256-k chunk, x from
+//    shared memory -- and writes the fp32 partial sums tpart[j][m][i].  Slots 0, 1, ... go first to
+//    the warps with one unit fewer (they leave the main loop a unit early; on 4096x14336 at M = 1,
+//    320 of the 2112 warps have no unit), then to the others; a warp requests the first chunk of its
+//    first piece before the table is built.  With a low-rank term the GEMV always writes partials, and the
 //    finish kernel (a programmatic dependent, sm_90; $LORA_KERNELS_GEMV_V5_PDL=0 turns PDL off)
 //    sums the slices, T[m, i] = s_i · Σ_j tpart[j][m][i] (j order), then adds Σ_i T[m, i] B[n, i]
 //    and the bias, as store_lora_bias does.
@@ -303,14 +305,15 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
     cp_async_commit();
   }
 
-  // ---- this warp's first piece of T (if any): its A words requested now, used after x is staged
+  // ---- T pieces: this warp takes pieces slot, slot + W, ... after its main loop.  Slots go to the
+  // warps with one unit fewer first (units / W rounded down: they finish the main loop a unit early),
+  // then to the others.  The first chunk of its first piece is requested now.
   const int64_t npieces = p.lora_a != nullptr ? static_cast<int64_t>(p.r) * p.jt : 0;
-  uint4 apre0 = make_uint4(0u, 0u, 0u, 0u), apre1 = apre0;
-  if (wid < npieces) {
-    const T* arow = t_piece_src<T>(p, wid, lane);
-    apre0 = __ldg(reinterpret_cast<const uint4*>(arow));
-    if (p.cpp > 1) apre1 = __ldg(reinterpret_cast<const uint4*>(arow + 256));
-  }
+  const int64_t base = p.units / W;                 // units of a light warp (a heavy one has base + 1)
+  const int64_t heavy_before = u0 - wid * base;     // heavy warps among 0 .. wid - 1
+  const int64_t slot = (u1 - u0 == base) ? wid - heavy_before : (W - p.units % W) + heavy_before;
+  uint4 apre = make_uint4(0u, 0u, 0u, 0u);
+  if (slot < npieces) apre = __ldg(reinterpret_cast<const uint4*>(t_piece_src<T>(p, slot, lane)));
 
   // ---- table, nested code, x
   for (int i = tid; i < 256 * 8; i += kV5Threads) {
@@ -331,47 +334,6 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
   }
   const float offset = kNested ? __ldg(p.offset) : 0.f;
   __syncthreads();
-
-  // ---- T pieces: warp w takes pieces w, w + W, ... (x from shared memory)
-  for (int64_t piece = wid; piece < npieces; piece += W) {
-    const T* arow = t_piece_src<T>(p, piece, lane);
-    const int j = static_cast<int>(piece % p.jt);
-    float tacc[kV5MaxM];
-#pragma unroll
-    for (int m = 0; m < kV5MaxM; ++m) tacc[m] = 0.f;
-    for (int c = 0; c < p.cpp; ++c) {
-      uint4 av;
-      if (piece == wid) av = c == 0 ? apre0 : apre1;
-      else av = __ldg(reinterpret_cast<const uint4*>(arow + 256 * c));
-      const uint32_t aw[4] = {av.x, av.y, av.z, av.w};
-      const int k = j * 256 * p.cpp + 256 * c + 8 * lane;
-#pragma unroll
-      for (int m = 0; m < kV5MaxM; ++m) {
-        if (m < p.M) {
-          const uint4 xv = *reinterpret_cast<const uint4*>(xs + m * p.XSB + 2 * k);
-          const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            float x0, x1, a0, a1;
-            Num<T>::unpack(xw[e], x0, x1);
-            Num<T>::unpack(aw[e], a0, a1);
-            tacc[m] = __fmaf_rn(x0, a0, tacc[m]);
-            tacc[m] = __fmaf_rn(x1, a1, tacc[m]);
-          }
-        }
-      }
-    }
-    const int i = static_cast<int>(piece / p.jt);
-#pragma unroll
-    for (int m = 0; m < kV5MaxM; ++m) {
-      if (m < p.M) {
-        float v = tacc[m];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
-        if (lane == 0) p.tpart[(static_cast<int64_t>(j) * p.M + m) * p.r + i] = v;
-      }
-    }
-  }
 
   const uint32_t lane4 = static_cast<uint32_t>(lane) * 4u;
   const bool has_x = g < p.M;
@@ -423,6 +385,45 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
     }
   }
   cp_async_wait<0>();
+
+  // ---- T pieces (x from shared memory)
+  for (int64_t piece = slot; piece < npieces; piece += W) {
+    const T* arow = t_piece_src<T>(p, piece, lane);
+    const int j = static_cast<int>(piece % p.jt);
+    float tacc[kV5MaxM];
+#pragma unroll
+    for (int m = 0; m < kV5MaxM; ++m) tacc[m] = 0.f;
+    for (int c = 0; c < p.cpp; ++c) {
+      const uint4 av = (piece == slot && c == 0) ? apre : __ldg(reinterpret_cast<const uint4*>(arow + 256 * c));
+      const uint32_t aw[4] = {av.x, av.y, av.z, av.w};
+      const int k = j * 256 * p.cpp + 256 * c + 8 * lane;
+#pragma unroll
+      for (int m = 0; m < kV5MaxM; ++m) {
+        if (m < p.M) {
+          const uint4 xv = *reinterpret_cast<const uint4*>(xs + m * p.XSB + 2 * k);
+          const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float x0, x1, a0, a1;
+            Num<T>::unpack(xw[e], x0, x1);
+            Num<T>::unpack(aw[e], a0, a1);
+            tacc[m] = __fmaf_rn(x0, a0, tacc[m]);
+            tacc[m] = __fmaf_rn(x1, a1, tacc[m]);
+          }
+        }
+      }
+    }
+    const int i = static_cast<int>(piece / p.jt);
+#pragma unroll
+    for (int m = 0; m < kV5MaxM; ++m) {
+      if (m < p.M) {
+        float v = tacc[m];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
+        if (lane == 0) p.tpart[(static_cast<int64_t>(j) * p.M + m) * p.r + i] = v;
+      }
+    }
+  }
 }
 
 // y[m, n] = dtype(Σ_s part[s][m][n] + Σ_i T[m, i] B[n, i] + bias[n]), T[m, i] = s_i · Σ_j tpart[j][m][i]
