@@ -294,9 +294,15 @@ def gemv_variant_chosen(M: int, N: int, K: int, has_lora: bool, blocksize: int =
     when set, else ``gemv_variant`` (told whether variant 5 takes these sizes, ``gemv_v5_takes``).
     The extension falls back to variant 1 where the asked variant cannot take the sizes
     (``lora_gemv_v2_workspace``, ``lora_gemv_v{3,4}_supported`` and ``lora_gemv_v5_slices`` say when)."""
-    forced = gemv_variant_override()
-    if forced is not None:
-        return forced
+    forced = os.environ.get("LORA_KERNELS_GEMV_VARIANT")    # gemv_variant_override, inlined (decode hot path)
+    if forced:
+        return int(forced)
+    return _gemv_variant_default(M, N, K, has_lora, blocksize, double_quant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _gemv_variant_default(M: int, N: int, K: int, has_lora: bool, blocksize: int, double_quant: bool) -> int:
+    """``gemv_variant_chosen`` without the override, cached per sizes (one lookup per decode call)."""
     return gemv_variant(M, N, K, has_lora, gemv_v5_takes(M, N, K, blocksize, has_lora, double_quant))
 
 

@@ -376,12 +376,13 @@ class QLoRALinear(NF4WeightMixin, LoRALinear):
                 or (self.training and self.lora_dropout > 0) or torch.is_autocast_enabled("cuda")
                 or torch.compiler.is_compiling()):
             return None
+        bias = params["bias"] if "bias" in params else self.bias    # (a None bias is a plain attribute)
         if self.merged:
-            return library.decode_linear(x, self.weight, None, None, 1.0, self.bias)
+            return library.decode_linear(x, self.weight, None, None, 1.0, bias)
         lora_a, lora_b = params.get("lora_A"), params.get("lora_B")
         if lora_a is None or lora_b is None:
             return None                    # the general path says what is missing
-        return library.decode_linear(x, self.weight, lora_a, lora_b, self.scaling, self.bias)
+        return library.decode_linear(x, self.weight, lora_a, lora_b, self.scaling, bias)
 
     # ------------------------------------------------------------------ merge / export
     @torch.no_grad()
