@@ -351,24 +351,24 @@ def gemv_v5_takes(M: int, N: int, K: int, blocksize: int, has_lora: bool, double
 def gemv_variant(M: int, N: int, K: int, has_lora: bool, v5_takes: bool = False) -> int:
     """Which decode kernel the cuda-gemv route runs (``gemv_variant_chosen`` lets
     $LORA_KERNELS_GEMV_VARIANT override it), from the H100 A/B of variants 1, 2, 3 and 5
-    (benchmarks/results/gemv_variants_nvidia-h100-80gb-hbm3_session14b.md, CUDA-graph replay, M = 1..8):
-    2 (nf4_gemv_v2.cu, one persistent launch) without LoRA on weights of < 2^25 elements, M <= 8
-    (4096x4096: 9.8-10.3 us against 10.8-11.6 for variants 1 and 5);  else 5 (nf4_gemv_v5.cu:
-    tensor cores fed from a cp.async ring) wherever it takes the sizes (``v5_takes``: M <= 8 and x
-    fits its shared memory): the fastest on every other measured row, e.g. 4096x14336 M = 1 19.3 /
-    20.7 us (r = 0 / 16) against variant 3's 21.3 / 22.5, M = 4 19.4 against 27.5 (variant 2),
-    8192x28672 M = 1 57.1 / 59.4 against 59.9 / 64.3 (1.42 / 1.48x the memory floor);  where it does
-    not: 3 (nf4_gemv_v3.cu, CUDA cores) for M = 1 on weights of >= 2^25 elements, 1 (nf4_gemv.cu,
-    tensor cores) otherwise.  A variant that cannot take the arguments falls back to 1 inside the
-    extension."""
-    small = N * K < 1 << 25
-    if small and not has_lora and M <= 8:
-        return 2
+    (benchmarks/results/gemv_variants_nvidia-h100-80gb-hbm3_session15{,b}.md, CUDA-graph replay, M = 1..8,
+    two runs).  Weights of < 2^25 elements: 2 (nf4_gemv_v2.cu, one persistent launch) without LoRA,
+    M <= 8 (4096x4096: 9.7-10.3 us against 10.7-11.9 for variants 1 and 5), else 1 (nf4_gemv.cu; with
+    LoRA 13.1-13.8 us against variant 5's 14.0-15.6, whose T pieces inside the GEMV are not hidden on a
+    small weight).  Larger weights: 5 (nf4_gemv_v5.cu: tensor cores fed from a cp.async ring, T inside
+    the GEMV) wherever it takes the sizes (``v5_takes``: M <= 8 and x fits its shared memory), e.g.
+    4096x14336 M = 1 18.2-18.6 / 20.5-20.6 us (r = 0 / 16) against variant 3's 21.1 / 22.3, M = 4
+    19.3-19.8 / 25.0-25.6 against 27.7 / 35.6, 8192x28672 M = 1 55.5-56.7 / 58.7-60.5 against 60.2-60.8 /
+    61.7 (1.38-1.51x the memory floor).  On 14336x4096 at M = 1 with LoRA variant 3 was 0.3-1.1 us
+    faster (22.9-23.1 against 23.2-24.1) but launches three kernels to variant 5's two, which costs more
+    than that in an eager call; 5 stays.  Where 5 does not take the sizes: 3 (nf4_gemv_v3.cu, CUDA
+    cores) for M = 1, 1 (nf4_gemv.cu, tensor cores) otherwise.  A variant that cannot take the
+    arguments falls back to 1 inside the extension."""
+    if N * K < 1 << 25:
+        return 2 if not has_lora and M <= 8 else 1
     if v5_takes and M <= 8:
         return 5
-    if M == 1 and not small:
-        return 3
-    return 1
+    return 3 if M == 1 else 1
 
 
 def decode_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None,

@@ -611,17 +611,18 @@ def test_decode_fast_path_is_inert_on_cpu(rng):
 
 
 def test_gemv_variant_rule():
-    """The measured dispatch among the decode kernels (library.gemv_variant): variant 5 where it takes
-    the sizes (M <= 8), except small weights without LoRA (variant 2); else the session-4 rule."""
+    """The measured dispatch among the decode kernels (library.gemv_variant): small weights take variant
+    2 without LoRA (M <= 8) and variant 1 otherwise; larger ones variant 5 where it takes the sizes
+    (M <= 8), else 3 at M = 1 and 1 above."""
     from lora_kernels.library import gemv_variant
 
     for v5 in (True, False):
         assert gemv_variant(1, 4096, 4096, False, v5) == 2 and gemv_variant(8, 4096, 4096, False, v5) == 2
         assert gemv_variant(16, 28672, 8192, False, v5) == 1 and gemv_variant(9, 4096, 4096, False, v5) == 1
+        assert gemv_variant(1, 4096, 4096, True, v5) == 1 and gemv_variant(8, 1024, 4096, True, v5) == 1
     assert gemv_variant(1, 14336, 4096, True, True) == 5 and gemv_variant(4, 28672, 8192, False, True) == 5
-    assert gemv_variant(1, 4096, 4096, True, True) == 5 and gemv_variant(8, 14336, 4096, True, True) == 5
+    assert gemv_variant(8, 14336, 4096, True, True) == 5 and gemv_variant(1, 4096, 14336, True, True) == 5
     assert gemv_variant(1, 14336, 4096, True) == 3 and gemv_variant(1, 28672, 8192, False) == 3
-    assert gemv_variant(1, 4096, 4096, True) == 1
     assert gemv_variant(2, 14336, 4096, True) == 1 and gemv_variant(4, 4096, 14336, False) == 1
 
 

@@ -70,6 +70,12 @@
 //   ncu at 4096x14336, M = 1: 43 % of DRAM bandwidth, ~153 issued instructions per 16 packed bytes
 //   per lane (not ~58), 1.02 eligible warps per scheduler: issue- and latency-bound, not DRAM-bound.
 //   Since then the epilogue is counted in the slice choice (S = 2 there).
+// Session 15: request sources kept per lane and advanced per step, one scale decoded per lane and
+//   shared by shuffles (~150 instructions a step, was ~255), T inside the GEMV.  MEASURED (H100,
+//   gemv_variants_nvidia-h100-80gb-hbm3_session15{,b}.md): 4096x14336 M = 1 18.2-18.6 / 20.5-20.6 us
+//   (r = 0 / 16), 14336x4096 18.8-19.4 / 23.2-24.1, 8192x28672 55.5-56.7 / 58.7-60.5 (1.38-1.51x the
+//   floor): 3-6 % faster without LoRA, no faster with it -- latency-bound (~14 steps a warp behind a
+//   3-step ring on 4096x14336), not issue-bound (benchmarks/NOTES.md, session 15).
 #include "cuda/nf4_gemv.h"
 
 #include <cuda_bf16.h>
