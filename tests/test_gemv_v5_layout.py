@@ -366,7 +366,7 @@ def test_t_piece_source_lines():
     assert "const int m_lo = static_cast<int>(idx0 / p.N);" in SRC
     assert "const int m_hi = static_cast<int>(min(MN - 1, idx0 + kFinishThreads5 - 1) / p.N);" in SRC
     assert "t_s[e] = __fmul_rn(t, p.scale_vec != nullptr ? p.scale_vec[i] : p.scale);" in SRC
-    assert "const float* tr = t_s + (m - m_lo) * p.r;" in SRC
+    assert "store_lora_bias_t<T>(p, lora ? t_s + (m - m_lo) * p.r : nullptr, m, n, v);" in SRC
     assert "__shared__ float t_s[kV5MaxM * kGemvMaxRank];" in SRC
     assert _const("kFinishThreads5") == "256"
 

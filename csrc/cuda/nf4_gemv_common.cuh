@@ -175,12 +175,12 @@ lora_t_pdl_kernel(const T* __restrict__ x, const T* __restrict__ a, int K, int r
   }
 }
 
-// y[m, n] = dtype(v + Σ_j T[m, j] B[n, j] + bias[n]) (fp32 sums in that order; no T: no low-rank
-// term; bias of dtype or fp32).  P: a kernel's parameter struct with y, N, t, r, lora_b, bias, bias_f32.
+// y[m, n] = dtype(v + Σ_j tr[j] B[n, j] + bias[n]) (fp32 sums in that order; tr: row m of T, or
+// nullptr: no low-rank term; bias of dtype or fp32).  P: a kernel's parameter struct with y, N, r,
+// lora_b, bias, bias_f32.
 template <typename T, typename P>
-__device__ __forceinline__ void store_lora_bias(const P& p, int m, int n, float v) {
-  if (p.t != nullptr) {
-    const float* tr = p.t + static_cast<int64_t>(m) * p.r;
+__device__ __forceinline__ void store_lora_bias_t(const P& p, const float* tr, int m, int n, float v) {
+  if (tr != nullptr) {
     const T* br = static_cast<const T*>(p.lora_b) + static_cast<int64_t>(n) * p.r;
     float lora = 0.f;
     for (int j = 0; j < p.r; ++j) lora = __fmaf_rn(tr[j], Num<T>::to_float(br[j]), lora);
@@ -192,6 +192,12 @@ __device__ __forceinline__ void store_lora_bias(const P& p, int m, int n, float 
     v = __fadd_rn(v, b);
   }
   static_cast<T*>(p.y)[static_cast<int64_t>(m) * p.N + n] = Num<T>::from_float(v);
+}
+
+// store_lora_bias_t with T from the chain's T kernel: p.t [M, r] (nullptr: no low-rank term).
+template <typename T, typename P>
+__device__ __forceinline__ void store_lora_bias(const P& p, int m, int n, float v) {
+  store_lora_bias_t<T>(p, p.t != nullptr ? p.t + static_cast<int64_t>(m) * p.r : nullptr, m, n, v);
 }
 
 // K split into S slices: y[m, n] from the fp32 partials part[S][M][N] summed in slice order, then

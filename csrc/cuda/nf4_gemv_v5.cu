@@ -458,19 +458,7 @@ __global__ void __launch_bounds__(kFinishThreads5) v5_finish_kernel(const V5Para
   const int m = static_cast<int>(idx / p.N), n = static_cast<int>(idx - static_cast<int64_t>(m) * p.N);
   float v = p.part[idx];
   for (int s = 1; s < p.S; ++s) v = __fadd_rn(v, p.part[s * MN + idx]);
-  if (lora) {
-    const float* tr = t_s + (m - m_lo) * p.r;
-    const T* br = static_cast<const T*>(p.lora_b) + static_cast<int64_t>(n) * p.r;
-    float l = 0.f;
-    for (int i = 0; i < p.r; ++i) l = __fmaf_rn(tr[i], Num<T>::to_float(br[i]), l);
-    v = __fadd_rn(v, l);
-  }
-  if (p.bias != nullptr) {
-    const float b = p.bias_f32 ? static_cast<const float*>(p.bias)[n]
-                               : Num<T>::to_float(static_cast<const T*>(p.bias)[n]);
-    v = __fadd_rn(v, b);
-  }
-  static_cast<T*>(p.y)[idx] = Num<T>::from_float(v);
+  store_lora_bias_t<T>(p, lora ? t_s + (m - m_lo) * p.r : nullptr, m, n, v);
 }
 
 // ---------------------------------------------------------------------------------------------
