@@ -11,6 +11,7 @@ Shapes K x N (in -> out): 4096x14336, 14336x4096, 8192x28672, 4096x4096; M in {1
 weight is not L2-resident between calls.  About a minute on an H100.
 
     python -m benchmarks.gemv_variants [--quick] [--reps N] [--ms 1,4,8,16] [--json PATH] [--variants 1,2,3]
+                                       [--v5-deep]
     python -m benchmarks.gemv_variants --diagnose 5 [--ms 1,16]
 
 "v2 ran" is "no" where variant 2 would fall back to variant 1 (lora_gemv_v2_workspace == -1); "v3 ran"
@@ -49,7 +50,8 @@ def _args(x, q, A, B):
 
 COLUMNS = ("shape", "M", "r", "v1_us", "v2_us", "v3_us", "v4_us", "v5_us", "floor_us", "v1_over_floor",
            "v2_over_floor", "v3_over_floor", "v4_over_floor", "v5_over_floor", "v2_ran", "v3_ran", "v4_ran", "v5_ran",
-           "v5_slices", "rel_diff", "v3_rel_diff", "v4_rel_diff", "v5_rel_diff")
+           "v5_slices", "v5_stages", "v5deep_us", "v5deep_over_floor", "v5deep_stages", "rel_diff", "v3_rel_diff",
+           "v4_rel_diff", "v5_rel_diff", "v5deep_rel_diff")
 
 
 def write_json_md(json_path: str, rows, env: dict, bw: float, l2: int, reps: int):
@@ -121,6 +123,9 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="1,2,3,4,5",
                     help="variants to time, comma-separated, 1 and 2 always included (default 1,2,3,4,5; "
                          "leave out one whose tests failed, so a fault in it cannot end the run)")
+    ap.add_argument("--v5-deep", action="store_true",
+                    help="also time variant 5 with $LORA_KERNELS_GEMV_V5_STAGES=6 (its 6-stage ring where x fits "
+                         "beside it; column v5deep, and v5deep_stages says which ring ran)")
     ap.add_argument("--diagnose", type=int, default=0, metavar="V",
                     help="instead of timing, compare variant V with variant 1 on small shapes, one call at a time, "
                          "and print where they differ (rows n mod 16, columns m, NaN/inf, zeros)")
@@ -207,6 +212,23 @@ def main(argv=None) -> int:
                     row[f"v{v}_over_floor"] = row[f"v{v}_us"] / floor_us
                 if 5 in extra:
                     row["v5_slices"] = ext.lora_gemv_v5_slices(M, N, K, 64, r)
+                    if hasattr(ext, "lora_gemv_v5_stages"):
+                        row["v5_stages"] = ext.lora_gemv_v5_stages(M, N, K, 64, r)
+                if 5 in extra and args.v5_deep:
+                    os.environ["LORA_KERNELS_GEMV_V5_STAGES"] = "6"
+                    try:
+                        t = graph_time_us(lambda: [ext.lora_gemv(*a, variant=5) for a in per_q], n_w, args.reps)
+                        out = ext.lora_gemv(*per_q[0], variant=5).float()
+                        torch.cuda.synchronize()
+                        stages = ext.lora_gemv_v5_stages(M, N, K, 64, r) if hasattr(ext, "lora_gemv_v5_stages") else 0
+                    finally:
+                        del os.environ["LORA_KERNELS_GEMV_V5_STAGES"]
+                    dv = (outs[1] - out).abs().max().item()
+                    row.update(v5deep_us=t, v5deep_over_floor=t / floor_us, v5deep_stages=stages,
+                               v5deep_rel_diff=dv / max(outs[1].abs().max().item(), 1e-30))
+                    print(f"{'':>12} {'':>3} {'':>3}   v5 with $LORA_KERNELS_GEMV_V5_STAGES=6: {t:7.1f} us "
+                          f"({t / floor_us:.2f}x floor, {stages} stages ran; rel diff {row['v5deep_rel_diff']:.1e})",
+                          flush=True)
                 rows.append(row)
                 print(f"{row['shape']:>12} {M:>3} {r:>3} | {us[1]:7.1f} {us[2]:7.1f} {row['v3_us']:7.1f} "
                       f"{row['v4_us']:7.1f} {row['v5_us']:7.1f} {floor_us:7.1f} | {row['v1_over_floor']:6.2f} "
@@ -217,7 +239,8 @@ def main(argv=None) -> int:
         del qs, probe
         torch.cuda.empty_cache()
     worst = max([r["rel_diff"] for r in rows]
-                + [r[k] for r in rows for k in ("v3_rel_diff", "v4_rel_diff", "v5_rel_diff") if r[k] == r[k]])
+                + [r[k] for r in rows for k in ("v3_rel_diff", "v4_rel_diff", "v5_rel_diff", "v5deep_rel_diff")
+                   if k in r and r[k] == r[k]])
     print(f"variants agree: max relative |y1 - yv| / max|y1| over v = 2..5 = {worst:.2e} "
           f"({'OK' if worst < 1e-2 else 'MISMATCH'}; bf16 output rounding alone is ~4e-3 at most)")
     if args.json:

@@ -367,12 +367,24 @@ bool lora_gemv_v4_supported(int64_t M, int64_t N, int64_t K, int64_t blocksize, 
 // The K slices lora_gemv(..., variant=5) would use for these sizes on the current device (r = 0: no
 // low-rank term; bf16; double_quant: absmax stored as 8-bit codes, whose 4-byte words must lie in the
 // tensor), or 0 when it falls back to variant 1 (tests, benchmarks).
+bool v5_planner_args(int64_t M, int64_t N, int64_t K, int64_t blocksize, int64_t r, bool double_quant,
+                     cuda::GemvArgs* a) {
+  if (!planner_args(M, N, K, blocksize, r, a)) return false;
+  static const uint32_t aligned_dummy[4] = {0, 0, 0, 0};
+  if (double_quant) a->absmax_q = reinterpret_cast<const uint8_t*>(aligned_dummy);
+  return true;
+}
+
 int64_t lora_gemv_v5_slices(int64_t M, int64_t N, int64_t K, int64_t blocksize, int64_t r, bool double_quant) {
   cuda::GemvArgs a;
-  if (!planner_args(M, N, K, blocksize, r, &a)) return 0;
-  static const uint32_t aligned_dummy[4] = {0, 0, 0, 0};
-  if (double_quant) a.absmax_q = reinterpret_cast<const uint8_t*>(aligned_dummy);
-  return cuda::nf4_lora_gemv_v5_slices(a);
+  return v5_planner_args(M, N, K, blocksize, r, double_quant, &a) ? cuda::nf4_lora_gemv_v5_slices(a) : 0;
+}
+
+// Variant 5's ring depth per warp for these sizes (4, or 6 under $LORA_KERNELS_GEMV_V5_STAGES=6 where
+// x still fits beside the deeper ring), or 0 when it falls back to variant 1.
+int64_t lora_gemv_v5_stages(int64_t M, int64_t N, int64_t K, int64_t blocksize, int64_t r, bool double_quant) {
+  cuda::GemvArgs a;
+  return v5_planner_args(M, N, K, blocksize, r, double_quant, &a) ? cuda::nf4_lora_gemv_v5_stages(a) : 0;
 }
 
 }  // namespace
@@ -418,6 +430,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "lora_gemv_v5_slices(M, N, K, blocksize, r=0, double_quant=True) -> int\n\nThe K slices "
         "lora_gemv(..., variant=5) splits these sizes into on the current device (1: no finish kernel), or 0 "
         "when it falls back to variant 1 (r = 0: no low-rank term).",
+        py::arg("M"), py::arg("N"), py::arg("K"), py::arg("blocksize"), py::arg("r") = 0,
+        py::arg("double_quant") = true);
+  m.def("lora_gemv_v5_stages", &lora_kernels::lora_gemv_v5_stages,
+        "lora_gemv_v5_stages(M, N, K, blocksize, r=0, double_quant=True) -> int\n\nThe cp.async ring depth "
+        "per warp lora_gemv(..., variant=5) uses for these sizes on the current device: 4, or 6 where "
+        "LORA_KERNELS_GEMV_V5_STAGES=6 (an A/B switch) and x still fits beside the deeper ring; 0 when it "
+        "falls back to variant 1.",
         py::arg("M"), py::arg("N"), py::arg("K"), py::arg("blocksize"), py::arg("r") = 0,
         py::arg("double_quant") = true);
 }

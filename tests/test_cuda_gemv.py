@@ -401,6 +401,35 @@ def test_v5_repeated_calls_and_graph_replay(pdl, rng, monkeypatch):
         _check_graph_replays(case, rng, 3)
 
 
+@gpu
+def test_v5_deep_ring_opt_in(rng, monkeypatch):
+    """$LORA_KERNELS_GEMV_V5_STAGES=6 (an A/B switch) gives variant 5 a 6-stage ring per warp where x
+    still fits beside it, else the default 4 stages: both right, eagerly and under graph replay."""
+    ext = _ext_or_skip()
+    _skip_without_variant(ext, 5)
+    if not hasattr(ext, "lora_gemv_v5_stages"):
+        pytest.skip("this build has no lora_gemv_v5_stages")
+    monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "5")
+    monkeypatch.delenv("LORA_KERNELS_GEMV_V5_STAGES", raising=False)
+    assert ext.lora_gemv_v5_stages(1, 14336, 4096, 64, 16) == 4
+    monkeypatch.setenv("LORA_KERNELS_GEMV_V5_STAGES", "6")
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin is None:
+        pytest.skip("this torch does not report the opt-in shared memory per block")
+    deep_fixed = 65536 + 1024 + 16 * 6 * 1216
+    cases = [(1, 4096, 14336, 16), (5, 4096, 300, 8), (1, 14336, 4096, 0), (8, 4096, 1000, 16), (2, 256, 80000, 8)]
+    for M, K, N, r in cases:
+        _assert_runs(5, M, K, N, r, 64)
+        want = 6 if deep_fixed + M * (2 * K + 16) <= optin else 4
+        assert ext.lora_gemv_v5_stages(M, N, K, 64, r) == want, (M, K, N, r)
+    made = [_case(M, K, N, r, torch.bfloat16, rng) for M, K, N, r in cases]
+    for c in made:
+        _check(*c)
+    for case in (made[0], made[1]):
+        _check_graph_replays(case, rng, 2)
+
+
 # ---- raw-binding argument checks, each call in a child process -----------------------------------
 # On the H100 (torch 2.11) eight of these calls used to segfault instead of raising (see
 # csrc/nf4_checks.h): the calls run in a child process, so a crash fails the case it happened in

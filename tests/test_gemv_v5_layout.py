@@ -28,6 +28,7 @@ def _const(name):
 
 WARPS = int(_const("kV5Warps"))
 STAGES = int(_const("kV5Stages"))
+DEEP_STAGES = int(_const("kV5DeepStages"))
 STEP_K = int(_const("kV5StepK"))
 MAX_SLICES = int(_const("kV5MaxSlices"))
 STAGE_W = 16 * STEP_K // 2
@@ -70,11 +71,13 @@ def test_source_lines_the_emulation_mirrors():
     assert "__byte_perm(word, lane4, 0x5504u + 16u * bb)" in SRC
     assert "Num<T>::mma(cf, a0, a1, a2, a3, xw[2 * s], xw[2 * s + 1]);" in SRC
     assert "const int m = 2 * q + (e & 1);" in SRC and "const int n = ct * 16 + g + 8 * (e >> 1);" in SRC
-    assert "cp_async_wait<kV5Stages - 1>();" in SRC
+    assert "cp_async_wait<kStages - 1>();" in SRC
     # the ring: the next request fills the stage just computed
-    assert "uint32_t c_off = 0, r_off = (kV5Stages - 1) * kStageBytes;" in SRC
+    assert "uint32_t c_off = 0, r_off = (kStages - 1) * kStageBytes;" in SRC
     assert "r_off = c_off;" in SRC
-    assert "c_off = (c_off == (kV5Stages - 1) * kStageBytes) ? 0u : c_off + kStageBytes;" in SRC
+    assert "c_off = (c_off == (kStages - 1) * kStageBytes) ? 0u : c_off + kStageBytes;" in SRC
+    assert "unsigned char* ring = smem_v5 + kV5RingOff + warp * (kStages * kStageBytes);" in SRC
+    assert "for (int i = 0; i < kStages - 1; ++i) {" in SRC and "if (i + kStages - 1 < nsteps)" in SRC
     assert "request(ring_s + r_off);" in SRC and "const unsigned char* st = ring + c_off;" in SRC
     assert "p.XSB = 2 * a.K + 16;" in SRC
 
@@ -111,8 +114,9 @@ def _words(b):
     return [int.from_bytes(bytes(b[4 * i: 4 * i + 4]), "little") for i in range(len(b) // 4)]
 
 
-def emulate(packed, absq, nest_abs, ncode, offset, absf, code, x, N, K, bs, G, S=None):
-    """y [M, N] as variant 5 computes it, with `G` CTAs (persistent grid), in exact integer math.
+def emulate(packed, absq, nest_abs, ncode, offset, absf, code, x, N, K, bs, G, S=None, stages=STAGES):
+    """y [M, N] as variant 5 computes it, with `G` CTAs (persistent grid) and `stages` ring stages per
+    warp, in exact integer math.
     Nested (absq given): absmax = ncode[absq] * nest_abs[b >> 8] + offset; else absf (fp32 absmax)."""
     M = x.shape[0]
     nested = absq is not None
@@ -235,24 +239,24 @@ def emulate(packed, absq, nest_abs, ncode, offset, absf, code, x, N, K, bs, G, S
             wid = cta * WARPS + warp
             u0, u1 = wid * units // W, (wid + 1) * units // W
             nsteps = (u1 - u0) * sst
-            ring = [[0] * STAGE_BYTES for _ in range(STAGES)]
+            ring = [[0] * STAGE_BYTES for _ in range(stages)]
             req = Requester(u0 // S, (u0 % S) * sst)
-            for i in range(STAGES - 1):
+            for i in range(stages - 1):
                 if i < nsteps:
                     req.request(ring[i])
             acc = [[0] * 4 for _ in range(32)]
             ct, ck, cj, cs = u0 // S, (u0 % S) * sst, 0, u0 % S
             c_b = [min(ct * 16 + (lane & 15), N - 1) * KB for lane in range(32)]
             xp = [2 * STEP_K * ck + 32 * (lane & 3) for lane in range(32)]   # byte offsets in the lane's x row
-            c_off, r_off = 0, STAGES - 1
+            c_off, r_off = 0, stages - 1
             for i in range(nsteps):
-                assert c_off == i % STAGES and r_off == (i + STAGES - 1) % STAGES
-                if i + STAGES - 1 < nsteps:
+                assert c_off == i % stages and r_off == (i + stages - 1) % stages
+                if i + stages - 1 < nsteps:
                     req.request(ring[r_off])
                 covered[ct, ck] += 1
                 compute(ring[c_off], ck, c_b, xp, acc)
                 r_off = c_off
-                c_off = 0 if c_off == STAGES - 1 else c_off + 1
+                c_off = 0 if c_off == stages - 1 else c_off + 1
                 cj += 1
                 if cj == sst:
                     sl = cs
@@ -303,22 +307,24 @@ def _quantized(rng, N, K, bs, nested):
     return packed, parts, code, W
 
 
-@pytest.mark.parametrize("M, N, K, bs, nested, G, S", [
-    (1, 40, 512, 64, True, 2, None),      # 3 tiles (the last one partial), picked S
-    (3, 17, 256, 64, False, 1, None),     # rows past N in the only tile
-    (8, 33, 512, 128, True, 1, 2),        # M = 8: every lane's x row; forced slices + finish
-    (2, 64, 768, 256, False, 3, 3),       # 3 slices of 2 steps, blocksize 256 (one block per step)
-    (5, 50, 1024, 512, True, 1, 1),       # a block spans 4 steps
-    (1, 16, 256, 64, True, 4, 2),         # more warps than units: idle warps
-    (2, 300, 256, 64, True, 1, 1),        # 19 tiles on 16 warps: a warp's steps run into the next tile
-    (1, 520, 512, 128, False, 1, 2),      # 66 units on 16 warps: slices and tiles crossed in one walk
+@pytest.mark.parametrize("M, N, K, bs, nested, G, S, stages", [
+    (1, 40, 512, 64, True, 2, None, STAGES),      # 3 tiles (the last one partial), picked S
+    (3, 17, 256, 64, False, 1, None, STAGES),     # rows past N in the only tile
+    (8, 33, 512, 128, True, 1, 2, STAGES),        # M = 8: every lane's x row; forced slices + finish
+    (2, 64, 768, 256, False, 3, 3, STAGES),       # 3 slices of 2 steps, blocksize 256 (one block per step)
+    (5, 50, 1024, 512, True, 1, 1, STAGES),       # a block spans 4 steps
+    (1, 16, 256, 64, True, 4, 2, STAGES),         # more warps than units: idle warps
+    (2, 300, 256, 64, True, 1, 1, STAGES),        # 19 tiles on 16 warps: a warp's steps run into the next tile
+    (1, 520, 512, 128, False, 1, 2, STAGES),      # 66 units on 16 warps: slices and tiles crossed in one walk
+    (1, 520, 512, 128, True, 1, 2, DEEP_STAGES),  # the opt-in deep ring: the same walk, 5 steps ahead
+    (3, 40, 1024, 64, False, 1, 1, DEEP_STAGES),  # fewer steps per warp than stages in the ring
 ])
-def test_emulated_kernel_is_exact(M, N, K, bs, nested, G, S):
+def test_emulated_kernel_is_exact(M, N, K, bs, nested, G, S, stages):
     rng = np.random.default_rng(M * 1000 + N + K)
     packed, parts, code, W = _quantized(rng, N, K, bs, nested)
     x = rng.integers(-4, 5, size=(M, K))
     y, used = emulate(packed, parts["absq"], parts["nest_abs"], parts["ncode"], parts["offset"], parts["absf"],
-                      code, x, N, K, bs, G, S)
+                      code, x, N, K, bs, G, S, stages)
     if S is not None:
         assert used == S
     np.testing.assert_array_equal(y.astype(np.int64), x @ W.T)

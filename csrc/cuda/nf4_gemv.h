@@ -102,6 +102,9 @@ cudaError_t launch_nf4_lora_gemv_v4(const GemvArgs& args, void* workspace, size_
 constexpr int kV5MaxM = 8;
 bool nf4_lora_gemv_v5_config(const GemvArgs& args, size_t* workspace_bytes);
 int nf4_lora_gemv_v5_slices(const GemvArgs& args);
+// nf4_lora_gemv_v5_stages: its ring depth per warp (4; 6 where $LORA_KERNELS_GEMV_V5_STAGES=6 and x
+// still fits; 0: it does not take the arguments).
+int nf4_lora_gemv_v5_stages(const GemvArgs& args);
 cudaError_t launch_nf4_lora_gemv_v5(const GemvArgs& args, void* workspace, size_t workspace_bytes,
                                     cudaStream_t stream);
 

@@ -20,7 +20,9 @@
 //    after the setup (no CTA barrier in the main loop).  S = 1 without a low-rank term: the warp
 //    stores y itself; else fp32 partials [S][M][N] in the workspace, and v5_finish_kernel sums them
 //    in slice order (deterministic) and adds the low-rank term and the bias.
-//  * Ring: kV5Stages stages of kStageBytes per warp.  Lane (g = lane / 4, q = lane % 4) copies the
+//  * Ring: kStages stages of kStageBytes per warp (kV5Stages = 4; $LORA_KERNELS_GEMV_V5_STAGES=6 asks
+//    for kV5DeepStages = 6 where x still fits beside the deeper ring -- an A/B switch added in session
+//    15 after variant 5 measured latency-bound, not yet measured; nf4_lora_gemv_v5_stages says which).  Lane (g = lane / 4, q = lane % 4) copies the
 //    16-byte piece q of rows g and g + 8 (cp.async.cg with an L2 prefetch of the line); lanes 0..15
 //    copy row `lane`'s scales, lanes 16..31 row `lane - 16`'s nested absmax.  One commit group per
 //    step; cp.async.wait_group(kV5Stages - 1) + __syncwarp before a step is read, __syncwarp after
@@ -94,6 +96,7 @@ namespace {
 constexpr int kV5Warps = 16;
 constexpr int kV5Threads = kV5Warps * 32;
 constexpr int kV5Stages = 4;                       // ring depth per warp: 3 steps requested ahead
+constexpr int kV5DeepStages = 6;                   // opt-in ($LORA_KERNELS_GEMV_V5_STAGES=6): 5 ahead
 constexpr int kV5StepK = 128;                      // k per step
 constexpr int kStageW = 16 * kV5StepK / 2;         // 1024 packed bytes: 16 rows x 64 bytes
 constexpr int kStageAbsOff = kStageW;              // 16 rows x 8 bytes: absmax code word / fp32 pair
@@ -101,12 +104,14 @@ constexpr int kStageNestOff = kStageW + 128;       // 16 rows x 4 bytes: nested 
 constexpr int kStageBytes = kStageW + 128 + 64;    // 1216 (a multiple of 16)
 constexpr int kV5LutBytes = 256 * 256;             // 32 replicas of the byte -> dtype-pair table
 constexpr int kV5NcodeBytes = 256 * 4;
-constexpr int kV5RingBytes = kV5Warps * kV5Stages * kStageBytes;
 constexpr int kV5RingOff = kV5LutBytes + kV5NcodeBytes;
-constexpr int kV5XOff = kV5RingOff + kV5RingBytes;
+// x after the rings of kStages stages
+__host__ __device__ constexpr int v5_x_off(int stages) { return kV5RingOff + kV5Warps * stages * kStageBytes; }
+constexpr int kV5XOff = v5_x_off(kV5Stages);
 constexpr int kV5MaxSlices = 64;
 constexpr int kFinishThreads5 = 256;
-static_assert(kStageBytes % 16 == 0 && kV5XOff % 16 == 0, "16-byte aligned stages and x");
+static_assert(kStageBytes % 16 == 0 && kV5XOff % 16 == 0 && v5_x_off(kV5DeepStages) % 16 == 0,
+              "16-byte aligned stages and x");
 
 // ---------------------------------------------------------------------------------------------
 // cp.async (sm_80+)
@@ -238,13 +243,13 @@ __device__ __forceinline__ const T* t_piece_src(const V5Params& p, int64_t piece
   return static_cast<const T*>(p.lora_a) + i * p.K + j * 256 * p.cpp + 8 * lane;
 }
 
-template <typename T, bool kNested>
+template <typename T, bool kNested, int kStages>
 __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Params p) {
   // Dynamic shared memory: the table (64 KB), nested code [256], the warps' rings, x [M][XSB bytes].
   extern __shared__ __align__(128) unsigned char smem_v5[];
   const unsigned char* lut = smem_v5;
   float* ncode_s = reinterpret_cast<float*>(smem_v5 + kV5LutBytes);
-  unsigned char* xs = smem_v5 + kV5XOff;
+  unsigned char* xs = smem_v5 + v5_x_off(kStages);
 
   // Dependents (the finish kernel) may be scheduled now; they wait for this grid's completion.
   griddep_launch_dependents();
@@ -263,7 +268,7 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
   const int tile0 = static_cast<int>(u0 / p.S);
   const int kk0 = static_cast<int>(u0 % p.S) * p.sst;
 
-  unsigned char* ring = smem_v5 + kV5RingOff + warp * (kV5Stages * kStageBytes);
+  unsigned char* ring = smem_v5 + kV5RingOff + warp * (kStages * kStageBytes);
   const uint32_t ring_s = smem_addr(ring);
 
   // ---- request state: the next step to request is (it, ik); this lane's sources for it are kept
@@ -304,9 +309,9 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
     }
   };
 
-  // ---- the first kV5Stages - 1 steps are requested before the table and x are staged
+  // ---- the first kStages - 1 steps are requested before the table and x are staged
 #pragma unroll
-  for (int i = 0; i < kV5Stages - 1; ++i) {
+  for (int i = 0; i < kStages - 1; ++i) {
     if (i < nsteps) request(ring_s + i * kStageBytes);
     cp_async_commit();
   }
@@ -351,20 +356,20 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
   uint32_t c_b = static_cast<uint32_t>(min(ct * 16 + srow, p.N - 1)) * KB;  // first block of row srow
   const unsigned char* xp = xrow + 2 * kV5StepK * ck;                       // x at k = 128 ck + 16 q
   const uint32_t chunk_k = 64u * static_cast<uint32_t>(lane >> 4);          // the chunk this lane's scale is for
-  uint32_t c_off = 0, r_off = (kV5Stages - 1) * kStageBytes;                // computed / next requested stage
+  uint32_t c_off = 0, r_off = (kStages - 1) * kStageBytes;                  // computed / next requested stage
 
   for (int i = 0; i < nsteps; ++i) {
-    if (i + kV5Stages - 1 < nsteps) request(ring_s + r_off);
+    if (i + kStages - 1 < nsteps) request(ring_s + r_off);
     cp_async_commit();
-    cp_async_wait<kV5Stages - 1>();  // step i's group complete (this lane's copies)
+    cp_async_wait<kStages - 1>();  // step i's group complete (this lane's copies)
     __syncwarp();                      // ... and every lane's
     const unsigned char* st = ring + c_off;
     const float sc = stage_scale<kNested>(
         st, srow, c_b + ((static_cast<uint32_t>(ck) * kV5StepK + chunk_k) >> p.log2_bs), ncode_s, offset);
     compute_step<T>(st, lut, lane4, xp, has_x, g, q, sc, acc);
     __syncwarp();  // the stage is refilled by the next request
-    r_off = c_off;  // step i + kV5Stages goes where step i was
-    c_off = (c_off == (kV5Stages - 1) * kStageBytes) ? 0u : c_off + kStageBytes;
+    r_off = c_off;  // step i + kStages goes where step i was
+    c_off = (c_off == (kStages - 1) * kStageBytes) ? 0u : c_off + kStageBytes;
     if (++cj == p.sst) {
       // end of a unit (tile ct, slice cs): y itself (no partials: S = 1, no low-rank term) or the
       // slice's partial sums
@@ -472,10 +477,18 @@ struct V5Config {
   int smem_dyn = 0;
   size_t ws_bytes = 0, off_part = 0;
   bool partials = false;  // the GEMV writes part[S][M][N] and the finish kernel makes y
+  int stages = kV5Stages;
   int major = 0;
 };
 
-constexpr int smem_dyn_bytes5(int M, int K) { return kV5XOff + M * (2 * K + 16); }
+constexpr int smem_dyn_bytes5(int M, int K, int stages) { return v5_x_off(stages) + M * (2 * K + 16); }
+
+// The ring depth asked for: kV5DeepStages with $LORA_KERNELS_GEMV_V5_STAGES=6 (an A/B switch: not
+// measured yet), else kV5Stages.
+int v5_stages_wanted() {
+  const char* e = std::getenv("LORA_KERNELS_GEMV_V5_STAGES");
+  return (e != nullptr && e[0] == '6' && e[1] == '\0') ? kV5DeepStages : kV5Stages;
+}
 
 // The slice count: S divides K / 128 (every unit has sst steps); the busiest warp's cost is smallest
 // (ties: the smaller S): its steps, ceil(tiles · S / W) · (kst / S), plus half a step per unit it
@@ -517,7 +530,9 @@ V5Config v5_config(const GemvArgs& a) {
   const DevInfo d = dev_info();
   if (d.major < 8) return c;
   c.major = d.major;
-  c.smem_dyn = smem_dyn_bytes5(a.M, a.K);
+  c.stages = v5_stages_wanted();
+  if (c.stages != kV5Stages && smem_dyn_bytes5(a.M, a.K, c.stages) > d.smem_optin) c.stages = kV5Stages;
+  c.smem_dyn = smem_dyn_bytes5(a.M, a.K, c.stages);  // the deep ring only where x still fits beside it
   if (c.smem_dyn > d.smem_optin) return c;
   c.grid = d.sms;  // one 512-thread CTA per SM (the shared memory allows no second one)
   c.tiles = (a.N + 15) / 16;
@@ -549,9 +564,9 @@ bool use_pdl5(const V5Config& c) {
   return !(e != nullptr && e[0] == '0');
 }
 
-template <typename T, bool kNested>
+template <typename T, bool kNested, int kStages>
 cudaError_t launch_gemv5(const V5Params& p, const V5Config& c, bool pdl, cudaStream_t stream) {
-  auto kern = nf4_gemv_v5_kernel<T, kNested>;
+  auto kern = nf4_gemv_v5_kernel<T, kNested, kStages>;
   static std::atomic<int> smem_set[64];
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
@@ -570,8 +585,13 @@ cudaError_t launch_gemv5(const V5Params& p, const V5Config& c, bool pdl, cudaStr
 // programmatic dependent.  Two launches at most: T is computed inside the GEMV.
 template <typename T>
 cudaError_t launch_v5_typed(const V5Params& p, const V5Config& c, cudaStream_t stream) {
-  const cudaError_t err = p.absmax_q != nullptr ? launch_gemv5<T, true>(p, c, false, stream)
-                                                : launch_gemv5<T, false>(p, c, false, stream);
+  const bool nested = p.absmax_q != nullptr;
+  const cudaError_t err =
+      c.stages == kV5DeepStages
+          ? (nested ? launch_gemv5<T, true, kV5DeepStages>(p, c, false, stream)
+                    : launch_gemv5<T, false, kV5DeepStages>(p, c, false, stream))
+          : (nested ? launch_gemv5<T, true, kV5Stages>(p, c, false, stream)
+                    : launch_gemv5<T, false, kV5Stages>(p, c, false, stream));
   if (err != cudaSuccess || !c.partials) return err;
   const int64_t MN = static_cast<int64_t>(p.M) * p.N;
   const int grid = static_cast<int>((MN + kFinishThreads5 - 1) / kFinishThreads5);
@@ -589,6 +609,11 @@ bool nf4_lora_gemv_v5_config(const GemvArgs& a, size_t* workspace_bytes) {
 int nf4_lora_gemv_v5_slices(const GemvArgs& a) {
   const V5Config c = v5_config(a);
   return c.ok ? c.S : 0;
+}
+
+int nf4_lora_gemv_v5_stages(const GemvArgs& a) {
+  const V5Config c = v5_config(a);
+  return c.ok ? c.stages : 0;
 }
 
 cudaError_t launch_nf4_lora_gemv_v5(const GemvArgs& a, void* workspace, size_t workspace_bytes,
