@@ -282,9 +282,26 @@ def _cuda_gemv(x2d, weight: NF4Weight, lora_a, lora_b, scale, bias) -> torch.Ten
         None if bias is None else bias.contiguous(), variant)
 
 
+_GEMV_VARIANT_ENV = "LORA_KERNELS_GEMV_VARIANT"
+# os.environ.get costs ~0.6 us (it encodes the key on every call); the decode hot path reads the
+# variable straight from os.environ's backing dict, which setenv / monkeypatch keep current (CPython
+# on POSIX and Windows; anything else falls back to os.environ.get).
+try:
+    _ENV_DATA, _GEMV_VARIANT_KEY = os.environ._data, os.environ.encodekey(_GEMV_VARIANT_ENV)
+except AttributeError:  # pragma: no cover - not CPython
+    _ENV_DATA, _GEMV_VARIANT_KEY = None, None
+
+
+def _gemv_variant_env() -> str | None:
+    if _ENV_DATA is None:  # pragma: no cover
+        return os.environ.get(_GEMV_VARIANT_ENV)
+    v = _ENV_DATA.get(_GEMV_VARIANT_KEY)
+    return os.environ.decodevalue(v) if v is not None else None
+
+
 def gemv_variant_override() -> int | None:
     """$LORA_KERNELS_GEMV_VARIANT as an int (1-5; tests and A/B runs force a decode kernel with it), or None."""
-    v = os.environ.get("LORA_KERNELS_GEMV_VARIANT")
+    v = _gemv_variant_env()
     return int(v) if v else None
 
 
@@ -294,7 +311,7 @@ def gemv_variant_chosen(M: int, N: int, K: int, has_lora: bool, blocksize: int =
     when set, else ``gemv_variant`` (told whether variant 5 takes these sizes, ``gemv_v5_takes``).
     The extension falls back to variant 1 where the asked variant cannot take the sizes
     (``lora_gemv_v2_workspace``, ``lora_gemv_v{3,4}_supported`` and ``lora_gemv_v5_slices`` say when)."""
-    forced = os.environ.get("LORA_KERNELS_GEMV_VARIANT")    # gemv_variant_override, inlined (decode hot path)
+    forced = _gemv_variant_env()    # gemv_variant_override, inlined (decode hot path)
     if forced:
         return int(forced)
     return _gemv_variant_default(M, N, K, has_lora, blocksize, double_quant)
