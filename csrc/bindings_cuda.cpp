@@ -252,10 +252,10 @@ at::Tensor lora_gemv(const at::Tensor& x_in, const at::Tensor& packed_in, const 
   std::vector<int64_t> y_sizes = x_in.sizes().vec();
   if (!flat_x) y_sizes = {M, N};
   y_sizes.back() = N;
-  auto y = at::empty(y_sizes, x.options());
+  at::Tensor y;  // variant 5 allocates it after its GEMV is launched (the host time before the launch is
+                 // the eager call's latency); the others before they launch
   cuda::GemvArgs a;
   a.x = x.data_ptr();
-  a.y = y.data_ptr();
   a.dtype = x.scalar_type() == at::kBFloat16 ? cuda::DType::kBFloat16 : cuda::DType::kFloat16;
   a.M = static_cast<int>(M);
   a.N = static_cast<int>(N);
@@ -284,6 +284,25 @@ at::Tensor lora_gemv(const at::Tensor& x_in, const at::Tensor& packed_in, const 
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   size_t ws_bytes = 0;
+  if (variant == 5 && cuda::nf4_lora_gemv_v5_config(a, &ws_bytes)) {
+    at::Tensor ws;
+    if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
+    struct YCtx {
+      at::Tensor* y;
+      const std::vector<int64_t>* sizes;
+      at::TensorOptions opts;
+    } ctx{&y, &y_sizes, x.options()};
+    const cuda::YAlloc alloc = [](void* c) -> void* {
+      auto* k = static_cast<YCtx*>(c);
+      *k->y = at::empty(*k->sizes, k->opts);
+      return k->y->data_ptr();
+    };
+    check_launch(cuda::launch_nf4_lora_gemv_v5(a, ws_bytes > 0 ? ws.data_ptr() : nullptr, ws_bytes, stream, alloc, &ctx),
+                 fn);
+    return y;
+  }
+  y = at::empty(y_sizes, x.options());
+  a.y = y.data_ptr();
   if (variant == 2 && cuda::nf4_lora_gemv_v2_config(a, &ws_bytes)) {
     at::Tensor ws;
     if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
@@ -300,12 +319,6 @@ at::Tensor lora_gemv(const at::Tensor& x_in, const at::Tensor& packed_in, const 
     at::Tensor ws;
     if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
     check_launch(cuda::launch_nf4_lora_gemv_v4(a, ws_bytes > 0 ? ws.data_ptr() : nullptr, ws_bytes, stream), fn);
-    return y;
-  }
-  if (variant == 5 && cuda::nf4_lora_gemv_v5_config(a, &ws_bytes)) {
-    at::Tensor ws;
-    if (ws_bytes > 0) ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
-    check_launch(cuda::launch_nf4_lora_gemv_v5(a, ws_bytes > 0 ? ws.data_ptr() : nullptr, ws_bytes, stream), fn);
     return y;
   }
   at::Tensor t_ws;

@@ -105,8 +105,12 @@ int nf4_lora_gemv_v5_slices(const GemvArgs& args);
 // nf4_lora_gemv_v5_stages: its ring depth per warp (4; 6 where $LORA_KERNELS_GEMV_V5_STAGES=6 and x
 // still fits; 0: it does not take the arguments).
 int nf4_lora_gemv_v5_stages(const GemvArgs& args);
+// y_alloc (optional): makes y and returns its device pointer (args.y is then ignored), called after
+// the GEMV's launch where the finish kernel writes y -- the GEMV starts before y is allocated -- and
+// before it otherwise.
+using YAlloc = void* (*)(void* ctx);
 cudaError_t launch_nf4_lora_gemv_v5(const GemvArgs& args, void* workspace, size_t workspace_bytes,
-                                    cudaStream_t stream);
+                                    cudaStream_t stream, YAlloc y_alloc = nullptr, void* y_ctx = nullptr);
 
 }  // namespace cuda
 }  // namespace lora_kernels

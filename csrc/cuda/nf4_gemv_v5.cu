@@ -582,9 +582,11 @@ cudaError_t launch_gemv5(const V5Params& p, const V5Config& c, bool pdl, cudaStr
 }
 
 // The GEMV (a plain launch: it reads x at once), then with partials the finish kernel as its
-// programmatic dependent.  Two launches at most: T is computed inside the GEMV.
+// programmatic dependent.  Two launches at most: T is computed inside the GEMV.  y_alloc: see
+// launch_nf4_lora_gemv_v5.
 template <typename T>
-cudaError_t launch_v5_typed(const V5Params& p, const V5Config& c, cudaStream_t stream) {
+cudaError_t launch_v5_typed(V5Params p, const V5Config& c, cudaStream_t stream, YAlloc y_alloc, void* y_ctx) {
+  if (y_alloc != nullptr && !c.partials) p.y = y_alloc(y_ctx);  // the GEMV writes y itself
   const bool nested = p.absmax_q != nullptr;
   const cudaError_t err =
       c.stages == kV5DeepStages
@@ -593,6 +595,7 @@ cudaError_t launch_v5_typed(const V5Params& p, const V5Config& c, cudaStream_t s
           : (nested ? launch_gemv5<T, true, kV5Stages>(p, c, false, stream)
                     : launch_gemv5<T, false, kV5Stages>(p, c, false, stream));
   if (err != cudaSuccess || !c.partials) return err;
+  if (y_alloc != nullptr) p.y = y_alloc(y_ctx);  // the GEMV is on its way; only the finish kernel writes y
   const int64_t MN = static_cast<int64_t>(p.M) * p.N;
   const int grid = static_cast<int>((MN + kFinishThreads5 - 1) / kFinishThreads5);
   return launch_maybe_pdl(v5_finish_kernel<T>, dim3(grid), dim3(kFinishThreads5), 0, stream, use_pdl5(c), p);
@@ -617,7 +620,7 @@ int nf4_lora_gemv_v5_stages(const GemvArgs& a) {
 }
 
 cudaError_t launch_nf4_lora_gemv_v5(const GemvArgs& a, void* workspace, size_t workspace_bytes,
-                                    cudaStream_t stream) {
+                                    cudaStream_t stream, YAlloc y_alloc, void* y_ctx) {
   const V5Config c = v5_config(a);
   if (!c.ok) return cudaErrorInvalidValue;
   if (c.ws_bytes > 0 && (workspace == nullptr || workspace_bytes < c.ws_bytes)) return cudaErrorInvalidValue;
@@ -637,8 +640,8 @@ cudaError_t launch_nf4_lora_gemv_v5(const GemvArgs& a, void* workspace, size_t w
   p.units = c.units;
   p.XSB = 2 * a.K + 16;
   switch (a.dtype) {
-    case DType::kBFloat16: return launch_v5_typed<__nv_bfloat16>(p, c, stream);
-    case DType::kFloat16: return launch_v5_typed<__half>(p, c, stream);
+    case DType::kBFloat16: return launch_v5_typed<__nv_bfloat16>(p, c, stream, y_alloc, y_ctx);
+    case DType::kFloat16: return launch_v5_typed<__half>(p, c, stream, y_alloc, y_ctx);
     default: return cudaErrorInvalidValue;
   }
 }
