@@ -7,12 +7,7 @@
 #     OUT=$OUT bash benchmarks/run_decode_ring_device.sh      (carry .whl: the bitsandbytes wheel)
 OUT="${OUT:-/tmp/lk_out}"; mkdir -p "$OUT"; TAG="${SESSION_TAG:-session16}"; ENV_S="${ENVELOPE:-560}"
 set +e
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LORA_KERNELS_QUIET=1
-echo "=== build $(date +%T)"; T=$SECONDS
-ls lora_kernels/_C_cuda*.so > /dev/null 2>&1 || LORA_KERNELS_CUDA_ARCHS=9.0 LORA_KERNELS_BUILD_CUDA=1 MAX_JOBS=16 \
-  timeout 300 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "build failed"; tail -20 "$OUT/build.log"; exit 1; }
-echo "build $(( SECONDS - T )) s"
+source benchmarks/device_env.sh
 echo "=== v5 tests $(date +%T)"
 timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider -rf --maxfail=5 tests/test_cuda_gemv.py \
   -k "v5 or deep or variants_agree or decode_fast or binding_takes" > "$OUT/gemv_tests.log" 2>&1; VRC=$?
