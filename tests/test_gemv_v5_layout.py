@@ -371,7 +371,12 @@ def test_t_piece_source_lines():
     assert "p.tpart[(static_cast<int64_t>(j) * p.M + m) * p.r + i] = v;" in SRC
     assert "const int m_lo = static_cast<int>(idx0 / p.N);" in SRC
     assert "const int m_hi = static_cast<int>(min(MN - 1, idx0 + kFinishThreads5 - 1) / p.N);" in SRC
-    assert "t_s[e] = __fmul_rn(t, p.scale_vec != nullptr ? p.scale_vec[i] : p.scale);" in SRC
+    assert "t_s[e] = __fmul_rn(v, p.scale_vec != nullptr ? p.scale_vec[i] : p.scale);" in SRC
+    assert "while (G < 32 && entries * G * 2 <= kFinishThreads5 && G * 2 <= p.jt) G *= 2;" in SRC
+    assert "for (int base = 0; base < entries * G; base += kFinishThreads5) {" in SRC
+    assert "const int e = t / G, g = t % G;" in SRC
+    assert "for (int j = g; j < p.jt; j += G) v = __fadd_rn(v, p.tpart[" in SRC
+    assert "for (int o = G / 2; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));" in SRC
     assert "store_lora_bias_t<T>(p, lora ? t_s + (m - m_lo) * p.r : nullptr, m, n, v);" in SRC
     assert "__shared__ float t_s[kV5MaxM * kGemvMaxRank];" in SRC
     assert _const("kFinishThreads5") == "256"
@@ -431,11 +436,37 @@ def emulate_lora(x, A, B, s, part, G, units):
     for cta in range(-(-MN // threads)):
         idx0 = cta * threads
         m_lo, m_hi = idx0 // N, min(MN - 1, idx0 + threads - 1) // N
-        assert (m_hi - m_lo + 1) * r <= 8 * 256
-        t_s = [None] * ((m_hi - m_lo + 1) * r)
-        for e in range((m_hi - m_lo + 1) * r):
-            m, i = m_lo + e // r, e % r
-            t_s[e] = sum(tpart[j, m, i] for j in range(jt)) * s[i]
+        entries = (m_hi - m_lo + 1) * r
+        assert entries <= 8 * 256
+        G = 1
+        while G < 32 and entries * G * 2 <= threads and G * 2 <= jt:
+            G *= 2
+        t_s = [None] * entries
+        read = np.zeros((jt, entries), dtype=int)
+        for base in range(0, entries * G, threads):
+            vals = {}
+            for tid in range(threads):
+                t = base + tid
+                e, g = t // G, t % G
+                v = 0
+                if e < entries:
+                    m, i = m_lo + e // r, e % r
+                    for j in range(g, jt, G):
+                        read[j, e] += 1
+                        v += tpart[j, m, i]
+                vals[tid] = v
+            o = G // 2
+            while o:                                   # __shfl_xor_sync within each warp
+                assert G <= 32
+                vals = {tid: vals[tid] + vals[tid ^ o] for tid in vals}
+                o //= 2
+            for tid in range(threads):
+                t = base + tid
+                e, g = t // G, t % G
+                if e < entries and g == 0:
+                    assert t_s[e] is None, "t_s written twice"
+                    t_s[e] = vals[tid] * s[e % r]
+        assert (read == 1).all(), "every partial read by exactly one thread"
         for idx in range(idx0, min(idx0 + threads, MN)):
             m, n = idx // N, idx % N
             v = sum(part[sl, m, n] for sl in range(part.shape[0]))

@@ -450,11 +450,28 @@ __global__ void __launch_bounds__(kFinishThreads5) v5_finish_kernel(const V5Para
   const int m_hi = static_cast<int>(min(MN - 1, idx0 + kFinishThreads5 - 1) / p.N);
   const bool lora = p.lora_a != nullptr;
   if (lora) {
-    for (int e = threadIdx.x; e < (m_hi - m_lo + 1) * p.r; e += kFinishThreads5) {
-      const int m = m_lo + e / p.r, i = e % p.r;
-      float t = 0.f;
-      for (int j = 0; j < p.jt; ++j) t = __fadd_rn(t, p.tpart[(static_cast<int64_t>(j) * p.M + m) * p.r + i]);
-      t_s[e] = __fmul_rn(t, p.scale_vec != nullptr ? p.scale_vec[i] : p.scale);
+    // T entry e = (row m_lo + e / r, rank e % r) is the sum of jt partials.  They are read by a group
+    // of G threads (a power of two <= 32, so a group lies in one warp; G = 1 where the entries alone
+    // fill the CTA), thread g of the group summing partials g, g + G, ..., then a shuffle tree: the
+    // reads are in flight together (a serial chain of jt L2 reads cost ~1-2 us at jt = 16-56) and
+    // the order is fixed, so the result is deterministic.
+    const int entries = (m_hi - m_lo + 1) * p.r;
+    int G = 1;
+    while (G < 32 && entries * G * 2 <= kFinishThreads5 && G * 2 <= p.jt) G *= 2;
+    for (int base = 0; base < entries * G; base += kFinishThreads5) {  // uniform over the CTA
+      const int t = base + static_cast<int>(threadIdx.x);
+      const int e = t / G, g = t % G;
+      float v = 0.f;
+      if (e < entries) {
+        const int m = m_lo + e / p.r, i = e % p.r;
+#pragma unroll 4
+        for (int j = g; j < p.jt; j += G) v = __fadd_rn(v, p.tpart[(static_cast<int64_t>(j) * p.M + m) * p.r + i]);
+      }
+      for (int o = G / 2; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
+      if (e < entries && g == 0) {
+        const int i = e % p.r;
+        t_s[e] = __fmul_rn(v, p.scale_vec != nullptr ? p.scale_vec[i] : p.scale);
+      }
     }
     __syncthreads();
   }
