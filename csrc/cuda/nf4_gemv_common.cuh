@@ -183,6 +183,7 @@ __device__ __forceinline__ void store_lora_bias_t(const P& p, const float* tr, i
   if (tr != nullptr) {
     const T* br = static_cast<const T*>(p.lora_b) + static_cast<int64_t>(n) * p.r;
     float lora = 0.f;
+#pragma unroll 8
     for (int j = 0; j < p.r; ++j) lora = __fmaf_rn(tr[j], Num<T>::to_float(br[j]), lora);
     v = __fadd_rn(v, lora);
   }

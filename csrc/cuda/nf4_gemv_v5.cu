@@ -479,7 +479,8 @@ __global__ void __launch_bounds__(kFinishThreads5) v5_finish_kernel(const V5Para
   if (idx >= MN) return;
   const int m = static_cast<int>(idx / p.N), n = static_cast<int>(idx - static_cast<int64_t>(m) * p.N);
   float v = p.part[idx];
-  for (int s = 1; s < p.S; ++s) v = __fadd_rn(v, p.part[s * MN + idx]);
+#pragma unroll 8
+  for (int s = 1; s < p.S; ++s) v = __fadd_rn(v, p.part[s * MN + idx]);  // (unrolled: the reads in flight together)
   store_lora_bias_t<T>(p, lora ? t_s + (m - m_lo) * p.r : nullptr, m, n, v);
 }
 
