@@ -50,7 +50,7 @@ def _args(x, q, A, B):
 
 COLUMNS = ("shape", "M", "r", "v1_us", "v2_us", "v3_us", "v4_us", "v5_us", "floor_us", "v1_over_floor",
            "v2_over_floor", "v3_over_floor", "v4_over_floor", "v5_over_floor", "v2_ran", "v3_ran", "v4_ran", "v5_ran",
-           "v5_slices", "v5_stages", "v5deep_us", "v5deep_over_floor", "v5deep_stages", "rel_diff", "v3_rel_diff",
+           "v5_slices", "v5_mode", "v5_stages", "v5deep_us", "v5deep_over_floor", "v5deep_stages", "rel_diff", "v3_rel_diff",
            "v4_rel_diff", "v5_rel_diff", "v5deep_rel_diff")
 
 
@@ -214,6 +214,8 @@ def main(argv=None) -> int:
                     row["v5_slices"] = ext.lora_gemv_v5_slices(M, N, K, 64, r)
                     if hasattr(ext, "lora_gemv_v5_stages"):
                         row["v5_stages"] = ext.lora_gemv_v5_stages(M, N, K, 64, r)
+                    if hasattr(ext, "lora_gemv_v5_mode"):   # 1: all of x in shared memory, 2: x per K slice
+                        row["v5_mode"] = ext.lora_gemv_v5_mode(M, N, K, 64, r)
                 if 5 in extra and args.v5_deep:
                     os.environ["LORA_KERNELS_GEMV_V5_STAGES"] = "6"
                     try:

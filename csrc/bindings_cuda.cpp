@@ -393,6 +393,13 @@ int64_t lora_gemv_v5_slices(int64_t M, int64_t N, int64_t K, int64_t blocksize, 
   return v5_planner_args(M, N, K, blocksize, r, double_quant, &a) ? cuda::nf4_lora_gemv_v5_slices(a) : 0;
 }
 
+// Variant 5's mode for these sizes: 1 = all of x in shared memory, 2 = x staged per CTA's K slices,
+// 0 = it falls back to variant 1.
+int64_t lora_gemv_v5_mode(int64_t M, int64_t N, int64_t K, int64_t blocksize, int64_t r, bool double_quant) {
+  cuda::GemvArgs a;
+  return v5_planner_args(M, N, K, blocksize, r, double_quant, &a) ? cuda::nf4_lora_gemv_v5_mode(a) : 0;
+}
+
 // Variant 5's ring depth per warp for these sizes (4, or 6 under $LORA_KERNELS_GEMV_V5_STAGES=6 where
 // x still fits beside the deeper ring), or 0 when it falls back to variant 1.
 int64_t lora_gemv_v5_stages(int64_t M, int64_t N, int64_t K, int64_t blocksize, int64_t r, bool double_quant) {
@@ -416,7 +423,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "unless LORA_KERNELS_GEMV_V3_MAX_M (<= 8) says otherwise; falls back to 1 beyond that, see\n"
       "lora_gemv_v3_supported); 4 = csrc/cuda/nf4_gemv_v4.cu (tensor cores with the weight as the MMA's A\n"
       "operand, persistent grid, M <= 16; falls back to 1 where it does not fit, see lora_gemv_v4_supported);\n"
-      "5 = csrc/cuda/nf4_gemv_v5.cu (variant 4's MMA fed from a per-warp cp.async ring, M <= 8, K % 256 == 0;\n"
+      "5 = csrc/cuda/nf4_gemv_v5.cu (variant 4's MMA fed from a per-warp cp.async ring, M <= 16, K % 256 == 0;\n"
       "falls back to 1 where it does not fit, see lora_gemv_v5_slices).\n"
       "lora_kernels reads LORA_KERNELS_GEMV_VARIANT.";
   m.def("lora_gemv", &lora_kernels::lora_gemv, gemv_doc.c_str(), py::arg("x"), py::arg("packed"),
@@ -443,6 +450,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "lora_gemv_v5_slices(M, N, K, blocksize, r=0, double_quant=True) -> int\n\nThe K slices "
         "lora_gemv(..., variant=5) splits these sizes into on the current device (1: no finish kernel), or 0 "
         "when it falls back to variant 1 (r = 0: no low-rank term).",
+        py::arg("M"), py::arg("N"), py::arg("K"), py::arg("blocksize"), py::arg("r") = 0,
+        py::arg("double_quant") = true);
+  m.def("lora_gemv_v5_mode", &lora_kernels::lora_gemv_v5_mode,
+        "lora_gemv_v5_mode(M, N, K, blocksize, r=0, double_quant=True) -> int\n\nHow lora_gemv(..., variant=5) "
+        "holds x for these sizes on the current device: 1 = all of x in shared memory (tile-major units), 2 = "
+        "each CTA stages the K slices of its units (slice-major; where all of x does not fit, M up to 16), "
+        "0 = it falls back to variant 1.",
         py::arg("M"), py::arg("N"), py::arg("K"), py::arg("blocksize"), py::arg("r") = 0,
         py::arg("double_quant") = true);
   m.def("lora_gemv_v5_stages", &lora_kernels::lora_gemv_v5_stages,

@@ -360,9 +360,18 @@ def gemv_variant_ran(M: int, N: int, K: int, has_lora: bool, blocksize: int = 64
 
 @functools.lru_cache(maxsize=1024)
 def gemv_v5_takes(M: int, N: int, K: int, blocksize: int, has_lora: bool, double_quant: bool) -> bool:
-    """``gemv_variant_runs`` for variant 5 (False where it cannot tell), cached per sizes: the first
-    device's answer (the extension still falls back to variant 1 where it does not fit)."""
-    return gemv_variant_runs(5, M, N, K, blocksize, 16 if has_lora else 0, double_quant) is True
+    """Whether variant 5 takes these sizes with all of x in shared memory (``lora_gemv_v5_mode`` 1:
+    the mode measured in sessions 14-15; mode 2, x staged per K slice, is not measured yet and is
+    only run when asked for), False where it cannot tell; cached per sizes: the first device's
+    answer (the extension still falls back to variant 1 where it does not fit)."""
+    r = 16 if has_lora else 0
+    ext = _ext.cuda_ext()
+    if ext is not None and hasattr(ext, "lora_gemv_v5_mode") and torch.cuda.is_available():
+        try:
+            return ext.lora_gemv_v5_mode(M, N, K, blocksize, r, double_quant) == 1
+        except RuntimeError:
+            return False
+    return gemv_variant_runs(5, M, N, K, blocksize, r, double_quant) is True
 
 
 def gemv_variant(M: int, N: int, K: int, has_lora: bool, v5_takes: bool = False) -> int:

@@ -5,8 +5,8 @@ kernel variants (the ``variant`` fixture sets LORA_KERNELS_GEMV_VARIANT, read by
 lora_kernels.library._cuda_gemv): 1 = csrc/cuda/nf4_gemv.cu, 2 = csrc/cuda/nf4_gemv_v2.cu,
 3 = csrc/cuda/nf4_gemv_v3.cu (run with LORA_KERNELS_GEMV_V3_MAX_M=8, so every M it is built for is
 tested; larger M falls back to variant 1), 4 = csrc/cuda/nf4_gemv_v4.cu (every M <= 16; skipped when the
-build lacks lora_gemv_v4_supported), 5 = csrc/cuda/nf4_gemv_v5.cu (M <= 8 where K % 256 == 0 and x fits
-its shared memory, see _v5_runs; elsewhere it falls back to variant 1).
+build lacks lora_gemv_v4_supported), 5 = csrc/cuda/nf4_gemv_v5.cu (M <= 16 where K % 256 == 0 and x fits
+its shared memory whole or per K slice, see _v5_runs; elsewhere it falls back to variant 1).
 Error rule: at most 2x the error of PyTorch computing the same formula in x's dtype.
 The output is allocated by the extension, so the caching allocator is first filled with NaN
 ("poisoned"): an element the kernel fails to write comes back NaN.
@@ -57,21 +57,39 @@ def _skip_without_variant(ext, v):
         pytest.skip(f"lora_kernels._C_cuda was built without variant {v} (no planner binding for it)")
 
 
-V5_MAX_M = 8            # csrc/cuda/nf4_gemv.h kV5MaxM
+V5_MAX_M = 16           # csrc/cuda/nf4_gemv.h kV5MaxM (two n8 MMA tiles of x above 8)
 V5_FIXED_SMEM = 65536 + 1024 + 16 * 4 * 1216   # table, nested code, 16 warps x 4 stages (nf4_gemv_v5.cu)
 
 
-def _v5_runs(M, K, N, bs, dq=True):
-    """Whether variant 5 should take these sizes, from its documented limits (nf4_gemv_v5.cu):
-    M <= 8, K % 256 == 0, blocksize >= 64, the absmax words / pairs inside the tensor, and x
-    (M · (2K + 16) bytes) beside the fixed shared memory within the device's opt-in limit."""
+def _v5_limits(M, K, N, bs, dq):
+    """(M <= 16, K % 256 == 0, blocksize >= 64, the absmax words / pairs inside the tensor) and the
+    device's opt-in shared memory per block."""
     blocks = N * (K // bs)
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     optin = getattr(props, "shared_memory_per_block_optin", None)
     if optin is None:
         pytest.skip("this torch does not report the opt-in shared memory per block")
-    return (M <= V5_MAX_M and K % 256 == 0 and bs >= 64 and blocks % (4 if dq else 2) == 0
-            and V5_FIXED_SMEM + M * (2 * K + 16) <= optin)
+    return (M <= V5_MAX_M and K % 256 == 0 and bs >= 64 and blocks % (4 if dq else 2) == 0), optin
+
+
+def _v5_whole(M, K, N, bs, dq=True):
+    """Whether variant 5 takes these sizes with all of x in shared memory (mode 1, the measured one:
+    M · (2K + 16) bytes of x beside the fixed shared memory)."""
+    ok, optin = _v5_limits(M, K, N, bs, dq)
+    return ok and V5_FIXED_SMEM + M * (2 * K + 16) <= optin
+
+
+def _v5_runs(M, K, N, bs, dq=True):
+    """Whether variant 5 should take these sizes, from its documented limits (nf4_gemv_v5.cu): all of
+    x in shared memory (_v5_whole), else x per CTA's K slices where some slice count fits (its planner,
+    mirrored in test_gemv_v5_layout.plan)."""
+    from .test_gemv_v5_layout import plan
+
+    ok, optin = _v5_limits(M, K, N, bs, dq)
+    if not ok:
+        return False
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return _v5_whole(M, K, N, bs, dq) or plan(M, N, K, sms, optin) is not None
 
 
 def _supported(v, M, K, N, r, bs):
@@ -106,7 +124,7 @@ def _skip_v3_above_max_m(variant, M):
         pytest.skip(f"variant 3 is built for M <= {V3_MAX_M} (CUDA-core FMAs grow with M); M={M} falls "
                     "back to variant 1, which the v1 case tests")
     if variant == 5 and M > V5_MAX_M:
-        pytest.skip(f"variant 5 is built for M <= {V5_MAX_M} (one n8 MMA tile); M={M} falls back to "
+        pytest.skip(f"variant 5 is built for M <= {V5_MAX_M} (two n8 MMA tiles); M={M} falls back to "
                     "variant 1, which the v1 case tests")
 
 
@@ -402,6 +420,42 @@ def test_v5_repeated_calls_and_graph_replay(pdl, rng, monkeypatch):
 
 
 @gpu
+def test_v5_modes_and_sliced_x(rng, monkeypatch):
+    """Variant 5 holds all of x in shared memory where it fits (mode 1, what the dispatcher uses) and
+    otherwise stages each CTA's K slices (mode 2: M >= 4 at K = 14336, M = 9..16): the planner agrees
+    with test_gemv_v5_layout.plan, the dispatcher only takes mode 1, and mode 2 is right eagerly and
+    under graph replay."""
+    ext = _ext_or_skip()
+    _skip_without_variant(ext, 5)
+    if not hasattr(ext, "lora_gemv_v5_mode"):
+        pytest.skip("this build has no lora_gemv_v5_mode")
+    from lora_kernels.library import gemv_v5_takes
+
+    from .test_gemv_v5_layout import plan
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin is None:
+        pytest.skip("this torch does not report the opt-in shared memory per block")
+    monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "5")
+    monkeypatch.delenv("LORA_KERNELS_GEMV_V5_STAGES", raising=False)
+    cases = [(1, 4096, 14336, 16), (4, 14336, 4096, 16), (16, 4096, 14336, 16), (12, 4096, 1000, 8),
+             (16, 14336, 4096, 0), (9, 8192, 600, 64)]
+    for M, K, N, r in cases:
+        want = plan(M, N, K, props.multi_processor_count, optin, has_lora=r > 0)
+        mode = ext.lora_gemv_v5_mode(M, N, K, 64, r)
+        assert mode == (0 if want is None else 2 if want["slice_major"] else 1), (M, K, N, r)
+        if want is not None:
+            assert ext.lora_gemv_v5_slices(M, N, K, 64, r) == want["S"], (M, K, N, r)
+        assert gemv_v5_takes(M, N, K, 64, r > 0, True) == (mode == 1)
+    made = [_case(M, K, N, r, torch.bfloat16, rng, vec=(M == 12)) for M, K, N, r in cases]
+    for c in made:
+        _check(*c)
+    for case in (made[1], made[2]):
+        _check_graph_replays(case, rng, 2)
+
+
+@gpu
 def test_v5_deep_ring_opt_in(rng, monkeypatch):
     """$LORA_KERNELS_GEMV_V5_STAGES=6 (an A/B switch) gives variant 5 a 6-stage ring per warp where x
     still fits beside it, else the default 4 stages: both right, eagerly and under graph replay."""
@@ -664,8 +718,8 @@ def test_gemv_variant_chosen_asks_variant_5s_planner(monkeypatch):
     from lora_kernels.library import gemv_variant_chosen
 
     monkeypatch.delenv("LORA_KERNELS_GEMV_VARIANT", raising=False)
-    assert gemv_variant_chosen(1, 14336, 4096, True) == (5 if _v5_runs(1, 4096, 14336, 64) else 3)
-    assert gemv_variant_chosen(8, 4096, 14336, True) == (5 if _v5_runs(8, 14336, 4096, 64) else 1)
+    assert gemv_variant_chosen(1, 14336, 4096, True) == (5 if _v5_whole(1, 4096, 14336, 64) else 3)
+    assert gemv_variant_chosen(8, 4096, 14336, True) == (5 if _v5_whole(8, 14336, 4096, 64) else 1)
 
 
 def test_gemv_variant_chosen_env_override(monkeypatch):

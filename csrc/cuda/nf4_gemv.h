@@ -92,14 +92,19 @@ cudaError_t launch_nf4_lora_gemv_v4(const GemvArgs& args, void* workspace, size_
 // Variant 5 (csrc/cuda/nf4_gemv_v5.cu): tensor-core GEMV for M = 1..kV5MaxM with the weight as the
 // MMA's A operand (variant 4's fragment map), fed from a per-warp cp.async ring in shared memory
 // (3 steps of 1 KB requested ahead per warp), a persistent grid (one 512-thread CTA per SM) whose
-// warps split the (16-row tile, K slice) units evenly, all of x in shared memory; same math as
-// variant 4.  nf4_lora_gemv_v5_config: false when variant 5 does not take these arguments (M > 8,
+// warps split the (16-row tile, K slice) units evenly, x in shared memory (all of it, or per CTA's K
+// slices: nf4_lora_gemv_v5_mode); same math as variant 4.  nf4_lora_gemv_v5_config: false when
+// variant 5 does not take these arguments (M > 16,
 // K % 256 != 0, blocksize < 64, alignment, shared memory, sm < 80, ...): the caller then runs
 // variant 1; else *workspace_bytes = the device workspace it needs (T = x·Aᵀ ⊙ s with a low-rank
 // term; fp32 partial sums [S][M][N] when K is split into S > 1 slices; 0 when neither; t_ws is not
 // used).  nf4_lora_gemv_v5_slices: the S it would use (0: it does not take the arguments).
 // $LORA_KERNELS_GEMV_V5_PDL=0 turns programmatic dependent launch off.
-constexpr int kV5MaxM = 8;
+constexpr int kV5MaxM = 16;  // M = 9..16: two n8 MMA tiles of x per weight fragment
+// nf4_lora_gemv_v5_mode: 1 = all of x in shared memory (tile-major units; what was measured in
+// sessions 14-15), 2 = x staged per CTA's K slices (slice-major units: where all of x does not fit,
+// e.g. M >= 4 at K = 14336 or M = 9..16; added in session 15, not yet measured), 0 = falls back.
+int nf4_lora_gemv_v5_mode(const GemvArgs& args);
 bool nf4_lora_gemv_v5_config(const GemvArgs& args, size_t* workspace_bytes);
 int nf4_lora_gemv_v5_slices(const GemvArgs& args);
 // nf4_lora_gemv_v5_stages: its ring depth per warp (4; 6 where $LORA_KERNELS_GEMV_V5_STAGES=6 and x

@@ -1,5 +1,5 @@
 // Fused QLoRA decode, variant 5 (lora_gemv(..., variant=5)): tensor cores fed from a per-warp
-// cp.async ring in shared memory, for M = 1..8 rows of x:  y = x · Ŵᵀ + ((x · Aᵀ) ⊙ s) · Bᵀ + bias.
+// cp.async ring in shared memory, for M = 1..16 rows of x:  y = x · Ŵᵀ + ((x · Aᵀ) ⊙ s) · Bᵀ + bias.
 //
 // Why (benchmarks/NOTES.md, session 13): variant 4 was latency-bound -- its weight loads went to
 // registers, each warp waited on a batch soon after requesting it, and ~7.5 KB per SM were in flight
@@ -53,10 +53,20 @@
 //    and the bias, as store_lora_bias does.
 // Numerics: variant 4's (dtype(code) · x in fp32 through the MMA, times the fp32 absmax per 64
 // products; another fp32 summation order than variant 1).
-// Limits (else nf4_lora_gemv_v5_config says no and the binding runs variant 1): M <= 8, K % 256 == 0,
+// Two modes for x (session 15; nf4_lora_gemv_v5_mode says which):
+//  1. all of x in shared memory (M · (2 K + 16) bytes beside the 143 KB of table, nested code and
+//     ring), units numbered tile-major -- the mode measured in sessions 14-15;
+//  2. where that does not fit (M >= 4 at K = 14336, M = 9..16): units numbered slice-major (unit =
+//     slice · tiles + tile), so a CTA's consecutive units lie in one or two K slices, and each CTA
+//     stages x only for those slices (a CTA without units: the slice its position falls in); the host
+//     picks S among the slice counts whose slices are whole 256-k chunks and whose widest CTA fits.
+//     The T pieces of a slice go to the warps of the CTAs holding that slice's x.  Not yet measured.
+//  M = 9..16 (either mode): two n8 MMA tiles of x per weight fragment (x rows 0..7 and 8..15).
+//  Both walkers (request, compute) set their position at each unit's start (unit_start).
+// Limits (else nf4_lora_gemv_v5_config says no and the binding runs variant 1): M <= 16, K % 256 == 0,
 // blocksize >= 64, 16-byte aligned packed weight, 4-byte (nested) / 8-byte (plain) aligned absmax,
 // nested: N · K / blocksize a multiple of 4 (the last 4-byte word of codes lies inside the tensor),
-// x in shared memory: M · (2 K + 16) bytes beside the 143 KB of table, nested code and ring.
+// and x fitting in one of the two modes.
 //
 // Cost, estimated from the source before any SASS or run (per 16 packed bytes per lane, M <= 8):
 //   16 PRMT + 16 LDS (table) + 2 LDS.64 (weights) + 2 LDS.128 (x) + 4 HMMA + 4 FFMA + ~8 (scales)
@@ -83,6 +93,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 
@@ -155,7 +166,8 @@ struct V5Params {
   int S;           // slices
   int sst;         // steps per slice (kst / S)
   int64_t units;   // tiles · S
-  int XSB;         // x row stride in shared memory, bytes (2 K + 16)
+  bool slice_major;  // units numbered slice · tiles + tile (x staged per CTA's slices); else tile · S + slice
+  int XSB;         // x row stride in shared memory, bytes (2 · the staged k range + 16)
   const void* lora_b;
   int r;
   const float* t;  // unused by variant 5 (fill_chain_params' field; T lives in tpart)
@@ -195,13 +207,14 @@ __device__ __forceinline__ float stage_scale(const unsigned char* st, int srow, 
   return (b & 1u) ? pr.y : pr.x;
 }
 
-// acc += the step's two chunks: absmax(row, block) · (A_chunk · B_chunk).  st: the stage; xp: this
-// lane's x for the step's chunk 0 (x row g, k = 128 kk + 16 q; chunk 1 at xp + 128); sc: the scale
-// this lane decoded (row lane & 15, chunk lane >> 4).
-template <typename T>
+// acc += the step's two chunks: absmax(row, block) · (A_chunk · B_chunk), for kMT n8 tiles of x (rows
+// 0..7 and, with kMT = 2, 8..15: the same A fragments, one MMA per tile).  st: the stage; xp: this
+// lane's x for the step's chunk 0 (x row g, k = 128 kk + 16 q; chunk 1 at xp + 128; row g + 8 at
+// xp + 8 xsb); sc: the scale this lane decoded (row lane & 15, chunk lane >> 4).
+template <typename T, int kMT>
 __device__ __forceinline__ void compute_step(const unsigned char* st, const unsigned char* lut, uint32_t lane4,
-                                             const unsigned char* xp, bool has_x, int g, int q, float sc,
-                                             float (&acc)[4]) {
+                                             const unsigned char* xp, int xsb, bool has_x0, bool has_x1, int g,
+                                             int q, float sc, float (&acc)[4 * kMT]) {
   const float sc_g[2] = {__shfl_sync(0xffffffffu, sc, g), __shfl_sync(0xffffffffu, sc, 16 + g)};
   const float sc_g8[2] = {__shfl_sync(0xffffffffu, sc, g + 8), __shfl_sync(0xffffffffu, sc, 24 + g)};
 #pragma unroll
@@ -209,14 +222,21 @@ __device__ __forceinline__ void compute_step(const unsigned char* st, const unsi
     const int off = stage_piece_off(g, 2 * c + (q >> 1)) + 8 * (q & 1);
     const uint2 wl = *reinterpret_cast<const uint2*>(st + off);           // row g
     const uint2 wh = *reinterpret_cast<const uint2*>(st + off + 64 * 8);  // row g + 8 (same swizzle)
-    uint4 xa = make_uint4(0u, 0u, 0u, 0u), xb = xa;
-    if (has_x) {
-      const uint4* px = reinterpret_cast<const uint4*>(xp + 128 * c);
-      xa = px[0];
-      xb = px[1];
+    uint32_t xw[kMT][8];
+#pragma unroll
+    for (int t = 0; t < kMT; ++t) {
+      uint4 xa = make_uint4(0u, 0u, 0u, 0u), xb = xa;
+      if (t == 0 ? has_x0 : has_x1) {
+        const uint4* px = reinterpret_cast<const uint4*>(xp + t * 8 * xsb + 128 * c);
+        xa = px[0];
+        xb = px[1];
+      }
+      xw[t][0] = xa.x; xw[t][1] = xa.y; xw[t][2] = xa.z; xw[t][3] = xa.w;
+      xw[t][4] = xb.x; xw[t][5] = xb.y; xw[t][6] = xb.z; xw[t][7] = xb.w;
     }
-    const uint32_t xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
-    float cf[4] = {0.f, 0.f, 0.f, 0.f};
+    float cf[kMT][4];
+#pragma unroll
+    for (int t = 0; t < kMT; ++t) cf[t][0] = cf[t][1] = cf[t][2] = cf[t][3] = 0.f;
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       const uint32_t wlw = (s < 2) ? wl.x : wl.y;
@@ -226,13 +246,30 @@ __device__ __forceinline__ void compute_step(const unsigned char* st, const unsi
       const uint32_t a1 = lut_pair5(lut, whw, lane4, bb);      // row g + 8, k 16q + 4s + {0, 1}
       const uint32_t a2 = lut_pair5(lut, wlw, lane4, bb + 1);  // row g,     k 16q + 4s + {2, 3}
       const uint32_t a3 = lut_pair5(lut, whw, lane4, bb + 1);  // row g + 8, k 16q + 4s + {2, 3}
-      Num<T>::mma(cf, a0, a1, a2, a3, xw[2 * s], xw[2 * s + 1]);
+#pragma unroll
+      for (int t = 0; t < kMT; ++t) Num<T>::mma(cf[t], a0, a1, a2, a3, xw[t][2 * s], xw[t][2 * s + 1]);
     }
-    acc[0] = __fmaf_rn(cf[0], sc_g[c], acc[0]);
-    acc[1] = __fmaf_rn(cf[1], sc_g[c], acc[1]);
-    acc[2] = __fmaf_rn(cf[2], sc_g8[c], acc[2]);
-    acc[3] = __fmaf_rn(cf[3], sc_g8[c], acc[3]);
+#pragma unroll
+    for (int t = 0; t < kMT; ++t) {
+      acc[4 * t + 0] = __fmaf_rn(cf[t][0], sc_g[c], acc[4 * t + 0]);
+      acc[4 * t + 1] = __fmaf_rn(cf[t][1], sc_g[c], acc[4 * t + 1]);
+      acc[4 * t + 2] = __fmaf_rn(cf[t][2], sc_g8[c], acc[4 * t + 2]);
+      acc[4 * t + 3] = __fmaf_rn(cf[t][3], sc_g8[c], acc[4 * t + 3]);
+    }
   }
+}
+
+// The first (tile, k step) of unit u: slice-major units are u = slice · tiles + tile, tile-major
+// ones u = tile · S + slice; a unit is sst steps of one tile from step slice · sst on.
+__device__ __forceinline__ void unit_start(const V5Params& p, int64_t u, int& tile, int& kk, int& slice) {
+  if (p.slice_major) {
+    slice = static_cast<int>(u / p.tiles);
+    tile = static_cast<int>(u - static_cast<int64_t>(slice) * p.tiles);
+  } else {
+    tile = static_cast<int>(u / p.S);
+    slice = static_cast<int>(u - static_cast<int64_t>(tile) * p.S);
+  }
+  kk = slice * p.sst;
 }
 
 // This lane's A words of T piece `piece` (row i = piece / jt of A, K range j = piece % jt): elements
@@ -243,7 +280,50 @@ __device__ __forceinline__ const T* t_piece_src(const V5Params& p, int64_t piece
   return static_cast<const T*>(p.lora_a) + i * p.K + j * 256 * p.cpp + 8 * lane;
 }
 
-template <typename T, bool kNested, int kStages>
+// T piece `piece` (row i = piece / jt of A, chunk j = piece % jt): tpart[j][m][i] = Σ_k x[m, k] A[i, k]
+// over the piece's k, x from the staged rows (xs, from k = kx0 on); pre: its first chunk's A words
+// were loaded already (apre).  The whole warp runs it.
+template <typename T>
+__device__ __forceinline__ void t_piece(const V5Params& p, int64_t piece, bool pre, uint4 apre,
+                                        const unsigned char* xs, int kx0, int lane) {
+  const T* arow = t_piece_src<T>(p, piece, lane);
+  const int j = static_cast<int>(piece % p.jt);
+  float tacc[kV5MaxM];
+#pragma unroll
+  for (int m = 0; m < kV5MaxM; ++m) tacc[m] = 0.f;
+  for (int c = 0; c < p.cpp; ++c) {
+    const uint4 av = (pre && c == 0) ? apre : __ldg(reinterpret_cast<const uint4*>(arow + 256 * c));
+    const uint32_t aw[4] = {av.x, av.y, av.z, av.w};
+    const int k = j * 256 * p.cpp + 256 * c + 8 * lane;
+#pragma unroll
+    for (int m = 0; m < kV5MaxM; ++m) {
+      if (m < p.M) {
+        const uint4 xv = *reinterpret_cast<const uint4*>(xs + m * p.XSB + 2 * (k - kx0));
+        const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float x0, x1, a0, a1;
+          Num<T>::unpack(xw[e], x0, x1);
+          Num<T>::unpack(aw[e], a0, a1);
+          tacc[m] = __fmaf_rn(x0, a0, tacc[m]);
+          tacc[m] = __fmaf_rn(x1, a1, tacc[m]);
+        }
+      }
+    }
+  }
+  const int i = static_cast<int>(piece / p.jt);
+#pragma unroll
+  for (int m = 0; m < kV5MaxM; ++m) {
+    if (m < p.M) {
+      float v = tacc[m];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
+      if (lane == 0) p.tpart[(static_cast<int64_t>(j) * p.M + m) * p.r + i] = v;
+    }
+  }
+}
+
+template <typename T, bool kNested, int kStages, int kMT>
 __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Params p) {
   // Dynamic shared memory: the table (64 KB), nested code [256], the warps' rings, x [M][XSB bytes].
   extern __shared__ __align__(128) unsigned char smem_v5[];
@@ -260,32 +340,41 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
   const uint32_t KB = static_cast<uint32_t>(p.K >> p.log2_bs);
   const int64_t KH = p.K >> 1;
 
-  // This warp's units and steps.
+  // This warp's units and steps; this CTA's units (x is staged for their K slices).
   const int64_t W = static_cast<int64_t>(gridDim.x) * kV5Warps;
   const int64_t wid = static_cast<int64_t>(blockIdx.x) * kV5Warps + warp;
   const int64_t u0 = wid * p.units / W, u1 = (wid + 1) * p.units / W;
   const int nsteps = static_cast<int>((u1 - u0) * p.sst);
-  const int tile0 = static_cast<int>(u0 / p.S);
-  const int kk0 = static_cast<int>(u0 % p.S) * p.sst;
+  const int64_t cta_u0 = static_cast<int64_t>(blockIdx.x) * kV5Warps * p.units / W;
+  const int64_t cta_u1 = static_cast<int64_t>(blockIdx.x + 1) * kV5Warps * p.units / W;
+  const int slice_k = p.sst * kV5StepK;  // k per slice
+  // staged x: k in [kx0, kx1) -- all of K, or (slice-major) slices s_lo..s_hi: those of this CTA's
+  // units; a CTA without units stages the slice its position falls in (it takes T pieces there)
+  const int64_t s_lo = cta_u0 / p.tiles, s_hi = cta_u1 > cta_u0 ? (cta_u1 - 1) / p.tiles : s_lo;
+  int kx0 = 0, kx1 = p.K;
+  if (p.slice_major) {
+    kx0 = s_lo < p.S ? static_cast<int>(s_lo) * slice_k : 0;
+    kx1 = s_lo < p.S ? static_cast<int>(s_hi + 1) * slice_k : 0;
+  }
 
   unsigned char* ring = smem_v5 + kV5RingOff + warp * (kStages * kStageBytes);
   const uint32_t ring_s = smem_addr(ring);
 
-  // ---- request state: the next step to request is (it, ik); this lane's sources for it are kept
-  // and advanced by 64 bytes a step (rows recomputed only when the tile changes).
-  int it = tile0, ik = kk0;
+  // ---- request state: the next step to request is step rj of unit ru, at (it, ik); this lane's
+  // sources for it are kept and advanced by 64 bytes a step (recomputed at each unit's start).
+  int64_t ru = u0;
+  int rj = 0, it = 0, ik = 0, rslice = 0;
   const uint8_t* w0;  // row g's 16-byte piece q
   const uint8_t* w1;  // row g + 8's
   uint32_t rq_b;      // first block of row srow of tile it
-  auto request_tile = [&](int t) {
-    const int nb = t * 16;  // rows past N: clamped, never stored
-    w0 = p.packed + static_cast<int64_t>(min(nb + g, p.N - 1)) * KH + 16 * q;
-    w1 = p.packed + static_cast<int64_t>(min(nb + g + 8, p.N - 1)) * KH + 16 * q;
+  auto request_unit = [&]() {
+    unit_start(p, ru, it, ik, rslice);
+    const int nb = it * 16;  // rows past N: clamped, never stored
+    w0 = p.packed + static_cast<int64_t>(min(nb + g, p.N - 1)) * KH + 16 * q + static_cast<int64_t>(ik) * (kV5StepK / 2);
+    w1 = p.packed + static_cast<int64_t>(min(nb + g + 8, p.N - 1)) * KH + 16 * q + static_cast<int64_t>(ik) * (kV5StepK / 2);
     rq_b = static_cast<uint32_t>(min(nb + srow, p.N - 1)) * KB;
   };
-  request_tile(it);
-  w0 += static_cast<int64_t>(ik) * (kV5StepK / 2);
-  w1 += static_cast<int64_t>(ik) * (kV5StepK / 2);
+  request_unit();
   const uint32_t d0 = stage_piece_off(g, q), d1 = stage_piece_off(g + 8, q);
   const uint32_t dsc = kNested ? (lane < 16 ? kStageAbsOff + 4 * srow : kStageNestOff + 4 * srow)
                                : kStageAbsOff + 8 * srow;
@@ -303,9 +392,11 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
     }
     w0 += kV5StepK / 2;
     w1 += kV5StepK / 2;
-    if (++ik == p.kst) {
-      ik = 0;
-      request_tile(++it);
+    ++ik;
+    if (++rj == p.sst) {
+      rj = 0;
+      ++ru;
+      request_unit();
     }
   };
 
@@ -316,15 +407,21 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
     cp_async_commit();
   }
 
-  // ---- T pieces: this warp takes pieces slot, slot + W, ... after its main loop.  Slots go to the
-  // warps with one unit fewer first (units / W rounded down: they finish the main loop a unit early),
-  // then to the others.  The first chunk of its first piece is requested now.
-  const int64_t npieces = p.lora_a != nullptr ? static_cast<int64_t>(p.r) * p.jt : 0;
+  // ---- T pieces this warp takes after its main loop (with a low-rank term):
+  //  * whole x (tile-major): slots 0, 1, ... go first to the warps with one unit fewer (units / W
+  //    rounded down: they leave the main loop a unit early), then to the others; warp takes pieces
+  //    slot, slot + W, ...; the first chunk of its first piece is requested now.
+  //  * sliced x (slice-major): a slice's r · cps pieces (cps 256-k chunks of a slice, cpp = 1) are
+  //    spread over the warps of the CTAs whose units lie in that slice (they hold its x): piece
+  //    p of slice s goes to warp p mod 16 of CTA cta_of(s · tiles) + (p / 16) mod (CTAs of s).
+  const bool lora = p.lora_a != nullptr;
+  const int64_t npieces = lora ? static_cast<int64_t>(p.r) * p.jt : 0;
   const int64_t base = p.units / W;                 // units of a light warp (a heavy one has base + 1)
   const int64_t heavy_before = u0 - wid * base;     // heavy warps among 0 .. wid - 1
   const int64_t slot = (u1 - u0 == base) ? wid - heavy_before : (W - p.units % W) + heavy_before;
+  const int cps = slice_k / 256;                    // 256-k chunks per slice
   uint4 apre = make_uint4(0u, 0u, 0u, 0u);
-  if (slot < npieces) apre = __ldg(reinterpret_cast<const uint4*>(t_piece_src<T>(p, slot, lane)));
+  if (!p.slice_major && slot < npieces) apre = __ldg(reinterpret_cast<const uint4*>(t_piece_src<T>(p, slot, lane)));
 
   // ---- table, nested code, x
   for (int i = tid; i < 256 * 8; i += kV5Threads) {
@@ -336,25 +433,33 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
     for (int i = tid; i < 256; i += kV5Threads) ncode_s[i] = __ldg(p.nested_code + i);
   }
   {
-    const int vpr = p.K >> 3;  // 16-byte vectors per row of x
+    const int vpr = (kx1 - kx0) >> 3;  // 16-byte vectors per row of staged x
     const uint4* xg = static_cast<const uint4*>(p.x);
     for (int i = tid; i < p.M * vpr; i += kV5Threads) {
       const int m = i / vpr, v = i - m * vpr;
-      *reinterpret_cast<uint4*>(xs + m * p.XSB + 16 * v) = __ldg(xg + i);
+      *reinterpret_cast<uint4*>(xs + m * p.XSB + 16 * v) = __ldg(xg + ((static_cast<int64_t>(m) * p.K + kx0) >> 3) + v);
     }
   }
   const float offset = kNested ? __ldg(p.offset) : 0.f;
   __syncthreads();
 
   const uint32_t lane4 = static_cast<uint32_t>(lane) * 4u;
-  const bool has_x = g < p.M;
-  const unsigned char* xrow = xs + (has_x ? g : 0) * p.XSB + 32 * q;  // x row g at k = 16 q
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  // ---- compute state: step (ct, ck) in stage c_off; cj: its index in its slice cs
-  int ct = tile0, ck = kk0, cj = 0;
-  int cs = static_cast<int>(u0 % p.S);
-  uint32_t c_b = static_cast<uint32_t>(min(ct * 16 + srow, p.N - 1)) * KB;  // first block of row srow
-  const unsigned char* xp = xrow + 2 * kV5StepK * ck;                       // x at k = 128 ck + 16 q
+  const bool has_x0 = g < p.M, has_x1 = kMT > 1 && g + 8 < p.M;
+  const unsigned char* xrow = xs + (has_x0 ? g : 0) * p.XSB + 32 * q;  // x row g at k = kx0 + 16 q
+  float acc[4 * kMT];
+#pragma unroll
+  for (int e = 0; e < 4 * kMT; ++e) acc[e] = 0.f;
+  // ---- compute state: step cj of unit cu, at (ct, ck) in slice cs, in stage c_off
+  int64_t cu = u0;
+  int ct = 0, ck = 0, cs = 0, cj = 0;
+  uint32_t c_b = 0;              // first block of row srow of tile ct
+  const unsigned char* xp = xrow;  // x at k = 128 ck + 16 q
+  auto compute_unit = [&]() {
+    unit_start(p, cu, ct, ck, cs);
+    c_b = static_cast<uint32_t>(min(ct * 16 + srow, p.N - 1)) * KB;
+    xp = xrow + 2 * (kV5StepK * ck - kx0);
+  };
+  compute_unit();
   const uint32_t chunk_k = 64u * static_cast<uint32_t>(lane >> 4);          // the chunk this lane's scale is for
   uint32_t c_off = 0, r_off = (kStages - 1) * kStageBytes;                  // computed / next requested stage
 
@@ -366,17 +471,19 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
     const unsigned char* st = ring + c_off;
     const float sc = stage_scale<kNested>(
         st, srow, c_b + ((static_cast<uint32_t>(ck) * kV5StepK + chunk_k) >> p.log2_bs), ncode_s, offset);
-    compute_step<T>(st, lut, lane4, xp, has_x, g, q, sc, acc);
+    compute_step<T, kMT>(st, lut, lane4, xp, p.XSB, has_x0, has_x1, g, q, sc, acc);
     __syncwarp();  // the stage is refilled by the next request
     r_off = c_off;  // step i + kStages goes where step i was
     c_off = (c_off == (kStages - 1) * kStageBytes) ? 0u : c_off + kStageBytes;
+    ++ck;
+    xp += 2 * kV5StepK;
     if (++cj == p.sst) {
       // end of a unit (tile ct, slice cs): y itself (no partials: S = 1, no low-rank term) or the
       // slice's partial sums
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int m = 2 * q + (e & 1);
-        const int n = ct * 16 + g + 8 * (e >> 1);
+      for (int e = 0; e < 4 * kMT; ++e) {
+        const int m = 8 * (e >> 2) + 2 * q + (e & 1);
+        const int n = ct * 16 + g + 8 * ((e >> 1) & 1);
         if (m < p.M && n < p.N) {
           if (p.part == nullptr) store_lora_bias<T>(p, m, n, acc[e]);  // p.t is nullptr: the bias only
           else p.part[(static_cast<int64_t>(cs) * p.M + m) * p.N + n] = acc[e];
@@ -384,54 +491,28 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
         acc[e] = 0.f;
       }
       cj = 0;
-      if (++cs == p.S) cs = 0;
-    }
-    if (++ck == p.kst) {
-      ck = 0;
-      ++ct;
-      c_b = static_cast<uint32_t>(min(ct * 16 + srow, p.N - 1)) * KB;
-      xp = xrow;
-    } else {
-      xp += 2 * kV5StepK;
+      ++cu;
+      compute_unit();
     }
   }
   cp_async_wait<0>();
 
   // ---- T pieces (x from shared memory)
-  for (int64_t piece = slot; piece < npieces; piece += W) {
-    const T* arow = t_piece_src<T>(p, piece, lane);
-    const int j = static_cast<int>(piece % p.jt);
-    float tacc[kV5MaxM];
-#pragma unroll
-    for (int m = 0; m < kV5MaxM; ++m) tacc[m] = 0.f;
-    for (int c = 0; c < p.cpp; ++c) {
-      const uint4 av = (piece == slot && c == 0) ? apre : __ldg(reinterpret_cast<const uint4*>(arow + 256 * c));
-      const uint32_t aw[4] = {av.x, av.y, av.z, av.w};
-      const int k = j * 256 * p.cpp + 256 * c + 8 * lane;
-#pragma unroll
-      for (int m = 0; m < kV5MaxM; ++m) {
-        if (m < p.M) {
-          const uint4 xv = *reinterpret_cast<const uint4*>(xs + m * p.XSB + 2 * k);
-          const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            float x0, x1, a0, a1;
-            Num<T>::unpack(xw[e], x0, x1);
-            Num<T>::unpack(aw[e], a0, a1);
-            tacc[m] = __fmaf_rn(x0, a0, tacc[m]);
-            tacc[m] = __fmaf_rn(x1, a1, tacc[m]);
-          }
-        }
-      }
-    }
-    const int i = static_cast<int>(piece / p.jt);
-#pragma unroll
-    for (int m = 0; m < kV5MaxM; ++m) {
-      if (m < p.M) {
-        float v = tacc[m];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
-        if (lane == 0) p.tpart[(static_cast<int64_t>(j) * p.M + m) * p.r + i] = v;
+  if (!lora) return;
+  if (!p.slice_major) {
+    for (int64_t piece = slot; piece < npieces; piece += W) t_piece<T>(p, piece, piece == slot, apre, xs, 0, lane);
+  } else if (s_lo < p.S) {
+    // the CTAs of slice sl are cta_of(first unit) .. cta_of(last unit); those between without units
+    // staged sl too (their position lies in it)
+    const int64_t G = gridDim.x;
+    auto cta_of = [&](int64_t u) { return ((u + 1) * G + p.units - 1) / p.units - 1; };  // CTA holding unit u
+    for (int64_t sl = s_lo; sl <= s_hi; ++sl) {
+      const int64_t cf = cta_of(sl * p.tiles), cl = cta_of((sl + 1) * p.tiles - 1);
+      if (blockIdx.x < cf || blockIdx.x > cl) continue;  // (a CTA without units just before slice sl)
+      for (int64_t ps = (blockIdx.x - cf) * kV5Warps + warp; ps < static_cast<int64_t>(p.r) * cps;
+           ps += (cl - cf + 1) * kV5Warps) {
+        const int64_t piece = (ps % p.r) * p.jt + sl * cps + ps / p.r;
+        t_piece<T>(p, piece, false, apre, xs, kx0, lane);
       }
     }
   }
@@ -496,6 +577,9 @@ struct V5Config {
   size_t ws_bytes = 0, off_part = 0;
   bool partials = false;  // the GEMV writes part[S][M][N] and the finish kernel makes y
   int stages = kV5Stages;
+  bool slice_major = false;  // x staged per CTA's K slices (where all of x does not fit)
+  int xsb = 0;               // x row stride in shared memory, bytes
+  int mt = 1;                // n8 MMA tiles of x: 1 (M <= 8) or 2
   int major = 0;
 };
 
@@ -513,21 +597,38 @@ int v5_stages_wanted() {
 // takes (the epilogue; session 14's H100 run: S = 16 on 4096x14336, M = 1, 2 steps per unit, was
 // slower than S = 2 at M = 8), plus for S > 1 ~1.5 steps of finish-kernel launch and the partials'
 // traffic (with a low-rank term the finish kernel runs at every S: only the partials' traffic differs).
+double slice_cost(int tiles, int kst, int M, int N, int64_t W, bool has_lora, int S) {
+  const int64_t units = static_cast<int64_t>(tiles) * S;
+  const double per_warp = static_cast<double>((units + W - 1) / W);  // units of the busiest warp
+  return per_warp * (kst / S) + 0.5 * per_warp +
+         (S > 1 || has_lora ? 1.5 + 8.0 * S * M * static_cast<double>(N) / (1024.0 * W) : 0.0);
+}
+
 int pick_slices(int tiles, int kst, int M, int N, int64_t W, bool has_lora) {
   int best = 1;
   double best_cost = 0.0;
   for (int S = 1; S <= kst && S <= kV5MaxSlices; ++S) {
     if (kst % S != 0) continue;
-    const int64_t units = static_cast<int64_t>(tiles) * S;
-    const double per_warp = static_cast<double>((units + W - 1) / W);  // units of the busiest warp
-    const double cost = per_warp * (kst / S) + 0.5 * per_warp +
-                        (S > 1 || has_lora ? 1.5 + 8.0 * S * M * static_cast<double>(N) / (1024.0 * W) : 0.0);
+    const double cost = slice_cost(tiles, kst, M, N, W, has_lora, S);
     if (S == 1 || cost < best_cost) {
       best = S;
       best_cost = cost;
     }
   }
   return best;
+}
+
+// Slice-major units: the most K slices one CTA's units span (grid CTAs of kV5Warps warps; CTA c holds
+// units [c kV5Warps U / W, (c + 1) kV5Warps U / W), as the kernel computes them).
+int64_t max_cta_slice_span(int64_t units, int tiles, int grid) {
+  const int64_t W = static_cast<int64_t>(grid) * kV5Warps;
+  int64_t span = 0;
+  for (int c = 0; c < grid; ++c) {
+    const int64_t cu0 = static_cast<int64_t>(c) * kV5Warps * units / W;
+    const int64_t cu1 = static_cast<int64_t>(c + 1) * kV5Warps * units / W;
+    if (cu1 > cu0) span = std::max(span, (cu1 - 1) / tiles - cu0 / tiles + 1);
+  }
+  return span;
 }
 
 V5Config v5_config(const GemvArgs& a) {
@@ -548,24 +649,52 @@ V5Config v5_config(const GemvArgs& a) {
   const DevInfo d = dev_info();
   if (d.major < 8) return c;
   c.major = d.major;
-  c.stages = v5_stages_wanted();
-  if (c.stages != kV5Stages && smem_dyn_bytes5(a.M, a.K, c.stages) > d.smem_optin) c.stages = kV5Stages;
-  c.smem_dyn = smem_dyn_bytes5(a.M, a.K, c.stages);  // the deep ring only where x still fits beside it
-  if (c.smem_dyn > d.smem_optin) return c;
+  c.mt = a.M > 8 ? 2 : 1;
   c.grid = d.sms;  // one 512-thread CTA per SM (the shared memory allows no second one)
   c.tiles = (a.N + 15) / 16;
   c.kst = a.K / kV5StepK;
   const int64_t W = static_cast<int64_t>(c.grid) * kV5Warps;
   const bool lora = a.lora_a != nullptr;
-  c.S = pick_slices(c.tiles, c.kst, a.M, a.N, W, lora);
+  c.stages = v5_stages_wanted();
+  if (c.stages != kV5Stages && smem_dyn_bytes5(a.M, a.K, c.stages) > d.smem_optin) c.stages = kV5Stages;
+  if (smem_dyn_bytes5(a.M, a.K, c.stages) <= d.smem_optin) {
+    // all of x beside the ring (the deep ring only where x still fits beside it); tile-major units
+    c.smem_dyn = smem_dyn_bytes5(a.M, a.K, c.stages);
+    c.xsb = 2 * a.K + 16;
+    c.S = pick_slices(c.tiles, c.kst, a.M, a.N, W, lora);
+  } else {
+    // x per CTA: slice-major units, each CTA stages the K slices its units lie in; S among those
+    // whose slices are whole 256-k chunks and whose widest CTA fits, at the least cost
+    bool found = false;
+    double best_cost = 0.0;
+    for (int S = 1; S <= c.kst && S <= kV5MaxSlices; ++S) {
+      if (c.kst % S != 0 || (a.K / S) % 256 != 0) continue;
+      const int64_t span = max_cta_slice_span(static_cast<int64_t>(c.tiles) * S, c.tiles, c.grid);
+      const int64_t xsb = 2 * span * (a.K / S) + 16;
+      const int64_t smem = v5_x_off(kV5Stages) + a.M * xsb;
+      if (smem > d.smem_optin) continue;
+      const double cost = slice_cost(c.tiles, c.kst, a.M, a.N, W, lora, S);
+      if (!found || cost < best_cost) {
+        found = true;
+        best_cost = cost;
+        c.S = S;
+        c.xsb = static_cast<int>(xsb);
+        c.smem_dyn = static_cast<int>(smem);
+      }
+    }
+    if (!found) return c;
+    c.stages = kV5Stages;
+    c.slice_major = true;
+  }
   c.sst = c.kst / c.S;
   c.units = static_cast<int64_t>(c.tiles) * c.S;
   c.partials = c.S > 1 || lora;
   size_t off = 0;
   if (lora) {
-    // T pieces: one 256-k chunk each, two where r · K / 256 pieces would outnumber the warps
+    // T pieces: one 256-k chunk each, two where r · K / 256 pieces would outnumber the warps (whole x
+    // only: with sliced x a slice's owner CTA takes its chunks one by one)
     const int kc = a.K / 256;
-    c.cpp = (kc % 2 == 0 && static_cast<int64_t>(a.r) * kc > W) ? 2 : 1;
+    c.cpp = (!c.slice_major && kc % 2 == 0 && static_cast<int64_t>(a.r) * kc > W) ? 2 : 1;
     c.jt = kc / c.cpp;
     off = align_up(static_cast<size_t>(c.jt) * a.M * a.r * 4, 256);
   }
@@ -582,9 +711,9 @@ bool use_pdl5(const V5Config& c) {
   return !(e != nullptr && e[0] == '0');
 }
 
-template <typename T, bool kNested, int kStages>
+template <typename T, bool kNested, int kStages, int kMT>
 cudaError_t launch_gemv5(const V5Params& p, const V5Config& c, bool pdl, cudaStream_t stream) {
-  auto kern = nf4_gemv_v5_kernel<T, kNested, kStages>;
+  auto kern = nf4_gemv_v5_kernel<T, kNested, kStages, kMT>;
   static std::atomic<int> smem_set[64];
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) dev = 0;
@@ -599,19 +728,22 @@ cudaError_t launch_gemv5(const V5Params& p, const V5Config& c, bool pdl, cudaStr
   return launch_maybe_pdl(kern, dim3(c.grid), dim3(kV5Threads), static_cast<size_t>(c.smem_dyn), stream, pdl, p);
 }
 
+template <typename T, int kStages, int kMT>
+cudaError_t launch_gemv5_any(const V5Params& p, const V5Config& c, cudaStream_t stream) {
+  return p.absmax_q != nullptr ? launch_gemv5<T, true, kStages, kMT>(p, c, false, stream)
+                               : launch_gemv5<T, false, kStages, kMT>(p, c, false, stream);
+}
+
 // The GEMV (a plain launch: it reads x at once), then with partials the finish kernel as its
 // programmatic dependent.  Two launches at most: T is computed inside the GEMV.  y_alloc: see
 // launch_nf4_lora_gemv_v5.
 template <typename T>
 cudaError_t launch_v5_typed(V5Params p, const V5Config& c, cudaStream_t stream, YAlloc y_alloc, void* y_ctx) {
   if (y_alloc != nullptr && !c.partials) p.y = y_alloc(y_ctx);  // the GEMV writes y itself
-  const bool nested = p.absmax_q != nullptr;
-  const cudaError_t err =
-      c.stages == kV5DeepStages
-          ? (nested ? launch_gemv5<T, true, kV5DeepStages>(p, c, false, stream)
-                    : launch_gemv5<T, false, kV5DeepStages>(p, c, false, stream))
-          : (nested ? launch_gemv5<T, true, kV5Stages>(p, c, false, stream)
-                    : launch_gemv5<T, false, kV5Stages>(p, c, false, stream));
+  const cudaError_t err = c.mt == 2 ? (c.stages == kV5DeepStages ? launch_gemv5_any<T, kV5DeepStages, 2>(p, c, stream)
+                                                                  : launch_gemv5_any<T, kV5Stages, 2>(p, c, stream))
+                                    : (c.stages == kV5DeepStages ? launch_gemv5_any<T, kV5DeepStages, 1>(p, c, stream)
+                                                                  : launch_gemv5_any<T, kV5Stages, 1>(p, c, stream));
   if (err != cudaSuccess || !c.partials) return err;
   if (y_alloc != nullptr) p.y = y_alloc(y_ctx);  // the GEMV is on its way; only the finish kernel writes y
   const int64_t MN = static_cast<int64_t>(p.M) * p.N;
@@ -637,6 +769,11 @@ int nf4_lora_gemv_v5_stages(const GemvArgs& a) {
   return c.ok ? c.stages : 0;
 }
 
+int nf4_lora_gemv_v5_mode(const GemvArgs& a) {
+  const V5Config c = v5_config(a);
+  return !c.ok ? 0 : c.slice_major ? 2 : 1;
+}
+
 cudaError_t launch_nf4_lora_gemv_v5(const GemvArgs& a, void* workspace, size_t workspace_bytes,
                                     cudaStream_t stream, YAlloc y_alloc, void* y_ctx) {
   const V5Config c = v5_config(a);
@@ -656,7 +793,8 @@ cudaError_t launch_nf4_lora_gemv_v5(const GemvArgs& a, void* workspace, size_t w
   p.S = c.S;
   p.sst = c.sst;
   p.units = c.units;
-  p.XSB = 2 * a.K + 16;
+  p.slice_major = c.slice_major;
+  p.XSB = c.xsb;
   switch (a.dtype) {
     case DType::kBFloat16: return launch_v5_typed<__nv_bfloat16>(p, c, stream, y_alloc, y_ctx);
     case DType::kFloat16: return launch_v5_typed<__half>(p, c, stream, y_alloc, y_ctx);
