@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Variant 5's ring depth on the GPU machine (issue 3), one device call (ENVELOPE s, default 560): build;
-# the v5 GPU tests with the default ring and the opt-in deep one ($LORA_KERNELS_GEMV_V5_STAGES=6);
-# if they pass, the A/B of variants 1, 3 and 5 plus v5 with the deep ring (gemv_variants --v5-deep,
-# CUDA-graph replay), ncu of v5 at 4096x14336, M = 1, r = 16 with each ring, and with the time left
-# the decode forward beside bitsandbytes + PEFT.  Written in session 15 for the next session.
+# Variant 5's session-15 additions on the GPU machine (issue 3), one device call (ENVELOPE s, default
+# 560): build; the v5 GPU tests (M up to 16, x per K slice, the opt-in deep ring
+# $LORA_KERNELS_GEMV_V5_STAGES=6); if they pass, the A/B of variants 1, 3 and 5 at M = 1, 4, 8, 16 plus
+# v5 with the deep ring (gemv_variants --v5-deep, CUDA-graph replay; v5_mode 2 = x per K slice), ncu
+# of v5 at 4096x14336, M = 1, r = 16 with each ring, and with the time left the decode forward beside
+# bitsandbytes + PEFT.  Written in session 15 for the next session.
 #     OUT=$OUT bash benchmarks/run_decode_ring_device.sh      (carry .whl: the bitsandbytes wheel)
 OUT="${OUT:-/tmp/lk_out}"; mkdir -p "$OUT"; TAG="${SESSION_TAG:-session16}"; ENV_S="${ENVELOPE:-560}"
 set +e
@@ -19,7 +20,7 @@ if [ $VRC -ne 0 ]; then
   tail -20 "$OUT/v5_diagnose.log" | cut -c1-250; echo "=== end $(date +%T) ($SECONDS s)"; exit 0
 fi
 echo "=== gemv_variants $(date +%T)"
-timeout 200 python3 -m benchmarks.gemv_variants --ms 1,4,8 --variants 1,3,5 --v5-deep --json "$OUT/gemv_variants_nvidia-h100-80gb-hbm3_$TAG.json" 2>&1 | tail -40 | cut -c1-200
+timeout 200 python3 -m benchmarks.gemv_variants --ms 1,4,8,16 --variants 1,3,5 --v5-deep --json "$OUT/gemv_variants_nvidia-h100-80gb-hbm3_$TAG.json" 2>&1 | tail -40 | cut -c1-200
 if command -v ncu > /dev/null && [ $(( ENV_S - SECONDS )) -gt 150 ]; then
   SEC="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy"
   for st in 4 6; do
