@@ -377,34 +377,29 @@ bool lora_gemv_v4_supported(int64_t M, int64_t N, int64_t K, int64_t blocksize, 
   return planner_args(M, N, K, blocksize, r, &a) && cuda::nf4_lora_gemv_v4_config(a, &ws);
 }
 
-// The K slices lora_gemv(..., variant=5) would use for these sizes on the current device (r = 0: no
-// low-rank term; bf16; double_quant: absmax stored as 8-bit codes, whose 4-byte words must lie in the
-// tensor), or 0 when it falls back to variant 1 (tests, benchmarks).
-bool v5_planner_args(int64_t M, int64_t N, int64_t K, int64_t blocksize, int64_t r, bool double_quant,
-                     cuda::GemvArgs* a) {
-  if (!planner_args(M, N, K, blocksize, r, a)) return false;
+// What lora_gemv(..., variant=5) would do for these sizes on the current device (r = 0: no low-rank
+// term; bf16; double_quant: absmax stored as 8-bit codes, whose 4-byte words must lie in the tensor);
+// all 0 when it falls back to variant 1 (tests, benchmarks).  The three planners below read one field:
+// the K slices, the x mode (1 = all of x in shared memory, 2 = x staged per CTA's K slices), the ring
+// depth per warp (4, or 6 under $LORA_KERNELS_GEMV_V5_STAGES=6 where x still fits beside it).
+cuda::V5Plan v5_plan(int64_t M, int64_t N, int64_t K, int64_t blocksize, int64_t r, bool double_quant) {
+  cuda::GemvArgs a;
+  if (!planner_args(M, N, K, blocksize, r, &a)) return {};
   static const uint32_t aligned_dummy[4] = {0, 0, 0, 0};
-  if (double_quant) a->absmax_q = reinterpret_cast<const uint8_t*>(aligned_dummy);
-  return true;
+  if (double_quant) a.absmax_q = reinterpret_cast<const uint8_t*>(aligned_dummy);
+  return cuda::nf4_lora_gemv_v5_plan(a);
 }
 
 int64_t lora_gemv_v5_slices(int64_t M, int64_t N, int64_t K, int64_t blocksize, int64_t r, bool double_quant) {
-  cuda::GemvArgs a;
-  return v5_planner_args(M, N, K, blocksize, r, double_quant, &a) ? cuda::nf4_lora_gemv_v5_slices(a) : 0;
+  return v5_plan(M, N, K, blocksize, r, double_quant).slices;
 }
 
-// Variant 5's mode for these sizes: 1 = all of x in shared memory, 2 = x staged per CTA's K slices,
-// 0 = it falls back to variant 1.
 int64_t lora_gemv_v5_mode(int64_t M, int64_t N, int64_t K, int64_t blocksize, int64_t r, bool double_quant) {
-  cuda::GemvArgs a;
-  return v5_planner_args(M, N, K, blocksize, r, double_quant, &a) ? cuda::nf4_lora_gemv_v5_mode(a) : 0;
+  return v5_plan(M, N, K, blocksize, r, double_quant).mode;
 }
 
-// Variant 5's ring depth per warp for these sizes (4, or 6 under $LORA_KERNELS_GEMV_V5_STAGES=6 where
-// x still fits beside the deeper ring), or 0 when it falls back to variant 1.
 int64_t lora_gemv_v5_stages(int64_t M, int64_t N, int64_t K, int64_t blocksize, int64_t r, bool double_quant) {
-  cuda::GemvArgs a;
-  return v5_planner_args(M, N, K, blocksize, r, double_quant, &a) ? cuda::nf4_lora_gemv_v5_stages(a) : 0;
+  return v5_plan(M, N, K, blocksize, r, double_quant).stages;
 }
 
 }  // namespace

@@ -311,9 +311,9 @@ def gemv_variant_chosen(M: int, N: int, K: int, has_lora: bool, blocksize: int =
     when set, else ``gemv_variant`` (told whether variant 5 takes these sizes, ``gemv_v5_takes``).
     The extension falls back to variant 1 where the asked variant cannot take the sizes
     (``lora_gemv_v2_workspace``, ``lora_gemv_v{3,4}_supported`` and ``lora_gemv_v5_slices`` say when)."""
-    forced = _gemv_variant_env()    # gemv_variant_override, inlined (decode hot path)
-    if forced:
-        return int(forced)
+    forced = gemv_variant_override()
+    if forced is not None:
+        return forced
     return _gemv_variant_default(M, N, K, has_lora, blocksize, double_quant)
 
 
@@ -358,19 +358,16 @@ def gemv_variant_ran(M: int, N: int, K: int, has_lora: bool, blocksize: int = 64
     return 1 if gemv_variant_runs(v, M, N, K, blocksize, 16 if has_lora else 0, double_quant) is False else v
 
 
-@functools.lru_cache(maxsize=1024)
 def gemv_v5_takes(M: int, N: int, K: int, blocksize: int, has_lora: bool, double_quant: bool) -> bool:
     """Whether variant 5 takes these sizes with all of x in shared memory (``lora_gemv_v5_mode`` 1:
     the mode measured in sessions 14-15; mode 2, x staged per K slice, is not measured yet and is
-    only run when asked for), False where it cannot tell; cached per sizes: the first device's
-    answer (the extension still falls back to variant 1 where it does not fit)."""
+    only run when asked for), False where it cannot tell (``_gemv_variant_default`` caches the
+    decision per sizes: the first device's answer; the extension still falls back to variant 1 where
+    it does not fit)."""
     r = 16 if has_lora else 0
     ext = _ext.cuda_ext()
     if ext is not None and hasattr(ext, "lora_gemv_v5_mode") and torch.cuda.is_available():
-        try:
-            return ext.lora_gemv_v5_mode(M, N, K, blocksize, r, double_quant) == 1
-        except RuntimeError:
-            return False
+        return ext.lora_gemv_v5_mode(M, N, K, blocksize, r, double_quant) == 1
     return gemv_variant_runs(5, M, N, K, blocksize, r, double_quant) is True
 
 
@@ -447,11 +444,9 @@ def decode_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: 
     nested = weight.nested_absmax is not None
     variant = gemv_variant_chosen(M, N, K, lora_a is not None, bs, nested)
     try:
-        if nested:
-            return ext.lora_gemv(x, weight.packed, weight.absmax, weight.nested_absmax, weight.nested_code,
-                                 weight.offset, weight.code, N, bs, lora_a, lora_b, s, None, bias, variant)
-        return ext.lora_gemv(x, weight.packed, weight.absmax, None, None, None, weight.code, N, bs, lora_a, lora_b,
-                             s, None, bias, variant)
+        return ext.lora_gemv(x, weight.packed, weight.absmax, weight.nested_absmax,
+                             weight.nested_code if nested else None, weight.offset if nested else None,
+                             weight.code, N, bs, lora_a, lora_b, s, None, bias, variant)
     except RuntimeError as e:          # the extension's argument checks: a ValueError, like lora_linear's
         if str(e).startswith("lora_gemv:"):
             raise ValueError(str(e).split("\n")[0]) from None

@@ -61,14 +61,21 @@ V5_MAX_M = 16           # csrc/cuda/nf4_gemv.h kV5MaxM (two n8 MMA tiles of x ab
 V5_FIXED_SMEM = 65536 + 1024 + 16 * 4 * 1216   # table, nested code, 16 warps x 4 stages (nf4_gemv_v5.cu)
 
 
-def _v5_limits(M, K, N, bs, dq):
-    """(M <= 16, K % 256 == 0, blocksize >= 64, the absmax words / pairs inside the tensor) and the
-    device's opt-in shared memory per block."""
-    blocks = N * (K // bs)
+def _device_smem_optin():
+    """(the current device's properties, its opt-in shared memory per block); skips where this torch
+    does not report the latter."""
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     optin = getattr(props, "shared_memory_per_block_optin", None)
     if optin is None:
         pytest.skip("this torch does not report the opt-in shared memory per block")
+    return props, optin
+
+
+def _v5_limits(M, K, N, bs, dq):
+    """(M <= 16, K % 256 == 0, blocksize >= 64, the absmax words / pairs inside the tensor) and the
+    device's opt-in shared memory per block."""
+    blocks = N * (K // bs)
+    _, optin = _device_smem_optin()
     return (M <= V5_MAX_M and K % 256 == 0 and bs >= 64 and blocks % (4 if dq else 2) == 0), optin
 
 
@@ -88,8 +95,8 @@ def _v5_runs(M, K, N, bs, dq=True):
     ok, optin = _v5_limits(M, K, N, bs, dq)
     if not ok:
         return False
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return _v5_whole(M, K, N, bs, dq) or plan(M, N, K, sms, optin) is not None
+    props, _ = _device_smem_optin()
+    return _v5_whole(M, K, N, bs, dq) or plan(M, N, K, props.multi_processor_count, optin) is not None
 
 
 def _supported(v, M, K, N, r, bs):
@@ -123,9 +130,6 @@ def _skip_v3_above_max_m(variant, M):
     if variant == 3 and M > V3_MAX_M:
         pytest.skip(f"variant 3 is built for M <= {V3_MAX_M} (CUDA-core FMAs grow with M); M={M} falls "
                     "back to variant 1, which the v1 case tests")
-    if variant == 5 and M > V5_MAX_M:
-        pytest.skip(f"variant 5 is built for M <= {V5_MAX_M} (two n8 MMA tiles); M={M} falls back to "
-                    "variant 1, which the v1 case tests")
 
 
 def _poison_allocator(nbytes: int) -> None:
@@ -433,10 +437,7 @@ def test_v5_modes_and_sliced_x(rng, monkeypatch):
 
     from .test_gemv_v5_layout import plan
 
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    optin = getattr(props, "shared_memory_per_block_optin", None)
-    if optin is None:
-        pytest.skip("this torch does not report the opt-in shared memory per block")
+    props, optin = _device_smem_optin()
     monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "5")
     monkeypatch.delenv("LORA_KERNELS_GEMV_V5_STAGES", raising=False)
     cases = [(1, 4096, 14336, 16), (4, 14336, 4096, 16), (16, 4096, 14336, 16), (12, 4096, 1000, 8),
@@ -467,10 +468,7 @@ def test_v5_deep_ring_opt_in(rng, monkeypatch):
     monkeypatch.delenv("LORA_KERNELS_GEMV_V5_STAGES", raising=False)
     assert ext.lora_gemv_v5_stages(1, 14336, 4096, 64, 16) == 4
     monkeypatch.setenv("LORA_KERNELS_GEMV_V5_STAGES", "6")
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    optin = getattr(props, "shared_memory_per_block_optin", None)
-    if optin is None:
-        pytest.skip("this torch does not report the opt-in shared memory per block")
+    _, optin = _device_smem_optin()
     deep_fixed = 65536 + 1024 + 16 * 6 * 1216
     cases = [(1, 4096, 14336, 16), (5, 4096, 300, 8), (1, 14336, 4096, 0), (8, 4096, 1000, 16), (2, 256, 80000, 8)]
     for M, K, N, r in cases:

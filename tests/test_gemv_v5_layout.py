@@ -105,15 +105,20 @@ def test_source_lines_the_emulation_mirrors():
 
 
 # ---- the host side ------------------------------------------------------------------------------------
+def slice_cost(tiles, kst, M, N, W, has_lora, S):
+    """csrc/cuda/nf4_gemv_v5.cu slice_cost."""
+    per_warp = -(-tiles * S // W)
+    return per_warp * (kst // S) + 0.5 * per_warp + (1.5 + 8.0 * S * M * N / (1024.0 * W)
+                                                     if S > 1 or has_lora else 0.0)
+
+
 def pick_slices(tiles, kst, M, N, W, has_lora=False):
     """csrc/cuda/nf4_gemv_v5.cu pick_slices."""
     best, best_cost = 1, 0.0
     for S in range(1, min(kst, MAX_SLICES) + 1):
         if kst % S:
             continue
-        per_warp = -(-tiles * S // W)
-        cost = per_warp * (kst // S) + 0.5 * per_warp + (1.5 + 8.0 * S * M * N / (1024.0 * W)
-                                                         if S > 1 or has_lora else 0.0)
+        cost = slice_cost(tiles, kst, M, N, W, has_lora, S)
         if S == 1 or cost < best_cost:
             best, best_cost = S, cost
     return best
@@ -183,9 +188,7 @@ def plan(M, N, K, G, optin, has_lora=False, stages=STAGES):
         xsb = 2 * max_cta_slice_span(tiles * S, tiles, G) * (K // S) + 16
         if fixed4 + M * xsb > optin:
             continue
-        per_warp = -(-tiles * S // W)
-        cost = per_warp * (kst // S) + 0.5 * per_warp + (1.5 + 8.0 * S * M * N / (1024.0 * W)
-                                                         if S > 1 or has_lora else 0.0)
+        cost = slice_cost(tiles, kst, M, N, W, has_lora, S)
         if best is None or cost < best[0]:
             best = (cost, S, xsb)
     if best is None:

@@ -98,18 +98,18 @@ cudaError_t launch_nf4_lora_gemv_v4(const GemvArgs& args, void* workspace, size_
 // K % 256 != 0, blocksize < 64, alignment, shared memory, sm < 80, ...): the caller then runs
 // variant 1; else *workspace_bytes = the device workspace it needs (T = x·Aᵀ ⊙ s with a low-rank
 // term; fp32 partial sums [S][M][N] when K is split into S > 1 slices; 0 when neither; t_ws is not
-// used).  nf4_lora_gemv_v5_slices: the S it would use (0: it does not take the arguments).
+// used).  nf4_lora_gemv_v5_plan: what it would do (all 0: it does not take the arguments).
 // $LORA_KERNELS_GEMV_V5_PDL=0 turns programmatic dependent launch off.
 constexpr int kV5MaxM = 16;  // M = 9..16: two n8 MMA tiles of x per weight fragment
-// nf4_lora_gemv_v5_mode: 1 = all of x in shared memory (tile-major units; what was measured in
-// sessions 14-15), 2 = x staged per CTA's K slices (slice-major units: where all of x does not fit,
-// e.g. M >= 4 at K = 14336 or M = 9..16; added in session 15, not yet measured), 0 = falls back.
-int nf4_lora_gemv_v5_mode(const GemvArgs& args);
+struct V5Plan {
+  int slices = 0;  // the K slices S
+  int mode = 0;    // 1 = all of x in shared memory (tile-major units; what was measured in sessions
+                   // 14-15), 2 = x staged per CTA's K slices (slice-major units: where all of x does
+                   // not fit, e.g. M >= 4 at K = 14336 or M = 9..16; added in session 15, not yet measured)
+  int stages = 0;  // ring depth per warp: 4; 6 where $LORA_KERNELS_GEMV_V5_STAGES=6 and x still fits
+};
 bool nf4_lora_gemv_v5_config(const GemvArgs& args, size_t* workspace_bytes);
-int nf4_lora_gemv_v5_slices(const GemvArgs& args);
-// nf4_lora_gemv_v5_stages: its ring depth per warp (4; 6 where $LORA_KERNELS_GEMV_V5_STAGES=6 and x
-// still fits; 0: it does not take the arguments).
-int nf4_lora_gemv_v5_stages(const GemvArgs& args);
+V5Plan nf4_lora_gemv_v5_plan(const GemvArgs& args);
 // y_alloc (optional): makes y and returns its device pointer (args.y is then ignored), called after
 // the GEMV's launch where the finish kernel writes y -- the GEMV starts before y is allocated -- and
 // before it otherwise.

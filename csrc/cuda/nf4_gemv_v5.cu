@@ -259,9 +259,11 @@ __device__ __forceinline__ void compute_step(const unsigned char* st, const unsi
   }
 }
 
-// The first (tile, k step) of unit u: slice-major units are u = slice · tiles + tile, tile-major
-// ones u = tile · S + slice; a unit is sst steps of one tile from step slice · sst on.
-__device__ __forceinline__ void unit_start(const V5Params& p, int64_t u, int& tile, int& kk, int& slice) {
+// The first (tile, k step) of unit u, and its slice (returned): slice-major units are u = slice ·
+// tiles + tile, tile-major ones u = tile · S + slice; a unit is sst steps of one tile from step
+// slice · sst on.
+__device__ __forceinline__ int unit_start(const V5Params& p, int64_t u, int& tile, int& kk) {
+  int slice;
   if (p.slice_major) {
     slice = static_cast<int>(u / p.tiles);
     tile = static_cast<int>(u - static_cast<int64_t>(slice) * p.tiles);
@@ -270,6 +272,7 @@ __device__ __forceinline__ void unit_start(const V5Params& p, int64_t u, int& ti
     slice = static_cast<int>(u - static_cast<int64_t>(tile) * p.S);
   }
   kk = slice * p.sst;
+  return slice;
 }
 
 // This lane's A words of T piece `piece` (row i = piece / jt of A, K range j = piece % jt): elements
@@ -363,12 +366,12 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
   // ---- request state: the next step to request is step rj of unit ru, at (it, ik); this lane's
   // sources for it are kept and advanced by 64 bytes a step (recomputed at each unit's start).
   int64_t ru = u0;
-  int rj = 0, it = 0, ik = 0, rslice = 0;
+  int rj = 0, it = 0, ik = 0;
   const uint8_t* w0;  // row g's 16-byte piece q
   const uint8_t* w1;  // row g + 8's
   uint32_t rq_b;      // first block of row srow of tile it
   auto request_unit = [&]() {
-    unit_start(p, ru, it, ik, rslice);
+    unit_start(p, ru, it, ik);
     const int nb = it * 16;  // rows past N: clamped, never stored
     w0 = p.packed + static_cast<int64_t>(min(nb + g, p.N - 1)) * KH + 16 * q + static_cast<int64_t>(ik) * (kV5StepK / 2);
     w1 = p.packed + static_cast<int64_t>(min(nb + g + 8, p.N - 1)) * KH + 16 * q + static_cast<int64_t>(ik) * (kV5StepK / 2);
@@ -455,7 +458,7 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
   uint32_t c_b = 0;              // first block of row srow of tile ct
   const unsigned char* xp = xrow;  // x at k = 128 ck + 16 q
   auto compute_unit = [&]() {
-    unit_start(p, cu, ct, ck, cs);
+    cs = unit_start(p, cu, ct, ck);
     c_b = static_cast<uint32_t>(min(ct * 16 + srow, p.N - 1)) * KB;
     xp = xrow + 2 * (kV5StepK * ck - kx0);
   };
@@ -759,19 +762,15 @@ bool nf4_lora_gemv_v5_config(const GemvArgs& a, size_t* workspace_bytes) {
   return c.ok;
 }
 
-int nf4_lora_gemv_v5_slices(const GemvArgs& a) {
+V5Plan nf4_lora_gemv_v5_plan(const GemvArgs& a) {
   const V5Config c = v5_config(a);
-  return c.ok ? c.S : 0;
-}
-
-int nf4_lora_gemv_v5_stages(const GemvArgs& a) {
-  const V5Config c = v5_config(a);
-  return c.ok ? c.stages : 0;
-}
-
-int nf4_lora_gemv_v5_mode(const GemvArgs& a) {
-  const V5Config c = v5_config(a);
-  return !c.ok ? 0 : c.slice_major ? 2 : 1;
+  V5Plan plan;
+  if (c.ok) {
+    plan.slices = c.S;
+    plan.mode = c.slice_major ? 2 : 1;
+    plan.stages = c.stages;
+  }
+  return plan;
 }
 
 cudaError_t launch_nf4_lora_gemv_v5(const GemvArgs& a, void* workspace, size_t workspace_bytes,
