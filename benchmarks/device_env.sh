@@ -1,9 +1,10 @@
 # Sourced by the device scripts: bitsandbytes from the carried wheel (.whl/), the environment, and the
-# CUDA extension built unless the warm machine still has it (build log in $OUT/build.log; exits on a
-# failed build).  Expects OUT set.
+# CUDA extension built (build log in $OUT/build.log; exits on a failed build).  Always built: on a warm
+# machine the previous call's .so is still there but may predate the copied sources; the build is
+# incremental, so an unchanged tree costs seconds.  Expects OUT set.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LORA_KERNELS_QUIET=1
 echo "=== build $(date +%T)"; _T=$SECONDS
-ls lora_kernels/_C_cuda*.so > /dev/null 2>&1 || LORA_KERNELS_CUDA_ARCHS=9.0 LORA_KERNELS_BUILD_CUDA=1 MAX_JOBS=16 \
+LORA_KERNELS_CUDA_ARCHS=9.0 LORA_KERNELS_BUILD_CUDA=1 MAX_JOBS=16 \
   timeout 300 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "build failed"; tail -20 "$OUT/build.log"; exit 1; }
 echo "build $(( SECONDS - _T )) s"
