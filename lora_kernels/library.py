@@ -359,37 +359,34 @@ def gemv_variant_ran(M: int, N: int, K: int, has_lora: bool, blocksize: int = 64
 
 
 def gemv_v5_takes(M: int, N: int, K: int, blocksize: int, has_lora: bool, double_quant: bool) -> bool:
-    """Whether variant 5 takes these sizes with all of x in shared memory (``lora_gemv_v5_mode`` 1:
-    the mode measured in sessions 14-15; mode 2, x staged per K slice, is not measured yet and is
-    only run when asked for), False where it cannot tell (``_gemv_variant_default`` caches the
-    decision per sizes: the first device's answer; the extension still falls back to variant 1 where
-    it does not fit)."""
-    r = 16 if has_lora else 0
-    ext = _ext.cuda_ext()
-    if ext is not None and hasattr(ext, "lora_gemv_v5_mode") and torch.cuda.is_available():
-        return ext.lora_gemv_v5_mode(M, N, K, blocksize, r, double_quant) == 1
-    return gemv_variant_runs(5, M, N, K, blocksize, r, double_quant) is True
+    """Whether variant 5 runs these sizes itself, in either of its modes (``lora_gemv_v5_mode`` 1: all
+    of x in shared memory; 2: x staged per K slice, M = 9..16 or M >= 4 at K = 14336), False where it
+    cannot tell (``_gemv_variant_default`` caches the decision per sizes: the first device's answer;
+    the extension still falls back to variant 1 where it does not fit)."""
+    return gemv_variant_runs(5, M, N, K, blocksize, 16 if has_lora else 0, double_quant) is True
 
 
 def gemv_variant(M: int, N: int, K: int, has_lora: bool, v5_takes: bool = False) -> int:
     """Which decode kernel the cuda-gemv route runs (``gemv_variant_chosen`` lets
     $LORA_KERNELS_GEMV_VARIANT override it), from the H100 A/B of variants 1, 2, 3 and 5
-    (benchmarks/results/gemv_variants_nvidia-h100-80gb-hbm3_session15{,b}.md, CUDA-graph replay, M = 1..8,
-    two runs).  Weights of < 2^25 elements: 2 (nf4_gemv_v2.cu, one persistent launch) without LoRA,
+    (benchmarks/results/gemv_variants_nvidia-h100-80gb-hbm3_session15{,b,16}.md, CUDA-graph replay,
+    M = 1..16).  Weights of < 2^25 elements: 2 (nf4_gemv_v2.cu, one persistent launch) without LoRA,
     M <= 8 (4096x4096: 9.7-10.3 us against 10.7-11.9 for variants 1 and 5), else 1 (nf4_gemv.cu; with
-    LoRA 13.1-13.8 us against variant 5's 14.0-15.6, whose T pieces inside the GEMV are not hidden on a
+    LoRA 13.1-13.8 us against variant 5's 14.0-15.7, whose T pieces inside the GEMV are not hidden on a
     small weight).  Larger weights: 5 (nf4_gemv_v5.cu: tensor cores fed from a cp.async ring, T inside
-    the GEMV) wherever it takes the sizes (``v5_takes``: M <= 8 and x fits its shared memory), e.g.
-    4096x14336 M = 1 18.2-18.6 / 20.5-20.6 us (r = 0 / 16) against variant 3's 21.1 / 22.3, M = 4
-    19.3-19.8 / 25.0-25.6 against 27.7 / 35.6, 8192x28672 M = 1 55.5-56.7 / 58.7-60.5 against 60.2-60.8 /
-    61.7 (1.38-1.51x the memory floor).  On 14336x4096 at M = 1 with LoRA variant 3 was 0.3-1.1 us
-    faster (22.9-23.1 against 23.2-24.1) but launches three kernels to variant 5's two, which costs more
-    than that in an eager call; 5 stays.  Where 5 does not take the sizes: 3 (nf4_gemv_v3.cu, CUDA
-    cores) for M = 1, 1 (nf4_gemv.cu, tensor cores) otherwise.  A variant that cannot take the
-    arguments falls back to 1 inside the extension."""
+    the GEMV) wherever it takes the sizes (``v5_takes``, either x mode), e.g. 4096x14336 M = 1
+    18.2-19.4 / 20.5-21.1 us (r = 0 / 16) against variant 3's 21.1 / 22.3-22.6, M = 16 24.5 / 35.0
+    against variant 1's 32.9 / 38.1, 8192x28672 M = 1 55.5-58.4 / 58.7-61.0 against 60.0-60.8 /
+    61.5-61.7, M = 8 (x per K slice) 73.4 / 81.7 against 100.5 / 107.5 -- except M = 9..16 with LoRA at
+    K > 8192, where variant 5's T pieces over the long K cost more than its GEMV saves (14336x4096
+    M = 16, r = 16: 38.8 us against variant 1's 35.6; session 16).  On 14336x4096 at M = 1 with LoRA
+    variant 3 was 0.3-1.2 us faster (22.9-23.1 against 23.2-24.1) but launches three kernels to variant
+    5's two, which costs more than that in an eager call; 5 stays.  Where 5 does not take the sizes: 3
+    (nf4_gemv_v3.cu, CUDA cores) for M = 1, 1 (nf4_gemv.cu, tensor cores) otherwise.  A variant that
+    cannot take the arguments falls back to 1 inside the extension."""
     if N * K < 1 << 25:
         return 2 if not has_lora and M <= 8 else 1
-    if v5_takes and M <= 8:
+    if v5_takes and (M <= 8 or not has_lora or K <= 8192):
         return 5
     return 3 if M == 1 else 1
 

@@ -80,7 +80,7 @@ def _v5_limits(M, K, N, bs, dq):
 
 
 def _v5_whole(M, K, N, bs, dq=True):
-    """Whether variant 5 takes these sizes with all of x in shared memory (mode 1, the measured one:
+    """Whether variant 5 takes these sizes with all of x in shared memory (mode 1:
     M · (2K + 16) bytes of x beside the fixed shared memory)."""
     ok, optin = _v5_limits(M, K, N, bs, dq)
     return ok and V5_FIXED_SMEM + M * (2 * K + 16) <= optin
@@ -425,10 +425,10 @@ def test_v5_repeated_calls_and_graph_replay(pdl, rng, monkeypatch):
 
 @gpu
 def test_v5_modes_and_sliced_x(rng, monkeypatch):
-    """Variant 5 holds all of x in shared memory where it fits (mode 1, what the dispatcher uses) and
+    """Variant 5 holds all of x in shared memory where it fits (mode 1) and
     otherwise stages each CTA's K slices (mode 2: M >= 4 at K = 14336, M = 9..16): the planner agrees
-    with test_gemv_v5_layout.plan, the dispatcher only takes mode 1, and mode 2 is right eagerly and
-    under graph replay."""
+    with test_gemv_v5_layout.plan, the dispatcher is told variant 5 takes the sizes in either mode, and
+    mode 2 is right eagerly and under graph replay."""
     ext = _ext_or_skip()
     _skip_without_variant(ext, 5)
     if not hasattr(ext, "lora_gemv_v5_mode"):
@@ -448,7 +448,7 @@ def test_v5_modes_and_sliced_x(rng, monkeypatch):
         assert mode == (0 if want is None else 2 if want["slice_major"] else 1), (M, K, N, r)
         if want is not None:
             assert ext.lora_gemv_v5_slices(M, N, K, 64, r) == want["S"], (M, K, N, r)
-        assert gemv_v5_takes(M, N, K, 64, r > 0, True) == (mode == 1)
+        assert gemv_v5_takes(M, N, K, 64, r > 0, True) == (mode > 0)
     made = [_case(M, K, N, r, torch.bfloat16, rng, vec=(M == 12)) for M, K, N, r in cases]
     for c in made:
         _check(*c)
@@ -693,31 +693,35 @@ def test_decode_fast_path_is_inert_on_cpu(rng):
 
 def test_gemv_variant_rule():
     """The measured dispatch among the decode kernels (library.gemv_variant): small weights take variant
-    2 without LoRA (M <= 8) and variant 1 otherwise; larger ones variant 5 where it takes the sizes
-    (M <= 8), else 3 at M = 1 and 1 above."""
+    2 without LoRA (M <= 8) and variant 1 otherwise; larger ones variant 5 where it takes the sizes,
+    except M = 9..16 with LoRA at K > 8192; else 3 at M = 1 and 1 above."""
     from lora_kernels.library import gemv_variant
 
     for v5 in (True, False):
         assert gemv_variant(1, 4096, 4096, False, v5) == 2 and gemv_variant(8, 4096, 4096, False, v5) == 2
-        assert gemv_variant(16, 28672, 8192, False, v5) == 1 and gemv_variant(9, 4096, 4096, False, v5) == 1
+        assert gemv_variant(9, 4096, 4096, False, v5) == 1 and gemv_variant(16, 1024, 4096, False, v5) == 1
         assert gemv_variant(1, 4096, 4096, True, v5) == 1 and gemv_variant(8, 1024, 4096, True, v5) == 1
+        assert gemv_variant(16, 4096, 14336, True, v5) == 1 and gemv_variant(9, 4096, 14336, True, v5) == 1
     assert gemv_variant(1, 14336, 4096, True, True) == 5 and gemv_variant(4, 28672, 8192, False, True) == 5
     assert gemv_variant(8, 14336, 4096, True, True) == 5 and gemv_variant(1, 4096, 14336, True, True) == 5
+    assert gemv_variant(8, 4096, 14336, True, True) == 5 and gemv_variant(16, 4096, 14336, False, True) == 5
+    assert gemv_variant(16, 14336, 4096, True, True) == 5 and gemv_variant(16, 28672, 8192, True, True) == 5
     assert gemv_variant(1, 14336, 4096, True) == 3 and gemv_variant(1, 28672, 8192, False) == 3
-    assert gemv_variant(2, 14336, 4096, True) == 1 and gemv_variant(4, 4096, 14336, False) == 1
+    assert gemv_variant(2, 14336, 4096, True) == 1 and gemv_variant(16, 28672, 8192, False) == 1
 
 
 @gpu
 def test_gemv_variant_chosen_asks_variant_5s_planner(monkeypatch):
-    """On the GPU the rule is told what variant 5's planner says: 5 on the Llama MLP layer at M = 1, the
-    session-4 rule where x does not fit (M = 8, K = 14336)."""
+    """On the GPU the rule is told what variant 5's planner says: 5 on the Llama MLP layers at M = 1 and
+    8 (x per K slice at K = 14336) where it fits, else variants 3 and 1."""
     ext = _ext_or_skip()
     _skip_without_variant(ext, 5)
     from lora_kernels.library import gemv_variant_chosen
 
     monkeypatch.delenv("LORA_KERNELS_GEMV_VARIANT", raising=False)
-    assert gemv_variant_chosen(1, 14336, 4096, True) == (5 if _v5_whole(1, 4096, 14336, 64) else 3)
-    assert gemv_variant_chosen(8, 4096, 14336, True) == (5 if _v5_whole(8, 14336, 4096, 64) else 1)
+    assert gemv_variant_chosen(1, 14336, 4096, True) == (5 if _v5_runs(1, 4096, 14336, 64) else 3)
+    assert gemv_variant_chosen(8, 4096, 14336, True) == (5 if _v5_runs(8, 14336, 4096, 64) else 1)
+    assert gemv_variant_chosen(16, 4096, 14336, True) == 1
 
 
 def test_gemv_variant_chosen_env_override(monkeypatch):

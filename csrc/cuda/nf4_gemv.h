@@ -103,9 +103,9 @@ cudaError_t launch_nf4_lora_gemv_v4(const GemvArgs& args, void* workspace, size_
 constexpr int kV5MaxM = 16;  // M = 9..16: two n8 MMA tiles of x per weight fragment
 struct V5Plan {
   int slices = 0;  // the K slices S
-  int mode = 0;    // 1 = all of x in shared memory (tile-major units; what was measured in sessions
-                   // 14-15), 2 = x staged per CTA's K slices (slice-major units: where all of x does
-                   // not fit, e.g. M >= 4 at K = 14336 or M = 9..16; added in session 15, not yet measured)
+  int mode = 0;    // 1 = all of x in shared memory (tile-major units), 2 = x staged per CTA's K
+                   // slices (slice-major units: where all of x does not fit, e.g. M >= 4 at
+                   // K = 14336 or M = 9..16; added in session 15, measured in session 16)
   int stages = 0;  // ring depth per warp: 4; 6 where $LORA_KERNELS_GEMV_V5_STAGES=6 and x still fits
 };
 bool nf4_lora_gemv_v5_config(const GemvArgs& args, size_t* workspace_bytes);

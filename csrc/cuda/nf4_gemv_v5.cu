@@ -22,8 +22,9 @@
 //    in slice order (deterministic) and adds the low-rank term and the bias.
 //  * Ring: kStages stages of kStageBytes per warp (kV5Stages = 4; $LORA_KERNELS_GEMV_V5_STAGES=6 asks
 //    for kV5DeepStages = 6 where x still fits beside the deeper ring -- an A/B switch added in session
-//    15 after variant 5 measured latency-bound, not yet measured; nf4_lora_gemv_v5_stages says which).  Lane (g = lane / 4, q = lane % 4) copies the
-//    16-byte piece q of rows g and g + 8 (cp.async.cg with an L2 prefetch of the line); lanes 0..15
+//    15 after variant 5 measured latency-bound; measured in session 16 no faster (4096x14336 M = 1:
+//    19.6 us against 19.4, ncu 20.6 against 19.2), so off by default; nf4_lora_gemv_v5_stages says
+//    which ran).  Lane (g = lane / 4, q = lane % 4) copies the 16-byte piece q of rows g and g + 8 (cp.async.cg with an L2 prefetch of the line); lanes 0..15
 //    copy row `lane`'s scales, lanes 16..31 row `lane - 16`'s nested absmax.  One commit group per
 //    step; cp.async.wait_group(kV5Stages - 1) + __syncwarp before a step is read, __syncwarp after
 //    (its stage is refilled next).  Within a stage, row i's 64 bytes lie at 64 i with 16-byte piece
@@ -60,7 +61,9 @@
 //     slice · tiles + tile), so a CTA's consecutive units lie in one or two K slices, and each CTA
 //     stages x only for those slices (a CTA without units: the slice its position falls in); the host
 //     picks S among the slice counts whose slices are whole 256-k chunks and whose widest CTA fits.
-//     The T pieces of a slice go to the warps of the CTAs holding that slice's x.  Not yet measured.
+//     The T pieces of a slice go to the warps of the CTAs holding that slice's x.  Measured in
+//     session 16 (gemv_variants_*_session16.md): faster than variant 1 at M = 4..16 on the 8B/70B MLP
+//     layers, except M = 16 with LoRA at K = 14336 (38.8 us against 35.6: the T pieces over the long K).
 //  M = 9..16 (either mode): two n8 MMA tiles of x per weight fragment (x rows 0..7 and 8..15).
 //  Both walkers (request, compute) set their position at each unit's start (unit_start).
 // Limits (else nf4_lora_gemv_v5_config says no and the binding runs variant 1): M <= 16, K % 256 == 0,
