@@ -24,10 +24,11 @@
 //    for kV5DeepStages = 6 where x still fits beside the deeper ring -- an A/B switch added in session
 //    15 after variant 5 measured latency-bound; measured in session 16 no faster (4096x14336 M = 1:
 //    19.6 us against 19.4, ncu 20.6 against 19.2), so off by default; nf4_lora_gemv_v5_stages says
-//    which ran).  Lane (g = lane / 4, q = lane % 4) copies the 16-byte piece q of rows g and g + 8 (cp.async.cg with an L2 prefetch of the line); lanes 0..15
-//    copy row `lane`'s scales, lanes 16..31 row `lane - 16`'s nested absmax.  One commit group per
-//    step; cp.async.wait_group(kV5Stages - 1) + __syncwarp before a step is read, __syncwarp after
-//    (its stage is refilled next).  Within a stage, row i's 64 bytes lie at 64 i with 16-byte piece
+//    which ran).  Lane (g = lane / 4, q = lane % 4) copies the 16-byte piece q of rows g and g + 8
+//    (cp.async.cg with an L2 prefetch of the line); lanes 0..15 copy row `lane`'s scales, lanes
+//    16..31 row `lane - 16`'s nested absmax.  One commit group per step;
+//    cp.async.wait_group(kV5Stages - 1) + __syncwarp before a step is read, __syncwarp after (its
+//    stage is refilled next).  Within a stage, row i's 64 bytes lie at 64 i with 16-byte piece
 //    j at slot j ^ (i & 2): the 16 lanes of a half warp reading 8 bytes each hit 32 distinct banks.
 //  * MMA (variant 4's k-permutation): in 64-k chunk c of a step, lane (g, q) holds packed bytes
 //    [32 c + 8 q, 32 c + 8 q + 8) of rows g and g + 8 = elements 16 q .. 16 q + 15 of the chunk;
