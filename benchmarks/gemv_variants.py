@@ -11,7 +11,7 @@ Shapes K x N (in -> out): 4096x14336, 14336x4096, 8192x28672, 4096x4096; M in {1
 weight is not L2-resident between calls.  About a minute on an H100.
 
     python -m benchmarks.gemv_variants [--quick] [--reps N] [--ms 1,4,8,16] [--json PATH] [--variants 1,2,3]
-                                       [--v5-deep]
+                                       [--v5-deep] [--v5-light]
     python -m benchmarks.gemv_variants --diagnose 5 [--ms 1,16]
 
 "v2 ran" is "no" where variant 2 would fall back to variant 1 (lora_gemv_v2_workspace == -1); "v3 ran"
@@ -50,8 +50,9 @@ def _args(x, q, A, B):
 
 COLUMNS = ("shape", "M", "r", "v1_us", "v2_us", "v3_us", "v4_us", "v5_us", "floor_us", "v1_over_floor",
            "v2_over_floor", "v3_over_floor", "v4_over_floor", "v5_over_floor", "v2_ran", "v3_ran", "v4_ran", "v5_ran",
-           "v5_slices", "v5_mode", "v5_stages", "v5deep_us", "v5deep_over_floor", "v5deep_stages", "rel_diff", "v3_rel_diff",
-           "v4_rel_diff", "v5_rel_diff", "v5deep_rel_diff")
+           "v5_slices", "v5_mode", "v5_stages", "v5deep_us", "v5deep_over_floor", "v5deep_stages", "v5light_us",
+           "v5light_over_floor", "v5light_same_bits", "rel_diff", "v3_rel_diff", "v4_rel_diff", "v5_rel_diff",
+           "v5deep_rel_diff")
 
 
 def write_json_md(json_path: str, rows, env: dict, bw: float, l2: int, reps: int):
@@ -126,6 +127,10 @@ def main(argv=None) -> int:
     ap.add_argument("--v5-deep", action="store_true",
                     help="also time variant 5 with $LORA_KERNELS_GEMV_V5_STAGES=6 (its 6-stage ring where x fits "
                          "beside it; column v5deep, and v5deep_stages says which ring ran)")
+    ap.add_argument("--v5-light", action="store_true",
+                    help="also time variant 5 with $LORA_KERNELS_GEMV_V5_PIECES=light (with x per K slice and a "
+                         "low-rank term: the T pieces to the light warps first; column v5light, and "
+                         "v5light_same_bits whether y has the same bits as the default piece map's)")
     ap.add_argument("--diagnose", type=int, default=0, metavar="V",
                     help="instead of timing, compare variant V with variant 1 on small shapes, one call at a time, "
                          "and print where they differ (rows n mod 16, columns m, NaN/inf, zeros)")
@@ -216,20 +221,32 @@ def main(argv=None) -> int:
                         row["v5_stages"] = ext.lora_gemv_v5_stages(M, N, K, 64, r)
                     if hasattr(ext, "lora_gemv_v5_mode"):   # 1: all of x in shared memory, 2: x per K slice
                         row["v5_mode"] = ext.lora_gemv_v5_mode(M, N, K, 64, r)
-                if 5 in extra and args.v5_deep:
-                    os.environ["LORA_KERNELS_GEMV_V5_STAGES"] = "6"
+                def v5_with_env(name, value):
+                    """Variant 5's time and output with $name=value (an A/B switch read per call)."""
+                    os.environ[name] = value
                     try:
                         t = graph_time_us(lambda: [ext.lora_gemv(*a, variant=5) for a in per_q], n_w, args.reps)
                         out = ext.lora_gemv(*per_q[0], variant=5).float()
                         torch.cuda.synchronize()
                         stages = ext.lora_gemv_v5_stages(M, N, K, 64, r) if hasattr(ext, "lora_gemv_v5_stages") else 0
                     finally:
-                        del os.environ["LORA_KERNELS_GEMV_V5_STAGES"]
+                        del os.environ[name]
+                    return t, out, stages
+
+                if 5 in extra and args.v5_deep:
+                    t, out, stages = v5_with_env("LORA_KERNELS_GEMV_V5_STAGES", "6")
                     dv = (outs[1] - out).abs().max().item()
                     row.update(v5deep_us=t, v5deep_over_floor=t / floor_us, v5deep_stages=stages,
                                v5deep_rel_diff=dv / max(outs[1].abs().max().item(), 1e-30))
                     print(f"{'':>12} {'':>3} {'':>3}   v5 with $LORA_KERNELS_GEMV_V5_STAGES=6: {t:7.1f} us "
                           f"({t / floor_us:.2f}x floor, {stages} stages ran; rel diff {row['v5deep_rel_diff']:.1e})",
+                          flush=True)
+                if 5 in extra and args.v5_light:
+                    t, out, _ = v5_with_env("LORA_KERNELS_GEMV_V5_PIECES", "light")
+                    same = bool(torch.equal(out, outs[5]))
+                    row.update(v5light_us=t, v5light_over_floor=t / floor_us, v5light_same_bits="yes" if same else "NO")
+                    print(f"{'':>12} {'':>3} {'':>3}   v5 with $LORA_KERNELS_GEMV_V5_PIECES=light: {t:7.1f} us "
+                          f"({t / floor_us:.2f}x floor; same bits as the default map: {row['v5light_same_bits']})",
                           flush=True)
                 rows.append(row)
                 print(f"{row['shape']:>12} {M:>3} {r:>3} | {us[1]:7.1f} {us[2]:7.1f} {row['v3_us']:7.1f} "

@@ -482,6 +482,30 @@ def test_v5_deep_ring_opt_in(rng, monkeypatch):
         _check_graph_replays(case, rng, 2)
 
 
+@gpu
+def test_v5_light_first_pieces_opt_in(rng, monkeypatch):
+    """$LORA_KERNELS_GEMV_V5_PIECES=light (an A/B switch) hands variant 5's T pieces with x per K slice
+    to the light warps of each slice's CTAs first: every piece is still computed once, by a warp that
+    holds its slice's x, in the same order, so y has the same bits as with the default piece map (and
+    is right); whole-x calls and calls without LoRA ignore it."""
+    ext = _ext_or_skip()
+    _skip_without_variant(ext, 5)
+    if not hasattr(ext, "lora_gemv_v5_mode"):
+        pytest.skip("this build has no lora_gemv_v5_mode")
+    monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "5")
+    monkeypatch.delenv("LORA_KERNELS_GEMV_V5_PIECES", raising=False)
+    cases = [(4, 14336, 4096, 16), (16, 4096, 14336, 16), (9, 8192, 600, 64), (12, 4096, 1000, 8), (1, 4096, 14336, 16)]
+    for M, K, N, r in cases:
+        _assert_runs(5, M, K, N, r, 64)
+    made = [_case(M, K, N, r, torch.bfloat16, rng, vec=(M == 12)) for M, K, N, r in cases]
+    ys = [lk.lora_linear(*c, route="cuda-gemv") for c in made]
+    monkeypatch.setenv("LORA_KERNELS_GEMV_V5_PIECES", "light")
+    for (M, K, N, r), c, y in zip(cases, made, ys):
+        assert torch.equal(lk.lora_linear(*c, route="cuda-gemv"), y), (M, K, N, r)
+        _check(*c)
+    _check_graph_replays(made[1], rng, 2)
+
+
 # ---- raw-binding argument checks, each call in a child process -----------------------------------
 # On the H100 (torch 2.11) eight of these calls used to segfault instead of raising (see
 # csrc/nf4_checks.h): the calls run in a child process, so a crash fails the case it happened in

@@ -510,8 +510,14 @@ def test_t_piece_source_lines():
     assert "for (int64_t sl = s_lo; sl <= s_hi; ++sl) {" in SRC
     assert "const int64_t cf = cta_of(sl * p.tiles), cl = cta_of((sl + 1) * p.tiles - 1);" in SRC
     assert "if (blockIdx.x < cf || blockIdx.x > cl) continue;" in SRC
-    assert "for (int64_t ps = (blockIdx.x - cf) * kV5Warps + warp; ps < static_cast<int64_t>(p.r) * cps;" in SRC
-    assert "ps += (cl - cf + 1) * kV5Warps) {" in SRC
+    assert "const int64_t nw = (cl - cf + 1) * kV5Warps;" in SRC
+    assert "int64_t first = (blockIdx.x - cf) * kV5Warps + warp;" in SRC
+    assert "auto heavy_upto = [&](int64_t w) { return w * p.units / W - w * base; };" in SRC
+    assert "const int64_t w0 = cf * kV5Warps, h0 = heavy_upto(w0), h1 = heavy_upto(w0 + nw);" in SRC
+    assert "const int64_t n_light = W - p.units % W;" in SRC
+    assert "first = slot < n_light ? slot - (w0 - h0) : (nw - (h1 - h0)) + (slot - n_light - h0);" in SRC
+    assert "for (int64_t ps = first; ps < static_cast<int64_t>(p.r) * cps; ps += nw) {" in SRC
+    assert "p.light_first = c.slice_major && a.lora_a != nullptr && v5_light_first_wanted();" in SRC
     assert "const int64_t piece = (ps % p.r) * p.jt + sl * cps + ps / p.r;" in SRC
     assert "const int64_t base = p.units / W;" in SRC and "const int64_t heavy_before = u0 - wid * base;" in SRC
     assert "const int64_t slot = (u1 - u0 == base) ? wid - heavy_before : (W - p.units % W) + heavy_before;" in SRC
@@ -551,12 +557,12 @@ def test_piece_slots_put_light_warps_first(units, W):
     assert all((slot < n_light) == lt for slot, lt in zip(slots, light)), "light warps take the first slots"
 
 
-def emulate_lora(x, A, B, s, part, G, units, tiles=None, S=None):
+def emulate_lora(x, A, B, s, part, G, units, tiles=None, S=None, light_first=False):
     """y = Σ_S part + (T ⊙ s) Bᵀ as variant 5 computes the low-rank term: T pieces taken by the warps of
     a G-CTA grid (whose GEMV has `units` units), lane by lane, then the finish kernel's per-CTA
     reduction into t_s (exact integers).  tiles, S given: slice-major units with x staged per CTA's
-    slices; each slice's pieces are taken by the CTA holding its first unit, x read only inside the
-    CTA's staged range."""
+    slices; each slice's pieces are spread over the warps of the CTAs holding it (light_first: the
+    light warps of those CTAs first), x read only inside the CTA's staged range."""
     M, K = x.shape
     r, N = A.shape[0], B.shape[0]
     W = G * WARPS
@@ -566,7 +572,7 @@ def emulate_lora(x, A, B, s, part, G, units, tiles=None, S=None):
     jt = kc // cpp
     tpart = np.full((jt, M, r), np.nan, dtype=object)
     seen = np.zeros((r, K), dtype=int)
-    slots, _ = piece_slots(units, W)
+    slots, light = piece_slots(units, W)
 
     def piece_sums(piece, kx0, kx1):
         i, j = piece // jt, piece % jt
@@ -601,8 +607,19 @@ def emulate_lora(x, A, B, s, part, G, units, tiles=None, S=None):
                 cf, cl = cta_of(sl * tiles, units, G), cta_of((sl + 1) * tiles - 1, units, G)
                 if cta < cf or cta > cl:
                     continue
+                nw = (cl - cf + 1) * WARPS
                 for warp in range(WARPS):
-                    for ps in range((cta - cf) * WARPS + warp, r * cps, (cl - cf + 1) * WARPS):
+                    wid = cta * WARPS + warp
+                    first = (cta - cf) * WARPS + warp
+                    if light_first:                             # the kernel's formula, from slot
+                        heavy_upto = lambda w: w * units // W - w * (units // W)
+                        w0 = cf * WARPS
+                        h0, h1, n_light = heavy_upto(w0), heavy_upto(w0 + nw), W - units % W
+                        slot = slots[wid]
+                        first = slot - (w0 - h0) if slot < n_light else (nw - (h1 - h0)) + (slot - n_light - h0)
+                        n_light_here = sum(light[w0: w0 + nw])
+                        assert 0 <= first < nw and (first < n_light_here) == light[wid], "light warps first"
+                    for ps in range(first, r * cps, nw):
                         piece_sums((ps % r) * jt + sl * cps + ps // r, kx0, kx1)
     assert (seen == 1).all(), "every element of A read by exactly one lane"
     y = np.full((M, N), np.nan, dtype=object)
@@ -669,14 +686,16 @@ def test_emulated_low_rank_term_is_exact(M, N, K, r, G, cpp, units):
     np.testing.assert_array_equal(y.astype(np.int64), (part.sum(axis=0) + ((x @ A.T) * s) @ B.T).astype(np.int64))
 
 
+@pytest.mark.parametrize("light_first", [False, True])
 @pytest.mark.parametrize("M, N, K, r, G, S", [
     (16, 300, 1024, 8, 2, 4),     # slices of one chunk; a CTA spans two slices
     (3, 40, 2048, 5, 1, 2),       # one CTA holds both slices
     (9, 600, 1536, 16, 2, 3),     # 6 chunks in 3 slices of 2
     (2, 16, 1024, 8, 8, 4),       # 4 units on 8 CTAs: CTAs without units inside and between slices
     (1, 40, 2048, 3, 16, 8),      # 24 units on 16 CTAs
+    (4, 700, 2048, 16, 3, 2),     # 88 units on 48 warps: light and heavy warps in every slice's CTAs
 ])
-def test_emulated_low_rank_term_sliced_x(M, N, K, r, G, S):
+def test_emulated_low_rank_term_sliced_x(M, N, K, r, G, S, light_first):
     rng = np.random.default_rng(M * 11 + N + K + r)
     x = rng.integers(-4, 5, size=(M, K)).astype(object)
     A = rng.integers(-3, 4, size=(r, K)).astype(object)
@@ -684,6 +703,6 @@ def test_emulated_low_rank_term_sliced_x(M, N, K, r, G, S):
     s = rng.integers(1, 4, size=r).astype(object)
     tiles = -(-N // 16)
     part = rng.integers(-50, 50, size=(S, M, N)).astype(object)
-    y, used = emulate_lora(x, A, B, s, part, G, tiles * S, tiles=tiles, S=S)
+    y, used = emulate_lora(x, A, B, s, part, G, tiles * S, tiles=tiles, S=S, light_first=light_first)
     assert used == 1
     np.testing.assert_array_equal(y.astype(np.int64), (part.sum(axis=0) + ((x @ A.T) * s) @ B.T).astype(np.int64))

@@ -62,7 +62,8 @@
 //     slice · tiles + tile), so a CTA's consecutive units lie in one or two K slices, and each CTA
 //     stages x only for those slices (a CTA without units: the slice its position falls in); the host
 //     picks S among the slice counts whose slices are whole 256-k chunks and whose widest CTA fits.
-//     The T pieces of a slice go to the warps of the CTAs holding that slice's x.  Measured in
+//     The T pieces of a slice go to the warps of the CTAs holding that slice's x (in warp order;
+//     $LORA_KERNELS_GEMV_V5_PIECES=light: their light warps first, an A/B switch).  Measured in
 //     session 16 (gemv_variants_*_session16.md): faster than variant 1 at M = 4..16 on the 8B/70B MLP
 //     layers, except M = 16 with LoRA at K = 14336 (38.8 us against 35.6: the T pieces over the long K).
 //  M = 9..16 (either mode): two n8 MMA tiles of x per weight fragment (x rows 0..7 and 8..15).
@@ -100,6 +101,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 
 #include "nf4_common.h"
 #include "cuda/nf4_gemv_common.cuh"
@@ -171,6 +173,7 @@ struct V5Params {
   int sst;         // steps per slice (kst / S)
   int64_t units;   // tiles · S
   bool slice_major;  // units numbered slice · tiles + tile (x staged per CTA's slices); else tile · S + slice
+  bool light_first;  // slice-major T pieces: the light warps of a slice's CTAs first (an A/B switch)
   int XSB;         // x row stride in shared memory, bytes (2 · the staged k range + 16)
   const void* lora_b;
   int r;
@@ -419,8 +422,11 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
   //    rounded down: they leave the main loop a unit early), then to the others; warp takes pieces
   //    slot, slot + W, ...; the first chunk of its first piece is requested now.
   //  * sliced x (slice-major): a slice's r · cps pieces (cps 256-k chunks of a slice, cpp = 1) are
-  //    spread over the warps of the CTAs whose units lie in that slice (they hold its x): piece
-  //    p of slice s goes to warp p mod 16 of CTA cta_of(s · tiles) + (p / 16) mod (CTAs of s).
+  //    spread over the nw warps of the CTAs whose units lie in that slice (they hold its x): piece
+  //    p of slice s goes to the warp at place p mod nw among them -- in warp order, or with
+  //    light_first ($LORA_KERNELS_GEMV_V5_PIECES=light, session 16, not yet measured) the light warps
+  //    first, as with whole x (session 16 measured the low-rank term at M = 16 at +10-15 us, with the
+  //    pieces on the first CTAs of each slice whatever their units).
   const bool lora = p.lora_a != nullptr;
   const int64_t npieces = lora ? static_cast<int64_t>(p.r) * p.jt : 0;
   const int64_t base = p.units / W;                 // units of a light warp (a heavy one has base + 1)
@@ -513,11 +519,18 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
     // staged sl too (their position lies in it)
     const int64_t G = gridDim.x;
     auto cta_of = [&](int64_t u) { return ((u + 1) * G + p.units - 1) / p.units - 1; };  // CTA holding unit u
+    auto heavy_upto = [&](int64_t w) { return w * p.units / W - w * base; };  // heavy warps among 0 .. w - 1
     for (int64_t sl = s_lo; sl <= s_hi; ++sl) {
       const int64_t cf = cta_of(sl * p.tiles), cl = cta_of((sl + 1) * p.tiles - 1);
       if (blockIdx.x < cf || blockIdx.x > cl) continue;  // (a CTA without units just before slice sl)
-      for (int64_t ps = (blockIdx.x - cf) * kV5Warps + warp; ps < static_cast<int64_t>(p.r) * cps;
-           ps += (cl - cf + 1) * kV5Warps) {
+      const int64_t nw = (cl - cf + 1) * kV5Warps;        // the warps of slice sl's CTAs
+      int64_t first = (blockIdx.x - cf) * kV5Warps + warp;  // this warp's place among them
+      if (p.light_first) {  // light warps first, then heavy ones, each in warp order (from slot)
+        const int64_t w0 = cf * kV5Warps, h0 = heavy_upto(w0), h1 = heavy_upto(w0 + nw);
+        const int64_t n_light = W - p.units % W;  // the grid's light warps: slots 0 .. n_light - 1
+        first = slot < n_light ? slot - (w0 - h0) : (nw - (h1 - h0)) + (slot - n_light - h0);
+      }
+      for (int64_t ps = first; ps < static_cast<int64_t>(p.r) * cps; ps += nw) {
         const int64_t piece = (ps % p.r) * p.jt + sl * cps + ps / p.r;
         t_piece<T>(p, piece, false, apre, xs, kx0, lane);
       }
@@ -592,8 +605,8 @@ struct V5Config {
 
 constexpr int smem_dyn_bytes5(int M, int K, int stages) { return v5_x_off(stages) + M * (2 * K + 16); }
 
-// The ring depth asked for: kV5DeepStages with $LORA_KERNELS_GEMV_V5_STAGES=6 (an A/B switch: not
-// measured yet), else kV5Stages.
+// The ring depth asked for: kV5DeepStages with $LORA_KERNELS_GEMV_V5_STAGES=6 (an A/B switch;
+// session 16 measured it no faster), else kV5Stages.
 int v5_stages_wanted() {
   const char* e = std::getenv("LORA_KERNELS_GEMV_V5_STAGES");
   return (e != nullptr && e[0] == '6' && e[1] == '\0') ? kV5DeepStages : kV5Stages;
@@ -712,6 +725,12 @@ V5Config v5_config(const GemvArgs& a) {
   return c;
 }
 
+// Slice-major T pieces to the light warps first: $LORA_KERNELS_GEMV_V5_PIECES=light (an A/B switch).
+bool v5_light_first_wanted() {
+  const char* e = std::getenv("LORA_KERNELS_GEMV_V5_PIECES");
+  return e != nullptr && std::strcmp(e, "light") == 0;
+}
+
 bool use_pdl5(const V5Config& c) {
   if (c.major < 9) return false;
   const char* e = std::getenv("LORA_KERNELS_GEMV_V5_PDL");
@@ -797,6 +816,7 @@ cudaError_t launch_nf4_lora_gemv_v5(const GemvArgs& a, void* workspace, size_t w
   p.sst = c.sst;
   p.units = c.units;
   p.slice_major = c.slice_major;
+  p.light_first = c.slice_major && a.lora_a != nullptr && v5_light_first_wanted();
   p.XSB = c.xsb;
   switch (a.dtype) {
     case DType::kBFloat16: return launch_v5_typed<__nv_bfloat16>(p, c, stream, y_alloc, y_ctx);
