@@ -423,23 +423,30 @@ def test_v5_repeated_calls_and_graph_replay(pdl, rng, monkeypatch):
         _check_graph_replays(case, rng, 3)
 
 
+def _v5_forced(monkeypatch, binding, switch):
+    """The extension, skipping without variant 5 or its planner query `binding`; variant 5 forced and
+    its A/B `switch` ($LORA_KERNELS_GEMV_V5_...) unset."""
+    ext = _ext_or_skip()
+    _skip_without_variant(ext, 5)
+    if not hasattr(ext, binding):
+        pytest.skip(f"this build has no {binding}")
+    monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "5")
+    monkeypatch.delenv(switch, raising=False)
+    return ext
+
+
 @gpu
 def test_v5_modes_and_sliced_x(rng, monkeypatch):
     """Variant 5 holds all of x in shared memory where it fits (mode 1) and
     otherwise stages each CTA's K slices (mode 2: M >= 4 at K = 14336, M = 9..16): the planner agrees
     with test_gemv_v5_layout.plan, the dispatcher is told variant 5 takes the sizes in either mode, and
     mode 2 is right eagerly and under graph replay."""
-    ext = _ext_or_skip()
-    _skip_without_variant(ext, 5)
-    if not hasattr(ext, "lora_gemv_v5_mode"):
-        pytest.skip("this build has no lora_gemv_v5_mode")
+    ext = _v5_forced(monkeypatch, "lora_gemv_v5_mode", "LORA_KERNELS_GEMV_V5_STAGES")
     from lora_kernels.library import gemv_v5_takes
 
     from .test_gemv_v5_layout import plan
 
     props, optin = _device_smem_optin()
-    monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "5")
-    monkeypatch.delenv("LORA_KERNELS_GEMV_V5_STAGES", raising=False)
     cases = [(1, 4096, 14336, 16), (4, 14336, 4096, 16), (16, 4096, 14336, 16), (12, 4096, 1000, 8),
              (16, 14336, 4096, 0), (9, 8192, 600, 64)]
     for M, K, N, r in cases:
@@ -460,12 +467,7 @@ def test_v5_modes_and_sliced_x(rng, monkeypatch):
 def test_v5_deep_ring_opt_in(rng, monkeypatch):
     """$LORA_KERNELS_GEMV_V5_STAGES=6 (an A/B switch) gives variant 5 a 6-stage ring per warp where x
     still fits beside it, else the default 4 stages: both right, eagerly and under graph replay."""
-    ext = _ext_or_skip()
-    _skip_without_variant(ext, 5)
-    if not hasattr(ext, "lora_gemv_v5_stages"):
-        pytest.skip("this build has no lora_gemv_v5_stages")
-    monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "5")
-    monkeypatch.delenv("LORA_KERNELS_GEMV_V5_STAGES", raising=False)
+    ext = _v5_forced(monkeypatch, "lora_gemv_v5_stages", "LORA_KERNELS_GEMV_V5_STAGES")
     assert ext.lora_gemv_v5_stages(1, 14336, 4096, 64, 16) == 4
     monkeypatch.setenv("LORA_KERNELS_GEMV_V5_STAGES", "6")
     _, optin = _device_smem_optin()
@@ -488,12 +490,7 @@ def test_v5_light_first_pieces_opt_in(rng, monkeypatch):
     to the light warps of each slice's CTAs first: every piece is still computed once, by a warp that
     holds its slice's x, in the same order, so y has the same bits as with the default piece map (and
     is right); whole-x calls and calls without LoRA ignore it."""
-    ext = _ext_or_skip()
-    _skip_without_variant(ext, 5)
-    if not hasattr(ext, "lora_gemv_v5_mode"):
-        pytest.skip("this build has no lora_gemv_v5_mode")
-    monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "5")
-    monkeypatch.delenv("LORA_KERNELS_GEMV_V5_PIECES", raising=False)
+    _v5_forced(monkeypatch, "lora_gemv_v5_mode", "LORA_KERNELS_GEMV_V5_PIECES")
     cases = [(4, 14336, 4096, 16), (16, 4096, 14336, 16), (9, 8192, 600, 64), (12, 4096, 1000, 8), (1, 4096, 14336, 16)]
     for M, K, N, r in cases:
         _assert_runs(5, M, K, N, r, 64)
