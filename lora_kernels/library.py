@@ -378,8 +378,8 @@ def gemv_variant(M: int, N: int, K: int, has_lora: bool, v5_takes: bool = False)
     18.2-19.4 / 20.5-21.1 us (r = 0 / 16) against variant 3's 21.1 / 22.3-22.6, M = 16 24.5 / 35.0
     against variant 1's 32.9 / 38.1, 8192x28672 M = 1 55.5-58.4 / 58.7-61.0 against 60.0-60.8 /
     61.5-61.7, M = 8 (x per K slice) 73.4 / 81.7 against 100.5 / 107.5 -- except M = 9..16 with LoRA at
-    K > 8192, where variant 5's T pieces over the long K cost more than its GEMV saves (14336x4096
-    M = 16, r = 16: 38.8 us against variant 1's 35.6; session 16).  On 14336x4096 at M = 1 with LoRA
+    K > 8192, where variant 5's low-rank term costs more than its GEMV saves (14336x4096 M = 16,
+    r = 16: 38.8 us against variant 1's 35.6; session 16).  On 14336x4096 at M = 1 with LoRA
     variant 3 was 0.3-1.2 us faster (22.9-23.1 against 23.2-24.1) but launches three kernels to variant
     5's two, which costs more than that in an eager call; 5 stays.  Where 5 does not take the sizes: 3
     (nf4_gemv_v3.cu, CUDA cores) for M = 1, 1 (nf4_gemv.cu, tensor cores) otherwise.  A variant that

@@ -65,7 +65,8 @@
 //     The T pieces of a slice go to the warps of the CTAs holding that slice's x (in warp order;
 //     $LORA_KERNELS_GEMV_V5_PIECES=light: their light warps first, an A/B switch).  Measured in
 //     session 16 (gemv_variants_*_session16.md): faster than variant 1 at M = 4..16 on the 8B/70B MLP
-//     layers, except M = 16 with LoRA at K = 14336 (38.8 us against 35.6: the T pieces over the long K).
+//     layers, except M = 16 with LoRA at K = 14336 (38.8 us against 35.6; the low-rank term costs
+//     +10.5 us there at M = 16, against +1.7-3.6 at M = 1: benchmarks/NOTES.md, session 16).
 //  M = 9..16 (either mode): two n8 MMA tiles of x per weight fragment (x rows 0..7 and 8..15).
 //  Both walkers (request, compute) set their position at each unit's start (unit_start).
 // Limits (else nf4_lora_gemv_v5_config says no and the binding runs variant 1): M <= 16, K % 256 == 0,
