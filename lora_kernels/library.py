@@ -273,13 +273,19 @@ def _cuda_gemv(x2d, weight: NF4Weight, lora_a, lora_b, scale, bias) -> torch.Ten
             s = float(scale)
     if bias is not None and bias.dtype not in (dt, torch.float32):
         bias = bias.to(dt)
-    q = weight
-    nested = q.double_quant
-    variant = gemv_variant_chosen(x2d.shape[0], q.shape[0], q.shape[1], lora_a is not None, q.blocksize, nested)
-    return _ext.cuda_ext().lora_gemv(
-        x2d, q.packed, q.absmax, q.nested_absmax if nested else None, q.nested_code if nested else None,
-        q.offset if nested else None, q.code, q.shape[0], q.blocksize, lora_a, lora_b, s, scale_vec,
-        None if bias is None else bias.contiguous(), variant)
+    return _ext_lora_gemv(_ext.cuda_ext(), x2d, x2d.shape[0], weight, lora_a, lora_b, s, scale_vec,
+                          None if bias is None else bias.contiguous())
+
+
+def _ext_lora_gemv(ext, x, M: int, q: NF4Weight, lora_a, lora_b, s: float, scale_vec, bias) -> torch.Tensor:
+    """One call of the extension's lora_gemv on x [..., K] (M rows) with the decode variant
+    ``gemv_variant_chosen`` picks; the operands already of x's dtype (bias: or fp32)."""
+    N, K = q.shape
+    nested = q.nested_absmax is not None
+    variant = gemv_variant_chosen(M, N, K, lora_a is not None, q.blocksize, nested)
+    return ext.lora_gemv(x, q.packed, q.absmax, q.nested_absmax, q.nested_code if nested else None,
+                         q.offset if nested else None, q.code, N, q.blocksize, lora_a, lora_b, s, scale_vec,
+                         bias, variant)
 
 
 _GEMV_VARIANT_ENV = "LORA_KERNELS_GEMV_VARIANT"
@@ -438,12 +444,8 @@ def decode_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: 
             bias = bias.to(dt)
         if not bias.is_contiguous():
             return None
-    nested = weight.nested_absmax is not None
-    variant = gemv_variant_chosen(M, N, K, lora_a is not None, bs, nested)
     try:
-        return ext.lora_gemv(x, weight.packed, weight.absmax, weight.nested_absmax,
-                             weight.nested_code if nested else None, weight.offset if nested else None,
-                             weight.code, N, bs, lora_a, lora_b, s, None, bias, variant)
+        return _ext_lora_gemv(ext, x, M, weight, lora_a, lora_b, s, None, bias)
     except RuntimeError as e:          # the extension's argument checks: a ValueError, like lora_linear's
         if str(e).startswith("lora_gemv:"):
             raise ValueError(str(e).split("\n")[0]) from None

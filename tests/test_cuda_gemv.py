@@ -4,8 +4,7 @@ dtype / fp32 / none, scalar and per-rank scale, bf16 and fp16.  Every correctnes
 kernel variants (the ``variant`` fixture sets LORA_KERNELS_GEMV_VARIANT, read by
 lora_kernels.library._cuda_gemv): 1 = csrc/cuda/nf4_gemv.cu, 2 = csrc/cuda/nf4_gemv_v2.cu,
 3 = csrc/cuda/nf4_gemv_v3.cu (run with LORA_KERNELS_GEMV_V3_MAX_M=8, so every M it is built for is
-tested; larger M falls back to variant 1), 4 = csrc/cuda/nf4_gemv_v4.cu (every M <= 16; skipped when the
-build lacks lora_gemv_v4_supported), 5 = csrc/cuda/nf4_gemv_v5.cu (M <= 16 where K % 256 == 0 and x fits
+tested; larger M falls back to variant 1), 4 = csrc/cuda/nf4_gemv_v4.cu (every M <= 16), 5 = csrc/cuda/nf4_gemv_v5.cu (M <= 16 where K % 256 == 0 and x fits
 its shared memory whole or per K slice, see _v5_runs; elsewhere it falls back to variant 1).
 Error rule: at most 2x the error of PyTorch computing the same formula in x's dtype.
 The output is allocated by the extension, so the caching allocator is first filled with NaN
@@ -45,16 +44,18 @@ def variant(request, monkeypatch):
     """Runs the test once per kernel variant (variants 2-5 must really run where they take the sizes)."""
     ext = _ext.cuda_ext()
     if request.param in (4, 5) and ext is not None and hasattr(ext, "lora_gemv"):
-        _skip_without_variant(ext, request.param)   # an older build would reject the variant outright
+        _require_variant(ext, request.param)
     monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", str(request.param))
     if request.param == 3:
         monkeypatch.setenv("LORA_KERNELS_GEMV_V3_MAX_M", str(V3_MAX_M))
     return request.param
 
 
-def _skip_without_variant(ext, v):
-    if not lk.library.gemv_variant_built(v):
-        pytest.skip(f"lora_kernels._C_cuda was built without variant {v} (no planner binding for it)")
+def _require_variant(ext, v):
+    """setup.py builds every csrc/cuda/*.cu into the extension, so a build of this tree has every
+    variant's planner binding; one without it is stale (built from older sources)."""
+    assert lk.library.gemv_variant_built(v), \
+        f"lora_kernels._C_cuda has no planner binding for variant {v}: a stale build; rebuild it"
 
 
 V5_MAX_M = 16           # csrc/cuda/nf4_gemv.h kV5MaxM (two n8 MMA tiles of x above 8)
@@ -102,7 +103,7 @@ def _v5_runs(M, K, N, bs, dq=True):
 def _supported(v, M, K, N, r, bs):
     """lora_gemv_v{v}_supported (v = 3 or 4): whether variant v runs these sizes itself."""
     ext = _ext_or_skip()
-    _skip_without_variant(ext, v)
+    _require_variant(ext, v)
     return getattr(ext, f"lora_gemv_v{v}_supported")(M, N, K, bs, r)
 
 
@@ -121,7 +122,7 @@ def _assert_runs(variant, M, K, N, r, bs, dq=True):
             f"variant 4 would fall back to variant 1 for M={M} K={K} N={N} r={r} bs={bs}"
     if variant == 5:
         ext = _ext_or_skip()
-        _skip_without_variant(ext, 5)
+        _require_variant(ext, 5)
         assert (ext.lora_gemv_v5_slices(M, N, K, bs, r, dq) > 0) == _v5_runs(M, K, N, bs, dq), \
             f"variant 5's planner disagrees with its limits for M={M} K={K} N={N} r={r} bs={bs} dq={dq}"
 
@@ -405,7 +406,7 @@ def test_v5_repeated_calls_and_graph_replay(pdl, rng, monkeypatch):
     slice and several, with and without the low-rank term) and CUDA-graph replays with new inputs must
     all be right, with and without programmatic dependent launch."""
     ext = _ext_or_skip()
-    _skip_without_variant(ext, 5)
+    _require_variant(ext, 5)
     monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "5")
     monkeypatch.setenv("LORA_KERNELS_GEMV_V5_PDL", pdl)
     cases = [(2, 256, 80000, 8), (1, 4096, 4096, 16), (1, 4096, 14336, 0), (3, 14336, 1024, 64), (8, 2048, 300, 8),
@@ -423,13 +424,11 @@ def test_v5_repeated_calls_and_graph_replay(pdl, rng, monkeypatch):
         _check_graph_replays(case, rng, 3)
 
 
-def _v5_forced(monkeypatch, binding, switch):
-    """The extension, skipping without variant 5 or its planner query `binding`; variant 5 forced and
-    its A/B `switch` ($LORA_KERNELS_GEMV_V5_...) unset."""
+def _v5_forced(monkeypatch, switch):
+    """The extension (with variant 5); variant 5 forced and its A/B `switch` ($LORA_KERNELS_GEMV_V5_...)
+    unset."""
     ext = _ext_or_skip()
-    _skip_without_variant(ext, 5)
-    if not hasattr(ext, binding):
-        pytest.skip(f"this build has no {binding}")
+    _require_variant(ext, 5)
     monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "5")
     monkeypatch.delenv(switch, raising=False)
     return ext
@@ -441,7 +440,7 @@ def test_v5_modes_and_sliced_x(rng, monkeypatch):
     otherwise stages each CTA's K slices (mode 2: M >= 4 at K = 14336, M = 9..16): the planner agrees
     with test_gemv_v5_layout.plan, the dispatcher is told variant 5 takes the sizes in either mode, and
     mode 2 is right eagerly and under graph replay."""
-    ext = _v5_forced(monkeypatch, "lora_gemv_v5_mode", "LORA_KERNELS_GEMV_V5_STAGES")
+    ext = _v5_forced(monkeypatch, "LORA_KERNELS_GEMV_V5_STAGES")
     from lora_kernels.library import gemv_v5_takes
 
     from .test_gemv_v5_layout import plan
@@ -467,7 +466,7 @@ def test_v5_modes_and_sliced_x(rng, monkeypatch):
 def test_v5_deep_ring_opt_in(rng, monkeypatch):
     """$LORA_KERNELS_GEMV_V5_STAGES=6 (an A/B switch) gives variant 5 a 6-stage ring per warp where x
     still fits beside it, else the default 4 stages: both right, eagerly and under graph replay."""
-    ext = _v5_forced(monkeypatch, "lora_gemv_v5_stages", "LORA_KERNELS_GEMV_V5_STAGES")
+    ext = _v5_forced(monkeypatch, "LORA_KERNELS_GEMV_V5_STAGES")
     assert ext.lora_gemv_v5_stages(1, 14336, 4096, 64, 16) == 4
     monkeypatch.setenv("LORA_KERNELS_GEMV_V5_STAGES", "6")
     _, optin = _device_smem_optin()
@@ -490,7 +489,7 @@ def test_v5_light_first_pieces_opt_in(rng, monkeypatch):
     to the light warps of each slice's CTAs first: every piece is still computed once, by a warp that
     holds its slice's x, in the same order, so y has the same bits as with the default piece map (and
     is right); whole-x calls and calls without LoRA ignore it."""
-    _v5_forced(monkeypatch, "lora_gemv_v5_mode", "LORA_KERNELS_GEMV_V5_PIECES")
+    _v5_forced(monkeypatch, "LORA_KERNELS_GEMV_V5_PIECES")
     cases = [(4, 14336, 4096, 16), (16, 4096, 14336, 16), (9, 8192, 600, 64), (12, 4096, 1000, 8), (1, 4096, 14336, 16)]
     for M, K, N, r in cases:
         _assert_runs(5, M, K, N, r, 64)
@@ -736,7 +735,7 @@ def test_gemv_variant_chosen_asks_variant_5s_planner(monkeypatch):
     """On the GPU the rule is told what variant 5's planner says: 5 on the Llama MLP layers at M = 1 and
     8 (x per K slice at K = 14336) where it fits, else variants 3 and 1."""
     ext = _ext_or_skip()
-    _skip_without_variant(ext, 5)
+    _require_variant(ext, 5)
     from lora_kernels.library import gemv_variant_chosen
 
     monkeypatch.delenv("LORA_KERNELS_GEMV_VARIANT", raising=False)

@@ -596,6 +596,10 @@ def emulate_lora(x, A, B, s, part, G, units, tiles=None, S=None, light_first=Fal
                 piece_sums(piece, 0, K)
     else:
         slice_k, cps = K // S, K // S // 256
+        n_light = W - units % W                               # the grid's light warps (slots 0 .. n_light - 1)
+
+        def heavy_upto(w):                                    # heavy warps among 0 .. w - 1
+            return w * units // W - w * (units // W)
         for cta in range(G):
             cu0, cu1 = cta * WARPS * units // W, (cta + 1) * WARPS * units // W
             assert cu0 == cta * units // G and cu1 == (cta + 1) * units // G
@@ -607,18 +611,16 @@ def emulate_lora(x, A, B, s, part, G, units, tiles=None, S=None, light_first=Fal
                 cf, cl = cta_of(sl * tiles, units, G), cta_of((sl + 1) * tiles - 1, units, G)
                 if cta < cf or cta > cl:
                     continue
-                nw = (cl - cf + 1) * WARPS
+                nw, w0 = (cl - cf + 1) * WARPS, cf * WARPS
+                h0, h1 = heavy_upto(w0), heavy_upto(w0 + nw)
                 for warp in range(WARPS):
                     wid = cta * WARPS + warp
                     first = (cta - cf) * WARPS + warp
                     if light_first:                             # the kernel's formula, from slot
-                        heavy_upto = lambda w: w * units // W - w * (units // W)
-                        w0 = cf * WARPS
-                        h0, h1, n_light = heavy_upto(w0), heavy_upto(w0 + nw), W - units % W
                         slot = slots[wid]
                         first = slot - (w0 - h0) if slot < n_light else (nw - (h1 - h0)) + (slot - n_light - h0)
-                        n_light_here = sum(light[w0: w0 + nw])
-                        assert 0 <= first < nw and (first < n_light_here) == light[wid], "light warps first"
+                        assert 0 <= first < nw and (first < sum(light[w0: w0 + nw])) == light[wid], \
+                            "light warps first"
                     for ps in range(first, r * cps, nw):
                         piece_sums((ps % r) * jt + sl * cps + ps // r, kx0, kx1)
     assert (seen == 1).all(), "every element of A read by exactly one lane"
