@@ -237,7 +237,8 @@ def test_non_contiguous_and_misaligned_x(variant, rng):
 def test_binding_takes_nd_x_stored_packed_and_misaligned_operands(variant, rng):
     """The raw binding reads x [..., K] as [M, K] and returns [..., N], takes the packed weight in
     its stored shape (bitsandbytes' [N K / 2, 1]), and copies an x or A that is not 16-byte aligned
-    (the decode fast path passes them as they come): each the same bits as the plain 2-D call."""
+    (the decode fast path passes them as they come), and reads a B that is not 16-byte aligned entry by
+    entry: each the same bits as the plain 2-D call."""
     ext = _ext_or_skip()
     K, N = 1024, 300
     x, q, A, B, s, b = _case(4, K, N, 8, torch.bfloat16, rng, lead=(2,))      # x [2, 4, K]: M = 8
@@ -257,6 +258,11 @@ def test_binding_takes_nd_x_stored_packed_and_misaligned_operands(variant, rng):
     am.copy_(A)
     assert xm.data_ptr() % 16 and am.data_ptr() % 16
     assert torch.equal(ext.lora_gemv(xm, q.packed, *w, am, B, s, None, b, variant), y3)
+    bbuf = torch.empty(B.numel() + 1, dtype=B.dtype, device="cuda")
+    bm = bbuf[1:].view_as(B)       # B not 16-byte aligned: its rows are read one entry per load, not 8
+    bm.copy_(B)
+    assert bm.data_ptr() % 16 and B.data_ptr() % 16 == 0
+    assert torch.equal(ext.lora_gemv(x, q.packed, *w, A, bm, s, None, b, variant), y3)
 
 
 @gpu

@@ -177,14 +177,31 @@ lora_t_pdl_kernel(const T* __restrict__ x, const T* __restrict__ a, int K, int r
 
 // y[m, n] = dtype(v + Σ_j tr[j] B[n, j] + bias[n]) (fp32 sums in that order; tr: row m of T, or
 // nullptr: no low-rank term; bias of dtype or fp32).  P: a kernel's parameter struct with y, N, r,
-// lora_b, bias, bias_f32.
+// lora_b, bias, bias_f32.  Row n of B is read 8 entries per 16-byte load where r % 8 == 0 and B is
+// 16-byte aligned (session 16: with one 2-byte load per entry, the 32 lanes of a warp -- 32 rows of
+// B, 2r bytes apart -- made r loads of 32 sectors each per output, which grows with M), else one
+// entry per load; the same fma order either way, so the same bits.
 template <typename T, typename P>
 __device__ __forceinline__ void store_lora_bias_t(const P& p, const float* tr, int m, int n, float v) {
   if (tr != nullptr) {
     const T* br = static_cast<const T*>(p.lora_b) + static_cast<int64_t>(n) * p.r;
     float lora = 0.f;
+    if ((p.r & 7) == 0 && (reinterpret_cast<uintptr_t>(p.lora_b) & 15) == 0) {
+      for (int j0 = 0; j0 < p.r; j0 += 8) {
+        const uint4 w = __ldg(reinterpret_cast<const uint4*>(br + j0));
+        const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float b0, b1;
+          Num<T>::unpack(ws[e], b0, b1);  // entries j0 + 2e, j0 + 2e + 1
+          lora = __fmaf_rn(tr[j0 + 2 * e], b0, lora);
+          lora = __fmaf_rn(tr[j0 + 2 * e + 1], b1, lora);
+        }
+      }
+    } else {
 #pragma unroll 8
-    for (int j = 0; j < p.r; ++j) lora = __fmaf_rn(tr[j], Num<T>::to_float(br[j]), lora);
+      for (int j = 0; j < p.r; ++j) lora = __fmaf_rn(tr[j], Num<T>::to_float(br[j]), lora);
+    }
     v = __fadd_rn(v, lora);
   }
   if (p.bias != nullptr) {
