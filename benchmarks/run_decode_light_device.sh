@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Session 17's first device call (issue 3), one call of ENVELOPE s (default 560): build; the whole
+# tests/test_cuda_gemv.py on the GPU (it holds the vectorised-B epilogue's and the light-first map's
+# bit tests); if it passes, the decode-kernel A/B of variants 1 and 5 at M = 1, 4, 8, 16, r = 0 / 16,
+# with v5's opt-in light-first piece map beside them (gemv_variants --v5-light, CUDA-graph replay); with
+# the time left the decode forward beside bitsandbytes + PEFT at M = 1, 4, 8, 16 (the current dispatch rule).
+#     OUT=$OUT bash benchmarks/run_decode_light_device.sh      (carry .whl: the bitsandbytes wheel)
+OUT="${OUT:-/tmp/lk_out}"; mkdir -p "$OUT"; TAG="${SESSION_TAG:-session17}"; ENV_S="${ENVELOPE:-560}"
+set +e
+source benchmarks/device_env.sh
+GPU=$(python3 -c "import torch,re;print(re.sub('[^a-z0-9]+','-',torch.cuda.get_device_name().lower()).strip('-'))")
+echo "=== $GPU; git $(git rev-parse --short HEAD 2>/dev/null) $(git status --short 2>/dev/null | wc -l) changed"
+echo "=== gemv tests $(date +%T)"
+timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider -rf --maxfail=5 tests/test_cuda_gemv.py > "$OUT/gemv_tests.log" 2>&1; VRC=$?
+echo "pytest rc=$VRC"; tail -3 "$OUT/gemv_tests.log" | cut -c1-250
+if [ $VRC -ne 0 ]; then grep -E "^FAILED|^ERROR" "$OUT/gemv_tests.log" | head -20 | cut -c1-300; echo "=== end $(date +%T) ($SECONDS s)"; exit 0; fi
+echo "=== gemv_variants $(date +%T)"
+timeout 200 python3 -m benchmarks.gemv_variants --ms 1,4,8,16 --variants 1,5 --v5-light --json "$OUT/gemv_variants_${GPU}_$TAG.json" > "$OUT/gemv_variants.log" 2>&1
+echo "gemv_variants rc=$?"; grep -vE "^\s*$" "$OUT/gemv_variants.log" | tail -45 | cut -c1-200
+LEFT=$(( ENV_S - SECONDS ))
+echo "=== decode bench ($LEFT s left) $(date +%T)"
+if [ $LEFT -gt 60 ]; then
+  timeout $LEFT python3 -m benchmarks.bench_forward --shapes 4096x14336,14336x4096,8192x28672 --ms 1,4,8,16 --methods ours,ours_layer,bnb_peft,bf16_linear --tag decode_$TAG --out "$OUT" > "$OUT/decode.log" 2>&1; echo "decode rc=$?"
+  sed -n '/short table/,$p' "$OUT/decode.log" | cut -c1-150
+fi
+echo "=== end $(date +%T) ($SECONDS s)"
