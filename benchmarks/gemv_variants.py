@@ -11,7 +11,7 @@ Shapes K x N (in -> out): 4096x14336, 14336x4096, 8192x28672, 4096x4096; M in {1
 weight is not L2-resident between calls.  About a minute on an H100.
 
     python -m benchmarks.gemv_variants [--quick] [--reps N] [--ms 1,4,8,16] [--json PATH] [--variants 1,2,3]
-                                       [--v5-deep] [--v5-light]
+                                       [--v5-deep] [--v5-light] [--v5-env NAME=VALUE[,NAME=VALUE...]]
     python -m benchmarks.gemv_variants --diagnose 5 [--ms 1,16]
 
 "v2 ran" is "no" where variant 2 would fall back to variant 1 (lora_gemv_v2_workspace == -1); "v3 ran"
@@ -52,7 +52,7 @@ COLUMNS = ("shape", "M", "r", "v1_us", "v2_us", "v3_us", "v4_us", "v5_us", "floo
            "v2_over_floor", "v3_over_floor", "v4_over_floor", "v5_over_floor", "v2_ran", "v3_ran", "v4_ran", "v5_ran",
            "v5_slices", "v5_mode", "v5_stages", "v5deep_us", "v5deep_over_floor", "v5deep_stages", "v5light_us",
            "v5light_over_floor", "v5light_same_bits", "rel_diff", "v3_rel_diff", "v4_rel_diff", "v5_rel_diff",
-           "v5deep_rel_diff")
+           "v5deep_rel_diff") + tuple(f"v5env{i}{k}" for i in range(4) for k in ("", "_us", "_over_floor", "_same_bits"))
 
 
 def write_json_md(json_path: str, rows, env: dict, bw: float, l2: int, reps: int):
@@ -131,11 +131,19 @@ def main(argv=None) -> int:
                     help="also time variant 5 with $LORA_KERNELS_GEMV_V5_PIECES=light (with x per K slice and a "
                          "low-rank term: the T pieces to the light warps first; column v5light, and "
                          "v5light_same_bits whether y has the same bits as the default piece map's)")
+    ap.add_argument("--v5-env", default="", metavar="NAME=VALUE[,...]",
+                    help="also time variant 5 with each of these environment settings in turn (at most 4; e.g. "
+                         "LORA_KERNELS_GEMV_V5_PIECES=slot,LORA_KERNELS_GEMV_V5_FINISH=plain: the A/B switches "
+                         "against the default; columns v5env<i>_us and v5env<i>_same_bits, whether y has the "
+                         "same bits as the default's)")
     ap.add_argument("--diagnose", type=int, default=0, metavar="V",
                     help="instead of timing, compare variant V with variant 1 on small shapes, one call at a time, "
                          "and print where they differ (rows n mod 16, columns m, NaN/inf, zeros)")
     args = ap.parse_args(argv)
     wanted = {int(v) for v in args.variants.split(",") if v.strip()} | {1, 2}
+    v5_envs = [e.strip().split("=", 1) for e in args.v5_env.split(",") if e.strip()]
+    if len(v5_envs) > 4 or any(len(e) != 2 or not e[0].startswith("LORA_KERNELS_") for e in v5_envs):
+        ap.error(f"--v5-env: at most 4 NAME=VALUE pairs, each NAME a LORA_KERNELS_ switch, got {args.v5_env!r}")
     if not wanted <= {1, 2, 3, 4, 5}:
         ap.error(f"--variants: each must be 1..5, got {args.variants!r}")
     if args.diagnose not in (0, 2, 3, 4, 5):
@@ -248,6 +256,13 @@ def main(argv=None) -> int:
                     print(f"{'':>12} {'':>3} {'':>3}   v5 with $LORA_KERNELS_GEMV_V5_PIECES=light: {t:7.1f} us "
                           f"({t / floor_us:.2f}x floor; same bits as the default map: {row['v5light_same_bits']})",
                           flush=True)
+                for i, (name, value) in enumerate(v5_envs if 5 in extra else []):
+                    t, out, _ = v5_with_env(name, value)
+                    same = "yes" if torch.equal(out, outs[5]) else "NO"
+                    row.update({f"v5env{i}": f"{name[len('LORA_KERNELS_'):]}={value}", f"v5env{i}_us": t,
+                                f"v5env{i}_over_floor": t / floor_us, f"v5env{i}_same_bits": same})
+                    print(f"{'':>12} {'':>3} {'':>3}   v5 with ${name}={value}: {t:7.1f} us "
+                          f"({t / floor_us:.2f}x floor; same bits as the default: {same})", flush=True)
                 rows.append(row)
                 print(f"{row['shape']:>12} {M:>3} {r:>3} | {us[1]:7.1f} {us[2]:7.1f} {row['v3_us']:7.1f} "
                       f"{row['v4_us']:7.1f} {row['v5_us']:7.1f} {floor_us:7.1f} | {row['v1_over_floor']:6.2f} "

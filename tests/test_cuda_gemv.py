@@ -490,22 +490,54 @@ def test_v5_deep_ring_opt_in(rng, monkeypatch):
 
 
 @gpu
-def test_v5_light_first_pieces_opt_in(rng, monkeypatch):
-    """$LORA_KERNELS_GEMV_V5_PIECES=light (an A/B switch) hands variant 5's T pieces with x per K slice
-    to the light warps of each slice's CTAs first: every piece is still computed once, by a warp that
-    holds its slice's x, in the same order, so y has the same bits as with the default piece map (and
-    is right); whole-x calls and calls without LoRA ignore it."""
+def test_v5_piece_maps_same_bits(rng, monkeypatch):
+    """Variant 5's two maps of the T pieces with x per K slice -- each slice's CTAs' warps in warp order
+    ($LORA_KERNELS_GEMV_V5_PIECES=slot) or their light warps first (=light; the default where K <= 8192)
+    -- compute every piece once, by a warp that holds its slice's x, in the same order: y has the same
+    bits either way (and is right); whole-x calls and calls without LoRA ignore the switch."""
     _v5_forced(monkeypatch, "LORA_KERNELS_GEMV_V5_PIECES")
     cases = [(4, 14336, 4096, 16), (16, 4096, 14336, 16), (9, 8192, 600, 64), (12, 4096, 1000, 8), (1, 4096, 14336, 16)]
     for M, K, N, r in cases:
         _assert_runs(5, M, K, N, r, 64)
     made = [_case(M, K, N, r, torch.bfloat16, rng, vec=(M == 12)) for M, K, N, r in cases]
-    ys = [lk.lora_linear(*c, route="cuda-gemv") for c in made]
-    monkeypatch.setenv("LORA_KERNELS_GEMV_V5_PIECES", "light")
-    for (M, K, N, r), c, y in zip(cases, made, ys):
-        assert torch.equal(lk.lora_linear(*c, route="cuda-gemv"), y), (M, K, N, r)
-        _check(*c)
+    ys = [lk.lora_linear(*c, route="cuda-gemv") for c in made]  # the default map
+    for pieces in ("slot", "light"):
+        monkeypatch.setenv("LORA_KERNELS_GEMV_V5_PIECES", pieces)
+        for (M, K, N, r), c, y in zip(cases, made, ys):
+            assert torch.equal(lk.lora_linear(*c, route="cuda-gemv"), y), (pieces, M, K, N, r)
+            _check(*c)
     _check_graph_replays(made[1], rng, 2)
+
+
+@gpu
+def test_v5_finish_prefetch_same_bits(rng, monkeypatch):
+    """Variant 5's finish kernel requests row n of B (r <= 32, r % 8 == 0, 16-byte aligned B), the bias
+    and the slice partials before the T sums; $LORA_KERNELS_GEMV_V5_FINISH=plain reads them in the old
+    order.  The same operations in the same order: the same bits, for ranks it prefetches (8, 16, 32)
+    and those it does not (12, 40, 64, a misaligned B), bias in the dtype or fp32 or none, M · N not a
+    multiple of the finish kernel's 256 threads, and right against the reference."""
+    _v5_forced(monkeypatch, "LORA_KERNELS_GEMV_V5_FINISH")
+    cases = [(16, 4096, 14336, 16, "dtype"), (1, 4096, 14336, 32, None), (9, 8192, 600, 8, "fp32"),
+             (12, 4096, 1000, 12, "dtype"), (3, 4096, 3000, 40, None), (16, 14336, 4096, 64, "dtype"),
+             (5, 4096, 1000, 0, "dtype"), (7, 4096, 1000, 16, "misaligned")]
+    made = []
+    for M, K, N, r, bias in cases:
+        _assert_runs(5, M, K, N, r, 64)
+        c = list(_case(M, K, N, r, torch.bfloat16, rng, bias=None if bias in (None, "misaligned") else bias))
+        if bias == "misaligned":  # B's rows start 2 bytes into a buffer: not 16-byte aligned
+            Bm = torch.empty(N * r + 1, dtype=c[3].dtype, device="cuda")[1:].view(N, r)
+            Bm.copy_(c[3])
+            assert Bm.data_ptr() % 16 != 0
+            c[3] = Bm
+        made.append(tuple(c))
+    ys = [lk.lora_linear(*c, route="cuda-gemv") for c in made]  # prefetching finish (the default)
+    monkeypatch.setenv("LORA_KERNELS_GEMV_V5_FINISH", "plain")
+    for (M, K, N, r, bias), c, y in zip(cases, made, ys):
+        assert torch.equal(lk.lora_linear(*c, route="cuda-gemv"), y), (M, K, N, r, bias)
+    monkeypatch.delenv("LORA_KERNELS_GEMV_V5_FINISH")
+    for c in made:
+        _check(*c)
+    _check_graph_replays(made[0], rng, 2)
 
 
 # ---- raw-binding argument checks, each call in a child process -----------------------------------

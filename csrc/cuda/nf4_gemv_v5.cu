@@ -52,7 +52,10 @@
 //    first piece before the table is built.  With a low-rank term the GEMV always writes partials, and the
 //    finish kernel (a programmatic dependent, sm_90; $LORA_KERNELS_GEMV_V5_PDL=0 turns PDL off)
 //    sums the slices, T[m, i] = s_i · Σ_j tpart[j][m][i] (j order), then adds Σ_i T[m, i] B[n, i]
-//    and the bias, as store_lora_bias does.
+//    and the bias, as store_lora_bias does.  It requests B's row and the bias before its wait for the
+//    GEMV and the partials before the T sums (session 17; $LORA_KERNELS_GEMV_V5_FINISH=plain: the old
+//    order, same bits).  ncu, session 17 (4096x14336, M = 16): the finish kernel 5.3 us at r = 0,
+//    9.7 at r = 16 with the old order -- most of the low-rank term's cost at M = 16.
 // Numerics: variant 4's (dtype(code) · x in fp32 through the MMA, times the fp32 absmax per 64
 // products; another fp32 summation order than variant 1).
 // Two modes for x (session 15; nf4_lora_gemv_v5_mode says which):
@@ -62,8 +65,9 @@
 //     slice · tiles + tile), so a CTA's consecutive units lie in one or two K slices, and each CTA
 //     stages x only for those slices (a CTA without units: the slice its position falls in); the host
 //     picks S among the slice counts whose slices are whole 256-k chunks and whose widest CTA fits.
-//     The T pieces of a slice go to the warps of the CTAs holding that slice's x (in warp order;
-//     $LORA_KERNELS_GEMV_V5_PIECES=light: their light warps first, an A/B switch).  Measured in
+//     The T pieces of a slice go to the warps of the CTAs holding that slice's x: their light warps
+//     first where K <= kV5LightMaxK (session 17), else in warp order ($LORA_KERNELS_GEMV_V5_PIECES=light
+//     or =slot forces one map: an A/B switch).  Measured in
 //     session 16 (gemv_variants_*_session16.md): faster than variant 1 at M = 4..16 on the 8B/70B MLP
 //     layers, except M = 16 with LoRA at K = 14336 (38.8 us against 35.6; the low-rank term costs
 //     +10.5 us there at M = 16, against +1.7-3.6 at M = 1: benchmarks/NOTES.md, session 16).
@@ -128,6 +132,10 @@ __host__ __device__ constexpr int v5_x_off(int stages) { return kV5RingOff + kV5
 constexpr int kV5XOff = v5_x_off(kV5Stages);
 constexpr int kV5MaxSlices = 64;
 constexpr int kFinishThreads5 = 256;
+constexpr int kFinishPreB = 4;  // uint4s of B's row n the finish kernel prefetches (8 entries each: r <= 32)
+// The light-first piece map is the default up to this K (session 17, H100, graph replay, r = 16, M = 16:
+// 4096x14336 33.5 -> 29.6 us, 8192x28672 90.3 -> 86.9; at K = 14336 it was 0.4-0.6 us slower at M = 4..16).
+constexpr int kV5LightMaxK = 8192;
 static_assert(kStageBytes % 16 == 0 && kV5XOff % 16 == 0 && v5_x_off(kV5DeepStages) % 16 == 0,
               "16-byte aligned stages and x");
 
@@ -174,7 +182,9 @@ struct V5Params {
   int sst;         // steps per slice (kst / S)
   int64_t units;   // tiles · S
   bool slice_major;  // units numbered slice · tiles + tile (x staged per CTA's slices); else tile · S + slice
-  bool light_first;  // slice-major T pieces: the light warps of a slice's CTAs first (an A/B switch)
+  bool light_first;  // slice-major T pieces: the light warps of a slice's CTAs first (default where
+                     // K <= kV5LightMaxK; $LORA_KERNELS_GEMV_V5_PIECES=light / slot forces either map)
+  bool finish_prefetch;  // finish kernel: B row, bias and partials requested early ($..._V5_FINISH=plain: off)
   int XSB;         // x row stride in shared memory, bytes (2 · the staged k range + 16)
   const void* lora_b;
   int r;
@@ -425,9 +435,9 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
   //  * sliced x (slice-major): a slice's r · cps pieces (cps 256-k chunks of a slice, cpp = 1) are
   //    spread over the nw warps of the CTAs whose units lie in that slice (they hold its x): piece
   //    p of slice s goes to the warp at place p mod nw among them -- in warp order, or with
-  //    light_first ($LORA_KERNELS_GEMV_V5_PIECES=light, session 16, not yet measured) the light warps
-  //    first, as with whole x (session 16 measured the low-rank term at M = 16 at +10-15 us, with the
-  //    pieces on the first CTAs of each slice whatever their units).
+  //    light_first (session 16; the default where K <= kV5LightMaxK since session 17) the light warps
+  //    first, as with whole x.  Session 17 (H100, graph replay, r = 16, M = 16): 4096x14336 33.5 ->
+  //    29.6 us, 8192x28672 90.3 -> 86.9; 14336x4096 37.7 -> 38.3 (and +0.4-0.5 at M = 4, 8), hence the K bound.
   const bool lora = p.lora_a != nullptr;
   const int64_t npieces = lora ? static_cast<int64_t>(p.r) * p.jt : 0;
   const int64_t base = p.units / W;                 // units of a light warp (a heavy one has base + 1)
@@ -545,12 +555,38 @@ __global__ void __launch_bounds__(kV5Threads, 1) nf4_gemv_v5_kernel(const V5Para
 template <typename T>
 __global__ void __launch_bounds__(kFinishThreads5) v5_finish_kernel(const V5Params p) {
   __shared__ float t_s[kV5MaxM * kGemvMaxRank];  // T of the rows m_lo .. m_hi this CTA's outputs lie in
-  griddep_wait();                          // the GEMV complete and visible
   const int64_t MN = static_cast<int64_t>(p.M) * p.N;
   const int64_t idx0 = static_cast<int64_t>(blockIdx.x) * kFinishThreads5;
   const int m_lo = static_cast<int>(idx0 / p.N);
   const int m_hi = static_cast<int>(min(MN - 1, idx0 + kFinishThreads5 - 1) / p.N);
   const bool lora = p.lora_a != nullptr;
+  const int64_t idx = idx0 + threadIdx.x;
+  const bool valid = idx < MN;
+  const int m = valid ? static_cast<int>(idx / p.N) : m_lo;
+  const int n = valid ? static_cast<int>(idx - static_cast<int64_t>(m) * p.N) : 0;
+  // Prefetch (session 17; p.finish_prefetch): row n of B (r <= 8 kFinishPreB, r % 8 == 0, 16-byte
+  // aligned) and bias[n] -- inputs the GEMV does not write -- are read before waiting for it, and the
+  // slice partials are requested before the T sums, so the chain after the wait is one round of L2
+  // reads (partials and T pieces together) and the shared-memory T, not three (T pieces, partials, B).
+  const bool pre_b = lora && p.r <= 8 * kFinishPreB && (p.r & 7) == 0 &&
+                     (reinterpret_cast<uintptr_t>(p.lora_b) & 15) == 0;
+  const bool pre = p.finish_prefetch && (!lora || pre_b);
+  uint4 bw[kFinishPreB];
+  float bias_v = 0.f;
+  if (pre && valid) {
+    const uint4* br = reinterpret_cast<const uint4*>(static_cast<const T*>(p.lora_b) + static_cast<int64_t>(n) * p.r);
+#pragma unroll
+    for (int c = 0; c < kFinishPreB; ++c) bw[c] = (lora && 8 * c < p.r) ? __ldg(br + c) : make_uint4(0u, 0u, 0u, 0u);
+    if (p.bias != nullptr)
+      bias_v = p.bias_f32 ? static_cast<const float*>(p.bias)[n] : Num<T>::to_float(static_cast<const T*>(p.bias)[n]);
+  }
+  griddep_wait();                          // the GEMV complete and visible
+  float v = 0.f;
+  if (pre && valid) {
+    v = p.part[idx];
+#pragma unroll 8
+    for (int s = 1; s < p.S; ++s) v = __fadd_rn(v, p.part[s * MN + idx]);  // (unrolled: the reads in flight together)
+  }
   if (lora) {
     // T entry e = (row m_lo + e / r, rank e % r) is the sum of jt partials.  They are read by a group
     // of G threads (a power of two <= 32, so a group lies in one warp; G = 1 where the entries alone
@@ -563,27 +599,48 @@ __global__ void __launch_bounds__(kFinishThreads5) v5_finish_kernel(const V5Para
     for (int base = 0; base < entries * G; base += kFinishThreads5) {  // uniform over the CTA
       const int t = base + static_cast<int>(threadIdx.x);
       const int e = t / G, g = t % G;
-      float v = 0.f;
+      float tv = 0.f;
       if (e < entries) {
-        const int m = m_lo + e / p.r, i = e % p.r;
+        const int mm = m_lo + e / p.r, i = e % p.r;
 #pragma unroll 4
-        for (int j = g; j < p.jt; j += G) v = __fadd_rn(v, p.tpart[(static_cast<int64_t>(j) * p.M + m) * p.r + i]);
+        for (int j = g; j < p.jt; j += G) tv = __fadd_rn(tv, p.tpart[(static_cast<int64_t>(j) * p.M + mm) * p.r + i]);
       }
-      for (int o = G / 2; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
+      for (int o = G / 2; o > 0; o >>= 1) tv = __fadd_rn(tv, __shfl_xor_sync(0xffffffffu, tv, o));
       if (e < entries && g == 0) {
         const int i = e % p.r;
-        t_s[e] = __fmul_rn(v, p.scale_vec != nullptr ? p.scale_vec[i] : p.scale);
+        t_s[e] = __fmul_rn(tv, p.scale_vec != nullptr ? p.scale_vec[i] : p.scale);
       }
     }
     __syncthreads();
   }
-  const int64_t idx = idx0 + threadIdx.x;
-  if (idx >= MN) return;
-  const int m = static_cast<int>(idx / p.N), n = static_cast<int>(idx - static_cast<int64_t>(m) * p.N);
-  float v = p.part[idx];
+  if (!valid) return;
+  const float* tr = lora ? t_s + (m - m_lo) * p.r : nullptr;
+  if (!pre) {  // the plain order ($LORA_KERNELS_GEMV_V5_FINISH=plain, or B not prefetchable)
+    v = p.part[idx];
 #pragma unroll 8
-  for (int s = 1; s < p.S; ++s) v = __fadd_rn(v, p.part[s * MN + idx]);  // (unrolled: the reads in flight together)
-  store_lora_bias_t<T>(p, lora ? t_s + (m - m_lo) * p.r : nullptr, m, n, v);
+    for (int s = 1; s < p.S; ++s) v = __fadd_rn(v, p.part[s * MN + idx]);
+    store_lora_bias_t<T>(p, tr, m, n, v);
+    return;
+  }
+  // store_lora_bias_t's operations in its order, on the prefetched B row and bias: the same bits.
+  if (lora) {
+    float l = 0.f;
+#pragma unroll
+    for (int c = 0; c < kFinishPreB; ++c) {
+      if (8 * c >= p.r) break;
+      const uint32_t ws[4] = {bw[c].x, bw[c].y, bw[c].z, bw[c].w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float b0, b1;
+        Num<T>::unpack(ws[e], b0, b1);  // entries 8c + 2e, 8c + 2e + 1
+        l = __fmaf_rn(tr[8 * c + 2 * e], b0, l);
+        l = __fmaf_rn(tr[8 * c + 2 * e + 1], b1, l);
+      }
+    }
+    v = __fadd_rn(v, l);
+  }
+  if (p.bias != nullptr) v = __fadd_rn(v, bias_v);
+  static_cast<T*>(p.y)[idx] = Num<T>::from_float(v);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -726,10 +783,19 @@ V5Config v5_config(const GemvArgs& a) {
   return c;
 }
 
-// Slice-major T pieces to the light warps first: $LORA_KERNELS_GEMV_V5_PIECES=light (an A/B switch).
-bool v5_light_first_wanted() {
+// Slice-major T pieces to the light warps first: by default where K <= kV5LightMaxK;
+// $LORA_KERNELS_GEMV_V5_PIECES=light or =slot forces the light-first or the plain warp-order map (A/B).
+bool v5_light_first_wanted(int K) {
   const char* e = std::getenv("LORA_KERNELS_GEMV_V5_PIECES");
-  return e != nullptr && std::strcmp(e, "light") == 0;
+  if (e != nullptr && std::strcmp(e, "light") == 0) return true;
+  if (e != nullptr && std::strcmp(e, "slot") == 0) return false;
+  return K <= kV5LightMaxK;
+}
+
+// The finish kernel's early requests (B row, bias, partials): on unless $LORA_KERNELS_GEMV_V5_FINISH=plain.
+bool v5_finish_prefetch_wanted() {
+  const char* e = std::getenv("LORA_KERNELS_GEMV_V5_FINISH");
+  return !(e != nullptr && std::strcmp(e, "plain") == 0);
 }
 
 bool use_pdl5(const V5Config& c) {
@@ -817,7 +883,8 @@ cudaError_t launch_nf4_lora_gemv_v5(const GemvArgs& a, void* workspace, size_t w
   p.sst = c.sst;
   p.units = c.units;
   p.slice_major = c.slice_major;
-  p.light_first = c.slice_major && a.lora_a != nullptr && v5_light_first_wanted();
+  p.light_first = c.slice_major && a.lora_a != nullptr && v5_light_first_wanted(a.K);
+  p.finish_prefetch = v5_finish_prefetch_wanted();
   p.XSB = c.xsb;
   switch (a.dtype) {
     case DType::kBFloat16: return launch_v5_typed<__nv_bfloat16>(p, c, stream, y_alloc, y_ctx);
