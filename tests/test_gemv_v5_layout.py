@@ -517,7 +517,8 @@ def test_t_piece_source_lines():
     assert "const int64_t n_light = W - p.units % W;" in SRC
     assert "first = slot < n_light ? slot - (w0 - h0) : (nw - (h1 - h0)) + (slot - n_light - h0);" in SRC
     assert "for (int64_t ps = first; ps < static_cast<int64_t>(p.r) * cps; ps += nw) {" in SRC
-    assert "p.light_first = c.slice_major && a.lora_a != nullptr && v5_light_first_wanted();" in SRC
+    assert "p.light_first = c.slice_major && a.lora_a != nullptr && v5_light_first_wanted(a.K);" in SRC
+    assert "return K <= kV5LightMaxK;" in SRC and "constexpr int kV5LightMaxK = 8192;" in SRC
     assert "const int64_t piece = (ps % p.r) * p.jt + sl * cps + ps / p.r;" in SRC
     assert "const int64_t base = p.units / W;" in SRC and "const int64_t heavy_before = u0 - wid * base;" in SRC
     assert "const int64_t slot = (u1 - u0 == base) ? wid - heavy_before : (W - p.units % W) + heavy_before;" in SRC
