@@ -527,12 +527,12 @@ def test_t_piece_source_lines():
     assert "p.tpart[(static_cast<int64_t>(j) * p.M + m) * p.r + i] = v;" in SRC
     assert "const int m_lo = static_cast<int>(idx0 / p.N);" in SRC
     assert "const int m_hi = static_cast<int>(min(MN - 1, idx0 + kFinishThreads5 - 1) / p.N);" in SRC
-    assert "t_s[e] = __fmul_rn(v, p.scale_vec != nullptr ? p.scale_vec[i] : p.scale);" in SRC
+    assert "t_s[e] = __fmul_rn(tv, p.scale_vec != nullptr ? p.scale_vec[i] : p.scale);" in SRC
     assert "while (G < 32 && entries * G * 2 <= kFinishThreads5 && G * 2 <= p.jt) G *= 2;" in SRC
     assert "for (int base = 0; base < entries * G; base += kFinishThreads5) {" in SRC
     assert "const int e = t / G, g = t % G;" in SRC
-    assert "for (int j = g; j < p.jt; j += G) v = __fadd_rn(v, p.tpart[" in SRC
-    assert "for (int o = G / 2; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));" in SRC
+    assert "for (int j = g; j < p.jt; j += G) tv = __fadd_rn(tv, p.tpart[" in SRC
+    assert "for (int o = G / 2; o > 0; o >>= 1) tv = __fadd_rn(tv, __shfl_xor_sync(0xffffffffu, tv, o));" in SRC
     assert "store_lora_bias_t<T>(p, lora ? t_s + (m - m_lo) * p.r : nullptr, m, n, v);" in SRC
     assert "__shared__ float t_s[kV5MaxM * kGemvMaxRank];" in SRC
     assert _const("kFinishThreads5") == "256"
