@@ -533,7 +533,10 @@ def test_t_piece_source_lines():
     assert "const int e = t / G, g = t % G;" in SRC
     assert "for (int j = g; j < p.jt; j += G) tv = __fadd_rn(tv, p.tpart[" in SRC
     assert "for (int o = G / 2; o > 0; o >>= 1) tv = __fadd_rn(tv, __shfl_xor_sync(0xffffffffu, tv, o));" in SRC
-    assert "store_lora_bias_t<T>(p, lora ? t_s + (m - m_lo) * p.r : nullptr, m, n, v);" in SRC
+    assert "const float* tr = lora ? t_s + (m - m_lo) * p.r : nullptr;" in SRC
+    assert "store_lora_bias_t<T>(p, tr, m, n, v);" in SRC  # the plain order
+    # the prefetching order: store_lora_bias_t's fma chain over B's row in registers
+    assert "l = __fmaf_rn(tr[8 * c + 2 * e], b0, l);" in SRC and "l = __fmaf_rn(tr[8 * c + 2 * e + 1], b1, l);" in SRC
     assert "__shared__ float t_s[kV5MaxM * kGemvMaxRank];" in SRC
     assert _const("kFinishThreads5") == "256"
 
