@@ -71,7 +71,15 @@ def _git_commit() -> str | None:
         here = os.path.dirname(os.path.abspath(__file__))
         res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
                              text=True, timeout=10)
-        return res.stdout.strip() or None if res.returncode == 0 else None
+        head = res.stdout.strip() or None if res.returncode == 0 else None
+        if head is None:
+            return None
+        # A tree that differs from HEAD (e.g. the device's copy of a working tree whose git metadata
+        # lags, seen in session 17) says so, instead of naming a commit it does not match.
+        st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                            capture_output=True, text=True, timeout=10)
+        changed = len(st.stdout.splitlines()) if st.returncode == 0 else 0
+        return f"{head}+{changed} changed files" if changed else head
     except Exception:
         return None
 
