@@ -4,6 +4,7 @@
 # $LORA_KERNELS_GEMV_V5_FINISH=plain and _PIECES=slot/light); if it passes, variants 1 and 5 at M = 1, 4,
 # 8, 16 with those switches beside the default (gemv_variants --v5-env, CUDA-graph replay); with the
 # time left the decode forward beside bitsandbytes + PEFT at M = 1, 16.
+# Shorter: TESTK="v5 or finish or piece" (a pytest -k selection) and MS=1,16.
 #     OUT=$OUT bash benchmarks/run_v5_finish_device.sh      (carry .whl: the bitsandbytes wheel)
 OUT="${OUT:-/tmp/lk_out}"; mkdir -p "$OUT"; TAG="${SESSION_TAG:-session17b}"; ENV_S="${ENVELOPE:-560}"
 set +e
@@ -11,11 +12,11 @@ source benchmarks/device_env.sh
 GPU=$(python3 -c "import torch,re;print(re.sub('[^a-z0-9]+','-',torch.cuda.get_device_name().lower()).strip('-'))")
 echo "=== $GPU; git $(git rev-parse --short HEAD 2>/dev/null) $(git status --short 2>/dev/null | wc -l) changed"
 echo "=== gemv tests $(date +%T)"
-timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider -rf --maxfail=5 tests/test_cuda_gemv.py > "$OUT/gemv_tests.log" 2>&1; VRC=$?
+timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider -rf --maxfail=5 tests/test_cuda_gemv.py ${TESTK:+-k "$TESTK"} > "$OUT/gemv_tests.log" 2>&1; VRC=$?
 echo "pytest rc=$VRC"; tail -3 "$OUT/gemv_tests.log" | cut -c1-250
 if [ $VRC -ne 0 ]; then grep -E "^FAILED|^ERROR|Error" "$OUT/gemv_tests.log" | head -20 | cut -c1-300; echo "=== end $(date +%T) ($SECONDS s)"; exit 0; fi
 echo "=== gemv_variants $(date +%T)"
-timeout 240 python3 -m benchmarks.gemv_variants --ms 1,4,8,16 --variants 1,5 \
+timeout 240 python3 -m benchmarks.gemv_variants --ms ${MS:-1,4,8,16} --variants 1,5 \
   --v5-env LORA_KERNELS_GEMV_V5_PIECES=slot,LORA_KERNELS_GEMV_V5_FINISH=plain --json "$OUT/gemv_variants_${GPU}_$TAG.json" > "$OUT/gemv_variants.log" 2>&1
 echo "gemv_variants rc=$?"; grep -E "^\s+(4096x14336|14336x4096|8192x28672)|V5_" "$OUT/gemv_variants.log" | grep -v "^ *4096x4096" | cut -c1-130 | head -80
 LEFT=$(( ENV_S - SECONDS ))
