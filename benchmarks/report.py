@@ -272,7 +272,8 @@ def env_line(doc: dict) -> str:
     vers = ", ".join(f"{k} {env[k]}" for k in ("torch", "cuda", "triton", "bitsandbytes", "peft")
                      if env.get(k) is not None)
     commit = f", lora_kernels @ {env['git_commit']}" if env.get("git_commit") else ""
-    return f"- `{doc['name']}`: {machine}, driver {env.get('driver')}; {vers}{commit}; run {env.get('time_utc')}"
+    tree = f" ({env['tree_note']})" if env.get("tree_note") else ""
+    return f"- `{doc['name']}`: {machine}, driver {env.get('driver')}; {vers}{commit}{tree}; run {env.get('time_utc')}"
 
 
 def nf4_table(doc: dict) -> list[str]:
