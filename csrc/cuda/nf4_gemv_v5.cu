@@ -55,7 +55,9 @@
 //    and the bias, as store_lora_bias does.  It requests B's row and the bias before its wait for the
 //    GEMV and the partials before the T sums (session 17; $LORA_KERNELS_GEMV_V5_FINISH=plain: the old
 //    order, same bits).  ncu, session 17 (4096x14336, M = 16): the finish kernel 5.3 us at r = 0,
-//    9.7 at r = 16 with the old order -- most of the low-rank term's cost at M = 16.
+//    9.7 at r = 16 with the old order -- most of the low-rank term's cost at M = 16.  MEASURED (graph
+//    replay, r = 16, gemv_variants_*_session17b.md): 0.5-2.5 us less (4096x14336 M = 16 29.0 -> 27.9,
+//    8192x28672 M = 16 89.4 -> 86.9, M = 1 0.6-0.8 us).
 // Numerics: variant 4's (dtype(code) · x in fp32 through the MMA, times the fp32 absmax per 64
 // products; another fp32 summation order than variant 1).
 // Two modes for x (session 15; nf4_lora_gemv_v5_mode says which):
