@@ -144,6 +144,9 @@ def main(argv=None) -> int:
     v5_envs = [e.strip().split("=", 1) for e in args.v5_env.split(",") if e.strip()]
     if len(v5_envs) > 4 or any(len(e) != 2 or not e[0].startswith("LORA_KERNELS_") for e in v5_envs):
         ap.error(f"--v5-env: at most 4 NAME=VALUE pairs, each NAME a LORA_KERNELS_ switch, got {args.v5_env!r}")
+    # variant 5 timed again under each A/B setting: (column prefix, variable, value)
+    v5_alts = ([("v5light", "LORA_KERNELS_GEMV_V5_PIECES", "light")] if args.v5_light else []) + \
+        [(f"v5env{i}", name, value) for i, (name, value) in enumerate(v5_envs)]
     if not wanted <= {1, 2, 3, 4, 5}:
         ap.error(f"--variants: each must be 1..5, got {args.variants!r}")
     if args.diagnose not in (0, 2, 3, 4, 5):
@@ -249,18 +252,12 @@ def main(argv=None) -> int:
                     print(f"{'':>12} {'':>3} {'':>3}   v5 with $LORA_KERNELS_GEMV_V5_STAGES=6: {t:7.1f} us "
                           f"({t / floor_us:.2f}x floor, {stages} stages ran; rel diff {row['v5deep_rel_diff']:.1e})",
                           flush=True)
-                if 5 in extra and args.v5_light:
-                    t, out, _ = v5_with_env("LORA_KERNELS_GEMV_V5_PIECES", "light")
-                    same = bool(torch.equal(out, outs[5]))
-                    row.update(v5light_us=t, v5light_over_floor=t / floor_us, v5light_same_bits="yes" if same else "NO")
-                    print(f"{'':>12} {'':>3} {'':>3}   v5 with $LORA_KERNELS_GEMV_V5_PIECES=light: {t:7.1f} us "
-                          f"({t / floor_us:.2f}x floor; same bits as the default map: {row['v5light_same_bits']})",
-                          flush=True)
-                for i, (name, value) in enumerate(v5_envs if 5 in extra else []):
+                for col, name, value in (v5_alts if 5 in extra else []):
                     t, out, _ = v5_with_env(name, value)
                     same = "yes" if torch.equal(out, outs[5]) else "NO"
-                    row.update({f"v5env{i}": f"{name[len('LORA_KERNELS_'):]}={value}", f"v5env{i}_us": t,
-                                f"v5env{i}_over_floor": t / floor_us, f"v5env{i}_same_bits": same})
+                    row.update({f"{col}_us": t, f"{col}_over_floor": t / floor_us, f"{col}_same_bits": same})
+                    if col.startswith("v5env"):
+                        row[col] = f"{name[len('LORA_KERNELS_'):]}={value}"
                     print(f"{'':>12} {'':>3} {'':>3}   v5 with ${name}={value}: {t:7.1f} us "
                           f"({t / floor_us:.2f}x floor; same bits as the default: {same})", flush=True)
                 rows.append(row)

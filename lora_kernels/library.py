@@ -317,9 +317,9 @@ def gemv_variant_chosen(M: int, N: int, K: int, has_lora: bool, blocksize: int =
     when set, else ``gemv_variant`` (told whether variant 5 takes these sizes, ``gemv_v5_takes``).
     The extension falls back to variant 1 where the asked variant cannot take the sizes
     (``lora_gemv_v2_workspace``, ``lora_gemv_v{3,4}_supported`` and ``lora_gemv_v5_slices`` say when)."""
-    forced = gemv_variant_override()
-    if forced is not None:
-        return forced
+    forced = _gemv_variant_env()    # gemv_variant_override, inlined (decode hot path)
+    if forced:
+        return int(forced)
     return _gemv_variant_default(M, N, K, has_lora, blocksize, double_quant)
 
 

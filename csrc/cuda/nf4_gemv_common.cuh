@@ -175,6 +175,18 @@ lora_t_pdl_kernel(const T* __restrict__ x, const T* __restrict__ a, int K, int r
   }
 }
 
+// bias[n] as fp32 (the bias of dtype or fp32; p.bias not nullptr).
+template <typename T, typename P>
+__device__ __forceinline__ float bias_at(const P& p, int n) {
+  return p.bias_f32 ? static_cast<const float*>(p.bias)[n] : Num<T>::to_float(static_cast<const T*>(p.bias)[n]);
+}
+
+// Row n of B read 8 entries per 16-byte load (r % 8 == 0 and B 16-byte aligned).
+template <typename P>
+__device__ __forceinline__ bool lora_b_vec8(const P& p) {
+  return (p.r & 7) == 0 && (reinterpret_cast<uintptr_t>(p.lora_b) & 15) == 0;
+}
+
 // y[m, n] = dtype(v + Σ_j tr[j] B[n, j] + bias[n]) (fp32 sums in that order; tr: row m of T, or
 // nullptr: no low-rank term; bias of dtype or fp32).  P: a kernel's parameter struct with y, N, r,
 // lora_b, bias, bias_f32.  Row n of B is read 8 entries per 16-byte load where r % 8 == 0 and B is
@@ -186,7 +198,7 @@ __device__ __forceinline__ void store_lora_bias_t(const P& p, const float* tr, i
   if (tr != nullptr) {
     const T* br = static_cast<const T*>(p.lora_b) + static_cast<int64_t>(n) * p.r;
     float lora = 0.f;
-    if ((p.r & 7) == 0 && (reinterpret_cast<uintptr_t>(p.lora_b) & 15) == 0) {
+    if (lora_b_vec8(p)) {
       for (int j0 = 0; j0 < p.r; j0 += 8) {
         const uint4 w = __ldg(reinterpret_cast<const uint4*>(br + j0));
         const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
@@ -204,11 +216,7 @@ __device__ __forceinline__ void store_lora_bias_t(const P& p, const float* tr, i
     }
     v = __fadd_rn(v, lora);
   }
-  if (p.bias != nullptr) {
-    const float b = p.bias_f32 ? static_cast<const float*>(p.bias)[n]
-                               : Num<T>::to_float(static_cast<const T*>(p.bias)[n]);
-    v = __fadd_rn(v, b);
-  }
+  if (p.bias != nullptr) v = __fadd_rn(v, bias_at<T>(p, n));
   static_cast<T*>(p.y)[static_cast<int64_t>(m) * p.N + n] = Num<T>::from_float(v);
 }
 

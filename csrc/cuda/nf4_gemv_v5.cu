@@ -570,25 +570,23 @@ __global__ void __launch_bounds__(kFinishThreads5) v5_finish_kernel(const V5Para
   // aligned) and bias[n] -- inputs the GEMV does not write -- are read before waiting for it, and the
   // slice partials are requested before the T sums, so the chain after the wait is one round of L2
   // reads (partials and T pieces together) and the shared-memory T, not three (T pieces, partials, B).
-  const bool pre_b = lora && p.r <= 8 * kFinishPreB && (p.r & 7) == 0 &&
-                     (reinterpret_cast<uintptr_t>(p.lora_b) & 15) == 0;
-  const bool pre = p.finish_prefetch && (!lora || pre_b);
+  const bool pre = p.finish_prefetch && (!lora || (p.r <= 8 * kFinishPreB && lora_b_vec8(p)));
   uint4 bw[kFinishPreB];
   float bias_v = 0.f;
   if (pre && valid) {
     const uint4* br = reinterpret_cast<const uint4*>(static_cast<const T*>(p.lora_b) + static_cast<int64_t>(n) * p.r);
 #pragma unroll
     for (int c = 0; c < kFinishPreB; ++c) bw[c] = (lora && 8 * c < p.r) ? __ldg(br + c) : make_uint4(0u, 0u, 0u, 0u);
-    if (p.bias != nullptr)
-      bias_v = p.bias_f32 ? static_cast<const float*>(p.bias)[n] : Num<T>::to_float(static_cast<const T*>(p.bias)[n]);
+    if (p.bias != nullptr) bias_v = bias_at<T>(p, n);
   }
   griddep_wait();                          // the GEMV complete and visible
-  float v = 0.f;
-  if (pre && valid) {
-    v = p.part[idx];
+  auto sum_slices = [&]() {                // slice order; unrolled: the reads in flight together
+    float sum = p.part[idx];
 #pragma unroll 8
-    for (int s = 1; s < p.S; ++s) v = __fadd_rn(v, p.part[s * MN + idx]);  // (unrolled: the reads in flight together)
-  }
+    for (int s = 1; s < p.S; ++s) sum = __fadd_rn(sum, p.part[s * MN + idx]);
+    return sum;
+  };
+  float v = (pre && valid) ? sum_slices() : 0.f;
   if (lora) {
     // T entry e = (row m_lo + e / r, rank e % r) is the sum of jt partials.  They are read by a group
     // of G threads (a power of two <= 32, so a group lies in one warp; G = 1 where the entries alone
@@ -618,9 +616,7 @@ __global__ void __launch_bounds__(kFinishThreads5) v5_finish_kernel(const V5Para
   if (!valid) return;
   const float* tr = lora ? t_s + (m - m_lo) * p.r : nullptr;
   if (!pre) {  // the plain order ($LORA_KERNELS_GEMV_V5_FINISH=plain, or B not prefetchable)
-    v = p.part[idx];
-#pragma unroll 8
-    for (int s = 1; s < p.S; ++s) v = __fadd_rn(v, p.part[s * MN + idx]);
+    v = sum_slices();
     store_lora_bias_t<T>(p, tr, m, n, v);
     return;
   }
