@@ -1,0 +1,150 @@
+"""Where the training step's time goes beyond the two cuBLAS matmuls (issue 4), on the GPU.
+
+For each shape K x N and M, times (CUDA-graph replay: GPU time, no host gaps) every launch family of
+our eager step apart, and the step itself both eagerly (CUDA events, as bench_training) and replayed
+as a graph, for each merge workspace size in --workspace-mb (the module global is changed in-process;
+each size is also capped at half the weight, as on the training path):
+
+    floor      F.linear(x, W) + g @ W in bf16 (the pair no step avoids)
+    fwd_merge  the forward's merge launches (W_eff row chunks into the workspace)
+    fwd_gemm   the forward's chunk GEMMs y[:, rows] = x · W_eff[rows]ᵀ (on a merged workspace)
+    bwd_merge  the backward's merge launches (W_eff column chunks)
+    bwd_gemm   the backward's chunk GEMMs dX[:, cols] = dY · W_eff[:, cols]
+    lora       T = x·Aᵀ, U = dY·B, dA = s·Uᵀ·x, dB = s·dYᵀ·T (the backward's four skinny GEMMs)
+    step       forward + torch.autograd.grad(y, (x, A, B), g), eager and graph-replayed
+
+    python -m benchmarks.training_probe --shapes 8192x28672,4096x14336 --ms 4096 --workspace-mb 64,256 \
+        --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import bench_forward as bf
+from benchmarks import harness
+
+SCALE = 2.0
+
+
+def _t(fn, sets, graph: bool, rep_ms: float) -> float:
+    return harness.time_cuda(fn, sets, warmup_ms=5.0, rep_ms=rep_ms, use_graph=graph)["median_ms"]
+
+
+def probe(K: int, N: int, M: int, ws_mb: list[float], rep_ms: float) -> list[dict]:
+    import lora_kernels as lk
+    from lora_kernels import autograd as lk_autograd
+    from lora_kernels import library
+    from lora_kernels.triton import nf4_merge
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev)
+    W = bf._randn((N, K), gen.manual_seed(1), dev, 0.02)
+    q = lk.quantize_nf4(W)
+    r = 16
+    A = bf._randn((r, K), gen, dev, 1.0 / math.sqrt(K)).requires_grad_()
+    B = bf._randn((N, r), gen, dev, 0.02).requires_grad_()
+    x = bf._randn((M, K), gen, dev).requires_grad_()
+    g = bf._randn((M, N), gen, dev)
+    xd = x.detach()
+    sets = [()]
+    rows = []
+    floor = _t(lambda: (F.linear(xd, W), g @ W), sets, True, rep_ms)
+    t_ = xd @ A.detach().t()
+    u_ = g @ B.detach()
+
+    def lora():
+        t = xd @ A.detach().t()
+        u = g @ B.detach()
+        lk_autograd._mm_scaled(u.t(), xd, SCALE, A.dtype)
+        lk_autograd._mm_scaled(g.t(), t, SCALE, B.dtype)
+    lora_ms = _t(lora, sets, True, rep_ms)
+    parts = {"T": lambda: xd @ A.detach().t(), "U": lambda: g @ B.detach(),
+             "dA": lambda: lk_autograd._mm_scaled(u_.t(), xd, SCALE, A.dtype),
+             "dB": lambda: lk_autograd._mm_scaled(g.t(), t_, SCALE, B.dtype)}
+    lora_parts = {k: _t(f, sets, True, rep_ms) for k, f in parts.items()}
+    s_scalar, s_vec = nf4_merge.scale_operands(SCALE, r, dev)
+    for mb in ws_mb:
+        library.WORKSPACE_BYTES = int(mb * 2**20)
+        library._workspaces.clear()
+        torch.cuda.empty_cache()
+        rows_c = min(N, library.merge_chunk(N, K, 128, False))
+        unit = max(128, q.blocksize)
+        cols_c = min(K, library.merge_chunk(K, N, unit, False))
+        ws = torch.empty(max(rows_c * K, N * cols_c), dtype=torch.bfloat16, device=dev)
+        y = torch.empty((M, N), dtype=torch.bfloat16, device=dev)
+        dx = torch.empty((M, K), dtype=torch.bfloat16, device=dev)
+        Ad, Bd = A.detach(), B.detach()
+
+        def fwd_merge():
+            for n0 in range(0, N, rows_c):
+                nf4_merge.merge_window(ws, q, Ad, Bd, s_scalar, s_vec, (n0, min(N, n0 + rows_c)), (0, K))
+
+        def fwd_gemm():
+            for n0 in range(0, N, rows_c):
+                n1 = min(N, n0 + rows_c)
+                torch.mm(xd, ws.as_strided((K, n1 - n0), (1, K)), out=y.narrow(1, n0, n1 - n0))
+
+        def bwd_merge():
+            for k0 in range(0, K, cols_c):
+                nf4_merge.merge_window(ws, q, Ad, Bd, s_scalar, s_vec, (0, N), (k0, min(K, k0 + cols_c)))
+
+        def bwd_gemm():
+            for k0 in range(0, K, cols_c):
+                k1 = min(K, k0 + cols_c)
+                torch.mm(g, ws.as_strided((N, k1 - k0), (k1 - k0, 1)), out=dx.narrow(1, k0, k1 - k0))
+
+        def step():
+            yy = lk.qlora_linear(x, q, A, B, SCALE)
+            return torch.autograd.grad(yy, (x, A, B), g)
+
+        row = dict(shape=f"{K}x{N}", M=M, r=r, workspace_mb=mb, fwd_rows=rows_c, bwd_cols=cols_c,
+                   n_fwd_chunks=-(-N // rows_c), n_bwd_chunks=-(-K // cols_c), floor_ms=floor, lora_ms=lora_ms,
+                   **{f"lora_{k}_ms": v for k, v in lora_parts.items()})
+        for name, fn in (("fwd_merge", fwd_merge), ("fwd_gemm", fwd_gemm), ("bwd_merge", bwd_merge),
+                         ("bwd_gemm", bwd_gemm)):
+            row[f"{name}_ms"] = _t(fn, sets, True, rep_ms)
+        del ws
+        library._workspaces.clear()
+        row["step_eager_ms"] = _t(step, sets, False, rep_ms)
+        try:
+            row["step_graph_ms"] = _t(step, sets, True, rep_ms)
+        except Exception as e:                                   # noqa: BLE001
+            row["step_graph_ms"] = None
+            row["note"] = f"graph: {harness.short_error(e)}"
+        row["parts_sum_ms"] = sum(row[f"{k}_ms"] for k in ("fwd_merge", "fwd_gemm", "bwd_merge", "bwd_gemm", "lora"))
+        row["step_over_floor"] = row["step_eager_ms"] / floor
+        row["graph_over_floor"] = row["step_graph_ms"] / floor if row["step_graph_ms"] else None
+        row["gemm_over_floor"] = (row["fwd_gemm_ms"] + row["bwd_gemm_ms"]) / floor
+        rows.append(row)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        del y, dx
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", type=bf.parse_shapes, required=True)
+    p.add_argument("--ms", type=bf.parse_ints, default=[4096])
+    p.add_argument("--workspace-mb", type=lambda s: [float(v) for v in s.split(",")], default=[64.0])
+    p.add_argument("--rep-ms", type=float, default=60.0)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    env = harness.env_info()
+    out = {"env": env, "rows": []}
+    for K, N in a.shapes:
+        for M in a.ms:
+            out["rows"] += probe(K, N, M, a.workspace_mb, a.rep_ms)
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
