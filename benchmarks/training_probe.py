@@ -11,7 +11,8 @@ each size is also capped at half the weight, as on the training path):
     bwd_merge  the backward's merge launches (W_eff column chunks)
     bwd_gemm   the backward's chunk GEMMs dX[:, cols] = dY · W_eff[:, cols]
     lora       T = x·Aᵀ, U = dY·B, dA = s·Uᵀ·x, dB = s·dYᵀ·T (the backward's four skinny GEMMs)
-    step       forward + torch.autograd.grad(y, (x, A, B), g), eager and graph-replayed
+    step       forward + torch.autograd.grad(y, (x, A, B), g), eager and graph-replayed, and eager with
+               the opt-in overlapped merges (LORA_KERNELS_MERGE_OVERLAP: library.MERGE_OVERLAP set here)
 
     python -m benchmarks.training_probe --shapes 8192x28672,4096x14336 --ms 4096 --workspace-mb 64,256 \
         --json out.json
@@ -112,6 +113,13 @@ def probe(K: int, N: int, M: int, ws_mb: list[float], rep_ms: float) -> list[dic
         del ws
         library._workspaces.clear()
         row["step_eager_ms"] = _t(step, sets, False, rep_ms)
+        library.MERGE_OVERLAP = True          # the opt-in side-stream pipeline (eager only: not under capture)
+        library._workspaces.clear()
+        try:
+            row["step_overlap_ms"] = _t(step, sets, False, rep_ms)
+        finally:
+            library.MERGE_OVERLAP = False
+            library._workspaces.clear()
         try:
             row["step_graph_ms"] = _t(step, sets, True, rep_ms)
         except Exception as e:                                   # noqa: BLE001
@@ -119,6 +127,7 @@ def probe(K: int, N: int, M: int, ws_mb: list[float], rep_ms: float) -> list[dic
             row["note"] = f"graph: {harness.short_error(e)}"
         row["parts_sum_ms"] = sum(row[f"{k}_ms"] for k in ("fwd_merge", "fwd_gemm", "bwd_merge", "bwd_gemm", "lora"))
         row["step_over_floor"] = row["step_eager_ms"] / floor
+        row["overlap_over_floor"] = row["step_overlap_ms"] / floor
         row["graph_over_floor"] = row["step_graph_ms"] / floor if row["step_graph_ms"] else None
         row["gemm_over_floor"] = (row["fwd_gemm_ms"] + row["bwd_gemm_ms"]) / floor
         rows.append(row)

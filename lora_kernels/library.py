@@ -464,16 +464,20 @@ WORKSPACE_BYTES = int(float(os.environ.get("LORA_KERNELS_WORKSPACE_MB", "64")) *
 _workspaces: dict = {}
 
 
-def _workspace(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """A flat scratch tensor of >= ``numel`` elements, cached per (device, dtype) and reused by every
-    layer (grown when a larger chunk is asked for) while kernels run on the device's default stream.
-    A fresh tensor on any other stream -- CUDA-graph capture and torch.compile's cudagraph warm-up
-    run on side streams and allocate from a private pool that must not keep a cached tensor alive --,
-    off CUDA, or with WORKSPACE_BYTES == 0."""
-    if (WORKSPACE_BYTES <= 0 or device.type != "cuda"
-            or torch._C._cuda_getCurrentRawStream(device.index) != 0):   # 0: the legacy default stream
+def _on_default_stream(device: torch.device) -> bool:
+    return device.type == "cuda" and torch._C._cuda_getCurrentRawStream(device.index) == 0  # legacy default
+
+
+def _workspace(device: torch.device, dtype: torch.dtype, numel: int, slot: int = 0) -> torch.Tensor:
+    """A flat scratch tensor of >= ``numel`` elements, cached per (device, dtype, slot) and reused by
+    every layer (grown when a larger chunk is asked for) while kernels run on the device's default
+    stream (slot 1: the second buffer of the overlapped pipeline).  A fresh tensor on any other
+    stream -- CUDA-graph capture and torch.compile's cudagraph warm-up run on side streams and
+    allocate from a private pool that must not keep a cached tensor alive --, off CUDA, or with
+    WORKSPACE_BYTES == 0."""
+    if WORKSPACE_BYTES <= 0 or not _on_default_stream(device):
         return torch.empty(numel, dtype=dtype, device=device)
-    key = (device, dtype)
+    key = (device, dtype) if slot == 0 else (device, dtype, slot)
     ws = _workspaces.get(key)
     if ws is None or ws.numel() < numel:
         _workspaces.pop(key, None)                 # free the smaller one before allocating
@@ -484,6 +488,46 @@ def _workspace(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Te
 def workspace_nbytes() -> int:
     """Bytes the cached merge workspaces hold now (all devices, dtypes and streams)."""
     return sum(t.numel() * t.element_size() for t in _workspaces.values())
+
+
+#: LORA_KERNELS_MERGE_OVERLAP=1 (opt-in, session 18, not yet measured): the streamed routes merge
+#: chunk i + 1 on a side stream into a second workspace while cuBLAS multiplies chunk i (the merge is
+#: memory-bound, the GEMM compute-bound); two chunks of workspace instead of one.  Off the default
+#: stream (graph capture, torch.compile's cudagraphs) the chunks run in order as without it.
+MERGE_OVERLAP = os.environ.get("LORA_KERNELS_MERGE_OVERLAP", "0") == "1"
+_merge_streams: dict = {}
+
+
+def _run_chunks(device: torch.device, dtype: torch.dtype, numel: int, bounds, merge, gemm) -> None:
+    """For each ``(a, b)`` of ``bounds``: ``merge(ws, a, b)`` writes a chunk of W_eff into the
+    workspace ``ws`` (>= ``numel`` elements), then ``gemm(ws, a, b)`` consumes it.  In order on the
+    current stream, or with MERGE_OVERLAP the merges on a side stream, double-buffered: merge i + 1
+    waits only for GEMM i - 1 (the last reader of its buffer), GEMM i for merge i."""
+    if not (MERGE_OVERLAP and len(bounds) > 1 and WORKSPACE_BYTES > 0 and _on_default_stream(device)):
+        ws = _workspace(device, dtype, numel)
+        for a, b in bounds:
+            merge(ws, a, b)
+            gemm(ws, a, b)
+        return
+    main = torch.cuda.current_stream(device)
+    side = _merge_streams.get(device)
+    if side is None:
+        side = _merge_streams[device] = torch.cuda.Stream(device)
+    bufs = (_workspace(device, dtype, numel), _workspace(device, dtype, numel, slot=1))
+    side.wait_stream(main)                  # the inputs, and the previous call's GEMMs on these buffers
+    freed = [None, None]
+    for i, (a, b) in enumerate(bounds):
+        ws = bufs[i & 1]
+        with torch.cuda.stream(side):
+            if freed[i & 1] is not None:
+                side.wait_event(freed[i & 1])
+            merge(ws, a, b)
+            merged = torch.cuda.Event()
+            merged.record(side)
+        main.wait_event(merged)
+        gemm(ws, a, b)
+        freed[i & 1] = torch.cuda.Event()
+        freed[i & 1].record(main)
 
 
 def merge_chunk(length: int, other: int, unit: int, whole_weight: bool = True) -> int:
@@ -539,20 +583,23 @@ def _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias, whole_weight: bool =
     base, lora_a, lora_b, s_scalar, s_vec = _merge_args(weight, lora_a, lora_b, scale, dt)
     N, K = base.shape
     rows = min(N, merge_chunk(N, K, 128, whole_weight))
-    ws = _workspace(x2d.device, dt, rows * K)
     if rows == N:       # one chunk (inference, a weight that fits): no output slices
+        ws = _workspace(x2d.device, dt, rows * K)
         merge_window(ws, base, lora_a, lora_b, s_scalar, s_vec, (0, N), (0, K))
         w_eff_t = ws.as_strided((K, N), (1, K))
         return torch.mm(x2d, w_eff_t) if bias is None else torch.addmm(bias, x2d, w_eff_t)
     y = torch.empty((x2d.shape[0], N), dtype=dt, device=x2d.device)
-    for n0 in range(0, N, rows):
-        n1 = min(N, n0 + rows)
-        merge_window(ws, base, lora_a, lora_b, s_scalar, s_vec, (n0, n1), (0, K))  # ws[:n·K] = W_eff[n0:n1]
+
+    def merge(ws, n0, n1):                                       # ws[:n·K] = W_eff[n0:n1]
+        merge_window(ws, base, lora_a, lora_b, s_scalar, s_vec, (n0, n1), (0, K))
+
+    def gemm(ws, n0, n1):
         w_eff_t = ws.as_strided((K, n1 - n0), (1, K))            # W_eff[n0:n1]ᵀ, one view op
         if bias is None:                                         # cuBLAS writes the column slice in place
             torch.mm(x2d, w_eff_t, out=y.narrow(1, n0, n1 - n0))
         else:
             torch.addmm(bias.narrow(0, n0, n1 - n0), x2d, w_eff_t, out=y.narrow(1, n0, n1 - n0))
+    _run_chunks(x2d.device, dt, rows * K, [(n0, min(N, n0 + rows)) for n0 in range(0, N, rows)], merge, gemm)
     return y
 
 
@@ -611,11 +658,13 @@ def dx_2d(dy: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: torch.T
         unit = max(128, base.blocksize) if isinstance(base, NF4Weight) else 128
         cols = min(K, merge_chunk(K, N, unit, whole_weight))
         dx = torch.empty((dy.shape[0], K), dtype=dt, device=dy.device)
-        ws = _workspace(dy.device, dt, N * cols)
-        for k0 in range(0, K, cols):
-            k1 = min(K, k0 + cols)
-            merge_window(ws, base, lora_a, lora_b, s_scalar, s_vec, (0, N), (k0, k1))  # ws[:N·k] = W_eff[:, k0:k1]
+
+        def merge(ws, k0, k1):                                   # ws[:N·k] = W_eff[:, k0:k1]
+            merge_window(ws, base, lora_a, lora_b, s_scalar, s_vec, (0, N), (k0, k1))
+
+        def gemm(ws, k0, k1):
             torch.mm(dy, ws.as_strided((N, k1 - k0), (k1 - k0, 1)), out=dx.narrow(1, k0, k1 - k0))
+        _run_chunks(dy.device, dt, N * cols, [(k0, min(K, k0 + cols)) for k0 in range(0, K, cols)], merge, gemm)
         return dx
     if isinstance(weight, NF4Weight):
         dense = weight.dequantize(dt if dt in _FLOAT_DTYPES else torch.float32).to(dt)

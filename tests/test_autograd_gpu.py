@@ -111,6 +111,46 @@ def test_training_step_never_allocates_the_dense_weight(rng, K, N):
 
 
 @gpu
+@pytest.mark.parametrize("M,K,N,bias", [(300, 2048, 1408, True), (77, 1536, 2560, False)], ids=lambda v: str(v))
+def test_overlapped_merge_pipeline_gives_the_in_order_bits(rng, monkeypatch, M, K, N, bias):
+    """``LORA_KERNELS_MERGE_OVERLAP``: merging chunk i + 1 on a side stream while cuBLAS multiplies
+    chunk i changes the order of launches, not their operands: y and dX (several chunks each, with a
+    small workspace, the buffers reused) are bit-equal to the in-order pipeline's, call after call."""
+    from lora_kernels import library
+
+    dev, r = "cuda", 16
+    q = lk.quantize_nf4(randn((N, K), torch.float32, rng, device=dev, scale=0.05))
+    A = randn((r, K), torch.bfloat16, rng, device=dev, scale=0.05)
+    B = randn((N, r), torch.bfloat16, rng, device=dev, scale=0.05)
+    b = randn((N,), torch.bfloat16, rng, device=dev) if bias else None
+    xs = [randn((M, K), torch.bfloat16, rng, device=dev) for _ in range(3)]
+    dys = [randn((M, N), torch.bfloat16, rng, device=dev) for _ in range(3)]
+    monkeypatch.setattr(library, "WORKSPACE_BYTES", 2 * 256 * max(N, K))   # 256 rows / columns a chunk
+    assert library.merge_chunk(N, K, 128, False) < N and library.merge_chunk(K, N, 128, False) < K
+
+    def run():
+        library._workspaces.clear()
+        out = []
+        for x, dy in zip(xs, dys):
+            out.append(library._merge_cublas(x, q, A, B, 2.0, b, whole_weight=False))
+            out.append(library.dx_2d(dy, q, A, B, 2.0))
+        torch.cuda.synchronize()
+        return out
+
+    monkeypatch.setattr(library, "MERGE_OVERLAP", False)
+    want = run()
+    monkeypatch.setattr(library, "MERGE_OVERLAP", True)
+    got = run()
+    assert len(library._workspaces) == 2          # both buffers of the pipeline were used
+    for w, g_ in zip(want, got):
+        assert torch.equal(w, g_)
+    dense = q.dequantize(torch.float32) + 2.0 * B.float() @ A.float()
+    ref = xs[0].float() @ dense.t() + (b.float() if bias else 0)
+    assert (got[0].float() - ref).abs().max() <= 0.02 * ref.abs().max()
+    library._workspaces.clear()
+
+
+@gpu
 @pytest.mark.parametrize("M,K,N,r", [(17, 512, 333, 16), (2048, 2048, 5632, 16), (100, 1024, 771, 128)],
                          ids=lambda v: str(v))
 def test_fp32_adapters_with_bf16_activations_gpu(rng, M, K, N, r):
