@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Session 18's first device call, ENVELOPE s (default 560): build; the decode kernel's v5 / finish /
 # piece-map GPU tests (TESTK, default "v5 or finish or piece": re-verifies the review commit e84c707,
-# compiled only in session 17); where issue 4's training step at M = 4096 spends its time beyond the
+# compiled only in session 17); the opt-in overlapped merge pipeline's GPU test (LORA_KERNELS_MERGE_OVERLAP); where issue 4's training step at M = 4096 spends its time beyond the
 # cuBLAS pair (benchmarks/training_probe.py, SHAPES at MS, for each merge workspace in WSMB); then, with
 # the time left, ncu of variant 5 at 14336x4096 M = 16 r = 16 under both piece maps with the warp-state
 # and source counters (issue 3: why light-first loses at K = 14336).
@@ -18,6 +18,10 @@ if [ -n "${TESTK-v5 or finish or piece}" ]; then
   echo "pytest rc=$?"; tail -2 "$OUT/gemv_tests.log" | cut -c1-250
   grep -E "^FAILED|^ERROR" "$OUT/gemv_tests.log" | head -10 | cut -c1-300
 fi
+echo "=== overlap test $(date +%T)"
+timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_autograd_gpu.py -k "overlapped or never_allocates" \
+  > "$OUT/overlap_tests.log" 2>&1; ORC=$?
+echo "pytest rc=$ORC"; tail -2 "$OUT/overlap_tests.log" | cut -c1-250; grep -E "^FAILED|^E " "$OUT/overlap_tests.log" | head -10 | cut -c1-300
 echo "=== training probe $(date +%T)"
 timeout $(( ENV_S - SECONDS - 90 )) python3 -m benchmarks.training_probe --shapes ${SHAPES:-8192x28672,28672x8192,4096x14336,14336x4096} \
   --ms ${MS:-4096} --workspace-mb ${WSMB:-64,128,256,100000} --json "$OUT/training_probe_${GPU}_$TAG.json" > "$OUT/training_probe.log" 2>&1
