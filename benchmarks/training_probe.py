@@ -10,7 +10,8 @@ each size is also capped at half the weight, as on the training path):
     fwd_gemm   the forward's chunk GEMMs y[:, rows] = x · W_eff[rows]ᵀ (on a merged workspace)
     bwd_merge  the backward's merge launches (W_eff column chunks)
     bwd_gemm   the backward's chunk GEMMs dX[:, cols] = dY · W_eff[:, cols]
-    lora       T = x·Aᵀ, U = dY·B, dA = s·Uᵀ·x, dB = s·dYᵀ·T (the backward's four skinny GEMMs)
+    lora       T = x·Aᵀ, U = dY·B, dA = s·Uᵀ·x, dB = s·dYᵀ·T (the backward's four skinny GEMMs), and U with
+               dB from one read of dY (triton/lora_grad.lora_dy_pass, opt-in candidate)
     step       forward + torch.autograd.grad(y, (x, A, B), g), eager and graph-replayed, and eager with
                the opt-in overlapped merges (LORA_KERNELS_MERGE_OVERLAP: library.MERGE_OVERLAP set here)
 
@@ -69,6 +70,14 @@ def probe(K: int, N: int, M: int, ws_mb: list[float], rep_ms: float) -> list[dic
              "dA": lambda: lk_autograd._mm_scaled(u_.t(), xd, SCALE, A.dtype),
              "dB": lambda: lk_autograd._mm_scaled(g.t(), t_, SCALE, B.dtype)}
     lora_parts = {k: _t(f, sets, True, rep_ms) for k, f in parts.items()}
+    try:                                         # U and dB from one read of dY (triton/lora_grad.py)
+        from lora_kernels.triton import lora_grad
+        lora_parts["U+dB_fused"] = _t(lambda: lora_grad.lora_dy_pass(g, B.detach(), t_, SCALE), sets, True, rep_ms)
+        u_f, db_f = lora_grad.lora_dy_pass(g, B.detach(), t_, SCALE)
+        db_ref = SCALE * (g.float().t() @ t_.float())
+        lora_parts["fused_db_relerr"] = float((db_f.float() - db_ref).norm() / db_ref.norm())
+    except Exception as e:                       # noqa: BLE001
+        print(f"fused dY pass failed: {harness.short_error(e)}", flush=True)
     s_scalar, s_vec = nf4_merge.scale_operands(SCALE, r, dev)
     for mb in ws_mb:
         library.WORKSPACE_BYTES = int(mb * 2**20)
@@ -106,7 +115,7 @@ def probe(K: int, N: int, M: int, ws_mb: list[float], rep_ms: float) -> list[dic
 
         row = dict(shape=f"{K}x{N}", M=M, r=r, workspace_mb=mb, fwd_rows=rows_c, bwd_cols=cols_c,
                    n_fwd_chunks=-(-N // rows_c), n_bwd_chunks=-(-K // cols_c), floor_ms=floor, lora_ms=lora_ms,
-                   **{f"lora_{k}_ms": v for k, v in lora_parts.items()})
+                   **{f"lora_{k}" + ("" if k.endswith("relerr") else "_ms"): v for k, v in lora_parts.items()})
         for name, fn in (("fwd_merge", fwd_merge), ("fwd_gemm", fwd_gemm), ("bwd_merge", bwd_merge),
                          ("bwd_gemm", bwd_gemm)):
             row[f"{name}_ms"] = _t(fn, sets, True, rep_ms)
