@@ -19,7 +19,7 @@ if [ -n "${TESTK-v5 or finish or piece}" ]; then
   grep -E "^FAILED|^ERROR" "$OUT/gemv_tests.log" | head -10 | cut -c1-300
 fi
 echo "=== overlap test $(date +%T)"
-timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_autograd_gpu.py -k "overlapped or never_allocates" \
+timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_autograd_gpu.py tests/test_triton_lora_grad.py -k "overlapped or never_allocates or dy_pass" \
   > "$OUT/overlap_tests.log" 2>&1; ORC=$?
 echo "pytest rc=$ORC"; tail -2 "$OUT/overlap_tests.log" | cut -c1-250; grep -E "^FAILED|^E " "$OUT/overlap_tests.log" | head -10 | cut -c1-300
 echo "=== training probe $(date +%T)"
