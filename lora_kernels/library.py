@@ -530,6 +530,20 @@ def _run_chunks(device: torch.device, dtype: torch.dtype, numel: int, bounds, me
         freed[i & 1].record(main)
 
 
+#: LORA_KERNELS_FUSED_DY_PASS=1 (opt-in, session 18, not yet measured): the eager backward takes
+#: U = dY·B and dB = s·dYᵀ·T from one read of dY (triton/lora_grad.py) instead of two cuBLAS GEMMs.
+FUSED_DY_PASS = os.environ.get("LORA_KERNELS_FUSED_DY_PASS", "0") == "1"
+
+
+def fused_dy_pass_takes(dy: torch.Tensor, r: int, scale) -> bool:
+    """Whether the backward computes (U, dB) with ``lora_grad.lora_dy_pass``: FUSED_DY_PASS on, a
+    CUDA dY not being traced, a float scale, and a size where it pays (``lora_grad.worth_it``)."""
+    if not (FUSED_DY_PASS and dy.is_cuda and isinstance(scale, float) and _ext.triton_available()
+            and dy.dtype in _GEMV_DTYPES and not torch.compiler.is_compiling()):
+        return False
+    return _triton_module("lora_grad").worth_it(dy.shape[0], dy.shape[1], r)
+
+
 def merge_chunk(length: int, other: int, unit: int, whole_weight: bool = True) -> int:
     """Chunk length along a weight dimension of ``length`` (the other one has ``other`` elements):
     a multiple of ``unit`` holding at most WORKSPACE_BYTES of bf16, and with ``whole_weight=False``

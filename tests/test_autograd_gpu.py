@@ -111,6 +111,42 @@ def test_training_step_never_allocates_the_dense_weight(rng, K, N):
 
 
 @gpu
+@pytest.mark.parametrize("M,K,N,r,dropout", [(2048, 1024, 8192, 16, 0.0), (4097, 512, 4100, 8, 0.1)],
+                         ids=lambda v: str(v))
+def test_fused_dy_pass_backward(rng, monkeypatch, M, K, N, r, dropout):
+    """``LORA_KERNELS_FUSED_DY_PASS``: the backward's U and dB from one read of dY give the gradients
+    of the two-GEMM backward within bf16 rounding (fp32 adapters: dB comes back in fp32), and the
+    fused kernel is the one that ran."""
+    from lora_kernels import library
+    from lora_kernels.triton import lora_grad
+
+    dev = "cuda"
+    q = lk.quantize_nf4(randn((N, K), torch.float32, rng, device=dev, scale=0.05))
+    x = randn((M, K), torch.bfloat16, rng, device=dev).requires_grad_()
+    A = randn((r, K), torch.float32, rng, device=dev, scale=0.05).requires_grad_()
+    B = randn((N, r), torch.float32, rng, device=dev, scale=0.05).requires_grad_()
+    g = randn((M, N), torch.bfloat16, rng, device=dev)
+    calls = []
+    real = lora_grad.lora_dy_pass
+    monkeypatch.setattr(lora_grad, "lora_dy_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def grads(fused):
+        monkeypatch.setattr(library, "FUSED_DY_PASS", fused)
+        torch.manual_seed(7)                                   # the same dropout mask both times
+        return _step(lambda: lk.qlora_linear(x, q, A, B, 2.0, dropout=dropout, training=True), [x, A, B], g)
+
+    want = grads(False)
+    assert not calls
+    got = grads(True)
+    assert len(calls) == 1
+    assert [t.dtype for t in got] == [t.dtype for t in want]
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)          # y: the forward is untouched
+    for w, g_ in zip(want[1:], got[1:]):
+        err = (g_.float() - w.float()).norm() / w.float().norm()
+        assert err <= 8e-3, err
+
+
+@gpu
 @pytest.mark.parametrize("M,K,N,bias", [(300, 2048, 1408, True), (77, 1536, 2560, False)], ids=lambda v: str(v))
 def test_overlapped_merge_pipeline_gives_the_in_order_bits(rng, monkeypatch, M, K, N, bias):
     """``LORA_KERNELS_MERGE_OVERLAP``: merging chunk i + 1 on a side stream while cuBLAS multiplies
