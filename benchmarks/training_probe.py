@@ -122,13 +122,18 @@ def probe(K: int, N: int, M: int, ws_mb: list[float], rep_ms: float) -> list[dic
         del ws
         library._workspaces.clear()
         row["step_eager_ms"] = _t(step, sets, False, rep_ms)
-        library.MERGE_OVERLAP = True          # the opt-in side-stream pipeline (eager only: not under capture)
-        library._workspaces.clear()
-        try:
-            row["step_overlap_ms"] = _t(step, sets, False, rep_ms)
-        finally:
-            library.MERGE_OVERLAP = False
+        # the opt-ins: the side-stream merge pipeline (eager only: not under capture), the fused dY pass
+        for name, overlap, fused in (("overlap", True, False), ("fused", False, True), ("both", True, True)):
+            library.MERGE_OVERLAP, library.FUSED_DY_PASS = overlap, fused
             library._workspaces.clear()
+            try:
+                row[f"step_{name}_ms"] = _t(step, sets, False, rep_ms)
+            except Exception as e:                               # noqa: BLE001
+                row[f"step_{name}_ms"] = None
+                row["note"] = f"{row.get('note', '')} {name}: {harness.short_error(e)}".strip()
+            finally:
+                library.MERGE_OVERLAP = library.FUSED_DY_PASS = False
+                library._workspaces.clear()
         try:
             row["step_graph_ms"] = _t(step, sets, True, rep_ms)
         except Exception as e:                                   # noqa: BLE001
@@ -136,7 +141,9 @@ def probe(K: int, N: int, M: int, ws_mb: list[float], rep_ms: float) -> list[dic
             row["note"] = f"graph: {harness.short_error(e)}"
         row["parts_sum_ms"] = sum(row[f"{k}_ms"] for k in ("fwd_merge", "fwd_gemm", "bwd_merge", "bwd_gemm", "lora"))
         row["step_over_floor"] = row["step_eager_ms"] / floor
-        row["overlap_over_floor"] = row["step_overlap_ms"] / floor
+        for name in ("overlap", "fused", "both"):
+            v = row[f"step_{name}_ms"]
+            row[f"{name}_over_floor"] = v / floor if v else None
         row["graph_over_floor"] = row["step_graph_ms"] / floor if row["step_graph_ms"] else None
         row["gemm_over_floor"] = (row["fwd_gemm_ms"] + row["bwd_gemm_ms"]) / floor
         rows.append(row)
