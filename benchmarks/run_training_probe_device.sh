@@ -23,8 +23,8 @@ timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_autog
   > "$OUT/overlap_tests.log" 2>&1; ORC=$?
 echo "pytest rc=$ORC"; tail -2 "$OUT/overlap_tests.log" | cut -c1-250; grep -E "^FAILED|^E " "$OUT/overlap_tests.log" | head -10 | cut -c1-300
 echo "=== training probe $(date +%T)"
-timeout $(( ENV_S - SECONDS - 90 )) python3 -m benchmarks.training_probe --shapes ${SHAPES:-8192x28672,28672x8192,4096x14336,14336x4096} \
-  --ms ${MS:-4096} --workspace-mb ${WSMB:-32,64,128,256,100000} --json "$OUT/training_probe_${GPU}_$TAG.json" > "$OUT/training_probe.log" 2>&1
+timeout $(( ENV_S - SECONDS - 90 )) python3 -m benchmarks.training_probe --shapes ${SHAPES:-8192x28672,4096x14336,28672x8192,14336x4096} \
+  --ms ${MS:-4096} --workspace-mb ${WSMB:-32,64,256,100000} --json "$OUT/training_probe_${GPU}_$TAG.json" > "$OUT/training_probe.log" 2>&1
 echo "probe rc=$?"; cut -c1-700 "$OUT/training_probe.log" | tail -30
 command -v ncu > /dev/null || { echo "no ncu"; exit 0; }
 for PIECES in slot light; do
