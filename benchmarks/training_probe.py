@@ -153,6 +153,68 @@ def probe(K: int, N: int, M: int, ws_mb: list[float], rep_ms: float) -> list[dic
     return rows
 
 
+AB_CONFIGS = (("default", False, False), ("overlap", True, False), ("fused", False, True), ("both", True, True))
+
+
+def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -> list[dict]:
+    """The step (eager, CUDA events) under each of AB_CONFIGS, interleaved in ``rounds`` rounds
+    (ABCD ABCD ...: clock and thermal drift spread over all configs), per workspace size; and the
+    merge kernel with and without the low-rank term beside dequantize_nf4 (one whole-weight window,
+    graph replay): how far the merge is from a plain dequantize."""
+    import lora_kernels as lk
+    from lora_kernels import library
+    from lora_kernels.triton import nf4_merge
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev)
+    W = bf._randn((N, K), gen.manual_seed(1), dev, 0.02)
+    q = lk.quantize_nf4(W)
+    del W
+    r = 16
+    A = bf._randn((r, K), gen, dev, 1.0 / math.sqrt(K)).requires_grad_()
+    B = bf._randn((N, r), gen, dev, 0.02).requires_grad_()
+    x = bf._randn((M, K), gen, dev).requires_grad_()
+    g = bf._randn((M, N), gen, dev)
+    floor = min(_t(lambda: (F.linear(x.detach(), dq), g @ dq), [()], True, rep_ms)
+                for dq in [q.dequantize(torch.bfloat16)] for _ in range(2))
+    out = torch.empty((N, K), dtype=torch.bfloat16, device=dev)
+    s_scalar, s_vec = nf4_merge.scale_operands(SCALE, r, dev)
+    kern = {"dequantize_ms": _t(lambda: lk.dequantize_nf4(q, torch.bfloat16), [()], True, rep_ms),
+            "merge_nolora_ms": _t(lambda: nf4_merge.merge_window(out, q, None, None, 1.0, None, (0, N), (0, K)),
+                                  [()], True, rep_ms),
+            "merge_lora_ms": _t(lambda: nf4_merge.merge_window(out, q, A.detach(), B.detach(), s_scalar, s_vec,
+                                                               (0, N), (0, K)), [()], True, rep_ms)}
+    del out
+    torch.cuda.empty_cache()
+
+    def step():
+        y = lk.qlora_linear(x, q, A, B, SCALE)
+        return torch.autograd.grad(y, (x, A, B), g)
+
+    rows = []
+    for mb in ws_mb:
+        library.WORKSPACE_BYTES = int(mb * 2**20)
+        times: dict = {name: [] for name, _, _ in AB_CONFIGS}
+        for _ in range(rounds):
+            for name, overlap, fused in AB_CONFIGS:
+                library.MERGE_OVERLAP, library.FUSED_DY_PASS = overlap, fused
+                library._workspaces.clear()
+                try:
+                    times[name].append(_t(step, [()], False, rep_ms))
+                finally:
+                    library.MERGE_OVERLAP = library.FUSED_DY_PASS = False
+        library._workspaces.clear()
+        row = dict(shape=f"{K}x{N}", M=M, r=r, workspace_mb=mb, floor_ms=floor, rounds=rounds, **kern)
+        for name, ts in times.items():
+            ts = sorted(ts)
+            row[f"{name}_ms"] = ts[len(ts) // 2]
+            row[f"{name}_spread_ms"] = ts[-1] - ts[0]
+            row[f"{name}_over_floor"] = row[f"{name}_ms"] / floor
+        rows.append(row)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", type=bf.parse_shapes, required=True)
@@ -160,12 +222,17 @@ def main(argv=None) -> None:
     p.add_argument("--workspace-mb", type=lambda s: [float(v) for v in s.split(",")], default=[64.0])
     p.add_argument("--rep-ms", type=float, default=60.0)
     p.add_argument("--json", default=None)
+    p.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
+                   help="instead: the step under each opt-in, interleaved in ROUNDS rounds (see ab())")
     a = p.parse_args(argv)
     env = harness.env_info()
     out = {"env": env, "rows": []}
     for K, N in a.shapes:
         for M in a.ms:
-            out["rows"] += probe(K, N, M, a.workspace_mb, a.rep_ms)
+            if a.ab:
+                out["rows"] += ab(K, N, M, a.workspace_mb, a.ab, a.rep_ms)
+            else:
+                out["rows"] += probe(K, N, M, a.workspace_mb, a.rep_ms)
             if a.json:
                 with open(a.json, "w") as f:
                     json.dump(out, f, indent=1)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Session 18's second device call, ENVELOPE s (default 370): build; the v5 repeated-calls GPU test
+# (after its small-output tolerance change); then issue 4's step under the two opt-ins
+# (LORA_KERNELS_MERGE_OVERLAP, LORA_KERNELS_FUSED_DY_PASS) against the default, interleaved in rounds
+# (training_probe --ab), at M = 4096 with the 64 MB and the half-weight workspace, then M = 16384.
+#     OUT=$OUT bash benchmarks/run_training_ab_device.sh      (carry .whl: the bitsandbytes wheel)
+OUT="${OUT:-/tmp/lk_out}"; mkdir -p "$OUT"; TAG="${SESSION_TAG:-session18b}"; ENV_S="${ENVELOPE:-370}"
+set +e
+source benchmarks/device_env.sh
+GPU=$(python3 -c "import torch,re;print(re.sub('[^a-z0-9]+','-',torch.cuda.get_device_name().lower()).strip('-'))")
+echo "=== $GPU $(date +%T)"
+timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_cuda_gemv.py -k "repeated_calls" > "$OUT/gemv_tests.log" 2>&1
+echo "pytest rc=$?"; tail -1 "$OUT/gemv_tests.log" | cut -c1-200
+SH=8192x28672,4096x14336,28672x8192,14336x4096
+echo "=== ab M=4096 $(date +%T)"
+timeout $(( ENV_S - SECONDS - 60 )) python3 -m benchmarks.training_probe --ab 3 --shapes $SH --ms 4096 --workspace-mb 64,100000 \
+  --rep-ms 80 --json "$OUT/training_ab_m4096_${GPU}_$TAG.json" > "$OUT/training_ab_m4096.log" 2>&1
+echo "rc=$?"; cut -c1-900 "$OUT/training_ab_m4096.log" | tail -8
+LEFT=$(( ENV_S - SECONDS - 5 ))
+echo "=== ab M=16384 ($LEFT s left) $(date +%T)"
+[ $LEFT -gt 30 ] && timeout $LEFT python3 -m benchmarks.training_probe --ab 2 --shapes $SH --ms 16384 --workspace-mb 64 \
+  --rep-ms 80 --json "$OUT/training_ab_m16384_${GPU}_$TAG.json" > "$OUT/training_ab_m16384.log" 2>&1
+echo "rc=$?"; cut -c1-900 "$OUT/training_ab_m16384.log" | tail -4
+echo "=== end $(date +%T) ($SECONDS s)"
