@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Session 18's second device call, ENVELOPE s (default 370): build; the v5 repeated-calls GPU test
-# (after its small-output tolerance change); then issue 4's step under the two opt-ins
-# (LORA_KERNELS_MERGE_OVERLAP, LORA_KERNELS_FUSED_DY_PASS) against the default, interleaved in rounds
+# Issue 4's opt-in A/B in one device call, ENVELOPE s (default 370): build; the merge kernel's LORA_FMA
+# GPU tests; then the step under the opt-ins (LORA_KERNELS_MERGE_OVERLAP, LORA_KERNELS_FUSED_DY_PASS,
+# the merge's LORA_FMA) against the default, interleaved in rounds
 # (training_probe --ab), at M = 4096 with the 64 MB and the half-weight workspace, then M = 16384.
 #     OUT=$OUT bash benchmarks/run_training_ab_device.sh      (carry .whl: the bitsandbytes wheel)
 OUT="${OUT:-/tmp/lk_out}"; mkdir -p "$OUT"; TAG="${SESSION_TAG:-session18b}"; ENV_S="${ENVELOPE:-370}"
@@ -9,8 +9,8 @@ set +e
 source benchmarks/device_env.sh
 GPU=$(python3 -c "import torch,re;print(re.sub('[^a-z0-9]+','-',torch.cuda.get_device_name().lower()).strip('-'))")
 echo "=== $GPU $(date +%T)"
-timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_cuda_gemv.py -k "repeated_calls" > "$OUT/gemv_tests.log" 2>&1
-echo "pytest rc=$?"; tail -1 "$OUT/gemv_tests.log" | cut -c1-200
+timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_triton_merge.py -k "fma" > "$OUT/gpu_tests.log" 2>&1
+echo "pytest rc=$?"; tail -1 "$OUT/gpu_tests.log" | cut -c1-200
 SH=8192x28672,4096x14336,28672x8192,14336x4096
 echo "=== ab M=4096 $(date +%T)"
 timeout $(( ENV_S - SECONDS - 60 )) python3 -m benchmarks.training_probe --ab 3 --shapes $SH --ms 4096 --workspace-mb 64,100000 \

@@ -153,14 +153,16 @@ def probe(K: int, N: int, M: int, ws_mb: list[float], rep_ms: float) -> list[dic
     return rows
 
 
-AB_CONFIGS = (("default", False, False), ("overlap", True, False), ("fused", False, True), ("both", True, True))
+#: (name, MERGE_OVERLAP, FUSED_DY_PASS, the merge's LORA_FMA)
+AB_CONFIGS = (("default", False, False, False), ("overlap", True, False, False), ("fused", False, True, False),
+              ("both", True, True, False), ("merge_fma", False, False, True))
 
 
 def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -> list[dict]:
     """The step (eager, CUDA events) under each of AB_CONFIGS, interleaved in ``rounds`` rounds
     (ABCD ABCD ...: clock and thermal drift spread over all configs), per workspace size; and the
-    merge kernel with and without the low-rank term beside dequantize_nf4 (one whole-weight window,
-    graph replay): how far the merge is from a plain dequantize."""
+    merge kernel without and with the low-rank term (tl.dot path and LORA_FMA path) beside
+    dequantize_nf4 (one whole-weight window, graph replay): how far the merge is from a dequantize."""
     import lora_kernels as lk
     from lora_kernels import library
     from lora_kernels.triton import nf4_merge
@@ -180,10 +182,13 @@ def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -
     out = torch.empty((N, K), dtype=torch.bfloat16, device=dev)
     s_scalar, s_vec = nf4_merge.scale_operands(SCALE, r, dev)
     kern = {}
+    fma_cfg = dict(nf4_merge.DEFAULT_CONFIG, LORA_FMA=True)
     for name, fn in (("dequantize_ms", lambda: lk.dequantize_nf4(q, torch.bfloat16)),
                      ("merge_nolora_ms", lambda: nf4_merge.merge_window(out, q, None, None, 1.0, None, (0, N), (0, K))),
                      ("merge_lora_ms", lambda: nf4_merge.merge_window(out, q, A.detach(), B.detach(), s_scalar, s_vec,
-                                                                      (0, N), (0, K)))):
+                                                                      (0, N), (0, K))),
+            ("merge_lora_fma_ms", lambda: nf4_merge.merge_window(out, q, A.detach(), B.detach(), s_scalar, s_vec,
+                                                                          (0, N), (0, K), fma_cfg))):
         try:
             kern[name] = _t(fn, [()], True, rep_ms)
         except Exception as e:                                   # noqa: BLE001
@@ -198,15 +203,17 @@ def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -
     rows = []
     for mb in ws_mb:
         library.WORKSPACE_BYTES = int(mb * 2**20)
-        times: dict = {name: [] for name, _, _ in AB_CONFIGS}
+        times: dict = {c[0]: [] for c in AB_CONFIGS}
         for _ in range(rounds):
-            for name, overlap, fused in AB_CONFIGS:
+            for name, overlap, fused, fma in AB_CONFIGS:
                 library.MERGE_OVERLAP, library.FUSED_DY_PASS = overlap, fused
+                nf4_merge.DEFAULT_CONFIG["LORA_FMA"] = fma        # merge_window's default cfg is this dict
                 library._workspaces.clear()
                 try:
                     times[name].append(_t(step, [()], False, rep_ms))
                 finally:
                     library.MERGE_OVERLAP = library.FUSED_DY_PASS = False
+                    nf4_merge.DEFAULT_CONFIG["LORA_FMA"] = False
         library._workspaces.clear()
         row = dict(shape=f"{K}x{N}", M=M, r=r, workspace_mb=mb, floor_ms=floor, rounds=rounds, **kern)
         for name, ts in times.items():

@@ -293,13 +293,55 @@ def test_bad_input(monkeypatch):
     raises(ValueError, "lora_a is on meta", weight, a.to("meta"), b, s)
     raises(ValueError, "scale is on meta", weight, a, b, torch.ones(4, device="meta"))
     raises(ValueError, "CUDA device", torch.zeros(N, K, device="meta"), None, None)
+    raises(ValueError, "LORA_FMA must be a bool", weight, a, b, s, config=dict(LORA_FMA=1))
     if HAS_CUDA:
         raises(ValueError, "is on cpu", weight, a, b.cpu(), s)
         raises(ValueError, "CUDA device", weight.to("cpu"), None, None)
     else:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         raises(ValueError, "CUDA device", weight, a, b, s)
-    assert set(DEFAULT_CONFIG) == {"BLOCK_N", "BLOCK_K", "R_BLOCK", "num_warps", "num_stages"}
+    assert set(DEFAULT_CONFIG) == {"BLOCK_N", "BLOCK_K", "R_BLOCK", "num_warps", "num_stages", "LORA_FMA"}
+
+
+FMA_CASES = [("dq-bs64-r1-oddN", (37, 192, 1), dict(kind="nf4dq")),
+             ("single-bs128-r16-vec", (37, 256, 16), dict(kind="nf4", blocksize=128, scale="vector")),
+             ("dq-r8-lora-fp32-small", (37, 192, 8), dict(kind="nf4dq", lora_dtype=torch.float32,
+                                                        config=dict(SMALL, LORA_FMA=True))),
+             ("dense-r33-tensor0", (5, 256, 33), dict(kind="dense", scale="tensor0"))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES_CPU)
+@pytest.mark.parametrize("shape,kw", [c[1:] for c in FMA_CASES], ids=[c[0] for c in FMA_CASES])
+def test_lora_fma_path(shape, kw, dtype):
+    """config LORA_FMA: the low-rank term as rank-1 fp32 FMA updates (operands never rounded to the
+    output dtype) meets the same float64 bound, and with no LoRA it is still dequantize_nf4."""
+    kw = dict(kw)
+    kw["config"] = kw.get("config") or dict(LORA_FMA=True)
+    _run(*shape, dtype=dtype, **kw)
+
+
+def test_lora_fma_is_closer_than_one_rounding_per_operand():
+    """The FMA path rounds nothing but the fp32 sums: against the float64 value of Ŵ + fl32(B·s)·A its
+    fp16 output is the correctly rounded value almost everywhere (a path that rounded B·s or A to
+    fp16 first would miss on a visible fraction: checked on the same data with the dot path)."""
+    g, seed = _gen()
+    weight, w_exact, a, b, s = _make(64, 256, 16, kind="nf4dq", g=g, lora_dtype=torch.float32)
+    bs = (b.float() * s).double()                                  # fl32(B · s), as the kernel forms it
+    want = (w_exact + bs @ a.double()).to(torch.float16)
+    got = dequantize_merge(weight, a, b, s, torch.float16, config=dict(LORA_FMA=True))
+    dot = dequantize_merge(weight, a, b, s, torch.float16)
+    miss_fma = (got != want).double().mean().item()
+    miss_dot = (dot != want).double().mean().item()
+    assert miss_fma < 0.01, f"seed={seed}: {miss_fma:.2%}"
+    assert miss_dot > miss_fma, f"seed={seed}: dot path {miss_dot:.2%} vs fma {miss_fma:.2%}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_lora_fma_path(dtype):
+    for r, scale in ((16, "scalar"), (4, "vector"), (33, "tensor0")):
+        _run(1000, 4096, r, dtype=dtype, kind="nf4dq", scale=scale, config=dict(LORA_FMA=True))
 
 
 def test_cached_launcher_falls_back_where_it_cannot_be_used(monkeypatch):

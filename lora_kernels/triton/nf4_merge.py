@@ -47,6 +47,8 @@ No ``triton.autotune``: one small config dict (``DEFAULT_CONFIG``) that ``config
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -66,7 +68,14 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: 4096x4096 / 4096x14336 / 14336x4096, r = 16 / 64 / 256): 64x128 beats 64x256 by ~12 % at r = 16
 #: (122 vs 186 registers) and loses ~7 % at r = 256; R_BLOCK=32 is 5-9 % faster than 64 at
 #: r = 64; num_stages=1 is 5-25 % slower; 8 warps or 128-row tiles are slower.
-DEFAULT_CONFIG = dict(BLOCK_N=64, BLOCK_K=128, R_BLOCK=32, num_warps=4, num_stages=2)
+#: LORA_FMA (session 18, opt-in, unmeasured; ``$LORA_KERNELS_MERGE_FMA=1`` makes it the default): the
+#: low-rank term as r rank-1 updates on the CUDA cores in the Ŵ tile's own layout -- per rank j,
+#: Ŵ += fl32(B[:, j] · s_j) ⊗ A[j, :] by fp32 FMAs, operands never rounded to the output dtype --
+#: instead of ``tl.dot`` with Ŵ as the accumulator (no layout conversion of the tile either way).
+#: 2·r FLOPs per element on the CUDA cores: meant for small r (the session-18 probe measured the
+#: dot path's r = 16 term at +27 % of the merge's time on the H100).
+DEFAULT_CONFIG = dict(BLOCK_N=64, BLOCK_K=128, R_BLOCK=32, num_warps=4, num_stages=2,
+                      LORA_FMA=os.environ.get("LORA_KERNELS_MERGE_FMA", "0") == "1")
 _CONFIG_KEYS = frozenset(DEFAULT_CONFIG)
 
 
@@ -82,6 +91,7 @@ def _merge_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DENSE: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
     HAS_LORA: tl.constexpr, R_BLOCK: tl.constexpr, SCALE_VEC: tl.constexpr, IEEE: tl.constexpr,
+    LORA_FMA: tl.constexpr,
 ):
     # Bytes per program: see the module docstring.  Output tile [BLOCK_N, BLOCK_K] of W_eff.
     # N, K: the output window's size; the weight (NF4 or dense), A and B are the full tensors,
@@ -128,8 +138,19 @@ def _merge_kernel(
                               absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, NESTED, NBS)
             w = tl.reshape(tl.reshape(vals, [BLOCK_N, NBT, BS]) * amax[:, :, None], [BLOCK_N, BLOCK_K])
 
-    # ---- + low-rank term, fp32 accumulation, chunks of R_BLOCK ranks (masked: no padded copies)
-    if HAS_LORA:
+    # ---- + low-rank term, fp32 accumulation: rank-1 FMA updates in Ŵ's layout (LORA_FMA), or
+    # tl.dot over chunks of R_BLOCK ranks (masked: no padded copies)
+    if HAS_LORA and LORA_FMA:
+        for j in range(0, R):
+            bj = tl.load(b_ptr + g64 * stride_bn + j * stride_br, mask=nmask, other=0.0).to(tl.float32)
+            if SCALE_VEC:
+                bj = bj * tl.load(s_ptr + j)
+            else:
+                bj = bj * s_scalar
+            aj = tl.load(a_ptr + j * stride_ar + gk * stride_ak, mask=kmask, other=0.0).to(tl.float32)
+            w = tl.fma(tl.broadcast_to(bj[:, None], (BLOCK_N, BLOCK_K)),
+                       tl.broadcast_to(aj[None, :], (BLOCK_N, BLOCK_K)), w)   # one rounding per rank
+    elif HAS_LORA:
         for r0 in range(0, R, R_BLOCK):
             rr = r0 + tl.arange(0, R_BLOCK)
             rmask = rr < R
@@ -178,6 +199,8 @@ def _resolve_config(override: dict | None) -> dict:
         raise ValueError(f"dequantize_merge: config num_warps must be a power of two <= 32, got {cfg['num_warps']!r}")
     if not isinstance(cfg["num_stages"], int) or isinstance(cfg["num_stages"], bool) or cfg["num_stages"] < 1:
         raise ValueError(f"dequantize_merge: config num_stages must be an int >= 1, got {cfg['num_stages']!r}")
+    if not isinstance(cfg["LORA_FMA"], bool):
+        raise ValueError(f"dequantize_merge: config LORA_FMA must be a bool, got {cfg['LORA_FMA']!r}")
     return cfg
 
 
@@ -232,7 +255,8 @@ def dequantize_merge(
     scale: float, or a float tensor of shape [] or [r] (AdaLoRA per-rank scale; used as fp32).
     dtype: fp32/bf16/fp16, default the NF4 weight's original dtype / the dense tensor's dtype.
     out: optional contiguous [N, K] tensor of ``dtype`` on the weight's device, filled and returned.
-    config: dict overriding ``DEFAULT_CONFIG`` (keys BLOCK_N, BLOCK_K, R_BLOCK, num_warps, num_stages).
+    config: dict overriding ``DEFAULT_CONFIG`` (keys BLOCK_N, BLOCK_K, R_BLOCK, num_warps, num_stages,
+    LORA_FMA).
     rows, cols: optional windows ``(start, stop)``: only W_eff[rows[0]:rows[1], cols[0]:cols[1]] is
     computed and returned (``out`` then has the window's shape); ``cols[0]`` must be a multiple of
     the blocksize and of the config's BLOCK_K.  The streamed routes (``library``) write the merged
@@ -373,13 +397,15 @@ def merge_window(out: torch.Tensor, weight, lora_a, lora_b, s_scalar: float, s_v
         r = stride_ar = stride_ak = stride_bn = stride_br = 0
         r_block = 16
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    fma = bool(cfg.get("LORA_FMA", False)) and has_lora
     meta_key = (bn, bk, dense, nested_flag, bs, has_lora, r_block, s_vec is not None, out.dtype == torch.float32,
-                cfg["num_warps"], cfg["num_stages"])
+                cfg["num_warps"], cfg["num_stages"], fma)
     meta = _META.get(meta_key)
     if meta is None:          # the constexpr / option dicts, built once per combination
         meta = _META[meta_key] = (
             dict(BLOCK_N=bn, BLOCK_K=bk, DENSE=dense, NESTED=nested_flag, BS=bs, NBS=NESTED_BLOCKSIZE,
-                 HAS_LORA=has_lora, R_BLOCK=r_block, SCALE_VEC=s_vec is not None, IEEE=out.dtype == torch.float32),
+                 HAS_LORA=has_lora, R_BLOCK=r_block, SCALE_VEC=s_vec is not None, IEEE=out.dtype == torch.float32,
+                 LORA_FMA=fma),
             dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False))
     _launch_merge(
         -(-N // bn) * -(-K // bk),               # integer ceil-divisions (triton.cdiv costs µs per call)
