@@ -112,8 +112,7 @@ def _backward_common(ctx, dy, run_dx):
             t = x2d @ lora_a.to(x2d.dtype).t()
         if (ctx.has_lora and nB and (nA or (nx and p > 0.0))
                 and library.fused_dy_pass_takes(dy, lora_b.shape[1], scale)):   # one read of dY for both
-            u, dB = library._triton_module("lora_grad").lora_dy_pass(
-                dy, lora_b.to(dy.dtype), t.to(dy.dtype), scale, db_dtype=ctx.adapter_dtypes[1])
+            u, dB = library.lora_dy_pass(dy, lora_b.to(dy.dtype), t.to(dy.dtype), scale, ctx.adapter_dtypes[1])
             nB = False
         elif ctx.has_lora and (nA or ns or (nx and p > 0.0)):
             u = dy @ lora_b.to(dy.dtype)                                  # U [M, r]

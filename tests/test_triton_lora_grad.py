@@ -88,3 +88,13 @@ def test_dy_pass_non_contiguous_and_empty(rng, monkeypatch):
 @pytest.mark.parametrize("M,N,r", [(4096, 14336, 16), (1000, 4096, 8), (8191, 1024, 32)], ids=str)
 def test_dy_pass_bf16_gpu(rng, monkeypatch, M, N, r):
     _check(_grad_mod(monkeypatch), rng, M, N, r, torch.bfloat16, "cuda")
+
+
+def test_worth_it_rule(monkeypatch):
+    """Where the backward may use the fused pass: small r, a large dY, a wide N (session 18's H100
+    numbers: slower than cuBLAS at N = 4096)."""
+    mod = _grad_mod(monkeypatch)
+    assert mod.worth_it(4096, 28672, 16) and mod.worth_it(4096, 8192, 32)
+    assert not mod.worth_it(4096, 4096, 16)            # N too narrow
+    assert not mod.worth_it(4096, 28672, 64)           # r too large
+    assert not mod.worth_it(16, 28672, 16)             # dY too small

@@ -23,7 +23,10 @@ moves ~1.25·2MN bytes instead of 2·2MN.  For r > 32 the partials grow past the
 cuBLAS's (another summation order), not in accuracy.
 
 dtypes: fp16 / bf16 / fp32 inputs (fp32 dots in IEEE precision); U in ``u_dtype`` (default dY's),
-dB in ``db_dtype`` (default B's).  Measured: not yet (session 18 wrote it; opt-in only).
+dB in ``db_dtype`` (default B's).  H100, bf16, M = 4096, r = 16 (session 18, graph replay; cuBLAS's U
+and dB GEMMs in brackets): 8192→28672 135 µs (166), 4096→14336 78 (91), 28672→8192 55 (59),
+14336→4096 39 (30): it pays only where N is large; the backward uses it only on request
+(``library.FUSED_DY_PASS``).
 """
 from __future__ import annotations
 
@@ -77,9 +80,10 @@ def _dy_pass_kernel(dy_ptr, b_ptr, t_ptr, u_part_ptr, db_part_ptr, M, N, R, cols
 
 
 def worth_it(M: int, N: int, r: int) -> bool:
-    """Whether the fused pass moves fewer bytes than two cuBLAS reads of dY by a margin that pays
-    for its extra launches (two sums): r ≤ 32 and dY of at least 32 MB in bf16."""
-    return r <= 32 and 2 * M * N >= 2**25
+    """Whether the fused pass should beat cuBLAS's two GEMMs: r ≤ 32 (the partials grow with r),
+    dY of at least 32 MB in bf16 (its extra launches: two sums), and N ≥ 8192 (session 18: slower
+    than cuBLAS at N = 4096, faster at 8192 and up)."""
+    return r <= 32 and N >= 8192 and 2 * M * N >= 2**25
 
 
 def lora_dy_pass(dy: torch.Tensor, lora_b: torch.Tensor, t: torch.Tensor, scale: float, *,
