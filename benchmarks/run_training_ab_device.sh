@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Issue 4's opt-in A/B in one device call, ENVELOPE s (default 370): build; the merge kernel's LORA_FMA
+# Issue 4's opt-in A/B in one device call, ENVELOPE s (default 560; session 18's 230 s call finished
+# one shape of the M = 4096 part): build; the merge kernel's LORA_FMA
 # GPU tests; then the step under the opt-ins (LORA_KERNELS_MERGE_OVERLAP, LORA_KERNELS_FUSED_DY_PASS,
 # the merge's LORA_FMA) against the default, interleaved in rounds
-# (training_probe --ab), at M = 4096 with the 64 MB and the half-weight workspace, then M = 16384.
+# (training_probe --ab, which also times the merge kernel's tile / low-rank-path sweep MERGE_SWEEP),
+# at M = 4096 with the workspaces in WSMB (default 64 MB), then M = 16384.
 #     OUT=$OUT bash benchmarks/run_training_ab_device.sh      (carry .whl: the bitsandbytes wheel)
-OUT="${OUT:-/tmp/lk_out}"; mkdir -p "$OUT"; TAG="${SESSION_TAG:-session18b}"; ENV_S="${ENVELOPE:-370}"
+OUT="${OUT:-/tmp/lk_out}"; mkdir -p "$OUT"; TAG="${SESSION_TAG:-session19}"; ENV_S="${ENVELOPE:-560}"
 set +e
 source benchmarks/device_env.sh
 GPU=$(python3 -c "import torch,re;print(re.sub('[^a-z0-9]+','-',torch.cuda.get_device_name().lower()).strip('-'))")
@@ -13,7 +15,7 @@ timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_trito
 echo "pytest rc=$?"; tail -1 "$OUT/gpu_tests.log" | cut -c1-200
 SH=8192x28672,4096x14336,28672x8192,14336x4096
 echo "=== ab M=4096 $(date +%T)"
-timeout $(( ENV_S - SECONDS - 60 )) python3 -m benchmarks.training_probe --ab 3 --shapes $SH --ms 4096 --workspace-mb 64,100000 \
+timeout $(( ENV_S - SECONDS - 60 )) python3 -m benchmarks.training_probe --ab 3 --shapes $SH --ms 4096 --workspace-mb ${WSMB:-64} \
   --rep-ms 80 --json "$OUT/training_ab_m4096_${GPU}_$TAG.json" > "$OUT/training_ab_m4096.log" 2>&1
 echo "rc=$?"; cut -c1-900 "$OUT/training_ab_m4096.log" | tail -8
 LEFT=$(( ENV_S - SECONDS - 5 ))

@@ -158,6 +158,12 @@ AB_CONFIGS = (("default", False, False, False), ("overlap", True, False, False),
               ("both", True, True, False), ("merge_fma", False, False, True))
 
 
+#: merge_window configs timed by ``ab`` beside the default (whole weight, r = 16, graph replay)
+MERGE_SWEEP = (dict(BLOCK_N=32, BLOCK_K=256), dict(BLOCK_N=128, BLOCK_K=128, num_warps=8),
+               dict(BLOCK_N=64, BLOCK_K=256, num_warps=8), dict(BLOCK_N=32, BLOCK_K=256, LORA_FMA=True),
+               dict(BLOCK_N=64, BLOCK_K=128, num_warps=8, LORA_FMA=True), dict(BLOCK_N=16, BLOCK_K=512, LORA_FMA=True))
+
+
 def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -> list[dict]:
     """The step (eager, CUDA events) under each of AB_CONFIGS, interleaved in ``rounds`` rounds
     (ABCD ABCD ...: clock and thermal drift spread over all configs), per workspace size; and the
@@ -191,6 +197,14 @@ def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -
                                                                           (0, N), (0, K), fma_cfg))):
         try:
             kern[name] = _t(fn, [()], True, rep_ms)
+        except Exception as e:                                   # noqa: BLE001
+            print(f"{name}: {harness.short_error(e)}", flush=True)
+    for cfg in MERGE_SWEEP:                                      # the merge's tile shapes, both low-rank paths
+        name = "merge_" + "_".join(f"{k}{v}" for k, v in cfg.items()) + "_ms"
+        full = dict(nf4_merge.DEFAULT_CONFIG, **cfg)
+        try:
+            kern[name] = _t(lambda full=full: nf4_merge.merge_window(out, q, A.detach(), B.detach(), s_scalar, s_vec,
+                                                                     (0, N), (0, K), full), [()], True, rep_ms)
         except Exception as e:                                   # noqa: BLE001
             print(f"{name}: {harness.short_error(e)}", flush=True)
     del out
