@@ -12,11 +12,16 @@ each size is also capped at half the weight, as on the training path):
     bwd_gemm   the backward's chunk GEMMs dX[:, cols] = dY · W_eff[:, cols]
     lora       T = x·Aᵀ, U = dY·B, dA = s·Uᵀ·x, dB = s·dYᵀ·T (the backward's four skinny GEMMs), and U with
                dB from one read of dY (triton/lora_grad.lora_dy_pass, opt-in candidate)
-    step       forward + torch.autograd.grad(y, (x, A, B), g), eager and graph-replayed, and eager with
-               the opt-in overlapped merges (LORA_KERNELS_MERGE_OVERLAP: library.MERGE_OVERLAP set here)
+    step       forward + torch.autograd.grad(y, (x, A, B), g), eager and graph-replayed, and eager under
+               the opt-ins (library.MERGE_OVERLAP, library.FUSED_DY_PASS, both; set here in-process)
+
+``--ab ROUNDS`` instead times only the eager step under each of AB_CONFIGS (the opt-ins and the
+merge's LORA_FMA path), interleaved in rounds, plus the merge kernel alone (whole weight) beside
+dequantize_nf4 and over MERGE_SWEEP's tile shapes.
 
     python -m benchmarks.training_probe --shapes 8192x28672,4096x14336 --ms 4096 --workspace-mb 64,256 \
         --json out.json
+    python -m benchmarks.training_probe --ab 3 --shapes 8192x28672 --ms 4096 --json ab.json
 """
 from __future__ import annotations
 
