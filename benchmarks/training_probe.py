@@ -43,37 +43,46 @@ def _t(fn, sets, graph: bool, rep_ms: float) -> float:
     return harness.time_cuda(fn, sets, warmup_ms=5.0, rep_ms=rep_ms, use_graph=graph)["median_ms"]
 
 
+def _operands(K: int, N: int, M: int, r: int = 16):
+    """(W bf16 [N, K], its NF4 q, A [r, K], B [N, r], x [M, K] (these three requiring grad), g [M, N]),
+    drawn as bench_training draws them."""
+    import lora_kernels as lk
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev)
+    W = bf._randn((N, K), gen.manual_seed(1), dev, 0.02)
+    q = lk.quantize_nf4(W)
+    A = bf._randn((r, K), gen, dev, 1.0 / math.sqrt(K)).requires_grad_()
+    B = bf._randn((N, r), gen, dev, 0.02).requires_grad_()
+    x = bf._randn((M, K), gen, dev).requires_grad_()
+    g = bf._randn((M, N), gen, dev)
+    return W, q, A, B, x, g
+
+
+def _step(lk, x, q, A, B, g):
+    """Our eager training step: forward + torch.autograd.grad for x, A, B (as bench_training's)."""
+    y = lk.qlora_linear(x, q, A, B, SCALE)
+    return torch.autograd.grad(y, (x, A, B), g)
+
+
 def probe(K: int, N: int, M: int, ws_mb: list[float], rep_ms: float) -> list[dict]:
     import lora_kernels as lk
     from lora_kernels import autograd as lk_autograd
     from lora_kernels import library
     from lora_kernels.triton import nf4_merge
 
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev)
-    W = bf._randn((N, K), gen.manual_seed(1), dev, 0.02)
-    q = lk.quantize_nf4(W)
-    r = 16
-    A = bf._randn((r, K), gen, dev, 1.0 / math.sqrt(K)).requires_grad_()
-    B = bf._randn((N, r), gen, dev, 0.02).requires_grad_()
-    x = bf._randn((M, K), gen, dev).requires_grad_()
-    g = bf._randn((M, N), gen, dev)
+    W, q, A, B, x, g = _operands(K, N, M)
+    r, dev = A.shape[0], x.device
     xd = x.detach()
     sets = [()]
     rows = []
     floor = _t(lambda: (F.linear(xd, W), g @ W), sets, True, rep_ms)
     t_ = xd @ A.detach().t()
     u_ = g @ B.detach()
-
-    def lora():
-        t = xd @ A.detach().t()
-        u = g @ B.detach()
-        lk_autograd._mm_scaled(u.t(), xd, SCALE, A.dtype)
-        lk_autograd._mm_scaled(g.t(), t, SCALE, B.dtype)
-    lora_ms = _t(lora, sets, True, rep_ms)
     parts = {"T": lambda: xd @ A.detach().t(), "U": lambda: g @ B.detach(),
              "dA": lambda: lk_autograd._mm_scaled(u_.t(), xd, SCALE, A.dtype),
              "dB": lambda: lk_autograd._mm_scaled(g.t(), t_, SCALE, B.dtype)}
+    lora_ms = _t(lambda: [f() for f in parts.values()], sets, True, rep_ms)   # the four in one graph
     lora_parts = {k: _t(f, sets, True, rep_ms) for k, f in parts.items()}
     try:                                         # U and dB from one read of dY (triton/lora_grad.py)
         from lora_kernels.triton import lora_grad
@@ -115,8 +124,7 @@ def probe(K: int, N: int, M: int, ws_mb: list[float], rep_ms: float) -> list[dic
                 torch.mm(g, ws.as_strided((N, k1 - k0), (k1 - k0, 1)), out=dx.narrow(1, k0, k1 - k0))
 
         def step():
-            yy = lk.qlora_linear(x, q, A, B, SCALE)
-            return torch.autograd.grad(yy, (x, A, B), g)
+            return _step(lk, x, q, A, B, g)
 
         row = dict(shape=f"{K}x{N}", M=M, r=r, workspace_mb=mb, fwd_rows=rows_c, bwd_cols=cols_c,
                    n_fwd_chunks=-(-N // rows_c), n_bwd_chunks=-(-K // cols_c), floor_ms=floor, lora_ms=lora_ms,
@@ -178,18 +186,10 @@ def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -
     from lora_kernels import library
     from lora_kernels.triton import nf4_merge
 
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev)
-    W = bf._randn((N, K), gen.manual_seed(1), dev, 0.02)
-    q = lk.quantize_nf4(W)
+    W, q, A, B, x, g = _operands(K, N, M)
+    r, dev = A.shape[0], x.device
+    floor = min(_t(lambda: (F.linear(x.detach(), W), g @ W), [()], True, rep_ms) for _ in range(2))
     del W
-    r = 16
-    A = bf._randn((r, K), gen, dev, 1.0 / math.sqrt(K)).requires_grad_()
-    B = bf._randn((N, r), gen, dev, 0.02).requires_grad_()
-    x = bf._randn((M, K), gen, dev).requires_grad_()
-    g = bf._randn((M, N), gen, dev)
-    floor = min(_t(lambda: (F.linear(x.detach(), dq), g @ dq), [()], True, rep_ms)
-                for dq in [q.dequantize(torch.bfloat16)] for _ in range(2))
     out = torch.empty((N, K), dtype=torch.bfloat16, device=dev)
     s_scalar, s_vec = nf4_merge.scale_operands(SCALE, r, dev)
     kern = {}
@@ -216,8 +216,7 @@ def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -
     torch.cuda.empty_cache()
 
     def step():
-        y = lk.qlora_linear(x, q, A, B, SCALE)
-        return torch.autograd.grad(y, (x, A, B), g)
+        return _step(lk, x, q, A, B, g)
 
     rows = []
     for mb in ws_mb:

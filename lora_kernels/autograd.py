@@ -113,7 +113,6 @@ def _backward_common(ctx, dy, run_dx):
         if (ctx.has_lora and nB and (nA or (nx and p > 0.0))
                 and library.fused_dy_pass_takes(dy, lora_b.shape[1], scale)):   # one read of dY for both
             u, dB = library.lora_dy_pass(dy, lora_b.to(dy.dtype), t.to(dy.dtype), scale, ctx.adapter_dtypes[1])
-            nB = False
         elif ctx.has_lora and (nA or ns or (nx and p > 0.0)):
             u = dy @ lora_b.to(dy.dtype)                                  # U [M, r]
         if nx:
@@ -130,7 +129,7 @@ def _backward_common(ctx, dy, run_dx):
                 dA = _scaled(u, scale, acc).t() @ xd.to(dy.dtype)
             else:  # a float scale: the GEMM's alpha (one launch, one rounding), in A's dtype
                 dA = _mm_scaled(u.t(), xd.to(dy.dtype), scale, ctx.adapter_dtypes[0])
-        if nB:
+        if nB and dB is None:   # (the fused dY pass above may have made it)
             if isinstance(scale, Tensor):
                 dB = dy.t() @ _scaled(t, scale, acc)
             else:

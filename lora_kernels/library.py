@@ -504,7 +504,7 @@ def _run_chunks(device: torch.device, dtype: torch.dtype, numel: int, bounds, me
     workspace ``ws`` (>= ``numel`` elements), then ``gemm(ws, a, b)`` consumes it.  In order on the
     current stream, or with MERGE_OVERLAP the merges on a side stream, double-buffered: merge i + 1
     waits only for GEMM i - 1 (the last reader of its buffer), GEMM i for merge i."""
-    if not (MERGE_OVERLAP and len(bounds) > 1 and WORKSPACE_BYTES > 0 and _on_default_stream(device)):
+    if not (MERGE_OVERLAP and len(bounds) > 1 and _on_default_stream(device)):   # WORKSPACE_BYTES <= 0: one chunk
         ws = _workspace(device, dtype, numel)
         for a, b in bounds:
             merge(ws, a, b)

@@ -397,7 +397,7 @@ def merge_window(out: torch.Tensor, weight, lora_a, lora_b, s_scalar: float, s_v
         r = stride_ar = stride_ak = stride_bn = stride_br = 0
         r_block = 16
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
-    fma = bool(cfg.get("LORA_FMA", False)) and has_lora
+    fma = cfg["LORA_FMA"] and has_lora
     meta_key = (bn, bk, dense, nested_flag, bs, has_lora, r_block, s_vec is not None, out.dtype == torch.float32,
                 cfg["num_warps"], cfg["num_stages"], fma)
     meta = _META.get(meta_key)
