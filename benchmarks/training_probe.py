@@ -16,7 +16,7 @@ each size is also capped at half the weight, as on the training path):
                the opt-ins (library.MERGE_OVERLAP, library.FUSED_DY_PASS, both; set here in-process)
 
 ``--ab ROUNDS`` instead times only the eager step under each of AB_CONFIGS (the opt-ins and the
-merge's LORA_FMA path), interleaved in rounds, plus the merge kernel alone (whole weight) beside
+merge's LORA_FMA / K_FASTEST / SPLIT configs), interleaved in rounds, plus the merge kernel alone (whole weight) beside
 dequantize_nf4 and over MERGE_SWEEP's tile shapes.
 
     python -m benchmarks.training_probe --shapes 8192x28672,4096x14336 --ms 4096 --workspace-mb 64,256 \
@@ -166,15 +166,22 @@ def probe(K: int, N: int, M: int, ws_mb: list[float], rep_ms: float) -> list[dic
     return rows
 
 
-#: (name, MERGE_OVERLAP, FUSED_DY_PASS, the merge's LORA_FMA)
-AB_CONFIGS = (("default", False, False, False), ("overlap", True, False, False), ("fused", False, True, False),
-              ("both", True, True, False), ("merge_fma", False, False, True))
+#: (name, MERGE_OVERLAP, FUSED_DY_PASS, overrides of the merge's DEFAULT_CONFIG)
+AB_CONFIGS = (("default", False, False, {}), ("overlap", True, False, {}), ("fused", False, True, {}),
+              ("merge_fma", False, False, dict(LORA_FMA=True)),
+              ("merge_kfirst", False, False, dict(K_FASTEST=True)),
+              ("merge_split_kfirst", False, False, dict(SPLIT=True, K_FASTEST=True)),
+              ("merge_split_fma_kfirst", False, False, dict(SPLIT=True, LORA_FMA=True, K_FASTEST=True)))
 
 
 #: merge_window configs timed by ``ab`` beside the default (whole weight, r = 16, graph replay)
-MERGE_SWEEP = (dict(BLOCK_N=32, BLOCK_K=256), dict(BLOCK_N=128, BLOCK_K=128, num_warps=8),
-               dict(BLOCK_N=64, BLOCK_K=256, num_warps=8), dict(BLOCK_N=32, BLOCK_K=256, LORA_FMA=True),
-               dict(BLOCK_N=64, BLOCK_K=128, num_warps=8, LORA_FMA=True), dict(BLOCK_N=16, BLOCK_K=512, LORA_FMA=True))
+MERGE_SWEEP = (dict(K_FASTEST=True), dict(SPLIT=True), dict(SPLIT=True, K_FASTEST=True),
+               dict(LORA_FMA=True, K_FASTEST=True), dict(SPLIT=True, LORA_FMA=True),
+               dict(SPLIT=True, LORA_FMA=True, K_FASTEST=True),
+               dict(BLOCK_N=32, BLOCK_K=256, SPLIT=True, LORA_FMA=True, K_FASTEST=True),
+               dict(BLOCK_N=32, BLOCK_K=256, SPLIT=True, K_FASTEST=True),
+               dict(BLOCK_N=64, BLOCK_K=256, num_warps=8, SPLIT=True, K_FASTEST=True),
+               dict(BLOCK_N=32, BLOCK_K=256), dict(BLOCK_N=32, BLOCK_K=256, LORA_FMA=True))
 
 
 def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -> list[dict]:
@@ -194,8 +201,13 @@ def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -
     s_scalar, s_vec = nf4_merge.scale_operands(SCALE, r, dev)
     kern = {}
     fma_cfg = dict(nf4_merge.DEFAULT_CONFIG, LORA_FMA=True)
+    nolora = {"merge_nolora_ms": nf4_merge.DEFAULT_CONFIG,
+              "merge_nolora_kfirst_ms": dict(nf4_merge.DEFAULT_CONFIG, K_FASTEST=True),
+              "merge_nolora_split_ms": dict(nf4_merge.DEFAULT_CONFIG, SPLIT=True),
+              "merge_nolora_split_kfirst_ms": dict(nf4_merge.DEFAULT_CONFIG, SPLIT=True, K_FASTEST=True)}
     for name, fn in (("dequantize_ms", lambda: lk.dequantize_nf4(q, torch.bfloat16)),
-                     ("merge_nolora_ms", lambda: nf4_merge.merge_window(out, q, None, None, 1.0, None, (0, N), (0, K))),
+                     *((nm, lambda c=c: nf4_merge.merge_window(out, q, None, None, 1.0, None, (0, N), (0, K), c))
+                       for nm, c in nolora.items()),
                      ("merge_lora_ms", lambda: nf4_merge.merge_window(out, q, A.detach(), B.detach(), s_scalar, s_vec,
                                                                       (0, N), (0, K))),
             ("merge_lora_fma_ms", lambda: nf4_merge.merge_window(out, q, A.detach(), B.detach(), s_scalar, s_vec,
@@ -218,20 +230,21 @@ def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -
     def step():
         return _step(lk, x, q, A, B, g)
 
+    default_merge = dict(nf4_merge.DEFAULT_CONFIG)
     rows = []
     for mb in ws_mb:
         library.WORKSPACE_BYTES = int(mb * 2**20)
         times: dict = {c[0]: [] for c in AB_CONFIGS}
         for _ in range(rounds):
-            for name, overlap, fused, fma in AB_CONFIGS:
+            for name, overlap, fused, merge_cfg in AB_CONFIGS:
                 library.MERGE_OVERLAP, library.FUSED_DY_PASS = overlap, fused
-                nf4_merge.DEFAULT_CONFIG["LORA_FMA"] = fma        # merge_window's default cfg is this dict
+                nf4_merge.DEFAULT_CONFIG.update(merge_cfg)        # merge_window's default cfg is this dict
                 library._workspaces.clear()
                 try:
                     times[name].append(_t(step, [()], False, rep_ms))
                 finally:
                     library.MERGE_OVERLAP = library.FUSED_DY_PASS = False
-                    nf4_merge.DEFAULT_CONFIG["LORA_FMA"] = False
+                    nf4_merge.DEFAULT_CONFIG.update(default_merge)
         library._workspaces.clear()
         row = dict(shape=f"{K}x{N}", M=M, r=r, workspace_mb=mb, floor_ms=floor, rounds=rounds, **kern)
         for name, ts in times.items():

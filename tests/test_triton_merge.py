@@ -180,6 +180,9 @@ def test_no_lora_is_dequantize_nf4(kind, blocksize, dtype):
     # small tiles: BLOCK_K below and above the blocksize
     got = dequantize_merge(weight, None, None, dtype=dtype, config=SMALL)
     assert torch.equal(got, lk.dequantize_nf4(weight, dtype)), f"seed={seed} {kind} bs={blocksize} {dtype} SMALL"
+    for cfg in (dict(SPLIT=True), dict(SMALL, SPLIT=True, K_FASTEST=True)):
+        got = dequantize_merge(weight, None, None, dtype=dtype, config=cfg)
+        assert torch.equal(got, lk.dequantize_nf4(weight, dtype)), f"seed={seed} {kind} bs={blocksize} {dtype} {cfg}"
 
 
 def test_default_dtype_and_dense_no_lora():
@@ -294,13 +297,16 @@ def test_bad_input(monkeypatch):
     raises(ValueError, "scale is on meta", weight, a, b, torch.ones(4, device="meta"))
     raises(ValueError, "CUDA device", torch.zeros(N, K, device="meta"), None, None)
     raises(ValueError, "LORA_FMA must be a bool", weight, a, b, s, config=dict(LORA_FMA=1))
+    raises(ValueError, "SPLIT must be a bool", weight, a, b, s, config=dict(SPLIT="yes"))
+    raises(ValueError, "K_FASTEST must be a bool", weight, a, b, s, config=dict(K_FASTEST=None))
     if HAS_CUDA:
         raises(ValueError, "is on cpu", weight, a, b.cpu(), s)
         raises(ValueError, "CUDA device", weight.to("cpu"), None, None)
     else:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         raises(ValueError, "CUDA device", weight, a, b, s)
-    assert set(DEFAULT_CONFIG) == {"BLOCK_N", "BLOCK_K", "R_BLOCK", "num_warps", "num_stages", "LORA_FMA"}
+    assert set(DEFAULT_CONFIG) == {"BLOCK_N", "BLOCK_K", "R_BLOCK", "num_warps", "num_stages", "LORA_FMA",
+                                   "SPLIT", "K_FASTEST"}
 
 
 FMA_CASES = [("dq-bs64-r1-oddN", (37, 192, 1), dict(kind="nf4dq")),
@@ -342,6 +348,60 @@ def test_lora_fma_is_closer_than_one_rounding_per_operand():
 def test_gpu_lora_fma_path(dtype):
     for r, scale in ((16, "scalar"), (4, "vector"), (33, "tensor0")):
         _run(1000, 4096, r, dtype=dtype, kind="nf4dq", scale=scale, config=dict(LORA_FMA=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# The SPLIT (tile kept as high / low nibble halves) and K_FASTEST (tile order) configs
+LAYOUT_CASES = [c for c in CASES if c[0] in ("dq-bs64-r1-oddN", "single-bs64-r8-vec", "dq-bs128-r16-vec",
+                                               "dq-bs64-r33-vec-small", "dq-bs32-r16-2nested",
+                                               "dq-r8-lora-fp32", "dense-r8")]
+LAYOUT_FLAGS = [pytest.param(dict(SPLIT=True), id="split"), pytest.param(dict(K_FASTEST=True), id="kfirst"),
+                pytest.param(dict(SPLIT=True, LORA_FMA=True, K_FASTEST=True), id="split-fma-kfirst")]
+
+
+def _layout_check(shape, kw, dtype, flags):
+    """The float64 bound (``_run``), and: SPLIT / K_FASTEST change where values are computed, not
+    how -- with the FMA path (a fixed fp32 operation order per element) the output is bit-equal to
+    the same config without them.  (The tl.dot path is only held to the bound: the MMA's
+    accumulation order may differ between one [BLOCK_N, BLOCK_K] dot and two half-width ones.)"""
+    kw = dict(kw)
+    base = dict(kw.pop("config", None) or {})
+    got, _, weight = _run(*shape, dtype=dtype, config=dict(base, **flags), **kw)
+    if flags.get("LORA_FMA"):
+        a, b, s = _LAST_LORA
+        plain = dequantize_merge(weight, a, b, s, dtype, config=dict(base, LORA_FMA=True))
+        assert torch.equal(got, plain), f"{shape} {kw} {flags}: differs from the plain FMA path"
+
+
+@pytest.mark.parametrize("dtype", DTYPES_CPU)
+@pytest.mark.parametrize("flags", LAYOUT_FLAGS)
+@pytest.mark.parametrize("shape,kw", [c[1:] for c in LAYOUT_CASES], ids=[c[0] for c in LAYOUT_CASES])
+def test_split_and_k_fastest(shape, kw, dtype, flags):
+    _layout_check(shape, kw, dtype, flags)
+
+
+def test_split_windows():
+    """SPLIT on windows (the streamed routes' row and column chunks, odd ends included) equals the
+    same window of the whole merge (FMA path: bit-equal)."""
+    g, seed = _gen()
+    weight, _, a, b, s = _make(37, 384, 8, kind="nf4dq", g=g)
+    cfg = dict(BLOCK_N=16, BLOCK_K=64, LORA_FMA=True)
+    full = dequantize_merge(weight, a, b, s, torch.float16, config=cfg)
+    for rows, cols in (((3, 37), (128, 384)), ((0, 17), (64, 191)), ((36, 37), (320, 321))):
+        win = dequantize_merge(weight, a, b, s, torch.float16, rows=rows, cols=cols,
+                               config=dict(cfg, SPLIT=True, K_FASTEST=True))
+        assert torch.equal(win, full[rows[0]:rows[1], cols[0]:cols[1]]), f"seed={seed} {rows} {cols}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("flags", LAYOUT_FLAGS + [pytest.param(dict(SPLIT=True, LORA_FMA=True), id="split-fma"),
+                                                  pytest.param(dict(SPLIT=True, K_FASTEST=True), id="split-kfirst")])
+def test_gpu_split_and_k_fastest(dtype, flags):
+    for r, scale, extra in ((16, "scalar", {}), (4, "vector", dict(BLOCK_N=32, BLOCK_K=256)),
+                            (33, "tensor0", dict(BLOCK_N=64, BLOCK_K=256, num_warps=8))):
+        _layout_check((1000, 4096, r), dict(kind="nf4dq", scale=scale, config=extra), dtype, flags)
 
 
 def test_cached_launcher_falls_back_where_it_cannot_be_used(monkeypatch):
@@ -405,7 +465,8 @@ def test_gpu_no_lora_is_dequantize_nf4(blocksize, dtype):
     g, seed = _gen()
     weight, *_ = _make(1000, 4096, 0, kind="nf4dq", blocksize=blocksize, g=g)
     want = lk.dequantize_nf4(weight, dtype)
-    for cfg in (None, dict(BLOCK_N=128, BLOCK_K=128), dict(BLOCK_N=32, BLOCK_K=512, num_warps=8)):
+    for cfg in (None, dict(BLOCK_N=128, BLOCK_K=128), dict(BLOCK_N=32, BLOCK_K=512, num_warps=8),
+                dict(SPLIT=True), dict(BLOCK_N=32, BLOCK_K=256, SPLIT=True, K_FASTEST=True)):
         got = dequantize_merge(weight, None, None, dtype=dtype, config=cfg)
         assert torch.equal(got, want), f"seed={seed} bs={blocksize} {dtype} {cfg}"
 
