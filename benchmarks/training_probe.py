@@ -15,6 +15,9 @@ each size is also capped at half the weight, as on the training path):
     step       forward + torch.autograd.grad(y, (x, A, B), g), eager and graph-replayed, and eager under
                the opt-ins (library.MERGE_OVERLAP, library.FUSED_DY_PASS, both; set here in-process)
 
+``--merge-sweep ROUNDS`` instead times the merge kernel over a grid of tiles (SWEEP_TILES x K_FASTEST),
+whole-weight and as the step's chunks, then the step with the best against the default.
+
 ``--ab ROUNDS`` instead times only the eager step under each of AB_CONFIGS (the opt-ins and the
 merge's LORA_FMA / K_FASTEST / SPLIT configs), interleaved in rounds, plus the merge kernel alone (whole weight) beside
 dequantize_nf4 and over MERGE_SWEEP's tile shapes.
@@ -257,6 +260,79 @@ def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -
     return rows
 
 
+#: (BLOCK_N, BLOCK_K, num_warps) of merge_sweep's grid, each with and without K_FASTEST
+SWEEP_TILES = ((64, 128, 4), (32, 128, 4), (64, 64, 4), (128, 64, 4), (32, 256, 4), (64, 256, 8), (128, 128, 8),
+               (16, 512, 4), (32, 512, 8), (16, 1024, 8), (16, 256, 2))
+
+
+def merge_sweep(K: int, N: int, M: int, rounds: int, rep_ms: float) -> list[dict]:
+    """The merge kernel (tl.dot path, r = 16) over SWEEP_TILES x K_FASTEST, graph replay: whole weight
+    without / with the low-rank term, and with it as the step launches it at the 64 MB workspace
+    (the forward's row windows, the backward's column windows).  Then the eager step with the
+    config whose two chunked merges are fastest against the default, interleaved in ``rounds``."""
+    import lora_kernels as lk
+    from lora_kernels import library
+    from lora_kernels.triton import nf4_merge
+
+    W, q, A, B, x, g = _operands(K, N, M)
+    r, dev = A.shape[0], x.device
+    floor = min(_t(lambda: (F.linear(x.detach(), W), g @ W), [()], True, rep_ms) for _ in range(2))
+    del W
+    library.WORKSPACE_BYTES = 64 * 2**20
+    Ad, Bd = A.detach(), B.detach()
+    s_scalar, s_vec = nf4_merge.scale_operands(SCALE, r, dev)
+    out = torch.empty((N, K), dtype=torch.bfloat16, device=dev)
+    row = dict(shape=f"{K}x{N}", M=M, r=r, workspace_mb=64.0, floor_ms=floor,
+               dequantize_ms=_t(lambda: lk.dequantize_nf4(q, torch.bfloat16), [()], True, rep_ms), configs=[])
+    best = None
+    for bn, bk, nw in SWEEP_TILES:
+        for kf in (False, True):
+            cfg = dict(nf4_merge.DEFAULT_CONFIG, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, K_FASTEST=kf)
+            rows_c = min(N, library.merge_chunk(N, K, 128, False))
+            cols_c = min(K, library.merge_chunk(K, N, max(bk, q.blocksize, 128), False))
+            rec = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, K_FASTEST=kf)
+            try:
+                rec["nolora_ms"] = _t(lambda: nf4_merge.merge_window(out, q, None, None, 1.0, None, (0, N), (0, K), cfg),
+                                      [()], True, rep_ms)
+                rec["lora_ms"] = _t(lambda: nf4_merge.merge_window(out, q, Ad, Bd, s_scalar, s_vec, (0, N), (0, K), cfg),
+                                    [()], True, rep_ms)
+                rec["fwd_chunks_ms"] = _t(lambda: [nf4_merge.merge_window(out, q, Ad, Bd, s_scalar, s_vec,
+                                                                          (n0, min(N, n0 + rows_c)), (0, K), cfg)
+                                                   for n0 in range(0, N, rows_c)], [()], True, rep_ms)
+                rec["bwd_chunks_ms"] = _t(lambda: [nf4_merge.merge_window(out, q, Ad, Bd, s_scalar, s_vec,
+                                                                          (0, N), (k0, min(K, k0 + cols_c)), cfg)
+                                                   for k0 in range(0, K, cols_c)], [()], True, rep_ms)
+            except Exception as e:                               # noqa: BLE001
+                rec["error"] = harness.short_error(e)
+            row["configs"].append(rec)
+            print(json.dumps(rec), flush=True)
+            if "bwd_chunks_ms" in rec and (best is None or rec["fwd_chunks_ms"] + rec["bwd_chunks_ms"]
+                                           < best["fwd_chunks_ms"] + best["bwd_chunks_ms"]):
+                best = rec
+    del out
+    torch.cuda.empty_cache()
+    row["best"] = best
+    default_merge = dict(nf4_merge.DEFAULT_CONFIG)
+    best_cfg = {k: best[k] for k in ("BLOCK_N", "BLOCK_K", "num_warps", "K_FASTEST")}
+    times: dict = {"default": [], "best": []}
+    for _ in range(rounds):
+        for name, cfg in (("default", {}), ("best", best_cfg)):
+            nf4_merge.DEFAULT_CONFIG.update(cfg)
+            library._workspaces.clear()
+            try:
+                times[name].append(_t(lambda: _step(lk, x, q, A, B, g), [()], False, rep_ms))
+            finally:
+                nf4_merge.DEFAULT_CONFIG.update(default_merge)
+    library._workspaces.clear()
+    for name, ts in times.items():
+        ts = sorted(ts)
+        row[f"{name}_ms"] = ts[len(ts) // 2]
+        row[f"{name}_spread_ms"] = ts[-1] - ts[0]
+        row[f"{name}_over_floor"] = row[f"{name}_ms"] / floor
+    print(json.dumps({k: v for k, v in row.items() if k != "configs"}), flush=True)
+    return [row]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", type=bf.parse_shapes, required=True)
@@ -266,12 +342,16 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
                    help="instead: the step under each opt-in, interleaved in ROUNDS rounds (see ab())")
+    p.add_argument("--merge-sweep", type=int, default=0, metavar="ROUNDS",
+                   help="instead: the merge kernel over SWEEP_TILES, then the step with the best (see merge_sweep())")
     a = p.parse_args(argv)
     env = harness.env_info()
     out = {"env": env, "rows": []}
     for K, N in a.shapes:
         for M in a.ms:
-            if a.ab:
+            if a.merge_sweep:
+                out["rows"] += merge_sweep(K, N, M, a.merge_sweep, a.rep_ms)
+            elif a.ab:
                 out["rows"] += ab(K, N, M, a.workspace_mb, a.ab, a.rep_ms)
             else:
                 out["rows"] += probe(K, N, M, a.workspace_mb, a.rep_ms)
