@@ -265,17 +265,18 @@ SWEEP_TILES = ((64, 128, 4), (32, 128, 4), (64, 64, 4), (128, 64, 4), (32, 256, 
                (16, 512, 4), (32, 512, 8), (16, 1024, 8), (16, 256, 2))
 
 
-def merge_sweep(K: int, N: int, M: int, rounds: int, rep_ms: float) -> list[dict]:
+def merge_sweep(K: int, N: int, M: int, rounds: int, rep_ms: float, r: int = 16) -> list[dict]:
     """The merge kernel (tl.dot path, r = 16) over SWEEP_TILES x K_FASTEST, graph replay: whole weight
     without / with the low-rank term, and with it as the step launches it at the 64 MB workspace
     (the forward's row windows, the backward's column windows).  Then the eager step with the
-    config whose two chunked merges are fastest against the default, interleaved in ``rounds``."""
+    config whose two chunked merges are fastest against the default, interleaved in ``rounds``
+    (``rounds`` <= 0: no step).  ``r``: the LoRA rank."""
     import lora_kernels as lk
     from lora_kernels import library
     from lora_kernels.triton import nf4_merge
 
-    W, q, A, B, x, g = _operands(K, N, M)
-    r, dev = A.shape[0], x.device
+    W, q, A, B, x, g = _operands(K, N, M, r)
+    dev = x.device
     floor = min(_t(lambda: (F.linear(x.detach(), W), g @ W), [()], True, rep_ms) for _ in range(2))
     del W
     library.WORKSPACE_BYTES = 64 * 2**20
@@ -312,6 +313,8 @@ def merge_sweep(K: int, N: int, M: int, rounds: int, rep_ms: float) -> list[dict
     del out
     torch.cuda.empty_cache()
     row["best"] = best
+    if rounds <= 0:
+        return [row]
     default_merge = dict(nf4_merge.DEFAULT_CONFIG)
     best_cfg = {k: best[k] for k in ("BLOCK_N", "BLOCK_K", "num_warps", "K_FASTEST")}
     times: dict = {"default": [], "best": []}
@@ -342,15 +345,16 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
                    help="instead: the step under each opt-in, interleaved in ROUNDS rounds (see ab())")
-    p.add_argument("--merge-sweep", type=int, default=0, metavar="ROUNDS",
+    p.add_argument("--r", type=int, default=16, help="LoRA rank (--merge-sweep only)")
+    p.add_argument("--merge-sweep", type=int, default=None, metavar="ROUNDS",
                    help="instead: the merge kernel over SWEEP_TILES, then the step with the best (see merge_sweep())")
     a = p.parse_args(argv)
     env = harness.env_info()
     out = {"env": env, "rows": []}
     for K, N in a.shapes:
         for M in a.ms:
-            if a.merge_sweep:
-                out["rows"] += merge_sweep(K, N, M, a.merge_sweep, a.rep_ms)
+            if a.merge_sweep is not None:
+                out["rows"] += merge_sweep(K, N, M, a.merge_sweep, a.rep_ms, a.r)
             elif a.ab:
                 out["rows"] += ab(K, N, M, a.workspace_mb, a.ab, a.rep_ms)
             else:
