@@ -169,22 +169,15 @@ def probe(K: int, N: int, M: int, ws_mb: list[float], rep_ms: float) -> list[dic
     return rows
 
 
-#: (name, MERGE_OVERLAP, FUSED_DY_PASS, overrides of the merge's DEFAULT_CONFIG)
-AB_CONFIGS = (("default", False, False, {}), ("overlap", True, False, {}), ("fused", False, True, {}),
-              ("merge_fma", False, False, dict(LORA_FMA=True)),
-              ("merge_kfirst", False, False, dict(K_FASTEST=True)),
-              ("merge_split_kfirst", False, False, dict(SPLIT=True, K_FASTEST=True)),
-              ("merge_split_fma_kfirst", False, False, dict(SPLIT=True, LORA_FMA=True, K_FASTEST=True)))
+#: (name, MERGE_OVERLAP, FUSED_DY_PASS, overrides of the merge's DEFAULT_CONFIG; the key SMALL_RANK_MAX
+#: sets nf4_merge.SMALL_RANK_MAX instead: -1 = the 64x128 tile at every rank, as before session 19).
+#: Session 19 measured LORA_FMA, SPLIT and K_FASTEST steps here too (all slower or within the spread).
+AB_CONFIGS = (("default", False, False, {}), ("tile_64x128", False, False, dict(SMALL_RANK_MAX=-1)),
+              ("overlap", True, False, {}), ("fused", False, True, {}))
 
 
 #: merge_window configs timed by ``ab`` beside the default (whole weight, r = 16, graph replay)
-MERGE_SWEEP = (dict(K_FASTEST=True), dict(SPLIT=True), dict(SPLIT=True, K_FASTEST=True),
-               dict(LORA_FMA=True, K_FASTEST=True), dict(SPLIT=True, LORA_FMA=True),
-               dict(SPLIT=True, LORA_FMA=True, K_FASTEST=True),
-               dict(BLOCK_N=32, BLOCK_K=256, SPLIT=True, LORA_FMA=True, K_FASTEST=True),
-               dict(BLOCK_N=32, BLOCK_K=256, SPLIT=True, K_FASTEST=True),
-               dict(BLOCK_N=64, BLOCK_K=256, num_warps=8, SPLIT=True, K_FASTEST=True),
-               dict(BLOCK_N=32, BLOCK_K=256), dict(BLOCK_N=32, BLOCK_K=256, LORA_FMA=True))
+MERGE_SWEEP = (dict(BLOCK_N=64, BLOCK_K=128, num_warps=4), dict(BLOCK_N=16, BLOCK_K=256, num_warps=2))
 
 
 def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -> list[dict]:
@@ -233,7 +226,7 @@ def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -
     def step():
         return _step(lk, x, q, A, B, g)
 
-    default_merge = dict(nf4_merge.DEFAULT_CONFIG)
+    default_merge, default_srm = dict(nf4_merge.DEFAULT_CONFIG), nf4_merge.SMALL_RANK_MAX
     rows = []
     for mb in ws_mb:
         library.WORKSPACE_BYTES = int(mb * 2**20)
@@ -241,6 +234,8 @@ def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -
         for _ in range(rounds):
             for name, overlap, fused, merge_cfg in AB_CONFIGS:
                 library.MERGE_OVERLAP, library.FUSED_DY_PASS = overlap, fused
+                merge_cfg = dict(merge_cfg)
+                nf4_merge.SMALL_RANK_MAX = merge_cfg.pop("SMALL_RANK_MAX", default_srm)
                 nf4_merge.DEFAULT_CONFIG.update(merge_cfg)        # merge_window's default cfg is this dict
                 library._workspaces.clear()
                 try:
@@ -248,6 +243,7 @@ def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -
                 finally:
                     library.MERGE_OVERLAP = library.FUSED_DY_PASS = False
                     nf4_merge.DEFAULT_CONFIG.update(default_merge)
+                    nf4_merge.SMALL_RANK_MAX = default_srm
         library._workspaces.clear()
         row = dict(shape=f"{K}x{N}", M=M, r=r, workspace_mb=mb, floor_ms=floor, rounds=rounds, **kern)
         for name, ts in times.items():

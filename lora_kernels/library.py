@@ -679,7 +679,7 @@ def dx_2d(dy: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: torch.T
 
         base, lora_a, lora_b, s_scalar, s_vec = _merge_args(weight, lora_a, lora_b, scale, dt)
         # column windows start at multiples of the merge tile's width and of the blocksize
-        unit = max(128, _merge_module().DEFAULT_CONFIG["BLOCK_K"], base.blocksize if isinstance(base, NF4Weight) else 1)
+        unit = _merge_module().window_col_unit(base.blocksize if isinstance(base, NF4Weight) else 1)
         cols = min(K, merge_chunk(K, N, unit, whole_weight))
         dx = torch.empty((dy.shape[0], K), dtype=dt, device=dy.device)
 

@@ -373,6 +373,34 @@ def _layout_check(shape, kw, dtype, flags):
         assert torch.equal(got, plain), f"{shape} {kw} {flags}: differs from the plain FMA path"
 
 
+def test_default_config_by_rank(monkeypatch):
+    """Launches without a config take the small-rank tile up to SMALL_RANK_MAX (no LoRA included),
+    DEFAULT_CONFIG above it; an explicit config overrides either; column windows of default
+    launches are aligned to every default tile."""
+    from lora_kernels.triton import nf4_merge
+
+    for r in (0, 1, nf4_merge.SMALL_RANK_MAX):
+        assert nf4_merge.default_config(r) == dict(DEFAULT_CONFIG, **nf4_merge.SMALL_RANK_TILE)
+    assert nf4_merge.default_config(nf4_merge.SMALL_RANK_MAX + 1) is DEFAULT_CONFIG
+    assert nf4_merge._resolve_config(dict(BLOCK_N=32), 4)["BLOCK_N"] == 32
+    assert nf4_merge._resolve_config(None, 64)["BLOCK_K"] == DEFAULT_CONFIG["BLOCK_K"]
+    unit = nf4_merge.window_col_unit(64)
+    assert unit % DEFAULT_CONFIG["BLOCK_K"] == 0 and unit % nf4_merge.SMALL_RANK_TILE["BLOCK_K"] == 0
+    assert nf4_merge.window_col_unit(1024) == 1024
+    # the tile is really used: a window start that only DEFAULT_CONFIG's BLOCK_K divides is refused at
+    # r = 4 (small tile, BLOCK_K 256) and accepted at r = 17
+    g, seed = _gen()
+    for r, ok in ((4, False), (17, True)):
+        weight, _, a, b, s = _make(37, 512, r, kind="nf4dq", g=g)
+        if ok:
+            dequantize_merge(weight, a, b, s, torch.float16, cols=(128, 512))
+        else:
+            with pytest.raises(ValueError, match="multiple of 256"):
+                dequantize_merge(weight, a, b, s, torch.float16, cols=(128, 512))
+    monkeypatch.setattr(nf4_merge, "SMALL_RANK_MAX", -1)                  # the switch turns it off
+    assert nf4_merge.default_config(0) is DEFAULT_CONFIG
+
+
 @pytest.mark.parametrize("dtype", DTYPES_CPU)
 @pytest.mark.parametrize("flags", LAYOUT_FLAGS)
 @pytest.mark.parametrize("shape,kw", [c[1:] for c in LAYOUT_CASES], ids=[c[0] for c in LAYOUT_CASES])

@@ -94,6 +94,29 @@ DEFAULT_CONFIG = dict(BLOCK_N=64, BLOCK_K=128, R_BLOCK=32, num_warps=4, num_stag
                       K_FASTEST=os.environ.get("LORA_KERNELS_MERGE_K_FASTEST", "0") == "1")
 _CONFIG_KEYS = frozenset(DEFAULT_CONFIG)
 
+#: Launches without a ``config`` at rank r <= SMALL_RANK_MAX (and without LoRA) use this tile instead
+#: of DEFAULT_CONFIG's (``$LORA_KERNELS_MERGE_SMALL_RANK_MAX``, default 16; -1 turns it off).  Session
+#: 19's sweep on the H100 (bf16, 22 tiles, as the training step launches them at a 64 MB workspace):
+#: 16x256 with 2 warps takes the forward + backward merges of 8192x28672 from 0.76 to 0.70 ms at
+#: r = 16 and r = 4 (4096x14336: 0.19 -> 0.18; the no-LoRA merge 0.275 -> 0.239 against
+#: dequantize_nf4's 0.207), but loses 9 % at r = 64 and 15 % at r = 128, where 64x128 stays best
+#: (A's L2 traffic per output element grows as 2r / BLOCK_N).
+SMALL_RANK_MAX = int(os.environ.get("LORA_KERNELS_MERGE_SMALL_RANK_MAX", "16"))
+SMALL_RANK_TILE = dict(BLOCK_N=16, BLOCK_K=256, num_warps=2)
+
+
+def default_config(r: int) -> dict:
+    """The config a launch without ``config`` uses at LoRA rank ``r`` (0: no LoRA term)."""
+    if r <= SMALL_RANK_MAX:
+        return dict(DEFAULT_CONFIG, **SMALL_RANK_TILE)
+    return DEFAULT_CONFIG
+
+
+def window_col_unit(blocksize: int) -> int:
+    """Column windows of launches without a ``config`` must start at multiples of this (every
+    default tile's BLOCK_K and the blocksize): what the streamed routes chunk columns by."""
+    return max(128, DEFAULT_CONFIG["BLOCK_K"], SMALL_RANK_TILE["BLOCK_K"], blocksize)
+
 
 # =============================================================================================
 # Kernel
@@ -284,8 +307,8 @@ def _merge_split_tile(
 _launch_merge = CachedLauncher(_merge_kernel)
 
 
-def _resolve_config(override: dict | None) -> dict:
-    cfg = dict(DEFAULT_CONFIG)
+def _resolve_config(override: dict | None, r: int) -> dict:
+    cfg = dict(default_config(r))
     if override is not None:
         if not isinstance(override, dict):
             raise TypeError(f"dequantize_merge: config must be a dict, got {type(override).__name__}")
@@ -361,8 +384,9 @@ def dequantize_merge(
     scale: float, or a float tensor of shape [] or [r] (AdaLoRA per-rank scale; used as fp32).
     dtype: fp32/bf16/fp16, default the NF4 weight's original dtype / the dense tensor's dtype.
     out: optional contiguous [N, K] tensor of ``dtype`` on the weight's device, filled and returned.
-    config: dict overriding ``DEFAULT_CONFIG`` (keys BLOCK_N, BLOCK_K, R_BLOCK, num_warps, num_stages,
-    LORA_FMA, SPLIT, K_FASTEST).
+    config: dict overriding ``default_config(r)`` (``DEFAULT_CONFIG``, with ``SMALL_RANK_TILE`` for
+    r <= SMALL_RANK_MAX; keys BLOCK_N, BLOCK_K, R_BLOCK, num_warps, num_stages, LORA_FMA, SPLIT,
+    K_FASTEST).
     rows, cols: optional windows ``(start, stop)``: only W_eff[rows[0]:rows[1], cols[0]:cols[1]] is
     computed and returned (``out`` then has the window's shape); ``cols[0]`` must be a multiple of
     the blocksize and of the config's BLOCK_K.  The streamed routes (``library``) write the merged
@@ -439,7 +463,7 @@ def dequantize_merge(
         s_scalar, s_vec = scale_operands(scale, r, device)
 
     # ------------------------------------------------------------------ window
-    cfg = _resolve_config(config)
+    cfg = _resolve_config(config, r)
     n0, n1 = _window(rows, N, "rows")
     k0, k1 = _window(cols, K, "cols")
     align = 1 if dense else max(cfg["BLOCK_K"], bs)
@@ -464,13 +488,13 @@ def dequantize_merge(
 
 
 def merge_window(out: torch.Tensor, weight, lora_a, lora_b, s_scalar: float, s_vec: torch.Tensor | None,
-                 rows: tuple[int, int], cols: tuple[int, int], cfg: dict = DEFAULT_CONFIG) -> torch.Tensor:
+                 rows: tuple[int, int], cols: tuple[int, int], cfg: dict | None = None) -> torch.Tensor:
     """Launch only (no argument checks: the caller has made them, as ``dequantize_merge`` does):
     W_eff[rows[0]:rows[1], cols[0]:cols[1]] written row-major from ``out``'s first element (``out``:
     a contiguous [rows, cols] tensor, or any contiguous tensor of the output dtype with at least
     that many elements, e.g. a flat workspace), with ``s_vec`` an fp32 [r] vector or None (then the
     float ``s_scalar``); ``weight``, ``lora_a``, ``lora_b`` are the full tensors (the window is
-    passed as offsets, not views).  The streamed routes of ``library`` call this per chunk to
+    passed as offsets, not views); ``cfg`` None: ``default_config(r)``.  The streamed routes of ``library`` call this per chunk to
     keep the host cost of a chunk to one launch.  Returns ``out``."""
     (n0, n1), (k0, k1) = rows, cols
     N, K = n1 - n0, k1 - k0
@@ -492,6 +516,8 @@ def merge_window(out: torch.Tensor, weight, lora_a, lora_b, s_scalar: float, s_v
         offset = weight.offset if nested_flag else code
         stride_wn = 0
     has_lora = lora_a is not None
+    if cfg is None:
+        cfg = default_config(lora_a.shape[0] if has_lora else 0)
     if has_lora:
         a_arg, b_arg = lora_a, lora_b
         r = lora_a.shape[0]
