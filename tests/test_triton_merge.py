@@ -379,8 +379,9 @@ def test_default_config_by_rank(monkeypatch):
     launches are aligned to every default tile."""
     from lora_kernels.triton import nf4_merge
 
-    for r in (0, 1, nf4_merge.SMALL_RANK_MAX):
+    for r in (1, nf4_merge.SMALL_RANK_MAX):
         assert nf4_merge.default_config(r) == dict(DEFAULT_CONFIG, **nf4_merge.SMALL_RANK_TILE)
+    assert nf4_merge.default_config(0) == dict(DEFAULT_CONFIG, **nf4_merge.SMALL_RANK_TILE, K_FASTEST=True)
     assert nf4_merge.default_config(nf4_merge.SMALL_RANK_MAX + 1) is DEFAULT_CONFIG
     assert nf4_merge._resolve_config(dict(BLOCK_N=32), 4)["BLOCK_N"] == 32
     assert nf4_merge._resolve_config(None, 64)["BLOCK_K"] == DEFAULT_CONFIG["BLOCK_K"]
