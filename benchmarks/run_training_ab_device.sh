@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 4's opt-in A/B in one device call, ENVELOPE s (default 560; session 18's 230 s call finished
-# one shape of the M = 4096 part): build; the merge kernel's LORA_FMA / SPLIT / K_FASTEST
-# GPU tests; then the step under the opt-ins (LORA_KERNELS_MERGE_OVERLAP, LORA_KERNELS_FUSED_DY_PASS,
-# the merge's LORA_FMA, K_FASTEST, SPLIT) against the default, interleaved in rounds
-# (training_probe --ab, which also times the merge kernel's tile / low-rank-path sweep MERGE_SWEEP),
+# one shape of the M = 4096 part): build; the merge kernel's tile-config GPU tests; then the step
+# under the opt-ins (LORA_KERNELS_MERGE_OVERLAP, LORA_KERNELS_FUSED_DY_PASS, the merge's tile by
+# rank) against the default (training_probe.AB_CONFIGS), interleaved in rounds
+# (training_probe --ab, which also times the merge kernel's tiles in MERGE_SWEEP),
 # at M = 4096 with the workspaces in WSMB (default 64 MB), then M = 16384.
 #     OUT=$OUT bash benchmarks/run_training_ab_device.sh      (carry .whl: the bitsandbytes wheel)
 OUT="${OUT:-/tmp/lk_out}"; mkdir -p "$OUT"; TAG="${SESSION_TAG:-session19}"; ENV_S="${ENVELOPE:-560}"
@@ -11,7 +11,7 @@ set +e
 source benchmarks/device_env.sh
 GPU=$(python3 -c "import torch,re;print(re.sub('[^a-z0-9]+','-',torch.cuda.get_device_name().lower()).strip('-'))")
 echo "=== $GPU $(date +%T)"
-timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_triton_merge.py -k "fma or split or fastest or no_lora" > "$OUT/gpu_tests.log" 2>&1
+timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_triton_merge.py -k "fastest or no_lora or rank" > "$OUT/gpu_tests.log" 2>&1
 echo "pytest rc=$?"; tail -1 "$OUT/gpu_tests.log" | cut -c1-200
 SH=8192x28672,4096x14336,28672x8192,14336x4096
 echo "=== ab M=4096 $(date +%T)"

@@ -19,7 +19,7 @@ each size is also capped at half the weight, as on the training path):
 whole-weight and as the step's chunks, then the step with the best against the default.
 
 ``--ab ROUNDS`` instead times only the eager step under each of AB_CONFIGS (the opt-ins and the
-merge's LORA_FMA / K_FASTEST / SPLIT configs), interleaved in rounds, plus the merge kernel alone (whole weight) beside
+merge's tile configs), interleaved in rounds, plus the merge kernel alone (whole weight) beside
 dequantize_nf4 and over MERGE_SWEEP's tile shapes.
 
     python -m benchmarks.training_probe --shapes 8192x28672,4096x14336 --ms 4096 --workspace-mb 64,256 \
@@ -171,7 +171,8 @@ def probe(K: int, N: int, M: int, ws_mb: list[float], rep_ms: float) -> list[dic
 
 #: (name, MERGE_OVERLAP, FUSED_DY_PASS, overrides of the merge's DEFAULT_CONFIG; the key SMALL_RANK_MAX
 #: sets nf4_merge.SMALL_RANK_MAX instead: -1 = the 64x128 tile at every rank, as before session 19).
-#: Session 19 measured LORA_FMA, SPLIT and K_FASTEST steps here too (all slower or within the spread).
+#: Session 19 measured the merge's FMA low-rank path, its split-halves tile and K_FASTEST here too
+#: (all slower or within the spread; results/probe_training_ab_*_session19).
 AB_CONFIGS = (("default", False, False, {}), ("tile_64x128", False, False, dict(SMALL_RANK_MAX=-1)),
               ("overlap", True, False, {}), ("fused", False, True, {}))
 
@@ -183,7 +184,7 @@ MERGE_SWEEP = (dict(BLOCK_N=64, BLOCK_K=128, num_warps=4), dict(BLOCK_N=16, BLOC
 def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -> list[dict]:
     """The step (eager, CUDA events) under each of AB_CONFIGS, interleaved in ``rounds`` rounds
     (ABCD ABCD ...: clock and thermal drift spread over all configs), per workspace size; and the
-    merge kernel without and with the low-rank term (tl.dot path and LORA_FMA path) beside
+    merge kernel without and with the low-rank term beside
     dequantize_nf4 (one whole-weight window, graph replay): how far the merge is from a dequantize."""
     import lora_kernels as lk
     from lora_kernels import library
@@ -196,18 +197,13 @@ def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -
     out = torch.empty((N, K), dtype=torch.bfloat16, device=dev)
     s_scalar, s_vec = nf4_merge.scale_operands(SCALE, r, dev)
     kern = {}
-    fma_cfg = dict(nf4_merge.DEFAULT_CONFIG, LORA_FMA=True)
-    nolora = {"merge_nolora_ms": nf4_merge.DEFAULT_CONFIG,
-              "merge_nolora_kfirst_ms": dict(nf4_merge.DEFAULT_CONFIG, K_FASTEST=True),
-              "merge_nolora_split_ms": dict(nf4_merge.DEFAULT_CONFIG, SPLIT=True),
-              "merge_nolora_split_kfirst_ms": dict(nf4_merge.DEFAULT_CONFIG, SPLIT=True, K_FASTEST=True)}
+    nolora = {"merge_nolora_ms": None,                           # the default config at r = 0
+              "merge_nolora_64x128_ms": nf4_merge.DEFAULT_CONFIG}
     for name, fn in (("dequantize_ms", lambda: lk.dequantize_nf4(q, torch.bfloat16)),
                      *((nm, lambda c=c: nf4_merge.merge_window(out, q, None, None, 1.0, None, (0, N), (0, K), c))
                        for nm, c in nolora.items()),
                      ("merge_lora_ms", lambda: nf4_merge.merge_window(out, q, A.detach(), B.detach(), s_scalar, s_vec,
-                                                                      (0, N), (0, K))),
-            ("merge_lora_fma_ms", lambda: nf4_merge.merge_window(out, q, A.detach(), B.detach(), s_scalar, s_vec,
-                                                                          (0, N), (0, K), fma_cfg))):
+                                                                      (0, N), (0, K)))):
         try:
             kern[name] = _t(fn, [()], True, rep_ms)
         except Exception as e:                                   # noqa: BLE001

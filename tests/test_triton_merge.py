@@ -180,7 +180,7 @@ def test_no_lora_is_dequantize_nf4(kind, blocksize, dtype):
     # small tiles: BLOCK_K below and above the blocksize
     got = dequantize_merge(weight, None, None, dtype=dtype, config=SMALL)
     assert torch.equal(got, lk.dequantize_nf4(weight, dtype)), f"seed={seed} {kind} bs={blocksize} {dtype} SMALL"
-    for cfg in (dict(SPLIT=True), dict(SMALL, SPLIT=True, K_FASTEST=True)):
+    for cfg in (dict(K_FASTEST=True), dict(SMALL, K_FASTEST=True)):
         got = dequantize_merge(weight, None, None, dtype=dtype, config=cfg)
         assert torch.equal(got, lk.dequantize_nf4(weight, dtype)), f"seed={seed} {kind} bs={blocksize} {dtype} {cfg}"
 
@@ -296,8 +296,7 @@ def test_bad_input(monkeypatch):
     raises(ValueError, "lora_a is on meta", weight, a.to("meta"), b, s)
     raises(ValueError, "scale is on meta", weight, a, b, torch.ones(4, device="meta"))
     raises(ValueError, "CUDA device", torch.zeros(N, K, device="meta"), None, None)
-    raises(ValueError, "LORA_FMA must be a bool", weight, a, b, s, config=dict(LORA_FMA=1))
-    raises(ValueError, "SPLIT must be a bool", weight, a, b, s, config=dict(SPLIT="yes"))
+    raises(ValueError, "unknown config key", weight, a, b, s, config=dict(LORA_FMA=True))
     raises(ValueError, "K_FASTEST must be a bool", weight, a, b, s, config=dict(K_FASTEST=None))
     if HAS_CUDA:
         raises(ValueError, "is on cpu", weight, a, b.cpu(), s)
@@ -305,72 +304,26 @@ def test_bad_input(monkeypatch):
     else:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         raises(ValueError, "CUDA device", weight, a, b, s)
-    assert set(DEFAULT_CONFIG) == {"BLOCK_N", "BLOCK_K", "R_BLOCK", "num_warps", "num_stages", "LORA_FMA",
-                                   "SPLIT", "K_FASTEST"}
-
-
-FMA_CASES = [("dq-bs64-r1-oddN", (37, 192, 1), dict(kind="nf4dq")),
-             ("single-bs128-r16-vec", (37, 256, 16), dict(kind="nf4", blocksize=128, scale="vector")),
-             ("dq-r8-lora-fp32-small", (37, 192, 8), dict(kind="nf4dq", lora_dtype=torch.float32,
-                                                        config=dict(SMALL, LORA_FMA=True))),
-             ("dense-r33-tensor0", (5, 256, 33), dict(kind="dense", scale="tensor0"))]
-
-
-@pytest.mark.parametrize("dtype", DTYPES_CPU)
-@pytest.mark.parametrize("shape,kw", [c[1:] for c in FMA_CASES], ids=[c[0] for c in FMA_CASES])
-def test_lora_fma_path(shape, kw, dtype):
-    """config LORA_FMA: the low-rank term as rank-1 fp32 FMA updates (operands never rounded to the
-    output dtype) meets the same float64 bound, and with no LoRA it is still dequantize_nf4."""
-    kw = dict(kw)
-    kw["config"] = kw.get("config") or dict(LORA_FMA=True)
-    _run(*shape, dtype=dtype, **kw)
-
-
-def test_lora_fma_is_closer_than_one_rounding_per_operand():
-    """The FMA path rounds nothing but the fp32 sums: against the float64 value of Ŵ + fl32(B·s)·A its
-    fp16 output is the correctly rounded value almost everywhere (a path that rounded B·s or A to
-    fp16 first would miss on a visible fraction: checked on the same data with the dot path)."""
-    g, seed = _gen()
-    weight, w_exact, a, b, s = _make(64, 256, 16, kind="nf4dq", g=g, lora_dtype=torch.float32)
-    bs = (b.float() * s).double()                                  # fl32(B · s), as the kernel forms it
-    want = (w_exact + bs @ a.double()).to(torch.float16)
-    got = dequantize_merge(weight, a, b, s, torch.float16, config=dict(LORA_FMA=True))
-    dot = dequantize_merge(weight, a, b, s, torch.float16)
-    miss_fma = (got != want).double().mean().item()
-    miss_dot = (dot != want).double().mean().item()
-    assert miss_fma < 0.01, f"seed={seed}: {miss_fma:.2%}"
-    assert miss_dot > miss_fma, f"seed={seed}: dot path {miss_dot:.2%} vs fma {miss_fma:.2%}"
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_gpu_lora_fma_path(dtype):
-    for r, scale in ((16, "scalar"), (4, "vector"), (33, "tensor0")):
-        _run(1000, 4096, r, dtype=dtype, kind="nf4dq", scale=scale, config=dict(LORA_FMA=True))
+    assert set(DEFAULT_CONFIG) == {"BLOCK_N", "BLOCK_K", "R_BLOCK", "num_warps", "num_stages", "K_FASTEST"}
 
 
 # ------------------------------------------------------------------------------------------------
-# The SPLIT (tile kept as high / low nibble halves) and K_FASTEST (tile order) configs
+# The K_FASTEST tile order and the default config by rank
 LAYOUT_CASES = [c for c in CASES if c[0] in ("dq-bs64-r1-oddN", "single-bs64-r8-vec", "dq-bs128-r16-vec",
                                                "dq-bs64-r33-vec-small", "dq-bs32-r16-2nested",
                                                "dq-r8-lora-fp32", "dense-r8")]
-LAYOUT_FLAGS = [pytest.param(dict(SPLIT=True), id="split"), pytest.param(dict(K_FASTEST=True), id="kfirst"),
-                pytest.param(dict(SPLIT=True, LORA_FMA=True, K_FASTEST=True), id="split-fma-kfirst")]
 
 
-def _layout_check(shape, kw, dtype, flags):
-    """The float64 bound (``_run``), and: SPLIT / K_FASTEST change where values are computed, not
-    how -- with the FMA path (a fixed fp32 operation order per element) the output is bit-equal to
-    the same config without them.  (The tl.dot path is only held to the bound: the MMA's
-    accumulation order may differ between one [BLOCK_N, BLOCK_K] dot and two half-width ones.)"""
+def _k_fastest_check(shape, kw, dtype):
+    """The float64 bound (``_run``), and K_FASTEST changes only which program computes a tile, not
+    how: bit-equal to the same config without it."""
     kw = dict(kw)
     base = dict(kw.pop("config", None) or {})
-    got, _, weight = _run(*shape, dtype=dtype, config=dict(base, **flags), **kw)
-    if flags.get("LORA_FMA"):
-        a, b, s = _LAST_LORA
-        plain = dequantize_merge(weight, a, b, s, dtype, config=dict(base, LORA_FMA=True))
-        assert torch.equal(got, plain), f"{shape} {kw} {flags}: differs from the plain FMA path"
+    got, _, weight = _run(*shape, dtype=dtype, config=dict(base, K_FASTEST=True), **kw)
+    a, b, s = _LAST_LORA
+    plain = dequantize_merge(weight, a, b, s if a is not None and a.shape[0] else 1.0, dtype,
+                             config=dict(base, K_FASTEST=False))
+    assert torch.equal(got, plain), f"{shape} {kw}: K_FASTEST changed the values"
 
 
 def test_default_config_by_rank(monkeypatch):
@@ -403,34 +356,35 @@ def test_default_config_by_rank(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES_CPU)
-@pytest.mark.parametrize("flags", LAYOUT_FLAGS)
 @pytest.mark.parametrize("shape,kw", [c[1:] for c in LAYOUT_CASES], ids=[c[0] for c in LAYOUT_CASES])
-def test_split_and_k_fastest(shape, kw, dtype, flags):
-    _layout_check(shape, kw, dtype, flags)
+def test_k_fastest(shape, kw, dtype):
+    _k_fastest_check(shape, kw, dtype)
 
 
-def test_split_windows():
-    """SPLIT on windows (the streamed routes' row and column chunks, odd ends included) equals the
-    same window of the whole merge (FMA path: bit-equal)."""
+def test_k_fastest_windows():
+    """K_FASTEST on windows (the streamed routes' row and column chunks, odd ends included) equals
+    the same window of the whole merge."""
     g, seed = _gen()
     weight, _, a, b, s = _make(37, 384, 8, kind="nf4dq", g=g)
-    cfg = dict(BLOCK_N=16, BLOCK_K=64, LORA_FMA=True)
+    cfg = dict(BLOCK_N=16, BLOCK_K=64)
     full = dequantize_merge(weight, a, b, s, torch.float16, config=cfg)
     for rows, cols in (((3, 37), (128, 384)), ((0, 17), (64, 191)), ((36, 37), (320, 321))):
-        win = dequantize_merge(weight, a, b, s, torch.float16, rows=rows, cols=cols,
-                               config=dict(cfg, SPLIT=True, K_FASTEST=True))
+        win = dequantize_merge(weight, a, b, s, torch.float16, rows=rows, cols=cols, config=dict(cfg, K_FASTEST=True))
         assert torch.equal(win, full[rows[0]:rows[1], cols[0]:cols[1]]), f"seed={seed} {rows} {cols}"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("flags", LAYOUT_FLAGS + [pytest.param(dict(SPLIT=True, LORA_FMA=True), id="split-fma"),
-                                                  pytest.param(dict(SPLIT=True, K_FASTEST=True), id="split-kfirst")])
-def test_gpu_split_and_k_fastest(dtype, flags):
+def test_gpu_k_fastest_and_small_rank_tile(dtype):
+    """K_FASTEST bit-equal to the N-first order; the small-rank tile (default at r <= 16) and the
+    64x128 one within the float64 bound at ranks on both sides of SMALL_RANK_MAX."""
     for r, scale, extra in ((16, "scalar", {}), (4, "vector", dict(BLOCK_N=32, BLOCK_K=256)),
                             (33, "tensor0", dict(BLOCK_N=64, BLOCK_K=256, num_warps=8))):
-        _layout_check((1000, 4096, r), dict(kind="nf4dq", scale=scale, config=extra), dtype, flags)
+        _k_fastest_check((1000, 4096, r), dict(kind="nf4dq", scale=scale, config=extra), dtype)
+    for r in (1, 16, 17, 64):
+        _run(1000, 4096, r, dtype=dtype, kind="nf4dq")                              # default by rank
+        _run(1000, 4096, r, dtype=dtype, kind="nf4dq", config=dict(BLOCK_N=16, BLOCK_K=256, num_warps=2))
 
 
 def test_cached_launcher_falls_back_where_it_cannot_be_used(monkeypatch):
@@ -495,7 +449,7 @@ def test_gpu_no_lora_is_dequantize_nf4(blocksize, dtype):
     weight, *_ = _make(1000, 4096, 0, kind="nf4dq", blocksize=blocksize, g=g)
     want = lk.dequantize_nf4(weight, dtype)
     for cfg in (None, dict(BLOCK_N=128, BLOCK_K=128), dict(BLOCK_N=32, BLOCK_K=512, num_warps=8),
-                dict(SPLIT=True), dict(BLOCK_N=32, BLOCK_K=256, SPLIT=True, K_FASTEST=True)):
+                dict(BLOCK_N=16, BLOCK_K=256, num_warps=2, K_FASTEST=True)):
         got = dequantize_merge(weight, None, None, dtype=dtype, config=cfg)
         assert torch.equal(got, want), f"seed={seed} bs={blocksize} {dtype} {cfg}"
 

@@ -30,8 +30,8 @@ fp32 output uses fp32 operands with ``input_precision="ieee"`` (never tf32).  Ev
 bit-identical to ``lora_kernels.dequantize_nf4``.
 
 Kernel: a 1-D grid over [BLOCK_N, BLOCK_K] output tiles (N tiles fastest, so programs running
-together share A's [r, BLOCK_K] slice in L2; config K_FASTEST: K tiles fastest).  Per program: BLOCK_N*BLOCK_K/2 packed bytes +
-BLOCK_N*max(1, BLOCK_K/bs) absmax codes read from HBM, r*(BLOCK_N + BLOCK_K) A/B elements read
+together share A's [r, BLOCK_K] slice in L2; config K_FASTEST: K tiles fastest, consecutive rows).
+Per program: BLOCK_N*BLOCK_K/2 packed bytes + BLOCK_N*max(1, BLOCK_K/bs) absmax codes read from HBM, r*(BLOCK_N + BLOCK_K) A/B elements read
 (L2-resident: A is [r, K], B is [N, r]), BLOCK_N*BLOCK_K*out.itemsize bytes written, and
 2*BLOCK_N*BLOCK_K*r FLOPs on the tensor cores.  L2 traffic for A and B per output element is
 2*r*(1/BLOCK_N + 1/BLOCK_K) bytes: from r ~ 64 up it exceeds the 2.5 B of HBM traffic.
@@ -68,29 +68,16 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: 4096x4096 / 4096x14336 / 14336x4096, r = 16 / 64 / 256): 64x128 beats 64x256 by ~12 % at r = 16
 #: (122 vs 186 registers) and loses ~7 % at r = 256; R_BLOCK=32 is 5-9 % faster than 64 at
 #: r = 64; num_stages=1 is 5-25 % slower; 8 warps or 128-row tiles are slower.
-#: LORA_FMA (session 18, opt-in, unmeasured; ``$LORA_KERNELS_MERGE_FMA=1`` makes it the default): the
-#: low-rank term as r rank-1 updates on the CUDA cores in the Ŵ tile's own layout -- per rank j,
-#: Ŵ += fl32(B[:, j] · s_j) ⊗ A[j, :] by fp32 FMAs, operands never rounded to the output dtype --
-#: instead of ``tl.dot`` with Ŵ as the accumulator (no layout conversion of the tile either way).
-#: 2·r FLOPs per element on the CUDA cores: meant for small r (the session-18 probe measured the
-#: dot path's r = 16 term at +27 % of the merge's time on the H100).
-#: SPLIT (session 19, opt-in, unmeasured; ``$LORA_KERNELS_MERGE_SPLIT=1`` makes it the default; NF4
-#: weights only, a dense weight ignores it): the whole tile is kept as two [BLOCK_N, BLOCK_K / 2]
-#: halves in the packed bytes' own layout -- high nibbles (even columns) and low nibbles (odd
-#: columns) -- through the dequantize and the low-rank term (each half gets its own rank-1 FMA
-#: updates or its own ``tl.dot`` over A's even / odd columns), cast to the output dtype, and only
-#: then interleaved for the store, as ``dequantize_nf4``'s kernel does: no fp32 [BLOCK_N, BLOCK_K]
-#: tile is ever re-laid out.  Session 18 measured the default path at 0.276 ms without the
-#: low-rank term against dequantize_nf4's 0.207 ms (8192x28672, H100): that gap is its target.
-#: K_FASTEST (session 19, opt-in, unmeasured; ``$LORA_KERNELS_MERGE_K_FASTEST=1``): tiles ordered
+#: Measured and dropped in session 19 (H100, 8192x28672, r = 16; results/probe_training_ab_*_session19):
+#: the low-rank term as rank-1 fp32 FMAs on the CUDA cores (0.35 -> 0.58 ms) and the tile kept as
+#: high / low nibble halves up to the store (no-LoRA 0.276 -> 0.274; with the term 0.50-1.68 ms).
+#: K_FASTEST (session 19; ``$LORA_KERNELS_MERGE_K_FASTEST=1`` for every launch): tiles ordered
 #: along K first, so the programs resident together write whole consecutive rows (one contiguous
 #: span) instead of one BLOCK_K-wide column band down every row of the output.  The N-first order
 #: was chosen for A's L2 reuse, but A [r, K] and B [N, r] fit in L2 either way; session 18 saw the
 #: merge without the low-rank term at 1.13x dequantize_nf4 on 4096x14336 and 1.33x on 8192x28672,
 #: a size dependence the flat, sequential dequantize does not have (a TLB / DRAM-page suspect).
 DEFAULT_CONFIG = dict(BLOCK_N=64, BLOCK_K=128, R_BLOCK=32, num_warps=4, num_stages=2,
-                      LORA_FMA=os.environ.get("LORA_KERNELS_MERGE_FMA", "0") == "1",
-                      SPLIT=os.environ.get("LORA_KERNELS_MERGE_SPLIT", "0") == "1",
                       K_FASTEST=os.environ.get("LORA_KERNELS_MERGE_K_FASTEST", "0") == "1")
 _CONFIG_KEYS = frozenset(DEFAULT_CONFIG)
 
@@ -132,7 +119,7 @@ def _merge_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DENSE: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
     HAS_LORA: tl.constexpr, R_BLOCK: tl.constexpr, SCALE_VEC: tl.constexpr, IEEE: tl.constexpr,
-    LORA_FMA: tl.constexpr, SPLIT: tl.constexpr, VEC: tl.constexpr, K_FASTEST: tl.constexpr,
+    K_FASTEST: tl.constexpr,
 ):
     # Bytes per program: see the module docstring.  Output tile [BLOCK_N, BLOCK_K] of W_eff.
     # N, K: the output window's size; the weight (NF4 or dense), A and B are the full tensors,
@@ -156,14 +143,6 @@ def _merge_kernel(
     n64 = offs_n.to(tl.int64)
     g64 = n64 + N_OFF                         # rows of the full weight (and of B)
     gk = K_OFF + offs_k                       # columns of the full weight (and of A)
-
-    if SPLIT:                                 # NF4 only (the launcher never sets it for a dense weight)
-        _merge_split_tile(w_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, code_ptr,
-                          a_ptr, b_ptr, s_ptr, out_ptr, K, KH, KB, K_OFF, R, s_scalar,
-                          stride_ar, stride_ak, stride_bn, stride_br,
-                          k0, n64, g64, nmask, offs_k, kmask,
-                          BLOCK_N, BLOCK_K, NESTED, BS, NBS, HAS_LORA, R_BLOCK, SCALE_VEC, IEEE, LORA_FMA, VEC)
-        return
 
     # ---- Ŵ tile in fp32
     if DENSE:
@@ -192,19 +171,9 @@ def _merge_kernel(
                               absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, NESTED, NBS)
             w = tl.reshape(tl.reshape(vals, [BLOCK_N, NBT, BS]) * amax[:, :, None], [BLOCK_N, BLOCK_K])
 
-    # ---- + low-rank term, fp32 accumulation: rank-1 FMA updates in Ŵ's layout (LORA_FMA), or
-    # tl.dot over chunks of R_BLOCK ranks (masked: no padded copies)
-    if HAS_LORA and LORA_FMA:
-        for j in range(0, R):
-            bj = tl.load(b_ptr + g64 * stride_bn + j * stride_br, mask=nmask, other=0.0).to(tl.float32)
-            if SCALE_VEC:
-                bj = bj * tl.load(s_ptr + j)
-            else:
-                bj = bj * s_scalar
-            aj = tl.load(a_ptr + j * stride_ar + gk * stride_ak, mask=kmask, other=0.0).to(tl.float32)
-            w = tl.fma(tl.broadcast_to(bj[:, None], (BLOCK_N, BLOCK_K)),
-                       tl.broadcast_to(aj[None, :], (BLOCK_N, BLOCK_K)), w)   # one rounding per rank
-    elif HAS_LORA:
+    # ---- + low-rank term: tl.dot over chunks of R_BLOCK ranks with Ŵ as the fp32 accumulator
+    # (masked: no padded copies)
+    if HAS_LORA:
         for r0 in range(0, R, R_BLOCK):
             rr = r0 + tl.arange(0, R_BLOCK)
             rmask = rr < R
@@ -223,82 +192,6 @@ def _merge_kernel(
 
     tl.store(out_ptr + n64[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
              mask=nmask[:, None] & kmask[None, :])
-
-
-@triton.jit
-def _merge_split_tile(
-    w_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, code_ptr,
-    a_ptr, b_ptr, s_ptr, out_ptr, K, KH, KB, K_OFF, R, s_scalar,
-    stride_ar, stride_ak, stride_bn, stride_br,
-    k0, n64, g64, nmask, offs_k, kmask,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
-    HAS_LORA: tl.constexpr, R_BLOCK: tl.constexpr, SCALE_VEC: tl.constexpr, IEEE: tl.constexpr,
-    LORA_FMA: tl.constexpr, VEC: tl.constexpr,
-):
-    """The SPLIT config's tile (NF4 weight): W_eff[:, k0 + 2j] and W_eff[:, k0 + 2j + 1] as two fp32
-    [BLOCK_N, BLOCK_K // 2] halves, ``hi`` and ``lo``, in the layout of the packed bytes they come
-    from; same values and the same roundings as the default path, element for element (Ŵ =
-    fl(NF4 * absmax); per rank j one fp32 FMA with LORA_FMA, else fp32 MMA accumulation into Ŵ)."""
-    HALF: tl.constexpr = BLOCK_K // 2
-    gk0 = K_OFF + k0                          # first column of this tile in the full weight
-    # VEC contiguous bytes per thread: 2*VEC outputs = 16 B after the interleave (the store's layout)
-    jh = tl.max_contiguous(tl.multiple_of(tl.arange(0, HALF), VEC), VEC)
-    emask = (k0 + 2 * jh) < K                 # even column inside the window
-    omask = (k0 + 2 * jh + 1) < K             # odd column inside the window
-    byte = tl.load(w_ptr + g64[:, None] * KH + (gk0 // 2 + jh)[None, :],
-                   mask=nmask[:, None] & emask[None, :], other=0).to(tl.int32)
-    hi = tl.load(code_ptr + (byte >> 4))
-    lo = tl.load(code_ptr + (byte & 15))
-    if BLOCK_K <= BS:
-        amax = _absmax_of(g64 * KB + gk0 // BS, nmask, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, NESTED, NBS)
-        hi = hi * amax[:, None]
-        lo = lo * amax[:, None]
-    else:
-        NBT: tl.constexpr = BLOCK_K // BS
-        HB: tl.constexpr = BS // 2
-        bcol = gk0 // BS + tl.arange(0, NBT)
-        amax = _absmax_of(g64[:, None] * KB + bcol[None, :], nmask[:, None] & (bcol[None, :] < KB),
-                          absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, NESTED, NBS)
-        hi = tl.reshape(tl.reshape(hi, [BLOCK_N, NBT, HB]) * amax[:, :, None], [BLOCK_N, HALF])
-        lo = tl.reshape(tl.reshape(lo, [BLOCK_N, NBT, HB]) * amax[:, :, None], [BLOCK_N, HALF])
-
-    ge = gk0 + 2 * jh                         # even columns of the full weight (and of A)
-    if HAS_LORA and LORA_FMA:
-        for j in range(0, R):
-            bj = tl.load(b_ptr + g64 * stride_bn + j * stride_br, mask=nmask, other=0.0).to(tl.float32)
-            if SCALE_VEC:
-                bj = bj * tl.load(s_ptr + j)
-            else:
-                bj = bj * s_scalar
-            ae = tl.load(a_ptr + j * stride_ar + ge * stride_ak, mask=emask, other=0.0).to(tl.float32)
-            ao = tl.load(a_ptr + j * stride_ar + (ge + 1) * stride_ak, mask=omask, other=0.0).to(tl.float32)
-            bb = tl.broadcast_to(bj[:, None], (BLOCK_N, HALF))
-            hi = tl.fma(bb, tl.broadcast_to(ae[None, :], (BLOCK_N, HALF)), hi)
-            lo = tl.fma(bb, tl.broadcast_to(ao[None, :], (BLOCK_N, HALF)), lo)
-    elif HAS_LORA:
-        for r0 in range(0, R, R_BLOCK):
-            rr = r0 + tl.arange(0, R_BLOCK)
-            rmask = rr < R
-            bt = tl.load(b_ptr + g64[:, None] * stride_bn + rr[None, :] * stride_br,
-                         mask=nmask[:, None] & rmask[None, :], other=0.0)
-            if SCALE_VEC:
-                bt = bt.to(tl.float32) * tl.load(s_ptr + rr, mask=rmask, other=0.0)[None, :]
-            else:
-                bt = bt.to(tl.float32) * s_scalar
-            ae = tl.load(a_ptr + rr[:, None] * stride_ar + ge[None, :] * stride_ak,
-                         mask=rmask[:, None] & emask[None, :], other=0.0)
-            ao = tl.load(a_ptr + rr[:, None] * stride_ar + (ge + 1)[None, :] * stride_ak,
-                         mask=rmask[:, None] & omask[None, :], other=0.0)
-            if IEEE:
-                hi = tl.dot(bt.to(tl.float32), ae.to(tl.float32), hi, input_precision="ieee")
-                lo = tl.dot(bt.to(tl.float32), ao.to(tl.float32), lo, input_precision="ieee")
-            else:
-                bto = bt.to(out_ptr.dtype.element_ty)
-                hi = tl.dot(bto, ae.to(out_ptr.dtype.element_ty), hi)
-                lo = tl.dot(bto, ao.to(out_ptr.dtype.element_ty), lo)
-
-    v = tl.reshape(tl.join(hi.to(out_ptr.dtype.element_ty), lo.to(out_ptr.dtype.element_ty)), [BLOCK_N, BLOCK_K])
-    tl.store(out_ptr + n64[:, None] * K + offs_k[None, :], v, mask=nmask[:, None] & kmask[None, :])
 
 
 # =============================================================================================
@@ -329,9 +222,8 @@ def _resolve_config(override: dict | None, r: int) -> dict:
         raise ValueError(f"dequantize_merge: config num_warps must be a power of two <= 32, got {cfg['num_warps']!r}")
     if not isinstance(cfg["num_stages"], int) or isinstance(cfg["num_stages"], bool) or cfg["num_stages"] < 1:
         raise ValueError(f"dequantize_merge: config num_stages must be an int >= 1, got {cfg['num_stages']!r}")
-    for flag in ("LORA_FMA", "SPLIT", "K_FASTEST"):
-        if not isinstance(cfg[flag], bool):
-            raise ValueError(f"dequantize_merge: config {flag} must be a bool, got {cfg[flag]!r}")
+    if not isinstance(cfg["K_FASTEST"], bool):
+        raise ValueError(f"dequantize_merge: config K_FASTEST must be a bool, got {cfg['K_FASTEST']!r}")
     return cfg
 
 
@@ -387,8 +279,7 @@ def dequantize_merge(
     dtype: fp32/bf16/fp16, default the NF4 weight's original dtype / the dense tensor's dtype.
     out: optional contiguous [N, K] tensor of ``dtype`` on the weight's device, filled and returned.
     config: dict overriding ``default_config(r)`` (``DEFAULT_CONFIG``, with ``SMALL_RANK_TILE`` for
-    r <= SMALL_RANK_MAX; keys BLOCK_N, BLOCK_K, R_BLOCK, num_warps, num_stages, LORA_FMA, SPLIT,
-    K_FASTEST).
+    r <= SMALL_RANK_MAX; keys BLOCK_N, BLOCK_K, R_BLOCK, num_warps, num_stages, K_FASTEST).
     rows, cols: optional windows ``(start, stop)``: only W_eff[rows[0]:rows[1], cols[0]:cols[1]] is
     computed and returned (``out`` then has the window's shape); ``cols[0]`` must be a multiple of
     the blocksize and of the config's BLOCK_K.  The streamed routes (``library``) write the merged
@@ -531,16 +422,14 @@ def merge_window(out: torch.Tensor, weight, lora_a, lora_b, s_scalar: float, s_v
         r = stride_ar = stride_ak = stride_bn = stride_br = 0
         r_block = 16
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
-    fma = cfg["LORA_FMA"] and has_lora
-    split = cfg["SPLIT"] and not dense
-    meta_key = (bn, bk, dense, nested_flag, bs, has_lora, r_block, s_vec is not None, out.dtype,
-                cfg["num_warps"], cfg["num_stages"], fma, split, cfg["K_FASTEST"])
+    meta_key = (bn, bk, dense, nested_flag, bs, has_lora, r_block, s_vec is not None, out.dtype == torch.float32,
+                cfg["num_warps"], cfg["num_stages"], cfg["K_FASTEST"])
     meta = _META.get(meta_key)
     if meta is None:          # the constexpr / option dicts, built once per combination
         meta = _META[meta_key] = (
             dict(BLOCK_N=bn, BLOCK_K=bk, DENSE=dense, NESTED=nested_flag, BS=bs, NBS=NESTED_BLOCKSIZE,
                  HAS_LORA=has_lora, R_BLOCK=r_block, SCALE_VEC=s_vec is not None, IEEE=out.dtype == torch.float32,
-                 LORA_FMA=fma, SPLIT=split, VEC=8 // out.element_size(), K_FASTEST=cfg["K_FASTEST"]),
+                 K_FASTEST=cfg["K_FASTEST"]),
             dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False))
     _launch_merge(
         -(-N // bn) * -(-K // bk),               # integer ceil-divisions (triton.cdiv costs µs per call)
