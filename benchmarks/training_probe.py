@@ -174,11 +174,15 @@ def probe(K: int, N: int, M: int, ws_mb: list[float], rep_ms: float) -> list[dic
 #: Session 19 measured the merge's FMA low-rank path, its split-halves tile and K_FASTEST here too
 #: (all slower or within the spread; results/probe_training_ab_*_session19).
 AB_CONFIGS = (("default", False, False, {}), ("tile_64x128", False, False, dict(SMALL_RANK_MAX=-1)),
+              ("lora_add", False, False, dict(LORA_ADD=True)),
               ("overlap", True, False, {}), ("fused", False, True, {}))
 
 
 #: merge_window configs timed by ``ab`` beside the default (whole weight, r = 16, graph replay)
-MERGE_SWEEP = (dict(BLOCK_N=64, BLOCK_K=128, num_warps=4), dict(BLOCK_N=16, BLOCK_K=256, num_warps=2))
+MERGE_SWEEP = (dict(BLOCK_N=64, BLOCK_K=128, num_warps=4), dict(BLOCK_N=16, BLOCK_K=256, num_warps=2),
+               dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, LORA_ADD=True),
+               dict(BLOCK_N=16, BLOCK_K=256, num_warps=2, LORA_ADD=True),
+               dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, LORA_ADD=True))
 
 
 def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -> list[dict]:

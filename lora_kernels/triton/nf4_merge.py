@@ -77,8 +77,15 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: was chosen for A's L2 reuse, but A [r, K] and B [N, r] fit in L2 either way; session 18 saw the
 #: merge without the low-rank term at 1.13x dequantize_nf4 on 4096x14336 and 1.33x on 8192x28672,
 #: a size dependence the flat, sequential dequantize does not have (a TLB / DRAM-page suspect).
+#: LORA_ADD (session 19, opt-in, unmeasured; ``$LORA_KERNELS_MERGE_LORA_ADD=1``): the low-rank term
+#: as its own fp32 tile (``tl.dot`` from zero, MMA layout) added to Ŵ in Ŵ's layout, instead of Ŵ
+#: as the dot's accumulator.  The no-LoRA merge (no MMA) stores from the blocked layout at 1.07x
+#: dequantize; with Ŵ as the accumulator the tile goes to the MMA layout and back (+40 % at r = 16).
+#: This converts only the low-rank tile, once (an earlier 64x128 trial of the idea measured 15-20 %
+#: slower; not tried with the 16x256 tile).  One more fp32 rounding per element.
 DEFAULT_CONFIG = dict(BLOCK_N=64, BLOCK_K=128, R_BLOCK=32, num_warps=4, num_stages=2,
-                      K_FASTEST=os.environ.get("LORA_KERNELS_MERGE_K_FASTEST", "0") == "1")
+                      K_FASTEST=os.environ.get("LORA_KERNELS_MERGE_K_FASTEST", "0") == "1",
+                      LORA_ADD=os.environ.get("LORA_KERNELS_MERGE_LORA_ADD", "0") == "1")
 _CONFIG_KEYS = frozenset(DEFAULT_CONFIG)
 
 #: Launches without a ``config`` at rank r <= SMALL_RANK_MAX (and without LoRA) use this tile instead
@@ -119,7 +126,7 @@ def _merge_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DENSE: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
     HAS_LORA: tl.constexpr, R_BLOCK: tl.constexpr, SCALE_VEC: tl.constexpr, IEEE: tl.constexpr,
-    K_FASTEST: tl.constexpr,
+    K_FASTEST: tl.constexpr, LORA_ADD: tl.constexpr,
 ):
     # Bytes per program: see the module docstring.  Output tile [BLOCK_N, BLOCK_K] of W_eff.
     # N, K: the output window's size; the weight (NF4 or dense), A and B are the full tensors,
@@ -174,6 +181,10 @@ def _merge_kernel(
     # ---- + low-rank term: tl.dot over chunks of R_BLOCK ranks with Ŵ as the fp32 accumulator
     # (masked: no padded copies)
     if HAS_LORA:
+        if LORA_ADD:
+            lr = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        else:
+            lr = w
         for r0 in range(0, R, R_BLOCK):
             rr = r0 + tl.arange(0, R_BLOCK)
             rmask = rr < R
@@ -186,9 +197,13 @@ def _merge_kernel(
             at = tl.load(a_ptr + rr[:, None] * stride_ar + gk[None, :] * stride_ak,
                          mask=rmask[:, None] & kmask[None, :], other=0.0)
             if IEEE:
-                w = tl.dot(bt.to(tl.float32), at.to(tl.float32), w, input_precision="ieee")
+                lr = tl.dot(bt.to(tl.float32), at.to(tl.float32), lr, input_precision="ieee")
             else:
-                w = tl.dot(bt.to(out_ptr.dtype.element_ty), at.to(out_ptr.dtype.element_ty), w)
+                lr = tl.dot(bt.to(out_ptr.dtype.element_ty), at.to(out_ptr.dtype.element_ty), lr)
+        if LORA_ADD:
+            w = w + lr
+        else:
+            w = lr
 
     tl.store(out_ptr + n64[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
              mask=nmask[:, None] & kmask[None, :])
@@ -222,8 +237,9 @@ def _resolve_config(override: dict | None, r: int) -> dict:
         raise ValueError(f"dequantize_merge: config num_warps must be a power of two <= 32, got {cfg['num_warps']!r}")
     if not isinstance(cfg["num_stages"], int) or isinstance(cfg["num_stages"], bool) or cfg["num_stages"] < 1:
         raise ValueError(f"dequantize_merge: config num_stages must be an int >= 1, got {cfg['num_stages']!r}")
-    if not isinstance(cfg["K_FASTEST"], bool):
-        raise ValueError(f"dequantize_merge: config K_FASTEST must be a bool, got {cfg['K_FASTEST']!r}")
+    for flag in ("K_FASTEST", "LORA_ADD"):
+        if not isinstance(cfg[flag], bool):
+            raise ValueError(f"dequantize_merge: config {flag} must be a bool, got {cfg[flag]!r}")
     return cfg
 
 
@@ -279,7 +295,7 @@ def dequantize_merge(
     dtype: fp32/bf16/fp16, default the NF4 weight's original dtype / the dense tensor's dtype.
     out: optional contiguous [N, K] tensor of ``dtype`` on the weight's device, filled and returned.
     config: dict overriding ``default_config(r)`` (``DEFAULT_CONFIG``, with ``SMALL_RANK_TILE`` for
-    r <= SMALL_RANK_MAX; keys BLOCK_N, BLOCK_K, R_BLOCK, num_warps, num_stages, K_FASTEST).
+    r <= SMALL_RANK_MAX; keys BLOCK_N, BLOCK_K, R_BLOCK, num_warps, num_stages, K_FASTEST, LORA_ADD).
     rows, cols: optional windows ``(start, stop)``: only W_eff[rows[0]:rows[1], cols[0]:cols[1]] is
     computed and returned (``out`` then has the window's shape); ``cols[0]`` must be a multiple of
     the blocksize and of the config's BLOCK_K.  The streamed routes (``library``) write the merged
@@ -423,13 +439,13 @@ def merge_window(out: torch.Tensor, weight, lora_a, lora_b, s_scalar: float, s_v
         r_block = 16
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     meta_key = (bn, bk, dense, nested_flag, bs, has_lora, r_block, s_vec is not None, out.dtype == torch.float32,
-                cfg["num_warps"], cfg["num_stages"], cfg["K_FASTEST"])
+                cfg["num_warps"], cfg["num_stages"], cfg["K_FASTEST"], cfg["LORA_ADD"] and has_lora)
     meta = _META.get(meta_key)
     if meta is None:          # the constexpr / option dicts, built once per combination
         meta = _META[meta_key] = (
             dict(BLOCK_N=bn, BLOCK_K=bk, DENSE=dense, NESTED=nested_flag, BS=bs, NBS=NESTED_BLOCKSIZE,
                  HAS_LORA=has_lora, R_BLOCK=r_block, SCALE_VEC=s_vec is not None, IEEE=out.dtype == torch.float32,
-                 K_FASTEST=cfg["K_FASTEST"]),
+                 K_FASTEST=cfg["K_FASTEST"], LORA_ADD=cfg["LORA_ADD"] and has_lora),
             dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False))
     _launch_merge(
         -(-N // bn) * -(-K // bk),               # integer ceil-divisions (triton.cdiv costs µs per call)
