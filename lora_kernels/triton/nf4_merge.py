@@ -31,13 +31,14 @@ bit-identical to ``lora_kernels.dequantize_nf4``.
 
 Kernel: a 1-D grid over [BLOCK_N, BLOCK_K] output tiles (N tiles fastest, so programs running
 together share A's [r, BLOCK_K] slice in L2; config K_FASTEST: K tiles fastest, consecutive rows).
-Per program: BLOCK_N*BLOCK_K/2 packed bytes + BLOCK_N*max(1, BLOCK_K/bs) absmax codes read from HBM, r*(BLOCK_N + BLOCK_K) A/B elements read
-(L2-resident: A is [r, K], B is [N, r]), BLOCK_N*BLOCK_K*out.itemsize bytes written, and
+Per program: BLOCK_N*BLOCK_K/2 packed bytes + BLOCK_N*max(1, BLOCK_K/bs) absmax codes read from HBM,
+r*(BLOCK_N + BLOCK_K) A/B elements read (L2-resident: A is [r, K], B is [N, r]),
+BLOCK_N*BLOCK_K*out.itemsize bytes written, and
 2*BLOCK_N*BLOCK_K*r FLOPs on the tensor cores.  L2 traffic for A and B per output element is
 2*r*(1/BLOCK_N + 1/BLOCK_K) bytes: from r ~ 64 up it exceeds the 2.5 B of HBM traffic.
 (Why Ŵ is the accumulator: adding a separate fp32 LoRA tile needs a second [BLOCK_N, BLOCK_K] fp32
 tile live plus a layout conversion between the blocked Ŵ and the MMA layout; measured 15-20 %
-slower on the H100.)
+slower on the H100 with the 64x128 tile.  Config LORA_ADD does that, for re-measuring.)
 
 H100 (sm_90, triton 3.6), bf16, double-quantized bs=64, CUDA-graph timings, default config:
 14336x4096: r=16 77 us, r=64 91 us, r=256 156 us (``dequantize_nf4`` alone: 53 us = 2.77 TB/s);
@@ -403,8 +404,8 @@ def merge_window(out: torch.Tensor, weight, lora_a, lora_b, s_scalar: float, s_v
     a contiguous [rows, cols] tensor, or any contiguous tensor of the output dtype with at least
     that many elements, e.g. a flat workspace), with ``s_vec`` an fp32 [r] vector or None (then the
     float ``s_scalar``); ``weight``, ``lora_a``, ``lora_b`` are the full tensors (the window is
-    passed as offsets, not views); ``cfg`` None: ``default_config(r)``.  The streamed routes of ``library`` call this per chunk to
-    keep the host cost of a chunk to one launch.  Returns ``out``."""
+    passed as offsets, not views); ``cfg`` None: ``default_config(r)``.  The streamed routes of
+    ``library`` call this per chunk to keep the host cost of a chunk to one launch.  Returns ``out``."""
     (n0, n1), (k0, k1) = rows, cols
     N, K = n1 - n0, k1 - k0
     dense = not isinstance(weight, NF4Weight)
