@@ -171,18 +171,14 @@ def probe(K: int, N: int, M: int, ws_mb: list[float], rep_ms: float) -> list[dic
 
 #: (name, MERGE_OVERLAP, FUSED_DY_PASS, overrides of the merge's DEFAULT_CONFIG; the key SMALL_RANK_MAX
 #: sets nf4_merge.SMALL_RANK_MAX instead: -1 = the 64x128 tile at every rank, as before session 19).
-#: Session 19 measured the merge's FMA low-rank path, its split-halves tile and K_FASTEST here too
-#: (all slower or within the spread; results/probe_training_ab_*_session19).
+#: Session 19 measured the merge's FMA low-rank path, its split-halves tile, K_FASTEST and a separate
+#: low-rank tile here too (all slower or within the spread; results/probe_training_ab_*_session19*).
 AB_CONFIGS = (("default", False, False, {}), ("tile_64x128", False, False, dict(SMALL_RANK_MAX=-1)),
-              ("lora_add", False, False, dict(LORA_ADD=True)),
               ("overlap", True, False, {}), ("fused", False, True, {}))
 
 
 #: merge_window configs timed by ``ab`` beside the default (whole weight, r = 16, graph replay)
-MERGE_SWEEP = (dict(BLOCK_N=64, BLOCK_K=128, num_warps=4), dict(BLOCK_N=16, BLOCK_K=256, num_warps=2),
-               dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, LORA_ADD=True),
-               dict(BLOCK_N=16, BLOCK_K=256, num_warps=2, LORA_ADD=True),
-               dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, LORA_ADD=True))
+MERGE_SWEEP = (dict(BLOCK_N=64, BLOCK_K=128, num_warps=4), dict(BLOCK_N=16, BLOCK_K=256, num_warps=2))
 
 
 def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -> list[dict]:

@@ -298,15 +298,13 @@ def test_bad_input(monkeypatch):
     raises(ValueError, "CUDA device", torch.zeros(N, K, device="meta"), None, None)
     raises(ValueError, "unknown config key", weight, a, b, s, config=dict(LORA_FMA=True))
     raises(ValueError, "K_FASTEST must be a bool", weight, a, b, s, config=dict(K_FASTEST=None))
-    raises(ValueError, "LORA_ADD must be a bool", weight, a, b, s, config=dict(LORA_ADD=0))
     if HAS_CUDA:
         raises(ValueError, "is on cpu", weight, a, b.cpu(), s)
         raises(ValueError, "CUDA device", weight.to("cpu"), None, None)
     else:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         raises(ValueError, "CUDA device", weight, a, b, s)
-    assert set(DEFAULT_CONFIG) == {"BLOCK_N", "BLOCK_K", "R_BLOCK", "num_warps", "num_stages", "K_FASTEST",
-                                   "LORA_ADD"}
+    assert set(DEFAULT_CONFIG) == {"BLOCK_N", "BLOCK_K", "R_BLOCK", "num_warps", "num_stages", "K_FASTEST"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,14 +361,6 @@ def test_k_fastest(shape, kw, dtype):
     _k_fastest_check(shape, kw, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES_CPU)
-@pytest.mark.parametrize("shape,kw", [c[1:] for c in LAYOUT_CASES], ids=[c[0] for c in LAYOUT_CASES])
-def test_lora_add(shape, kw, dtype):
-    """config LORA_ADD (the low-rank term as its own tile, then added): the same float64 bound."""
-    kw = dict(kw)
-    _run(*shape, dtype=dtype, config=dict(kw.pop("config", None) or {}, LORA_ADD=True), **kw)
-
-
 def test_k_fastest_windows():
     """K_FASTEST on windows (the streamed routes' row and column chunks, odd ends included) equals
     the same window of the whole merge."""
@@ -395,7 +385,6 @@ def test_gpu_k_fastest_and_small_rank_tile(dtype):
     for r in (1, 16, 17, 64):
         _run(1000, 4096, r, dtype=dtype, kind="nf4dq")                              # default by rank
         _run(1000, 4096, r, dtype=dtype, kind="nf4dq", config=dict(BLOCK_N=16, BLOCK_K=256, num_warps=2))
-        _run(1000, 4096, r, dtype=dtype, kind="nf4dq", scale="vector", config=dict(LORA_ADD=True))
 
 
 def test_cached_launcher_falls_back_where_it_cannot_be_used(monkeypatch):

@@ -38,11 +38,14 @@ BLOCK_N*BLOCK_K*out.itemsize bytes written, and
 2*r*(1/BLOCK_N + 1/BLOCK_K) bytes: from r ~ 64 up it exceeds the 2.5 B of HBM traffic.
 (Why Ŵ is the accumulator: adding a separate fp32 LoRA tile needs a second [BLOCK_N, BLOCK_K] fp32
 tile live plus a layout conversion between the blocked Ŵ and the MMA layout; measured 15-20 %
-slower on the H100 with the 64x128 tile.  Config LORA_ADD does that, for re-measuring.)
+slower on the H100 with the 64x128 tile, 27-43 % with the 16x256 one in session 19.)
 
-H100 (sm_90, triton 3.6), bf16, double-quantized bs=64, CUDA-graph timings, default config:
+H100 (sm_90, triton 3.6), bf16, double-quantized bs=64, CUDA-graph timings, the 64x128 tile:
 14336x4096: r=16 77 us, r=64 91 us, r=256 156 us (``dequantize_nf4`` alone: 53 us = 2.77 TB/s);
 4096x14336: 82 / 95 / 158 us; 4096x4096: 25 / 30 / 48 us (dequantize_nf4: 16 us).
+Session 19 (training_probe, whole weight, graph replay): r = 16 with the small-rank default tile
+(16x256, 2 warps) 86-87 us on 4096x14336 / 14336x4096 (64x128 in the same run: 91-93), 0.32 ms on
+8192x28672 (0.35); no LoRA 59-61 us / 0.22 ms against dequantize_nf4's 56 us / 0.21 ms.
 No ``triton.autotune``: one small config dict (``DEFAULT_CONFIG``) that ``config=`` overrides.
 """
 
@@ -69,24 +72,18 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: 4096x4096 / 4096x14336 / 14336x4096, r = 16 / 64 / 256): 64x128 beats 64x256 by ~12 % at r = 16
 #: (122 vs 186 registers) and loses ~7 % at r = 256; R_BLOCK=32 is 5-9 % faster than 64 at
 #: r = 64; num_stages=1 is 5-25 % slower; 8 warps or 128-row tiles are slower.
-#: Measured and dropped in session 19 (H100, 8192x28672, r = 16; results/probe_training_ab_*_session19):
-#: the low-rank term as rank-1 fp32 FMAs on the CUDA cores (0.35 -> 0.58 ms) and the tile kept as
-#: high / low nibble halves up to the store (no-LoRA 0.276 -> 0.274; with the term 0.50-1.68 ms).
+#: Measured and dropped in session 19 (H100, 8192x28672, r = 16; results/probe_training_ab_*_session19*):
+#: the low-rank term as rank-1 fp32 FMAs on the CUDA cores (0.35 -> 0.58 ms), the tile kept as
+#: high / low nibble halves up to the store (no-LoRA 0.276 -> 0.274; with the term 0.50-1.68 ms),
+#: and the low-rank term as its own MMA tile added to Ŵ in Ŵ's layout (16x256x2: 0.32 -> 0.41-0.46 ms).
 #: K_FASTEST (session 19; ``$LORA_KERNELS_MERGE_K_FASTEST=1`` for every launch): tiles ordered
 #: along K first, so the programs resident together write whole consecutive rows (one contiguous
 #: span) instead of one BLOCK_K-wide column band down every row of the output.  The N-first order
 #: was chosen for A's L2 reuse, but A [r, K] and B [N, r] fit in L2 either way; session 18 saw the
 #: merge without the low-rank term at 1.13x dequantize_nf4 on 4096x14336 and 1.33x on 8192x28672,
 #: a size dependence the flat, sequential dequantize does not have (a TLB / DRAM-page suspect).
-#: LORA_ADD (session 19, opt-in, unmeasured; ``$LORA_KERNELS_MERGE_LORA_ADD=1``): the low-rank term
-#: as its own fp32 tile (``tl.dot`` from zero, MMA layout) added to Ŵ in Ŵ's layout, instead of Ŵ
-#: as the dot's accumulator.  The no-LoRA merge (no MMA) stores from the blocked layout at 1.07x
-#: dequantize; with Ŵ as the accumulator the tile goes to the MMA layout and back (+40 % at r = 16).
-#: This converts only the low-rank tile, once (an earlier 64x128 trial of the idea measured 15-20 %
-#: slower; not tried with the 16x256 tile).  One more fp32 rounding per element.
 DEFAULT_CONFIG = dict(BLOCK_N=64, BLOCK_K=128, R_BLOCK=32, num_warps=4, num_stages=2,
-                      K_FASTEST=os.environ.get("LORA_KERNELS_MERGE_K_FASTEST", "0") == "1",
-                      LORA_ADD=os.environ.get("LORA_KERNELS_MERGE_LORA_ADD", "0") == "1")
+                      K_FASTEST=os.environ.get("LORA_KERNELS_MERGE_K_FASTEST", "0") == "1")
 _CONFIG_KEYS = frozenset(DEFAULT_CONFIG)
 
 #: Launches without a ``config`` at rank r <= SMALL_RANK_MAX (and without LoRA) use this tile instead
@@ -127,7 +124,7 @@ def _merge_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DENSE: tl.constexpr, NESTED: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr,
     HAS_LORA: tl.constexpr, R_BLOCK: tl.constexpr, SCALE_VEC: tl.constexpr, IEEE: tl.constexpr,
-    K_FASTEST: tl.constexpr, LORA_ADD: tl.constexpr,
+    K_FASTEST: tl.constexpr,
 ):
     # Bytes per program: see the module docstring.  Output tile [BLOCK_N, BLOCK_K] of W_eff.
     # N, K: the output window's size; the weight (NF4 or dense), A and B are the full tensors,
@@ -182,10 +179,6 @@ def _merge_kernel(
     # ---- + low-rank term: tl.dot over chunks of R_BLOCK ranks with Ŵ as the fp32 accumulator
     # (masked: no padded copies)
     if HAS_LORA:
-        if LORA_ADD:
-            lr = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        else:
-            lr = w
         for r0 in range(0, R, R_BLOCK):
             rr = r0 + tl.arange(0, R_BLOCK)
             rmask = rr < R
@@ -198,13 +191,9 @@ def _merge_kernel(
             at = tl.load(a_ptr + rr[:, None] * stride_ar + gk[None, :] * stride_ak,
                          mask=rmask[:, None] & kmask[None, :], other=0.0)
             if IEEE:
-                lr = tl.dot(bt.to(tl.float32), at.to(tl.float32), lr, input_precision="ieee")
+                w = tl.dot(bt.to(tl.float32), at.to(tl.float32), w, input_precision="ieee")
             else:
-                lr = tl.dot(bt.to(out_ptr.dtype.element_ty), at.to(out_ptr.dtype.element_ty), lr)
-        if LORA_ADD:
-            w = w + lr
-        else:
-            w = lr
+                w = tl.dot(bt.to(out_ptr.dtype.element_ty), at.to(out_ptr.dtype.element_ty), w)
 
     tl.store(out_ptr + n64[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
              mask=nmask[:, None] & kmask[None, :])
@@ -238,9 +227,8 @@ def _resolve_config(override: dict | None, r: int) -> dict:
         raise ValueError(f"dequantize_merge: config num_warps must be a power of two <= 32, got {cfg['num_warps']!r}")
     if not isinstance(cfg["num_stages"], int) or isinstance(cfg["num_stages"], bool) or cfg["num_stages"] < 1:
         raise ValueError(f"dequantize_merge: config num_stages must be an int >= 1, got {cfg['num_stages']!r}")
-    for flag in ("K_FASTEST", "LORA_ADD"):
-        if not isinstance(cfg[flag], bool):
-            raise ValueError(f"dequantize_merge: config {flag} must be a bool, got {cfg[flag]!r}")
+    if not isinstance(cfg["K_FASTEST"], bool):
+        raise ValueError(f"dequantize_merge: config K_FASTEST must be a bool, got {cfg['K_FASTEST']!r}")
     return cfg
 
 
@@ -296,7 +284,7 @@ def dequantize_merge(
     dtype: fp32/bf16/fp16, default the NF4 weight's original dtype / the dense tensor's dtype.
     out: optional contiguous [N, K] tensor of ``dtype`` on the weight's device, filled and returned.
     config: dict overriding ``default_config(r)`` (``DEFAULT_CONFIG``, with ``SMALL_RANK_TILE`` for
-    r <= SMALL_RANK_MAX; keys BLOCK_N, BLOCK_K, R_BLOCK, num_warps, num_stages, K_FASTEST, LORA_ADD).
+    r <= SMALL_RANK_MAX; keys BLOCK_N, BLOCK_K, R_BLOCK, num_warps, num_stages, K_FASTEST).
     rows, cols: optional windows ``(start, stop)``: only W_eff[rows[0]:rows[1], cols[0]:cols[1]] is
     computed and returned (``out`` then has the window's shape); ``cols[0]`` must be a multiple of
     the blocksize and of the config's BLOCK_K.  The streamed routes (``library``) write the merged
@@ -440,13 +428,13 @@ def merge_window(out: torch.Tensor, weight, lora_a, lora_b, s_scalar: float, s_v
         r_block = 16
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     meta_key = (bn, bk, dense, nested_flag, bs, has_lora, r_block, s_vec is not None, out.dtype == torch.float32,
-                cfg["num_warps"], cfg["num_stages"], cfg["K_FASTEST"], cfg["LORA_ADD"] and has_lora)
+                cfg["num_warps"], cfg["num_stages"], cfg["K_FASTEST"])
     meta = _META.get(meta_key)
     if meta is None:          # the constexpr / option dicts, built once per combination
         meta = _META[meta_key] = (
             dict(BLOCK_N=bn, BLOCK_K=bk, DENSE=dense, NESTED=nested_flag, BS=bs, NBS=NESTED_BLOCKSIZE,
                  HAS_LORA=has_lora, R_BLOCK=r_block, SCALE_VEC=s_vec is not None, IEEE=out.dtype == torch.float32,
-                 K_FASTEST=cfg["K_FASTEST"], LORA_ADD=cfg["LORA_ADD"] and has_lora),
+                 K_FASTEST=cfg["K_FASTEST"]),
             dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=False))
     _launch_merge(
         -(-N // bn) * -(-K // bk),               # integer ceil-divisions (triton.cdiv costs µs per call)
