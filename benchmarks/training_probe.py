@@ -258,11 +258,11 @@ SWEEP_TILES = ((64, 128, 4), (32, 128, 4), (64, 64, 4), (128, 64, 4), (32, 256, 
 
 
 def merge_sweep(K: int, N: int, M: int, rounds: int, rep_ms: float, r: int = 16) -> list[dict]:
-    """The merge kernel (tl.dot path, r = 16) over SWEEP_TILES x K_FASTEST, graph replay: whole weight
+    """The merge kernel at rank ``r`` over SWEEP_TILES x K_FASTEST, graph replay: whole weight
     without / with the low-rank term, and with it as the step launches it at the 64 MB workspace
     (the forward's row windows, the backward's column windows).  Then the eager step with the
     config whose two chunked merges are fastest against the default, interleaved in ``rounds``
-    (``rounds`` <= 0: no step).  ``r``: the LoRA rank."""
+    (``rounds`` <= 0: no step)."""
     import lora_kernels as lk
     from lora_kernels import library
     from lora_kernels.triton import nf4_merge
@@ -278,10 +278,10 @@ def merge_sweep(K: int, N: int, M: int, rounds: int, rep_ms: float, r: int = 16)
     row = dict(shape=f"{K}x{N}", M=M, r=r, workspace_mb=64.0, floor_ms=floor,
                dequantize_ms=_t(lambda: lk.dequantize_nf4(q, torch.bfloat16), [()], True, rep_ms), configs=[])
     best = None
+    rows_c = min(N, library.merge_chunk(N, K, 128, False))          # the forward's row windows
     for bn, bk, nw in SWEEP_TILES:
         for kf in (False, True):
             cfg = dict(nf4_merge.DEFAULT_CONFIG, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, K_FASTEST=kf)
-            rows_c = min(N, library.merge_chunk(N, K, 128, False))
             cols_c = min(K, library.merge_chunk(K, N, max(bk, q.blocksize, 128), False))
             rec = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, K_FASTEST=kf)
             try:

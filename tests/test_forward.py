@@ -191,7 +191,8 @@ def test_merge_route_chunks_under_interpreter(nf4, bs, vec_scale, rng, monkeypat
     assert dx.shape == (5, K) and dx.dtype == dtype
     assert ((dx.double() - ref_dx).norm() / ref_dx.norm()).item() < 2e-3
     # column windows: one per multiple of the merge's column unit (every default tile's BLOCK_K)
-    unit = __import__("lora_kernels.triton.nf4_merge", fromlist=["window_col_unit"]).window_col_unit(bs if nf4 else 1)
+    from lora_kernels.triton.nf4_merge import window_col_unit
+    unit = window_col_unit(bs if nf4 else 1)
     assert len(seen) == -(-K // unit) > 1 and max(seen) <= N * K // 2
     # without LoRA: dy · Ŵ (dense: no merge at all)
     dx0 = lk.lora_linear_dx(dy, weight, route="merge-cublas")

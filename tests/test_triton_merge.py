@@ -309,9 +309,9 @@ def test_bad_input(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------
 # The K_FASTEST tile order and the default config by rank
-LAYOUT_CASES = [c for c in CASES if c[0] in ("dq-bs64-r1-oddN", "single-bs64-r8-vec", "dq-bs128-r16-vec",
-                                               "dq-bs64-r33-vec-small", "dq-bs32-r16-2nested",
-                                               "dq-r8-lora-fp32", "dense-r8")]
+K_FASTEST_CASES = [c for c in CASES if c[0] in ("dq-bs64-r1-oddN", "single-bs64-r8-vec", "dq-bs128-r16-vec",
+                                                  "dq-bs64-r33-vec-small", "dq-bs32-r16-2nested",
+                                                  "dq-r8-lora-fp32", "dense-r8")]
 
 
 def _k_fastest_check(shape, kw, dtype):
@@ -321,8 +321,7 @@ def _k_fastest_check(shape, kw, dtype):
     base = dict(kw.pop("config", None) or {})
     got, _, weight = _run(*shape, dtype=dtype, config=dict(base, K_FASTEST=True), **kw)
     a, b, s = _LAST_LORA
-    plain = dequantize_merge(weight, a, b, s if a is not None and a.shape[0] else 1.0, dtype,
-                             config=dict(base, K_FASTEST=False))
+    plain = dequantize_merge(weight, a, b, s, dtype, config=dict(base, K_FASTEST=False))
     assert torch.equal(got, plain), f"{shape} {kw}: K_FASTEST changed the values"
 
 
@@ -356,7 +355,7 @@ def test_default_config_by_rank(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES_CPU)
-@pytest.mark.parametrize("shape,kw", [c[1:] for c in LAYOUT_CASES], ids=[c[0] for c in LAYOUT_CASES])
+@pytest.mark.parametrize("shape,kw", [c[1:] for c in K_FASTEST_CASES], ids=[c[0] for c in K_FASTEST_CASES])
 def test_k_fastest(shape, kw, dtype):
     _k_fastest_check(shape, kw, dtype)
 
