@@ -232,7 +232,16 @@ def _time_row(args, base: dict, fn, sets, weight_bytes: int | None = None, **ext
         row["flops"] = direction_flops(d, row["M"], row["K"], row["N"], lr)
         row["bytes"] = direction_bytes(d, row["M"], row["K"], row["N"], lr, weight_bytes)
     try:
-        t = harness.time_cuda(fn, sets, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+        try:
+            t = harness.time_cuda(fn, sets, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, use_graph=args.graph)
+        except Exception as e:
+            if not args.graph:
+                raise
+            # a method whose step cannot be captured is timed eagerly; its row says so (graph = False)
+            _add_note(row, f"CUDA-graph capture failed ({bf._short_error(e)}): timed eagerly")
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize()
+            t = harness.time_cuda(fn, sets, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         for k in ("median_ms", "p20_ms", "p80_ms", "n_reps", "n_sets", "graph"):
             row[k] = t[k]
         row["peak_mem_mb"] = harness.peak_memory(fn, *sets[0]) / 2**20
@@ -342,10 +351,13 @@ def run_gpu(args, lk, env, t0: float, device: str = "cuda") -> tuple[list[dict],
     meta = {"mode": "quick" if args.quick else "full", "dtype": "bfloat16", "scale": SCALE,
             "ranks": ",".join(map(str, ranks)), "ms": ",".join(map(str, ms)), "copy_bw_gbps": bw / 1e9,
             "bf16_matmul_tflops": mm / 1e12, "l2_bytes": harness.l2_bytes(), "warmup_ms": args.warmup_ms,
-            "rep_ms": args.rep_ms, "directions": ",".join(directions)}
+            "rep_ms": args.rep_ms, "directions": ",".join(directions), "timing": "graph" if args.graph else "eager"}
     notes += [
-        "shape = K x N (in -> out); no bias; one step = forward + torch.autograd.grad(y, (x, A, B), g), eager "
-        "(each step timed with its own CUDA events: Python + launch overhead included)",
+        "shape = K x N (in -> out); no bias; one step = forward + torch.autograd.grad(y, (x, A, B), g), "
+        + ("CUDA-graph replay (--graph: one step per input set captured, each sample one replay / the sets; "
+           "no Python or launch overhead; a row with graph = False could not be captured and was timed eagerly)"
+           if args.graph else
+           "eager (each step timed with its own CUDA events: Python + launch overhead included)"),
         "floor = max(FLOPs / bf16 matmul rate, bytes / copy bandwidth), both measured in this run; FLOPs = 4MKN "
         "(+6Mr(K+N) with LoRA); bytes = 2 x weight as stored + x + y + g + dX (+ A, B, dA, dB with LoRA)",
         "cublas_floor = F.linear(x, W) and g @ W in bf16: the two matmuls no step avoids (fwd: F.linear alone, "
@@ -515,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="appended to the result file name: training_<gpu>_TAG")
     p.add_argument("--warmup-ms", type=float, default=10.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
+    p.add_argument("--graph", action="store_true",
+                   help="time every step as a CUDA-graph replay (GPU-bound time, no host overhead); a method that "
+                        "cannot be captured is timed eagerly and its row says graph = False")
     p.add_argument("--reps", type=int, default=3, help="CPU mode: timed repetitions")
     p.add_argument("--cpu", action="store_true", help="CPU mode even when a GPU is present")
     return p

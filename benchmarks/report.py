@@ -341,7 +341,9 @@ def forward_table(doc: dict) -> list[str]:
 
 def training_table(doc: dict) -> list[str]:
     rows = doc["rows"]
-    out = [f"QLoRA training step (forward + backward for x, A, B; eager) on {doc['env'].get('gpu')}, "
+    graph = doc.get("meta", {}).get("timing") == "graph"
+    how = "CUDA-graph replay" if graph else "eager"
+    out = [f"QLoRA training step (forward + backward for x, A, B; {how}) on {doc['env'].get('gpu')}, "
            f"from `{doc['name']}`: ratios of our step's time to the two bf16 cuBLAS matmuls every step needs, "
            "to PEFT LoRA on a bf16 layer and to bitsandbytes + PEFT (< 1 is faster); memory = the frozen base as "
            "held plus the step's peak, ours vs bf16 LoRA:", "",
@@ -356,9 +358,16 @@ def training_table(doc: dict) -> list[str]:
                         and _direction(x) == "fwd+bwd"), {})
             mine, theirs = r.get("total_mem_mb"), ref.get("total_mem_mb")
             mem = "—" if mine is None else f"{mine:.0f}" + ("" if theirs is None else f" vs {theirs:.0f}")
-            out.append(f"| {r['shape'].replace('x', '→')} | {r['M']} | {r.get('r')} | {r['median_ms']:.3g} ms "
+            eager = " (eager: no capture)" if graph and r.get("graph") is False else ""
+            out.append(f"| {r['shape'].replace('x', '→')} | {r['M']} | {r.get('r')} | {r['median_ms']:.3g} ms{eager} "
                        f"| {_x(r.get('ratio_vs_cublas_floor'))} | {_x(r.get('ratio_vs_bf16_lora'))} "
                        f"| {_x(r.get('ratio_vs_bnb_peft'))} | {mem} |")
+    if graph:
+        eager = sorted({f"{x.get('method')} on {x.get('shape', '').replace('x', '→')} M = {x.get('M')}" for x in rows
+                        if x.get("graph") is False and x.get("median_ms") and _direction(x) == "fwd+bwd"})
+        if eager:
+            out += ["", "Timed eagerly (the step could not be captured; ratios with these rows mix the two modes): "
+                    + "; ".join(eager) + "."]
     return out if n else []
 
 

@@ -452,3 +452,51 @@ def test_bench_training_directions_dry_run(tmp_path, monkeypatch):
         assert o[d]["ratio_vs_cublas_floor"] == pytest.approx(o[d]["median_ms"] / cub["median_ms"])
     assert by["ours", 8, "bwd"]["ratio_vs_cublas_floor"] is not None
     assert (tmp_path / "training_dryrun_dry.json").exists() and meta["directions"] == "fwd+bwd,fwd,bwd"
+
+
+def test_bench_training_graph_mode_dry_run(tmp_path, monkeypatch):
+    """bench_training --graph: every row is timed with use_graph=True; a row whose capture fails is
+    re-timed eagerly and says so (graph False, a note); the meta and the first note name the mode, and
+    the README table says "CUDA-graph replay" and marks the eager row."""
+    import time as _time
+
+    import lora_kernels as lk
+    from benchmarks import bench_training as bt
+    from benchmarks import report
+
+    calls = []
+
+    def fake_time_cuda(fn, inputs_sets, warmup_ms=0.0, rep_ms=0.0, use_graph=False, **_):
+        calls.append((fn, use_graph))
+        if use_graph and fn is bt.cublas_bwd:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        sets = [tuple(s) for s in inputs_sets]
+        for s in sets:
+            fn(*s)
+        return harness._summary([1.0, 1.0, 1.0], len(sets), use_graph)
+
+    monkeypatch.setattr(harness, "time_cuda", fake_time_cuda)
+    monkeypatch.setattr(harness, "peak_memory", lambda fn, *a: (fn(*a), 2**20)[1])
+    monkeypatch.setattr(harness, "largest_allocation", lambda fn, *a: (fn(*a), 2**20)[1])
+    monkeypatch.setattr(harness, "measure_copy_bandwidth", lambda **k: 3e12)
+    monkeypatch.setattr(harness, "measure_bf16_matmul_rate", lambda **k: 8e14)
+    monkeypatch.setattr(harness, "l2_bytes", lambda device=None: 16 * 1024)
+    args = bt.build_parser().parse_args(["--shapes", "128x64", "--ms", "32", "--ranks", "16", "--directions",
+                                         "step,bwd", "--methods", "ours,cublas_floor", "--graph", "--tag", "g",
+                                         "--out", str(tmp_path)])
+    rows, meta, notes = bt.run_gpu(args, lk, dict(_CPU_ENV, key="dryrun"), _time.perf_counter(), device="cpu")
+    assert meta["timing"] == "graph" and "CUDA-graph replay" in notes[0]
+    by = {(r["method"], r["direction"]): r for r in rows}
+    failed = by["cublas_floor", "bwd"]
+    assert failed["graph"] is False and "capture failed" in failed["note"] and failed["median_ms"] == 1.0
+    assert all(r["graph"] is True for k, r in by.items() if k != ("cublas_floor", "bwd"))
+    assert (bt.cublas_bwd, True) in calls and (bt.cublas_bwd, False) in calls
+    assert all(g for fn, g in calls if fn is not bt.cublas_bwd)
+    doc = {"name": "training_dryrun_g", "env": {"gpu": "dry"}, "meta": meta, "rows": rows}
+    table = "\n".join(report.training_table(doc))
+    assert "; CUDA-graph replay) on dry" in table and "(eager: no capture)" not in table
+    rows[[i for i, r in enumerate(rows) if r["method"] == "ours" and r["direction"] == "fwd+bwd"][0]]["graph"] = False
+    table = "\n".join(report.training_table(doc))
+    assert "(eager: no capture)" in table and "Timed eagerly" in table and "ours on 128→64 M = 32" in table
+    meta["timing"] = "eager"
+    assert "; eager) on dry" in "\n".join(report.training_table(doc))
