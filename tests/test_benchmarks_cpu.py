@@ -407,6 +407,17 @@ def test_report_plots_training_directions_and_forward_ranks(tmp_path):
     assert block.count("| 4096→1024 | 4096 | merge-cublas | eager |") == 1
 
 
+def _fake_gpu_timers(monkeypatch, fake_time_cuda):
+    """bench_training's GPU mode on the CPU: ``fake_time_cuda`` for harness.time_cuda, each memory probe
+    runs the step once and reports 1 MiB, fixed bandwidth / matmul rate / L2 size."""
+    monkeypatch.setattr(harness, "time_cuda", fake_time_cuda)
+    monkeypatch.setattr(harness, "peak_memory", lambda fn, *a: (fn(*a), 2**20)[1])
+    monkeypatch.setattr(harness, "largest_allocation", lambda fn, *a: (fn(*a), 2**20)[1])
+    monkeypatch.setattr(harness, "measure_copy_bandwidth", lambda **k: 3e12)
+    monkeypatch.setattr(harness, "measure_bf16_matmul_rate", lambda **k: 8e14)
+    monkeypatch.setattr(harness, "l2_bytes", lambda device=None: 16 * 1024)
+
+
 def test_bench_training_directions_dry_run(tmp_path, monkeypatch):
     """bench_training --directions step,fwd,bwd on the CPU (timers faked): each method gets three rows; the
     backward row times autograd.grad(retain_graph=True) on a stored forward; the cuBLAS pair is timed once."""
@@ -427,12 +438,7 @@ def test_bench_training_directions_dry_run(tmp_path, monkeypatch):
         timed.append(fn)
         return harness._summary(t, len(sets), use_graph)
 
-    monkeypatch.setattr(harness, "time_cuda", fake_time_cuda)
-    monkeypatch.setattr(harness, "peak_memory", lambda fn, *a: (fn(*a), 2**20)[1])
-    monkeypatch.setattr(harness, "largest_allocation", lambda fn, *a: (fn(*a), 2**20)[1])
-    monkeypatch.setattr(harness, "measure_copy_bandwidth", lambda **k: 3e12)
-    monkeypatch.setattr(harness, "measure_bf16_matmul_rate", lambda **k: 8e14)
-    monkeypatch.setattr(harness, "l2_bytes", lambda device=None: 16 * 1024)
+    _fake_gpu_timers(monkeypatch, fake_time_cuda)
     args = bt.build_parser().parse_args(["--shapes", "128x64", "--ms", "32", "--ranks", "16,8", "--directions",
                                          "step,fwd,bwd", "--methods", "ours,cublas_floor", "--tag", "dry",
                                          "--out", str(tmp_path)])
@@ -475,12 +481,7 @@ def test_bench_training_graph_mode_dry_run(tmp_path, monkeypatch):
             fn(*s)
         return harness._summary([1.0, 1.0, 1.0], len(sets), use_graph)
 
-    monkeypatch.setattr(harness, "time_cuda", fake_time_cuda)
-    monkeypatch.setattr(harness, "peak_memory", lambda fn, *a: (fn(*a), 2**20)[1])
-    monkeypatch.setattr(harness, "largest_allocation", lambda fn, *a: (fn(*a), 2**20)[1])
-    monkeypatch.setattr(harness, "measure_copy_bandwidth", lambda **k: 3e12)
-    monkeypatch.setattr(harness, "measure_bf16_matmul_rate", lambda **k: 8e14)
-    monkeypatch.setattr(harness, "l2_bytes", lambda device=None: 16 * 1024)
+    _fake_gpu_timers(monkeypatch, fake_time_cuda)
     args = bt.build_parser().parse_args(["--shapes", "128x64", "--ms", "32", "--ranks", "16", "--directions",
                                          "step,bwd", "--methods", "ours,cublas_floor", "--graph", "--tag", "g",
                                          "--out", str(tmp_path)])
