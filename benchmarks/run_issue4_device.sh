@@ -7,12 +7,7 @@
 #     OUT=$OUT bash benchmarks/run_issue4_device.sh      (carry .whl: the bitsandbytes wheel)
 OUT="${OUT:-/tmp/lk_out}"; mkdir -p "$OUT"; TAG="${SESSION_TAG:-session19}"; ENV_S="${ENVELOPE:-540}"
 set +e
-if [ -n "$NO_BUILD" ]; then      # the M = 4096 step and the merge are Triton + cuBLAS: no CUDA extension needed
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LORA_KERNELS_QUIET=1
-else
-  source benchmarks/device_env.sh
-fi
+source benchmarks/device_env.sh     # NO_BUILD=1: the M = 4096 step and the merge are Triton + cuBLAS
 GPU=$(python3 -c "import torch,re;print(re.sub('[^a-z0-9]+','-',torch.cuda.get_device_name().lower()).strip('-'))")
 SH=4096x14336,14336x4096,8192x28672,28672x8192
 echo "=== train $GPU $(date +%T)"

@@ -7,8 +7,7 @@
 OUT="${OUT:-/tmp/lk_out}"; mkdir -p "$OUT"; TAG="${SESSION_TAG:-session20}"
 set +e
 # no CUDA-extension build: at M >= 4096 the step is the Triton merge + cuBLAS
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LORA_KERNELS_QUIET=1
+NO_BUILD=1; source benchmarks/device_env.sh
 SH=${SHAPES:-4096x14336,14336x4096,8192x28672,28672x8192}
 for MODE in graph eager; do
   echo "=== $MODE $(date +%T)"

@@ -6,8 +6,7 @@
 OUT="${OUT:-/tmp/lk_out}"; mkdir -p "$OUT"; TAG="${SESSION_TAG:-session19}"; ENV_S="${ENVELOPE:-540}"
 set +e
 # no CUDA-extension build: the merge, the step's GEMMs and its LoRA kernels are Triton and cuBLAS
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LORA_KERNELS_QUIET=1
+NO_BUILD=1; source benchmarks/device_env.sh
 GPU=$(python3 -c "import torch,re;print(re.sub('[^a-z0-9]+','-',torch.cuda.get_device_name().lower()).strip('-'))")
 echo "=== sweep $GPU $(date +%T)"
 timeout $(( ENV_S - SECONDS - 5 )) python3 -m benchmarks.training_probe --merge-sweep ${ROUNDS:-4} \
