@@ -261,7 +261,8 @@ def merge_sweep(K: int, N: int, M: int, rounds: int, rep_ms: float, r: int = 16)
     """The merge kernel at rank ``r`` over SWEEP_TILES x K_FASTEST, graph replay: whole weight
     without / with the low-rank term, and with it as the step launches it at the 64 MB workspace
     (the forward's row windows, the backward's column windows).  Then the eager step with the
-    config whose two chunked merges are fastest against the default, interleaved in ``rounds``
+    config whose two chunked merges are fastest against the default (``nf4_merge.default_config``:
+    the small-rank tile at r <= 16), interleaved in ``rounds``
     (``rounds`` <= 0: no step)."""
     import lora_kernels as lk
     from lora_kernels import library
@@ -307,17 +308,20 @@ def merge_sweep(K: int, N: int, M: int, rounds: int, rep_ms: float, r: int = 16)
     row["best"] = best
     if rounds <= 0:
         return [row]
-    default_merge = dict(nf4_merge.DEFAULT_CONFIG)
+    default_merge, default_srm = dict(nf4_merge.DEFAULT_CONFIG), nf4_merge.SMALL_RANK_MAX
     best_cfg = {k: best[k] for k in ("BLOCK_N", "BLOCK_K", "num_warps", "K_FASTEST")}
     times: dict = {"default": [], "best": []}
     for _ in range(rounds):
         for name, cfg in (("default", {}), ("best", best_cfg)):
             nf4_merge.DEFAULT_CONFIG.update(cfg)
+            if cfg:               # the best tile at every rank (not replaced by SMALL_RANK_TILE at r <= 16)
+                nf4_merge.SMALL_RANK_MAX = -1
             library._workspaces.clear()
             try:
                 times[name].append(_t(lambda: _step(lk, x, q, A, B, g), [()], False, rep_ms))
             finally:
                 nf4_merge.DEFAULT_CONFIG.update(default_merge)
+                nf4_merge.SMALL_RANK_MAX = default_srm
     library._workspaces.clear()
     for name, ts in times.items():
         ts = sorted(ts)
