@@ -20,7 +20,9 @@ whole-weight and as the step's chunks, then the step with the best against the d
 
 ``--ab ROUNDS`` instead times only the eager step under each of AB_CONFIGS (the opt-ins and the
 merge's tile configs), interleaved in rounds, plus the merge kernel alone (whole weight) beside
-dequantize_nf4 and over MERGE_SWEEP's tile shapes.
+dequantize_nf4 and over MERGE_SWEEP's tile shapes.  With ``--graph`` the step is timed by CUDA-graph
+replay instead (no host gaps; the eager step's ±0.2-0.5 ms spread hides 1-3 % changes) and the
+"overlap" config is left out: the side-stream merge only runs on the default stream, never in a capture.
 
     python -m benchmarks.training_probe --shapes 8192x28672,4096x14336 --ms 4096 --workspace-mb 64,256 \
         --json out.json
@@ -181,11 +183,11 @@ AB_CONFIGS = (("default", False, False, {}), ("tile_64x128", False, False, dict(
 MERGE_SWEEP = (dict(BLOCK_N=64, BLOCK_K=128, num_warps=4), dict(BLOCK_N=16, BLOCK_K=256, num_warps=2))
 
 
-def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -> list[dict]:
-    """The step (eager, CUDA events) under each of AB_CONFIGS, interleaved in ``rounds`` rounds
-    (ABCD ABCD ...: clock and thermal drift spread over all configs), per workspace size; and the
-    merge kernel without and with the low-rank term beside
-    dequantize_nf4 (one whole-weight window, graph replay): how far the merge is from a dequantize."""
+def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float, graph: bool = False) -> list[dict]:
+    """The step (eager, CUDA events; ``graph``: CUDA-graph replay) under each of AB_CONFIGS, interleaved
+    in ``rounds`` rounds (ABCD ABCD ...: clock and thermal drift spread over all configs), per workspace
+    size; and the merge kernel without and with the low-rank term beside dequantize_nf4 (one
+    whole-weight window, graph replay): how far the merge is from a dequantize."""
     import lora_kernels as lk
     from lora_kernels import library
     from lora_kernels.triton import nf4_merge
@@ -223,25 +225,27 @@ def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float) -
         return _step(lk, x, q, A, B, g)
 
     default_merge, default_srm = dict(nf4_merge.DEFAULT_CONFIG), nf4_merge.SMALL_RANK_MAX
+    configs = [c for c in AB_CONFIGS if not (graph and c[1])]   # MERGE_OVERLAP is a no-op under capture
     rows = []
     for mb in ws_mb:
         library.WORKSPACE_BYTES = int(mb * 2**20)
-        times: dict = {c[0]: [] for c in AB_CONFIGS}
+        times: dict = {c[0]: [] for c in configs}
         for _ in range(rounds):
-            for name, overlap, fused, merge_cfg in AB_CONFIGS:
+            for name, overlap, fused, merge_cfg in configs:
                 library.MERGE_OVERLAP, library.FUSED_DY_PASS = overlap, fused
                 merge_cfg = dict(merge_cfg)
                 nf4_merge.SMALL_RANK_MAX = merge_cfg.pop("SMALL_RANK_MAX", default_srm)
                 nf4_merge.DEFAULT_CONFIG.update(merge_cfg)        # merge_window's default cfg is this dict
                 library._workspaces.clear()
                 try:
-                    times[name].append(_t(step, [()], False, rep_ms))
+                    times[name].append(_t(step, [()], graph, rep_ms))
                 finally:
                     library.MERGE_OVERLAP = library.FUSED_DY_PASS = False
                     nf4_merge.DEFAULT_CONFIG.update(default_merge)
                     nf4_merge.SMALL_RANK_MAX = default_srm
         library._workspaces.clear()
-        row = dict(shape=f"{K}x{N}", M=M, r=r, workspace_mb=mb, floor_ms=floor, rounds=rounds, **kern)
+        row = dict(shape=f"{K}x{N}", M=M, r=r, workspace_mb=mb, floor_ms=floor, rounds=rounds,
+                   step_timing="graph" if graph else "eager", **kern)
         for name, ts in times.items():
             ts = sorted(ts)
             row[f"{name}_ms"] = ts[len(ts) // 2]
@@ -341,6 +345,7 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
                    help="instead: the step under each opt-in, interleaved in ROUNDS rounds (see ab())")
+    p.add_argument("--graph", action="store_true", help="--ab: time the step by CUDA-graph replay")
     p.add_argument("--r", type=int, default=16, help="LoRA rank (--merge-sweep only)")
     p.add_argument("--merge-sweep", type=int, default=None, metavar="ROUNDS",
                    help="instead: the merge kernel over SWEEP_TILES, then the step with the best (see merge_sweep())")
@@ -352,7 +357,7 @@ def main(argv=None) -> None:
             if a.merge_sweep is not None:
                 out["rows"] += merge_sweep(K, N, M, a.merge_sweep, a.rep_ms, a.r)
             elif a.ab:
-                out["rows"] += ab(K, N, M, a.workspace_mb, a.ab, a.rep_ms)
+                out["rows"] += ab(K, N, M, a.workspace_mb, a.ab, a.rep_ms, a.graph)
             else:
                 out["rows"] += probe(K, N, M, a.workspace_mb, a.rep_ms)
             if a.json:
