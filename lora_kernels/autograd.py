@@ -341,11 +341,7 @@ def qlora_linear(x: Tensor, weight: NF4Weight | Tensor, lora_a: Tensor | None = 
         raise ValueError(f"qlora_linear: bias must be [N={N}] (a tensor) on {x.device}, got "
                          f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__} "
                          f"on {getattr(bias, 'device', '-')}")
-    library.check_operand_dtypes("qlora_linear", x, weight, lora_a, lora_b, bias, scale)
-    if isinstance(scale, Tensor) and lora_a is not None and not (
-            scale.dim() == 0 or (scale.dim() == 1 and scale.shape[0] == lora_a.shape[0])):
-        raise ValueError(f"qlora_linear: scale must be a float, a 0-d tensor or an [r={lora_a.shape[0]}] "
-                         f"vector, got shape {tuple(scale.shape)}")
+    library.check_operand_dtypes("qlora_linear", x, weight, lora_a, lora_b, bias, scale)   # scale's shape too
     if (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and x.dtype != torch.float64
             and (dropout == 0.0 or not training or lora_a is None)):
         # Inference: no graph to record and nothing to save, so skip the Function and the

@@ -36,23 +36,30 @@ def quantize_model(model: nn.Module, *, blocksize: int = 64, double_quant: bool 
     Layers are converted one at a time: the bf16 weight of one layer is copied to ``device`` (the
     GPU, say, while the model stays on the CPU), quantized, and the original layer is dropped
     before the next one, so at most one layer's dense copy exists beyond the model itself.
-    ``skip``: fnmatch patterns of module names to leave alone; ``filter_fn(name, linear)`` may veto
+    ``skip``: an fnmatch pattern or patterns of module names to leave alone; ``filter_fn(name, linear)`` may veto
     more.  Returns {name: new layer}.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model: model must be an nn.Module, got {type(model).__name__}")
-    skip = tuple(skip)
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)     # one pattern, not its characters
+    # A layer used at several places (weight tying by module) is one layer: converted once, swapped
+    # at every name; if any of its names is skipped, it stays dense everywhere.
+    aliases: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if type(mod) is nn.Linear:
+            aliases.setdefault(id(mod), []).append(name)
     names = [name for name, mod in model.named_modules()
-             if type(mod) is nn.Linear and not any(fnmatch.fnmatch(name, p) for p in skip)
+             if type(mod) is nn.Linear
+             and not any(fnmatch.fnmatch(a, p) for a in aliases[id(mod)] for p in skip)
              and (filter_fn is None or filter_fn(name, mod))]
     converted: dict[str, NF4Linear] = {}
     for name in _progress(names, progress, "quantizing to NF4"):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
+        linear = model.get_submodule(name)
         new = NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant, device=device,
                                     compute_dtype=compute_dtype, backend=backend)
-        setattr(parent, child, new)
+        for alias in aliases[id(linear)]:
+            parent_name, _, child = alias.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         # Free the dense weight now, even if someone still holds the old module.
         linear.weight = None
         del linear

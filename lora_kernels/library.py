@@ -94,9 +94,12 @@ def available_backends(device: torch.device | str) -> list[str]:
     return sorted(out, key=lambda b: prefs.index(b) if b in prefs else len(prefs))
 
 
-def select_backend(device: torch.device, requested: str | None = None) -> str:
+def select_backend(device: torch.device | str, requested: str | None = None) -> str:
     """Pick the backend for a call on ``device``: ``requested``, else $LORA_KERNELS_BACKEND, else the
     first available in the device's preference list."""
+    device = torch.device(device)
+    if requested is not None and not (isinstance(requested, str) and requested):
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {requested!r}")
     requested = requested or os.environ.get("LORA_KERNELS_BACKEND") or None
     if requested is not None:
         if requested not in BACKENDS:
@@ -128,6 +131,9 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         raise TypeError(f"quantize_nf4: w must be float32, bfloat16 or float16, got {w.dtype}")
     if w.numel() == 0:
         raise ValueError(f"quantize_nf4: w is empty (shape {tuple(w.shape)})")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral):
+        raise TypeError(f"quantize_nf4: blocksize must be an int, got {blocksize!r}")
+    blocksize = int(blocksize)
     if blocksize not in VALID_BLOCKSIZES:
         raise ValueError(f"quantize_nf4: blocksize must be one of {VALID_BLOCKSIZES}, got {blocksize}")
     if w.device.type not in ("cpu", "cuda"):
@@ -141,6 +147,9 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     if double_quant:
         # bitsandbytes' offset is torch's mean: keep it for bit-identical results.
         offset = absmax.mean()
+        if check_finite and not bool(torch.isfinite(offset)):
+            raise ValueError("quantize_nf4: the double quantization's offset (the mean of the block absmaxes) "
+                             "overflows float32 for weights this large; pass double_quant=False")
         nested_code = dynamic_code(w.device)
         absmax, nested_absmax = impl.quantize_absmax_nested(absmax, offset, nested_code)
     return NF4Weight(packed=packed.reshape(-1, 1), absmax=absmax, code=nf4_code(w.device), shape=w.shape,
@@ -238,6 +247,8 @@ def _cuda_gemv_ok(weight) -> bool:
 def _fallback_route(weight, dtype: torch.dtype, device: torch.device) -> str | None:
     """What both directions take before any kernel choice: "reference" off CUDA, "dequant-cublas"
     for fp32/float64 activations or an NF4 weight whose K is not a multiple of its blocksize, else None."""
+    if isinstance(device, str):
+        device = torch.device(device)
     if device.type != "cuda":
         return "reference"
     if dtype not in (torch.bfloat16, torch.float16):
@@ -673,6 +684,7 @@ def dx_2d(dy: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: torch.T
     dt = dy.dtype
     dy = dy.contiguous()
     if route == "merge-cublas":
+        _check_triton_route("lora_linear_dx", route, weight, dy.device)
         if lora_a is None and not isinstance(weight, NF4Weight):
             return dy @ weight.to(dt)
         merge_window = _merge_module().merge_window
@@ -703,6 +715,19 @@ def dx_2d(dy: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: torch.T
     return dx
 
 
+def _check_triton_route(fn: str, route: str, weight, device: torch.device) -> None:
+    """A route built on Triton kernels (merge-cublas, triton-*), possibly forced: ValueError unless
+    Triton can run on ``device`` and an NF4 weight's K is a multiple of its blocksize (the kernels
+    read whole blocks; ``forward_route`` / ``backward_route`` send other K to dequant-cublas)."""
+    if not _triton_on(device):
+        raise ValueError(f"{fn}: route {route!r} runs Triton kernels, which need a CUDA device (or "
+                         f"TRITON_INTERPRET=1 on the CPU); x is on {device}")
+    if isinstance(weight, NF4Weight) and weight.shape[1] % weight.blocksize != 0:
+        raise ValueError(f"{fn}: route {route!r} needs K % blocksize == 0, got K={weight.shape[1]} and "
+                         f"blocksize {weight.blocksize}; route 'dequant-cublas' (the default for this K) "
+                         f"handles it")
+
+
 def _check_adapters(fn: str, lora_a, lora_b, N: int, K: int, device: torch.device | None = None) -> None:
     """The adapter checks ``lora_linear`` and ``lora_linear_dx`` share: both or neither, tensors,
     lora_a [r, K] and lora_b [N, r] with r >= 1, and (``device`` given) both on ``device``."""
@@ -723,10 +748,14 @@ def _check_adapters(fn: str, lora_a, lora_b, N: int, K: int, device: torch.devic
         raise ValueError(f"{fn}: lora_a/lora_b must be on the weight's device {device}")
 
 
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
 def check_operand_dtypes(fn: str, x: torch.Tensor, weight, lora_a, lora_b, bias, scale, x_name: str = "x") -> None:
-    """The dtype checks ``lora_linear`` and ``qlora_linear`` share: x, a dense weight, the adapters
-    and bias floating point; scale a finite number or a floating-point tensor.  Raises TypeError /
-    ValueError naming ``fn`` and the operand (an integer tensor would otherwise be cast silently)."""
+    """The dtype checks ``lora_linear``, ``lora_linear_dx`` and ``qlora_linear`` share: x, a dense
+    weight, the adapters and bias floating point; scale a number finite in fp32, or a floating-point
+    tensor of shape [] or [r].  Raises TypeError / ValueError naming ``fn`` and the operand (an
+    integer tensor would otherwise be cast silently, a [M, 1] scale broadcast over rows)."""
     if x.dtype not in _OPERAND_DTYPES:
         raise TypeError(f"{fn}: {x_name} must be float32, bfloat16 or float16 (float64 for checks), got {x.dtype}")
     for name, t in (("weight", None if isinstance(weight, NF4Weight) else weight), ("lora_a", lora_a),
@@ -740,6 +769,12 @@ def check_operand_dtypes(fn: str, x: torch.Tensor, weight, lora_a, lora_b, bias,
         raise TypeError(f"{fn}: scale must be a float or a tensor, got {type(scale).__name__}")
     elif not math.isfinite(scale):
         raise ValueError(f"{fn}: scale must be finite, got {scale}")
+    elif abs(scale) > _FP32_MAX:
+        raise ValueError(f"{fn}: scale must be finite in float32 (|scale| <= {_FP32_MAX:.4g}), got {scale}")
+    if isinstance(scale, torch.Tensor) and isinstance(lora_a, torch.Tensor) and lora_a.dim() == 2 and not (
+            scale.dim() == 0 or (scale.dim() == 1 and scale.shape[0] == lora_a.shape[0])):
+        raise ValueError(f"{fn}: scale must be a float, a 0-d tensor or an [r={lora_a.shape[0]}] "
+                         f"vector, got shape {tuple(scale.shape)}")
 
 
 def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
@@ -802,6 +837,8 @@ def forward_2d(x2d: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: t
             raise ValueError("lora_linear: route 'cuda-gemv' needs the CUDA extension, an NF4 weight with "
                              f"blocksize >= 64 and K % 64 == 0, bf16/fp16 x and 1 <= M <= {GEMV_MAX_M}")
         return _cuda_gemv(x2d, weight, lora_a, lora_b, scale, bias)
+    if route == "merge-cublas" or route.startswith("triton-"):
+        _check_triton_route("lora_linear", route, weight, x2d.device)
     if route == "merge-cublas":
         return _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias, whole_weight)
     dt = x2d.dtype

@@ -94,6 +94,8 @@ class LoRALinear(nn.Module):
             raise ValueError(f"{name}: r must be a positive int, got {r!r}")
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
             raise TypeError(f"{name}: lora_alpha must be a number, got {type(lora_alpha).__name__}")
+        if not math.isfinite(lora_alpha):
+            raise ValueError(f"{name}: lora_alpha must be finite, got {lora_alpha}")
         if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) \
                 or not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"{name}: lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
@@ -161,6 +163,8 @@ class LoRALinear(nn.Module):
         name = type(self).__name__
         if not isinstance(x, torch.Tensor) or x.dim() < 1:
             raise TypeError(f"{name}: x must be a tensor [..., in_features={self.in_features}]")
+        if not x.is_floating_point():
+            raise TypeError(f"{name}: x must be a floating-point tensor, got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{name}: x's last dim is {x.shape[-1]}, expected in_features={self.in_features}")
         if x.device != self.weight.device:
@@ -191,9 +195,20 @@ class LoRALinear(nn.Module):
             warnings.warn(f"{type(self).__name__}.merge(): already merged, nothing done", stacklevel=2)
             return None
         w = self.weight
-        w.copy_((w.float() + self._delta()).to(w.dtype))
+        w.copy_(self._checked_sum(w.float() + self._delta(), "merge"))
         self.merged = True
         return None
+
+    def _checked_sum(self, new: torch.Tensor, what: str) -> torch.Tensor:
+        """``new`` in the weight's dtype; ValueError (the weight untouched) if it holds NaN/inf -- a
+        NaN adapter, or a sum beyond fp16's range -- since the weight is written in place and may be
+        a wrapped ``nn.Linear``'s own."""
+        new = new.to(self.weight.dtype)
+        if not bool(torch.isfinite(new).all()):
+            raise ValueError(f"{type(self).__name__}.{what}(): W {'+' if what == 'merge' else '-'} scaling·B·A has "
+                             f"NaN/inf values (a non-finite adapter, or beyond {self.weight.dtype}'s range); "
+                             f"the weight is left unchanged")
+        return new
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -204,7 +219,7 @@ class LoRALinear(nn.Module):
             warnings.warn(f"{type(self).__name__}.unmerge(): not merged, nothing done", stacklevel=2)
             return
         w = self.weight
-        w.copy_((w.float() - self._delta()).to(w.dtype))
+        w.copy_(self._checked_sum(w.float() - self._delta(), "unmerge"))
         self.merged = False
 
     @torch.no_grad()
@@ -230,8 +245,18 @@ class LoRALinear(nn.Module):
     def load_adapter_state_dict(self, sd: Mapping[str, torch.Tensor], prefix: str = "") -> None:
         """Copy A, B (and E) in place from ``sd`` (keys as ``adapter_state_dict(prefix)``), cast to
         the parameters' dtype.  Raises KeyError for a missing key, ValueError for a shape or rank
-        mismatch or an unexpected key under ``prefix``; nothing is copied unless all checks pass."""
+        mismatch, an unexpected key under ``prefix`` or a merged layer (``unmerge`` would then subtract
+        the new adapter, not the merged one); nothing is copied unless all checks pass."""
+        self.check_adapter_state_dict(sd, prefix)
+        for k, p in self._adapter_params().items():
+            p.copy_(sd[prefix + k].to(device=p.device, dtype=p.dtype))
+
+    def check_adapter_state_dict(self, sd: Mapping[str, torch.Tensor], prefix: str = "") -> None:
+        """The checks of ``load_adapter_state_dict``, without copying (``load_adapter`` checks every
+        layer before it changes any)."""
         name = type(self).__name__
+        if self.merged:
+            raise ValueError(f"{name}: the layer is merged; unmerge() it before loading another adapter")
         params = self._adapter_params()
         if "lora_E" not in params and prefix + "lora_E" in sd:
             raise ValueError(f"{name}: state dict has {prefix}lora_E (AdaLoRA) but this layer has no lora_E")
@@ -242,6 +267,12 @@ class LoRALinear(nn.Module):
             if prefix + k not in sd:
                 raise KeyError(f"{name}: adapter state dict has no {prefix + k!r} (keys: {sorted(sd)})")
             v = sd[prefix + k]
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"{name}: {prefix + k} must be a tensor, got {type(v).__name__}")
+            if not v.is_floating_point():
+                raise ValueError(f"{name}: {prefix + k} must be a floating-point tensor, got {v.dtype}")
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"{name}: {prefix + k} has NaN/inf values")
             if tuple(v.shape) != tuple(p.shape):
                 rank = ""
                 if k in ("lora_A.weight", "lora_B.weight") and v.dim() == 2:
@@ -249,8 +280,6 @@ class LoRALinear(nn.Module):
                     rank = f" (rank {r_sd} in the state dict, r={self.r} in the layer)"
                 raise ValueError(f"{name}: {prefix + k}: shape {list(v.shape)} in the state dict, "
                                  f"{list(p.shape)} in the layer{rank}")
-        for k, p in params.items():
-            p.copy_(sd[prefix + k].to(device=p.device, dtype=p.dtype))
 
     def num_adapter_params(self) -> int:
         """Trainable parameters of the adapter (A, B, and E when set)."""

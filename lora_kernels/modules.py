@@ -11,7 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .library import dequantize_nf4, quantize_nf4
-from .nf4 import NF4FormatError, NF4Weight, is_nf4_state_dict
+from .nf4 import _QS_KEY, NF4FormatError, NF4Weight, is_nf4_state_dict
+
+#: the keys of an NF4 weight under its module's prefix (bnb.nn.Linear4bit's, as NF4Weight.state_dict)
+_NF4_KEYS = frozenset({"weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+                       "weight.nested_quant_map", f"weight.{_QS_KEY}"})
 
 
 def _target_device(fn) -> torch.device:
@@ -66,7 +70,7 @@ class NF4WeightMixin(nn.Module):
                                       f"{tuple(self.weight.shape)} in the model")
                 else:
                     self.weight = w
-        consumed = {prefix + k for k in sub}
+        consumed = {prefix + k for k in sub if k in _NF4_KEYS}    # any other weight.* key: unexpected
         rest = {k: v for k, v in state_dict.items() if k not in consumed}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
@@ -81,8 +85,17 @@ class NF4Linear(NF4WeightMixin, nn.Module):
     def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None,
                  compute_dtype: torch.dtype | None = None):
         super().__init__()
+        if not isinstance(weight, NF4Weight):
+            raise TypeError(f"NF4Linear: weight must be an NF4Weight (quantize_nf4 a dense one, or use "
+                            f"NF4Linear.from_linear), got {type(weight).__name__}")
         if len(weight.shape) != 2:
             raise ValueError(f"NF4Linear: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+        if compute_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"NF4Linear: compute_dtype must be float32, bfloat16, float16 or None, got {compute_dtype}")
+        if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)
+                                 or not bias.is_floating_point()):
+            raise ValueError(f"NF4Linear: bias must be a floating-point [N={weight.shape[0]}] tensor, got "
+                             f"{getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}")
         self.weight = weight
         self.out_features, self.in_features = weight.shape
         self.compute_dtype = compute_dtype
@@ -101,11 +114,17 @@ class NF4Linear(NF4WeightMixin, nn.Module):
         return cls(q, bias, compute_dtype=compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+            raise TypeError(f"NF4Linear: x must be a tensor [..., in_features={self.in_features}]")
+        if not x.is_floating_point():
+            raise TypeError(f"NF4Linear: x must be a floating-point tensor, got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"NF4Linear: x's last dim is {x.shape[-1]}, expected in_features={self.in_features}")
         if x.device != self.weight.device:
             raise ValueError(f"NF4Linear: x is on {x.device} but the weight is on {self.weight.device}")
         dtype = self.compute_dtype or x.dtype
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"NF4Linear: x must be float32, bfloat16 or float16 (or set compute_dtype), got {dtype}")
         w = dequantize_nf4(self.weight, dtype=dtype)
         bias = self.bias.to(dtype) if self.bias is not None else None
         return F.linear(x.to(dtype), w, bias)

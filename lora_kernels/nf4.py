@@ -119,9 +119,9 @@ class NF4Weight:
         weight was checked when it was quantized or loaded)."""
         check_tables = check_tables and not torch.compiler.is_compiling()
         n = self.numel
-        if n < 1:
-            raise NF4FormatError(f"shape {tuple(self.shape)} has no elements")
-        if self.blocksize not in VALID_BLOCKSIZES:
+        if n < 1 or any(d < 1 for d in self.shape):
+            raise NF4FormatError(f"shape {tuple(self.shape)} must have positive dimensions")
+        if type(self.blocksize) is not int or self.blocksize not in VALID_BLOCKSIZES:
             raise NF4FormatError(f"blocksize {self.blocksize} is not one of {VALID_BLOCKSIZES}")
         if self.dtype not in _DTYPE_NAMES:
             raise NF4FormatError(f"dtype {self.dtype} is not one of float32, bfloat16, float16")
@@ -139,6 +139,8 @@ class NF4Weight:
             raise NF4FormatError(f"code (quant_map) must be fp32 [16], got {self.code.dtype} {tuple(self.code.shape)}")
         if check_tables and not torch.equal(self.code.cpu(), nf4_code()):
             raise NF4FormatError("code (quant_map) is not the NF4 table (an fp4 or corrupted weight?)")
+        if not self.packed.is_contiguous():
+            raise NF4FormatError("packed must be contiguous")
         if self.double_quant:
             nn_ = -(-nb // NESTED_BLOCKSIZE)
             if self.nested_absmax.dtype != torch.float32 or self.nested_absmax.numel() != nn_:
@@ -150,9 +152,32 @@ class NF4Weight:
                 raise NF4FormatError("offset must be an fp32 scalar tensor when double-quantized")
         elif self.nested_code is not None or self.offset is not None:
             raise NF4FormatError("nested_code/offset given without nested_absmax")
+        if check_tables:    # the scales' values (one device sync, as the table check above)
+            self._check_scale_values()
         devices = {v.device for v in self.tensors().values()}
         if len(devices) != 1:
             raise NF4FormatError(f"all tensors of an NF4Weight must be on one device, got {sorted(map(str, devices))}")
+
+    def _check_scale_values(self) -> None:
+        """NF4FormatError for scale values no quantizer writes: a block scale (absmax, nested absmax)
+        negative or NaN/inf, a NaN/inf offset, a nested table other than the 8-bit dynamic one.
+        (A negative absmax would flip its block's sign on dequantize, silently.)"""
+        if self.double_quant:
+            checks = (("nested_absmax", self.nested_absmax), ("offset", self.offset))
+            if not torch.equal(self.nested_code.cpu(), dynamic_code()):
+                raise NF4FormatError("nested_code (nested_quant_map) is not bitsandbytes' 8-bit dynamic table "
+                                     "(a corrupted weight?)")
+        else:
+            checks = (("absmax", self.absmax),)
+        flags = torch.stack([torch.isfinite(t).all() for _, t in checks]
+                            + [(t >= 0).all() for name, t in checks if name != "offset"]).cpu().tolist()
+        for (name, _), ok in zip(checks, flags):
+            if not ok:
+                raise NF4FormatError(f"{name} has NaN/inf values (a corrupted weight?)")
+        for (name, _), ok in zip([c for c in checks if c[0] != "offset"], flags[len(checks):]):
+            if not ok:
+                raise NF4FormatError(f"{name} has negative values; block scales are absolute maxima (a corrupted "
+                                     f"weight?)")
 
     # ------------------------------------------------------------------ conversions
     def to(self, device: torch.device | str) -> "NF4Weight":
@@ -200,13 +225,20 @@ class NF4Weight:
         """Read a weight saved by ``state_dict`` or by ``bnb.nn.Linear4bit`` (same keys)."""
         if prefix not in sd:
             raise NF4FormatError(f"state dict has no {prefix!r} entry")
+        bad = [k for k, v in sd.items()
+               if (k == prefix or k.startswith(prefix + ".")) and not isinstance(v, torch.Tensor)]
+        if bad:
+            raise NF4FormatError(f"state dict entries {bad} are not tensors")
         qs_keys = [k for k in sd if k.startswith(f"{prefix}.quant_state.")]
         if not qs_keys:
             raise NF4FormatError(f"state dict has no {prefix}.{_QS_KEY} entry (not a 4-bit weight?)")
         if qs_keys != [f"{prefix}.{_QS_KEY}"]:
             raise NF4FormatError(f"expected exactly {prefix}.{_QS_KEY}, found {qs_keys} (fp4 is not supported)")
+        blob = sd[qs_keys[0]]
+        if blob.dim() != 1:
+            raise NF4FormatError(f"{qs_keys[0]} must be a 1-D tensor of JSON bytes, got shape {tuple(blob.shape)}")
         try:
-            meta = json.loads(bytes(sd[qs_keys[0]].cpu().to(torch.uint8).tolist()).decode("utf-8"))
+            meta = json.loads(bytes(blob.cpu().to(torch.uint8).tolist()).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise NF4FormatError(f"{qs_keys[0]} is not valid UTF-8 JSON: {e}") from None
         if not isinstance(meta, dict) or meta.get("quant_type") != "nf4":
@@ -233,17 +265,20 @@ class NF4Weight:
         ref = packed if device is None else packed.to(device)
         dev = ref.device
         get = lambda k: sd[k].to(dev)
-        try:
-            shape = torch.Size(int(s) for s in meta["shape"])
-        except (TypeError, ValueError):
-            raise NF4FormatError(f"{qs_keys[0]}: shape must be a list of ints, got {meta['shape']!r}") from None
+        if not (isinstance(meta["shape"], list) and all(type(d) is int for d in meta["shape"])):
+            raise NF4FormatError(f"{qs_keys[0]}: shape must be a list of ints, got {meta['shape']!r}")
+        shape = torch.Size(meta["shape"])
+        if type(meta["blocksize"]) is not int:
+            raise NF4FormatError(f"{qs_keys[0]}: blocksize must be an int, got {meta['blocksize']!r}")
+        if nested and (isinstance(meta["nested_offset"], bool) or not isinstance(meta["nested_offset"], (int, float))):
+            raise NF4FormatError(f"{qs_keys[0]}: nested_offset must be a number, got {meta['nested_offset']!r}")
         return cls(
             packed=ref.reshape(-1, 1),
             absmax=get(f"{prefix}.absmax"),
             code=get(f"{prefix}.quant_map"),
             shape=shape,
             dtype=_dtype_from_name(meta["dtype"], f"{qs_keys[0]} dtype"),
-            blocksize=int(meta["blocksize"]),
+            blocksize=meta["blocksize"],
             nested_absmax=get(f"{prefix}.nested_absmax") if nested else None,
             nested_code=get(f"{prefix}.nested_quant_map") if nested else None,
             offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=dev) if nested else None,
@@ -275,6 +310,8 @@ class NF4Weight:
         if qs is None:
             raise NF4FormatError("weight has no quant_state: not quantized yet (move the bitsandbytes layer "
                                  "to a device first) or not a bitsandbytes 4-bit weight")
+        if not all(hasattr(qs, a) for a in ("quant_type", "absmax", "code", "shape", "dtype", "blocksize")):
+            raise NF4FormatError(f"quant_state must be a bitsandbytes QuantState, got {type(qs).__name__}")
         if qs.quant_type != "nf4":
             raise NF4FormatError(f"only nf4 is supported, this weight is {qs.quant_type!r}")
         if getattr(qs, "packing_format_for_cpu", False):
@@ -282,6 +319,8 @@ class NF4Weight:
                                  "run in eval mode on the CPU): it is no longer in the NF4 storage format; reload "
                                  "it, or see lora_kernels.integrations.bnb_cpu.use_portable_bnb_cpu_paths")
         data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
+        if not isinstance(data, torch.Tensor):
+            raise NF4FormatError(f"weight must be a Params4bit or a packed tensor, got {type(weight).__name__}")
         if data.dtype != torch.uint8:
             data = data.contiguous().view(torch.uint8)
         nested = getattr(qs, "nested", qs.state2 is not None)
@@ -291,7 +330,7 @@ class NF4Weight:
         if nested:
             offset = torch.as_tensor(qs.offset, dtype=torch.float32).to(data.device).reshape(())
         return cls(packed=data.reshape(-1, 1), absmax=qs.absmax, code=qs.code.float(), shape=qs.shape,
-                   dtype=qs.dtype, blocksize=qs.blocksize,
+                   dtype=qs.dtype, blocksize=int(qs.blocksize),
                    nested_absmax=qs.state2.absmax if nested else None,
                    nested_code=qs.state2.code if nested else None, offset=offset)
 

@@ -251,8 +251,11 @@ def test_bad_input(monkeypatch):
     strided = torch.zeros(weight.packed.numel(), 2, dtype=torch.uint8, device=DEVICE)[:, :1]
     strided.copy_(weight.packed)
     assert not strided.is_contiguous()
-    raises(ValueError, "packed must be contiguous", dataclasses.replace(weight, packed=strided, check_tables=False),
-           None, None)
+    with pytest.raises(NF4FormatError, match="packed must be contiguous"):   # refused when built ...
+        dataclasses.replace(weight, packed=strided, check_tables=False)
+    strided_after = dataclasses.replace(weight, check_tables=False)
+    strided_after.packed = strided                          # ... and when made so afterwards
+    raises(ValueError, "packed must be contiguous", strided_after, None, None)
     broken = dataclasses.replace(weight, check_tables=False)
     broken.absmax = broken.absmax[:-1]                      # corrupted after construction
     raises(NF4FormatError, "absmax", broken, None, None)

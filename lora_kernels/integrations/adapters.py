@@ -32,6 +32,10 @@ _PREFIX = "base_model.model."
 _UNSUPPORTED = {
     "use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "layer_replication": None,
     "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "trainable_token_indices": None,
+    # PEFT variants whose forward differs from y = base(x) + s·B·A·x (activated LoRA, LoRA on bare
+    # parameters, routed adapters, QA-LoRA's pooled input, ...): refused rather than loaded as plain LoRA
+    "alora_invocation_tokens": None, "target_parameters": None, "arrow_config": None, "use_bdlora": None,
+    "velora_config": None, "kasa_config": None, "monteclora_config": None, "use_qalora": False,
 }
 
 
@@ -47,24 +51,34 @@ def add_lora(model: nn.Module, target_modules: Iterable[str], r: int, lora_alpha
              lora_dropout: float = 0.0, use_rslora: bool = False,
              init_lora_weights: bool = True) -> list[str]:
     """Put LoRA on every ``nn.Linear`` (→ LoRALinear) or ``NF4Linear`` (→ QLoRALinear) whose name
-    ends with one of ``target_modules``; freeze all other parameters.  Returns the layer names."""
-    targets = list(target_modules)
+    ends with one of ``target_modules`` (a module name, or an iterable of them); freeze all other
+    parameters.  Returns the layer names.  Every new layer is built before the model is touched, so
+    a bad ``r`` / ``lora_alpha`` / ``lora_dropout`` raises with the model unchanged."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"add_lora: model must be an nn.Module, got {type(model).__name__}")
+    targets = [target_modules] if isinstance(target_modules, str) else (   # one name, not its characters
+        list(target_modules) if isinstance(target_modules, Iterable) else None)
+    if targets is None or not all(isinstance(t, str) for t in targets):
+        raise TypeError(f"add_lora: target_modules must be a module name or an iterable of names, got "
+                        f"{target_modules!r}")
     names = [n for n, m in model.named_modules()
              if (type(m) is nn.Linear or isinstance(m, NF4Linear)) and _matches(n, targets)]
     if not names:
         raise ValueError(f"add_lora: no nn.Linear or NF4Linear matches target_modules={targets}")
+    new_layers = {}
+    for name in names:
+        old = model.get_submodule(name)
+        if isinstance(old, NF4Linear):
+            new_layers[name] = QLoRALinear(old.weight, old.bias, r, lora_alpha, lora_dropout, use_rslora,
+                                           init_lora_weights=init_lora_weights, compute_dtype=old.compute_dtype)
+        else:
+            new_layers[name] = LoRALinear(old.weight, old.bias, r, lora_alpha, lora_dropout, use_rslora,
+                                          init_lora_weights=init_lora_weights)
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in names:
+    for name, new in new_layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-        if isinstance(old, NF4Linear):
-            new = QLoRALinear(old.weight, old.bias, r, lora_alpha, lora_dropout, use_rslora,
-                              init_lora_weights=init_lora_weights, compute_dtype=old.compute_dtype)
-        else:
-            new = LoRALinear(old.weight, old.bias, r, lora_alpha, lora_dropout, use_rslora,
-                             init_lora_weights=init_lora_weights)
         setattr(parent, child, new)
     return names
 
@@ -123,6 +137,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
             cfg = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"read_adapter: {cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"read_adapter: {cfg_path} must hold a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type") not in ("LORA", None):
         raise ValueError(f"read_adapter: peft_type {cfg.get('peft_type')!r} is not LORA")
     for key, default in _UNSUPPORTED.items():
@@ -158,10 +174,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     missing = sorted(set(layers) - set(by_layer))
     if missing:
         raise ValueError(f"load_adapter: the adapter has no tensors for layers {missing}")
-    for name, layer in layers.items():
+    for name, layer in layers.items():       # every layer checked before any is changed
         if (layer.lora_alpha, layer.use_rslora) != (cfg["lora_alpha"], bool(cfg.get("use_rslora", False))):
             raise ValueError(f"load_adapter: layer {name} has lora_alpha={layer.lora_alpha}, "
                              f"use_rslora={layer.use_rslora}; the adapter has lora_alpha={cfg['lora_alpha']}, "
                              f"use_rslora={cfg.get('use_rslora', False)}")
+        layer.check_adapter_state_dict(by_layer[name])
+        if layer.r != cfg["r"]:            # the tensors fit the layer, the config says another rank
+            raise ValueError(f"load_adapter: layer {name} has r={layer.r} (as the file's tensors); the adapter's "
+                             f"config has r={cfg['r']}")
+    for name, layer in layers.items():
         layer.load_adapter_state_dict(by_layer[name])
     return sorted(layers)

@@ -168,6 +168,8 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
     Returns a PatchReport naming the patched layers and the skipped ones with the reason.  Calling
     it twice is harmless (already patched layers are counted again as patched).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_peft_model: model must be an nn.Module (a PEFT model), got {type(model).__name__}")
     classes = _peft_classes()
     report = PatchReport()
     patched_originals = {v: k for k, v in _PATCHED.items()}

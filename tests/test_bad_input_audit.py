@@ -1,0 +1,295 @@
+"""Bad inputs found by the session-20 audit of the public API (CPU): each used to return a silently
+wrong result, corrupt state, or fail with an error that did not name the problem."""
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import lora_kernels as lk
+from lora_kernels.lora_modules import LoRALinear
+from lora_kernels.nf4 import NF4FormatError
+
+
+class _Three(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.o, self.p = nn.Linear(64, 16), nn.Linear(16, 64), nn.Linear(64, 64)
+
+
+def test_add_lora_takes_a_str_target_as_one_name():
+    m = _Three()
+    assert lk.add_lora(m, "q_proj", 4, 8) == ["q_proj"]
+    assert isinstance(m.q_proj, LoRALinear) and type(m.o) is nn.Linear and type(m.p) is nn.Linear
+    with pytest.raises(TypeError, match="target_modules must be a module name or an iterable of names"):
+        lk.add_lora(_Three(), None, 4, 8)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        lk.add_lora(None, ["q_proj"], 4, 8)
+
+
+@pytest.mark.parametrize("kw", [dict(r=0, lora_alpha=8), dict(r=4, lora_alpha=8, lora_dropout=2.0),
+                                dict(r=4, lora_alpha=float("nan"))])
+def test_add_lora_bad_settings_leave_the_model_untouched(kw):
+    m = _Three()
+    with pytest.raises(ValueError):
+        lk.add_lora(m, ["q_proj", "o"], **kw)
+    assert all(p.requires_grad for p in m.parameters())
+    assert type(m.q_proj) is nn.Linear and type(m.o) is nn.Linear
+
+
+def test_quantize_model_takes_a_str_skip_as_one_pattern_and_converts_a_shared_layer_once():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.lm_head = nn.Linear(64, 64), nn.Linear(64, 64)
+    m = M()
+    assert sorted(lk.quantize_model(m, skip="lm_head", progress=False)) == ["a"]
+    assert type(m.lm_head) is nn.Linear and isinstance(m.a, lk.NF4Linear)
+
+    lin = nn.Linear(64, 64)
+    seq = nn.Sequential(lin, nn.ReLU(), lin)
+    x = torch.randn(3, 64)
+    assert list(lk.quantize_model(seq, progress=False)) == ["0"]
+    assert seq[0] is seq[2] and isinstance(seq[2], lk.NF4Linear)
+    assert seq(x).shape == (3, 64)
+    # a shared layer skipped under any of its names stays dense at all of them
+    lin2 = nn.Linear(64, 64)
+    seq2 = nn.Sequential(lin2, nn.ReLU(), lin2)
+    assert lk.quantize_model(seq2, skip=["2"], progress=False) == {}
+    assert seq2[0] is lin2 and seq2[2] is lin2 and lin2.weight is not None
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.parametrize("K,bs", [(100, 64), (192, 128)])
+def test_forced_triton_routes_refuse_k_not_a_multiple_of_the_blocksize(interpret, K, bs):
+    q = lk.quantize_nf4(torch.randn(32, K), blocksize=bs)
+    a, b = torch.randn(4, K) * 0.1, torch.randn(32, 4) * 0.1
+    with pytest.raises(ValueError, match=rf"route 'merge-cublas' needs K % blocksize == 0, got K={K}"):
+        lk.lora_linear(torch.randn(20, K), q, a, b, 0.5, route="merge-cublas")
+    with pytest.raises(ValueError, match=rf"route 'merge-cublas' needs K % blocksize == 0, got K={K}"):
+        lk.lora_linear_dx(torch.randn(20, 32), q, a, b, 0.5, route="merge-cublas")
+    # the default route handles it, exactly as the dense computation
+    x = torch.randn(20, K)
+    y = lk.lora_linear(x, q, a, b, 0.5)
+    ref = x @ q.dequantize(torch.float32).t() + ((x @ a.t()) * 0.5) @ b.t()
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_forced_triton_route_off_cuda_without_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = lk.quantize_nf4(torch.randn(32, 64))
+    with pytest.raises(ValueError, match="runs Triton kernels, which need a CUDA device"):
+        lk.lora_linear(torch.randn(4, 64), q, route="merge-cublas")
+    with pytest.raises(ValueError, match="runs Triton kernels, which need a CUDA device"):
+        lk.lora_linear(torch.randn(4, 64), q, route="triton-tiled")
+
+
+@pytest.mark.parametrize("shape", [(4, 1), (4, 4), (1, 4), (1,), (32,), (5,)])
+def test_scale_tensor_must_be_0d_or_r(shape):
+    q = lk.quantize_nf4(torch.randn(32, 64))
+    a, b = torch.randn(4, 64), torch.randn(32, 4)
+    s = torch.rand(shape)
+    for call in (lambda: lk.lora_linear(torch.randn(4, 64), q, a, b, s),
+                 lambda: lk.lora_linear_dx(torch.randn(4, 32), q, a, b, s),
+                 lambda: lk.qlora_linear(torch.randn(4, 64), q, a, b, s)):
+        with pytest.raises(ValueError, match=r"scale must be a float, a 0-d tensor or an \[r=4\] vector"):
+            call()
+
+
+def test_scale_beyond_fp32_range():
+    q = lk.quantize_nf4(torch.randn(32, 64))
+    a, b = torch.randn(4, 64), torch.randn(32, 4)
+    for fn in (lk.lora_linear, lk.qlora_linear):
+        with pytest.raises(ValueError, match="scale must be finite in float32"):
+            fn(torch.randn(4, 64), q, a, b, 1e300)
+
+
+def _saved_adapter(tmp_path, r=4):
+    class T(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.v_proj = nn.Linear(64, 16), nn.Linear(64, 16)
+    m = T()
+    lk.add_lora(m, ["q_proj", "v_proj"], r, 8, init_lora_weights=False)
+    lk.save_adapter(m, str(tmp_path))
+    fresh = T()
+    lk.add_lora(fresh, ["q_proj", "v_proj"], r, 8, init_lora_weights=False)
+    return m, fresh
+
+
+def test_load_adapter_refuses_a_merged_layer(tmp_path):
+    _, m2 = _saved_adapter(tmp_path)
+    w0 = m2.q_proj.weight.detach().clone()
+    m2.q_proj.merge()
+    with pytest.raises(ValueError, match="the layer is merged; unmerge"):
+        lk.load_adapter(m2, str(tmp_path))
+    m2.q_proj.unmerge()
+    assert (m2.q_proj.weight - w0).abs().max().item() < 1e-6
+
+
+def test_load_adapter_checks_every_layer_before_changing_any(tmp_path):
+    from safetensors.torch import load_file, save_file
+    _, m2 = _saved_adapter(tmp_path)
+    path = os.path.join(tmp_path, "adapter_model.safetensors")
+    t = load_file(path)
+    key = next(k for k in t if "v_proj" in k and "lora_A" in k)
+    t[key] = torch.randn(8, 64)
+    save_file(t, path)
+    before = {n: p.detach().clone() for n, p in m2.named_parameters()}
+    with pytest.raises(ValueError, match="rank 8 in the state dict, r=4 in the layer"):
+        lk.load_adapter(m2, str(tmp_path))
+    assert all(torch.equal(p, before[n]) for n, p in m2.named_parameters())
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c.update(r=64), "the adapter's config has r=64"),
+    (lambda c: c.update(alora_invocation_tokens=[1, 2, 3]), "alora_invocation_tokens"),
+    (lambda c: c.update(use_qalora=True), "use_qalora"),
+])
+def test_load_adapter_config_mismatches(tmp_path, edit, match):
+    _, m2 = _saved_adapter(tmp_path)
+    path = os.path.join(tmp_path, "adapter_config.json")
+    cfg = json.load(open(path))
+    edit(cfg)
+    json.dump(cfg, open(path, "w"))
+    with pytest.raises(ValueError, match=match):
+        lk.load_adapter(m2, str(tmp_path))
+
+
+def test_load_adapter_config_not_an_object_and_non_tensor_values(tmp_path):
+    m, m2 = _saved_adapter(tmp_path)
+    json.dump([1, 2], open(os.path.join(tmp_path, "adapter_config.json"), "w"))
+    with pytest.raises(ValueError, match="must hold a JSON object, got list"):
+        lk.load_adapter(m2, str(tmp_path))
+    sd = m.q_proj.adapter_state_dict()
+    sd["lora_A.weight"] = [[0.0]]
+    with pytest.raises(TypeError, match="lora_A.weight must be a tensor, got list"):
+        m2.q_proj.load_adapter_state_dict(sd)
+    sd["lora_A.weight"] = torch.full((4, 64), float("nan"))
+    with pytest.raises(ValueError, match="lora_A.weight has NaN/inf values"):
+        m2.q_proj.load_adapter_state_dict(sd)
+
+
+def test_lora_linear_non_finite_alpha_and_merge_overflow_leave_the_weight_alone():
+    with pytest.raises(ValueError, match="lora_alpha must be finite"):
+        LoRALinear.from_linear(nn.Linear(64, 16), 4, float("nan"))
+    lin = nn.Linear(64, 16).half()
+    m = LoRALinear.from_linear(lin, 4, 8.0)
+    with torch.no_grad():
+        m.lora_A.fill_(300.0)
+        m.lora_B.fill_(300.0)          # scaling 2 x (4 x 300 x 300) = 720000 > fp16's 65504
+    w0 = lin.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"merge\(\): W \+ scaling·B·A has NaN/inf values"):
+        m.merge()
+    assert torch.equal(lin.weight, w0) and not m.merged
+
+
+def _dq_state_dict(double_quant=True):
+    return lk.quantize_nf4(torch.randn(32, 128), double_quant=double_quant).state_dict()
+
+
+def _edit_meta(sd, **kw):
+    key = "weight.quant_state.bitsandbytes__nf4"
+    meta = json.loads(bytes(sd[key].tolist()).decode())
+    meta.update(kw)
+    sd[key] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    return sd
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    (lambda sd: sd.update({"weight.absmax": -sd["weight.absmax"]}), "absmax has negative values"),
+    (lambda sd: sd["weight.absmax"].__setitem__(0, float("nan")), "absmax has NaN/inf"),
+])
+def test_from_state_dict_refuses_corrupt_scales_single_quant(corrupt, match):
+    sd = _dq_state_dict(double_quant=False)
+    corrupt(sd)
+    with pytest.raises(NF4FormatError, match=match):
+        lk.NF4Weight.from_state_dict(sd)
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    (lambda sd: sd.update({"weight.nested_absmax": -sd["weight.nested_absmax"]}), "nested_absmax has negative"),
+    (lambda sd: sd.update({"weight.nested_absmax": sd["weight.nested_absmax"] * float("nan")}),
+     "nested_absmax has NaN/inf"),
+    (lambda sd: _edit_meta(sd, nested_offset=float("nan")), "offset has NaN/inf"),
+    (lambda sd: _edit_meta(sd, nested_offset=float("inf")), "offset has NaN/inf"),
+    (lambda sd: sd.update({"weight.nested_quant_map": torch.zeros(256)}), "8-bit dynamic table"),
+    (lambda sd: _edit_meta(sd, nested_offset="abc"), "nested_offset must be a number"),
+    (lambda sd: _edit_meta(sd, blocksize=None), "blocksize must be an int"),
+    (lambda sd: _edit_meta(sd, blocksize=64.0), "blocksize must be an int"),
+    (lambda sd: _edit_meta(sd, shape=[32.9, 128]), "shape must be a list of ints"),
+    (lambda sd: _edit_meta(sd, shape=[-32, -128]), "must have positive dimensions"),
+    (lambda sd: sd.update({"weight.quant_state.bitsandbytes__nf4":
+                           sd["weight.quant_state.bitsandbytes__nf4"][:-1].reshape(-1, 1)}), "1-D tensor"),
+    (lambda sd: sd.update({"weight.absmax": [1.0]}), "are not tensors"),
+])
+def test_from_state_dict_refuses_corrupt_scales_and_fields(corrupt, match):
+    sd = _dq_state_dict()
+    corrupt(sd)
+    with pytest.raises(NF4FormatError, match=match):
+        lk.NF4Weight.from_state_dict(sd)
+
+
+def test_strict_load_reports_unknown_weight_keys():
+    m = lk.QLoRALinear(lk.quantize_nf4(torch.randn(32, 128)), torch.randn(32), 4, 8)
+    sd = m.state_dict()
+    sd["weight.typo_absmax"] = torch.ones(3)
+    with pytest.raises(RuntimeError, match="weight.typo_absmax"):
+        m.load_state_dict(sd, strict=True)
+    assert m.load_state_dict(sd, strict=False).unexpected_keys == ["weight.typo_absmax"]
+
+
+def test_nf4linear_checks_bias_x_and_compute_dtype():
+    q = lk.quantize_nf4(torch.randn(32, 128))
+    for bias in (torch.tensor([5.0]), torch.randn(1, 32), torch.randn(33), torch.ones(32, dtype=torch.int64)):
+        with pytest.raises(ValueError, match=r"bias must be a floating-point \[N=32\] tensor"):
+            lk.NF4Linear(q, bias)
+    with pytest.raises(TypeError, match="weight must be an NF4Weight"):
+        lk.NF4Linear(torch.randn(32, 128))
+    with pytest.raises(TypeError, match="compute_dtype must be float32, bfloat16, float16 or None"):
+        lk.NF4Linear(q, compute_dtype=torch.int8)
+    layer = lk.NF4Linear(q)
+    with pytest.raises(TypeError, match=r"x must be a tensor \[..., in_features=128\]"):
+        layer(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="x must be float32, bfloat16 or float16"):
+        layer(torch.ones(2, 128, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.int64"):
+        lk.NF4Linear(q, compute_dtype=torch.bfloat16)(torch.ones(2, 128, dtype=torch.int64))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.int64"):
+        lk.QLoRALinear(q, None, 4, 8, compute_dtype=torch.bfloat16)(torch.ones(2, 128, dtype=torch.int64))
+
+
+def test_quantize_nf4_blocksize_type_and_routes_take_a_device_string():
+    with pytest.raises(TypeError, match="blocksize must be an int, got 64.0"):
+        lk.quantize_nf4(torch.randn(4, 64), blocksize=64.0)
+    import numpy as np
+    q = lk.quantize_nf4(torch.randn(4, 64), blocksize=np.int64(64))
+    assert type(q.blocksize) is int and json.loads(bytes(q.state_dict()["weight.quant_state.bitsandbytes__nf4"]
+                                                          .tolist()))["blocksize"] == 64
+    assert lk.forward_route(4, q, torch.float16, "cpu") == "reference"
+    assert lk.backward_route(q, torch.float16, "cpu") == "reference"
+    assert lk.select_backend("cpu") in lk.available_backends("cpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        lk.select_backend("cpu", "")
+
+
+def test_from_bnb_rejects_a_non_quant_state():
+    with pytest.raises(NF4FormatError, match="quant_state must be a bitsandbytes QuantState, got object"):
+        lk.NF4Weight.from_bnb(torch.zeros(8, dtype=torch.uint8), quant_state=object())
+
+
+def test_patch_peft_model_type_and_double_quant_offset_overflow():
+    with pytest.raises(TypeError, match="patch_peft_model: model must be an nn.Module"):
+        lk.patch_peft_model(None)
+    w = torch.randn(4096, 64) * 1e36          # every absmax finite, their fp32 mean is not
+    with pytest.raises(ValueError, match="offset .* overflows float32"):
+        lk.quantize_nf4(w)
+    q = lk.quantize_nf4(w, double_quant=False)
+    assert bool(torch.isfinite(q.dequantize()).all())
