@@ -27,6 +27,7 @@ identical in every weight) are excluded; the report gives their total separately
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,17 @@ _BOOL_BIAS = {"attention_bias", "mlp_bias", "add_bias_linear", "add_qkv_bias"}
 
 class ConfigError(ValueError):
     """The config cannot be read as a supported model: the message names the field or type."""
+
+
+def _flag(cfg: dict[str, Any], key: str, default: bool) -> bool:
+    """A boolean field (JSON true/false; absent or null: ``default``).  A string such as "false"
+    would read as True through bool(): refused instead."""
+    v = cfg.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ConfigError(f"field {key!r} must be true or false, got {v!r}")
+    return v
 
 
 @dataclass
@@ -143,14 +155,14 @@ def _llama(cfg: dict, ignore_unknown: bool) -> ModelShape:
     if cfg.get("head_dim") is None and h % nh:
         raise ConfigError(f"hidden_size {h} is not a multiple of num_attention_heads {nh} (and no head_dim)")
     hd = _opt_int(cfg, "head_dim", h // nh)
-    qkv_bias = bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2"))
-    o_bias = bool(cfg.get("attention_bias", False))
-    mlp_bias = bool(cfg.get("mlp_bias", False))
+    qkv_bias = _flag(cfg, "attention_bias", cfg.get("model_type") == "qwen2")
+    o_bias = _flag(cfg, "attention_bias", False)
+    mlp_bias = _flag(cfg, "mlp_bias", False)
     lin = [LinearSpec("q_proj", h, nh * hd, L, qkv_bias), LinearSpec("k_proj", h, nkv * hd, L, qkv_bias),
            LinearSpec("v_proj", h, nkv * hd, L, qkv_bias), LinearSpec("o_proj", nh * hd, h, L, o_bias),
            LinearSpec("gate_proj", h, ff, L, mlp_bias), LinearSpec("up_proj", h, ff, L, mlp_bias),
            LinearSpec("down_proj", ff, h, L, mlp_bias)]
-    tied = bool(cfg.get("tie_word_embeddings", False))
+    tied = _flag(cfg, "tie_word_embeddings", False)
     emb = vocab * h * (1 if tied else 2)
     norms = (2 * L + 1) * h
     biases = sum(s.out_features * s.count for s in lin if s.bias)
@@ -187,11 +199,11 @@ def _chatglm(cfg: dict, ignore_unknown: bool) -> ModelShape:
         ff = _require(cfg, "ffn_hidden_size")
         h_to_4h = 2 * ff
         vocab = _require(cfg, "padded_vocab_size")
-        lin_bias = bool(cfg.get("add_bias_linear", False))
-        qkv_bias = bool(cfg.get("add_qkv_bias", False)) or lin_bias
+        lin_bias = _flag(cfg, "add_bias_linear", False)
+        qkv_bias = _flag(cfg, "add_qkv_bias", False) or lin_bias
     lin = [LinearSpec("query_key_value", h, qkv_out, L, qkv_bias), LinearSpec("dense", proj, h, L, lin_bias),
            LinearSpec("dense_h_to_4h", h, h_to_4h, L, lin_bias), LinearSpec("dense_4h_to_h", ff, h, L, lin_bias)]
-    tied = bool(cfg.get("tie_word_embeddings", False))
+    tied = _flag(cfg, "tie_word_embeddings", False)
     emb = vocab * h * (1 if tied else 2)
     norm_w = 2 if v1 else 1  # LayerNorm (weight + bias) in v1, RMSNorm in v2/3
     norms = (2 * L + 1) * h * norm_w
@@ -224,6 +236,10 @@ def load_config(path: str | Path, ignore_unknown: bool = False) -> ModelShape:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
+    except OSError as e:                          # a directory, no permission, ...
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror or e}") from None
     return parse_config(cfg, ignore_unknown)
 
 
@@ -254,6 +270,9 @@ def adapter_size(shape: ModelShape, r: int, targets: str | list[str] = "all-line
     """The adapter's size per target module type and in total, and the base model in bf16 vs NF4."""
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ConfigError(f"r must be a positive integer, got {r!r}")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not math.isfinite(alpha) or alpha <= 0):
+        raise ConfigError(f"alpha must be a positive finite number, got {alpha!r}")
     if dtype not in DTYPE_BYTES:
         raise ConfigError(f"unknown adapter dtype {dtype!r} (one of {sorted(DTYPE_BYTES)})")
     nbytes = DTYPE_BYTES[dtype]

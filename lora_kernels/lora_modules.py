@@ -40,6 +40,11 @@ def _frozen(t: torch.Tensor | None) -> nn.Parameter | None:
     return nn.Parameter(t.detach(), requires_grad=False)
 
 
+def _check_export_dtype(name: str, dtype) -> None:
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{name}.merged_weight: dtype must be a floating-point torch.dtype, got {dtype!r}")
+
+
 class LoRALinear(nn.Module):
     """y = x·Wᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ + bias with a frozen dense W [N, K] (bf16/fp16/fp32).
 
@@ -77,6 +82,26 @@ class LoRALinear(nn.Module):
         if weight.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{type(self).__name__}: weight must be float32, bfloat16 or float16, got {weight.dtype}")
         self.weight = _frozen(weight)
+
+    # ------------------------------------------------------------------ state dict and merging
+    # A merged layer's base already holds scaling·B·A.  Its state dict (base + adapter, as PEFT's) would
+    # apply the adapter twice once loaded into an unmerged layer: saving warns, loading into a merged
+    # layer is refused (its unmerge would then subtract the loaded adapter, or restore the old base).
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.merged:
+            warnings.warn(f"{type(self).__name__} {prefix or '(root)'}: state_dict() of a merged layer holds the "
+                          f"merged base and the adapter; loaded into an unmerged layer it applies the adapter "
+                          f"twice (unmerge() first, or export merged_weight())", stacklevel=3)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if self.merged:
+            error_msgs.append(f"{prefix or '(root)'}: the {type(self).__name__} is merged; unmerge() it before "
+                              f"load_state_dict")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _base_dtype(self) -> torch.dtype:
         """The dtype new adapters are made in (the base's compute dtype)."""
@@ -153,9 +178,10 @@ class LoRALinear(nn.Module):
         """What the op gets as ``scale``: the float scaling, or the fp32 [r] vector E · scaling."""
         if self.lora_E is None:
             return self.scaling
+        if tuple(self.lora_E.shape) not in ((self.r,), (self.r, 1)):
+            raise ValueError(f"{type(self).__name__}: lora_E must be [r={self.r}] or [r, 1] (AdaLoRA's), got "
+                             f"{tuple(self.lora_E.shape)}")
         e = self.lora_E.reshape(-1)
-        if e.shape[0] != self.r:
-            raise ValueError(f"{type(self).__name__}: lora_E must have r={self.r} elements, got {tuple(self.lora_E.shape)}")
         return e.float() * self.scaling
 
     # ------------------------------------------------------------------ forward
@@ -225,6 +251,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The dense weight with the adapter folded in, [N, K] in ``dtype``; the layer is untouched."""
+        _check_export_dtype(type(self).__name__, dtype)
         if self.merged:
             return self.weight.detach().to(dtype, copy=True)
         return (self.weight.float() + self._delta()).to(dtype)
@@ -335,6 +362,15 @@ class QLoRALinear(NF4WeightMixin, LoRALinear):
         if len(weight.shape) != 2:
             raise ValueError(f"QLoRALinear: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
         self.weight = weight
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if self.merged:             # before NF4WeightMixin reads the NF4 keys into the weight
+            LoRALinear._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                             unexpected_keys, error_msgs)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _base_dtype(self) -> torch.dtype:
         return self.compute_dtype or self.weight.dtype
@@ -457,6 +493,7 @@ class QLoRALinear(NF4WeightMixin, LoRALinear):
     def merged_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """Dense dequant(W) + ΔW [N, K] in ``dtype`` (from the pre-merge base when merged, so it is
         the exact merge, not the re-quantized one); the layer is untouched."""
+        _check_export_dtype(type(self).__name__, dtype)
         base = self._unmerged_weight if self.merged else self.weight
         return (dequantize_nf4(base, dtype=torch.float32) + self._delta()).to(dtype)
 

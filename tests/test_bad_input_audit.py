@@ -293,3 +293,100 @@ def test_patch_peft_model_type_and_double_quant_offset_overflow():
         lk.quantize_nf4(w)
     q = lk.quantize_nf4(w, double_quant=False)
     assert bool(torch.isfinite(q.dequantize()).all())
+
+
+# ---------------------------------------------------------------------------------------- round 2
+def test_merged_layer_state_dict_warns_and_a_merged_layer_refuses_load_state_dict():
+    m = LoRALinear.from_linear(nn.Linear(40, 24), 4, 8)
+    nn.init.normal_(m.lora_B, std=0.5)
+    x = torch.randn(5, 40)
+    y = m(x)
+    m.merge()
+    with pytest.warns(UserWarning, match="applies the adapter twice"):
+        sd = {k: v.clone() for k, v in m.state_dict().items()}     # the weight's storage is the layer's
+    with pytest.raises(RuntimeError, match="is merged; unmerge"):
+        m.load_state_dict(sd)
+    q = lk.QLoRALinear(lk.quantize_nf4(torch.randn(24, 64)), None, 4, 8)
+    q.merge()
+    w_merged = q.weight
+    with pytest.warns(UserWarning, match="applies the adapter twice"):
+        qsd = q.state_dict()
+    with pytest.raises(RuntimeError, match="is merged; unmerge"):
+        q.load_state_dict(qsd)
+    assert q.weight is w_merged                 # NF4WeightMixin did not swap the weight in first
+    m.unmerge()
+    m.load_state_dict(sd)                        # unmerged: loads (here: the merged base + the adapter)
+    assert not torch.allclose(m(x), y)           # which is why saving warned
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "cross_entropy"])
+def test_kernel_backwards_refuse_double_backward(interpret, op):
+    from lora_kernels.model_ops.cross_entropy import cross_entropy
+    from lora_kernels.model_ops.rms_norm import rms_norm
+    x = torch.randn(6, 16, requires_grad=True)
+    if op == "rms_norm":
+        out = rms_norm(x, torch.ones(16), 1e-6).square().sum()
+    else:
+        out = cross_entropy(x, torch.randint(0, 16, (6,)))
+    with pytest.raises(RuntimeError, match="backward cannot be differentiated again"):
+        torch.autograd.grad(out, x, create_graph=True)
+    (g,) = torch.autograd.grad(out, x)                  # a plain backward still works
+    assert g.shape == x.shape
+
+
+def test_cross_entropy_int32_targets_with_an_ignore_index_beyond_int32(interpret):
+    from lora_kernels.model_ops.cross_entropy import cross_entropy
+    x = torch.randn(6, 9)
+    t = torch.tensor([0, 2, 0, 4, 5, 6], dtype=torch.int32)
+    got = cross_entropy(x, t, ignore_index=2**40)
+    ref = torch.nn.functional.cross_entropy(x, t.long(), ignore_index=2**40)
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_size_config_flags_must_be_booleans_and_unreadable_files(tmp_path, capsys):
+    from lora_kernels.cli import main
+    cfg = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "vocab_size": 10, "tie_word_embeddings": "false"}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    assert main(["size", str(tmp_path / "c.json"), "--r", "4"]) == 2
+    assert "'tie_word_embeddings' must be true or false, got 'false'" in capsys.readouterr().err
+    assert main(["size", str(tmp_path), "--r", "4"]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+    (tmp_path / "latin1.json").write_bytes(b'{"model_type": "ll\xe9ma"}')
+    assert main(["size", str(tmp_path / "latin1.json"), "--r", "4"]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+    cfg["tie_word_embeddings"] = False
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    for alpha in ("nan", "inf", "-8", "0"):
+        assert main(["size", str(tmp_path / "c.json"), "--r", "4", "--alpha", alpha]) == 2
+        assert "alpha must be a positive finite number" in capsys.readouterr().err
+
+
+def test_patch_model_kernels_argument_types():
+    with pytest.raises(TypeError, match="patch_model_kernels: model must be an nn.Module"):
+        lk.patch_model_kernels(None)
+    with pytest.raises(TypeError, match="unpatch_model_kernels: model must be an nn.Module"):
+        lk.unpatch_model_kernels(None)
+    with pytest.raises(TypeError, match="kinds must be a kind or an iterable"):
+        lk.patch_model_kernels(nn.Linear(2, 2), None)
+    report = lk.patch_model_kernels(nn.Sequential(nn.Linear(2, 2)), "rms_norm")   # one kind, not letters
+    assert not any(report.patched.values())
+
+
+def test_adalora_e_shape_and_merged_weight_dtype():
+    m = LoRALinear.from_linear(nn.Linear(40, 24), 4, 8)
+    m.lora_E = nn.Parameter(torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"lora_E must be \[r=4\] or \[r, 1\]"):
+        m(torch.randn(3, 40))
+    m.lora_E = nn.Parameter(torch.ones(4, 1))
+    assert m(torch.randn(3, 40)).shape == (3, 24)
+    for bad in (torch.int8, "float32"):
+        with pytest.raises(TypeError, match="merged_weight: dtype must be a floating-point torch.dtype"):
+            m.merged_weight(bad)
+
+
+def test_quantize_model_refuses_an_unsupported_layer_before_converting_any():
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64).double())
+    with pytest.raises(TypeError, match=r"2 \(torch.float64\).*nothing was converted"):
+        lk.quantize_model(m, progress=False)
+    assert type(m[0]) is nn.Linear and m[0].weight is not None

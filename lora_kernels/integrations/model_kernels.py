@@ -143,7 +143,15 @@ def patch_model_kernels(model: nn.Module, kinds=KINDS) -> ModelKernelReport:
     """Route ``model``'s RMSNorms, SwiGLU MLPs, rotary embeddings and causal-LM loss (``kinds``, any
     subset of ``KINDS``) through the fused model ops, in place.  Returns a ModelKernelReport.
     Calling it twice is harmless."""
-    kinds = tuple(kinds)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_model_kernels: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(kinds, str):
+        kinds = (kinds,)                                  # one kind, not its characters
+    try:
+        kinds = tuple(kinds)
+    except TypeError:
+        raise TypeError(f"patch_model_kernels: kinds must be a kind or an iterable of kinds from {KINDS}, "
+                        f"got {kinds!r}") from None
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise ValueError(f"patch_model_kernels: unknown kind(s) {bad}; expected a subset of {KINDS}")
@@ -173,6 +181,8 @@ def patch_model_kernels(model: nn.Module, kinds=KINDS) -> ModelKernelReport:
 
 def unpatch_model_kernels(model: nn.Module) -> int:
     """Undo ``patch_model_kernels``; returns how many modules were restored."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unpatch_model_kernels: model must be an nn.Module, got {type(model).__name__}")
     n = 0
     for module in model.modules():
         original = type(module).__dict__.get(_ORIGINAL)

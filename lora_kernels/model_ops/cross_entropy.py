@@ -107,6 +107,9 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         from ..triton.cross_entropy import cross_entropy_backward
+        if torch.is_grad_enabled():     # create_graph=True: the kernel's gradient has no graph of its own
+            raise RuntimeError("cross_entropy: the Triton kernels' backward cannot be differentiated again "
+                               "(create_graph=True); unpatch the model or run the op's reference")
 
         logits, target, lse, count = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
@@ -170,6 +173,8 @@ def _run_triton(logits2d: torch.Tensor, target: torch.Tensor, ignore_index: int,
         logits2d = logits2d.contiguous()
     if not target.is_contiguous():
         target = target.contiguous()
+    if target.dtype == torch.int32 and not -2**31 <= ignore_index < 2**31:
+        target = target.long()        # no int32 target equals it: compare in int64, never a wrapped value
     loss = CrossEntropyFunction.apply(logits2d, target, ignore_index, reduction == "mean")
     return _divide(loss, num_items_in_batch)
 

@@ -55,6 +55,9 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         from ..triton.rms_norm import rms_norm_backward
+        if torch.is_grad_enabled():     # create_graph=True: the kernel's gradient has no graph of its own
+            raise RuntimeError("rms_norm: the Triton kernels' backward cannot be differentiated again "
+                               "(create_graph=True); unpatch the model or run the op's reference")
 
         x, weight, rstd = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -68,8 +71,8 @@ def _validate(x, weight, eps) -> None:
         raise TypeError(f"rms_norm: x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"rms_norm: weight must be a torch.Tensor, got {type(weight).__name__}")
-    if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"rms_norm: x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"rms_norm: x must be float32, bfloat16 or float16 (float64: reference path), got {x.dtype}")
     if weight.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"rms_norm: weight must be float16, bfloat16, float32 or float64, got {weight.dtype}")
     if x.dim() < 1 or x.shape[-1] < 1:
@@ -89,12 +92,13 @@ def _validate(x, weight, eps) -> None:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dim, with ``LlamaRMSNorm``'s numerics (module docstring).
 
-    x [..., H] fp32/bf16/fp16 (any strides), weight [H] fp16/bf16/fp32/fp64 on x's device, eps >= 0.
-    Returns a contiguous tensor of x's shape in ``promote_types(weight.dtype, x.dtype)``.  Runs
-    the Triton kernels when ``use_triton(x)`` (and H <= ``MAX_HIDDEN``), else
-    ``rms_norm_reference``; both are differentiable in x and weight."""
+    x [..., H] fp32/bf16/fp16 (any strides; float64 always runs the reference, as LlamaRMSNorm), weight
+    [H] fp16/bf16/fp32/fp64 on x's device, eps >= 0.  Returns a contiguous tensor of x's shape in
+    ``promote_types(weight.dtype, x.dtype)``.  Runs the Triton kernels when ``use_triton(x)`` (and
+    H <= ``MAX_HIDDEN``), else ``rms_norm_reference``; both are differentiable in x and weight (the
+    kernels' backward once: no double backward)."""
     _validate(x, weight, eps)
-    if use_triton(x):
+    if x.dtype != torch.float64 and use_triton(x):
         from ..triton.rms_norm import MAX_HIDDEN
 
         if x.shape[-1] <= MAX_HIDDEN:
