@@ -319,15 +319,23 @@ def test_merged_layer_state_dict_warns_and_a_merged_layer_refuses_load_state_dic
     assert not torch.allclose(m(x), y)           # which is why saving warned
 
 
-@pytest.mark.parametrize("op", ["rms_norm", "cross_entropy"])
+@pytest.mark.parametrize("op", ["rms_norm", "cross_entropy", "silu_mul", "rope"])
 def test_kernel_backwards_refuse_double_backward(interpret, op):
     from lora_kernels.model_ops.cross_entropy import cross_entropy
     from lora_kernels.model_ops.rms_norm import rms_norm
+    from lora_kernels.model_ops.rope import apply_rotary
+    from lora_kernels.model_ops.swiglu import silu_mul
     x = torch.randn(6, 16, requires_grad=True)
     if op == "rms_norm":
         out = rms_norm(x, torch.ones(16), 1e-6).square().sum()
-    else:
+    elif op == "cross_entropy":
         out = cross_entropy(x, torch.randint(0, 16, (6,)))
+    elif op == "silu_mul":
+        out = silu_mul(x, torch.randn(6, 16)).square().sum()
+    else:
+        q = x.view(1, 2, 3, 16)
+        qe, ke = apply_rotary(q, torch.randn(1, 2, 3, 16), torch.randn(1, 3, 16), torch.randn(1, 3, 16))
+        out = qe.square().sum()
     with pytest.raises(RuntimeError, match="backward cannot be differentiated again"):
         torch.autograd.grad(out, x, create_graph=True)
     (g,) = torch.autograd.grad(out, x)                  # a plain backward still works

@@ -13,7 +13,6 @@ Kernel bytes per call: see ``lora_kernels/triton/rope.py``.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import KERNEL_DTYPES, _reference_under_compile, use_triton
 
@@ -121,8 +120,10 @@ class RotaryFunction(torch.autograd.Function):
         return q_embed, k_embed
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_q_embed, grad_k_embed):
+        if torch.is_grad_enabled():     # create_graph=True: the kernel's gradient has no graph of its own
+            raise RuntimeError("apply_rotary_pos_emb: the Triton kernels' backward cannot be differentiated "
+                               "again (create_graph=True); unpatch the model or run the op's reference")
         cos, sin = ctx.saved_tensors
         need_q = ctx.needs_input_grad[0] and grad_q_embed is not None
         need_k = ctx.needs_input_grad[1] and grad_k_embed is not None

@@ -49,8 +49,10 @@ class SiluMulFunction(torch.autograd.Function):
         return _kernels().silu_mul_forward(gate, up)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dh):
+        if torch.is_grad_enabled():     # create_graph=True: the kernel's gradient has no graph of its own
+            raise RuntimeError("silu_mul: the Triton kernels' backward cannot be differentiated again "
+                               "(create_graph=True); unpatch the model or run the op's reference")
         need_d_gate, need_d_up = ctx.needs_input_grad
         if not (need_d_gate or need_d_up):
             return None, None
