@@ -678,13 +678,15 @@ def dx_2d(dy: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: torch.T
     """``lora_linear_dx`` without its argument checks (for callers that have made them: itself, and
     the eager autograd Functions); the route is still picked here, by ``backward_route``."""
     N, K = weight.shape
+    forced = route is not None
     route = route or backward_route(weight, dy.dtype, dy.device)
     if route not in BACKWARD_ROUTES:
         raise ValueError(f"lora_linear_dx: unknown route {route!r}; expected one of {BACKWARD_ROUTES}")
     dt = dy.dtype
     dy = dy.contiguous()
     if route == "merge-cublas":
-        _check_triton_route("lora_linear_dx", route, weight, dy.device)
+        if forced:                          # backward_route picks it only where it runs
+            _check_triton_route("lora_linear_dx", route, weight, dy.device)
         if lora_a is None and not isinstance(weight, NF4Weight):
             return dy @ weight.to(dt)
         merge_window = _merge_module().merge_window
@@ -716,7 +718,7 @@ def dx_2d(dy: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: torch.T
 
 
 def _check_triton_route(fn: str, route: str, weight, device: torch.device) -> None:
-    """A route built on Triton kernels (merge-cublas, triton-*), possibly forced: ValueError unless
+    """A forced route built on Triton kernels (merge-cublas, triton-*): ValueError unless
     Triton can run on ``device`` and an NF4 weight's K is a multiple of its blocksize (the kernels
     read whole blocks; ``forward_route`` / ``backward_route`` send other K to dequant-cublas)."""
     if not _triton_on(device):
@@ -837,7 +839,7 @@ def forward_2d(x2d: torch.Tensor, weight, lora_a: torch.Tensor | None, lora_b: t
             raise ValueError("lora_linear: route 'cuda-gemv' needs the CUDA extension, an NF4 weight with "
                              f"blocksize >= 64 and K % 64 == 0, bf16/fp16 x and 1 <= M <= {GEMV_MAX_M}")
         return _cuda_gemv(x2d, weight, lora_a, lora_b, scale, bias)
-    if route == "merge-cublas" or route.startswith("triton-"):
+    if forced and (route == "merge-cublas" or route.startswith("triton-")):
         _check_triton_route("lora_linear", route, weight, x2d.device)
     if route == "merge-cublas":
         return _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias, whole_weight)
