@@ -121,8 +121,10 @@ class NF4Weight:
         n = self.numel
         if n < 1 or any(d < 1 for d in self.shape):
             raise NF4FormatError(f"shape {tuple(self.shape)} must have positive dimensions")
-        if type(self.blocksize) is not int or self.blocksize not in VALID_BLOCKSIZES:
-            raise NF4FormatError(f"blocksize {self.blocksize} is not one of {VALID_BLOCKSIZES}")
+        if (isinstance(self.blocksize, bool) or not isinstance(self.blocksize, (int, torch.SymInt))
+                or self.blocksize not in VALID_BLOCKSIZES):           # 64.0 would pass the `in`
+            raise NF4FormatError(f"blocksize must be an int, one of {VALID_BLOCKSIZES}; got {self.blocksize!r} "
+                                 f"({type(self.blocksize).__name__})")
         if self.dtype not in _DTYPE_NAMES:
             raise NF4FormatError(f"dtype {self.dtype} is not one of float32, bfloat16, float16")
         t = self.packed
