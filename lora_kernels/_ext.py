@@ -9,6 +9,23 @@ import os
 
 logger = logging.getLogger("lora_kernels")
 
+
+def env_number(name: str, default, cast=int, minimum=None):
+    """$``name`` parsed by ``cast`` (int or float); ``default`` when unset or blank.  A value that
+    does not parse, is not finite, or is below ``minimum`` raises ValueError naming the variable
+    (never a bare int()/float() error at import time)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        v = cast(raw)
+    except ValueError:
+        raise ValueError(f"${name}={raw!r} is not {'an integer' if cast is int else 'a number'}") from None
+    if v != v or v in (float("inf"), float("-inf")) or (minimum is not None and v < minimum):
+        raise ValueError(f"${name}={raw!r} must be a finite number"
+                         f"{'' if minimum is None else f' >= {minimum}'}")
+    return v
+
 _cache: dict[str, object] = {}
 
 

@@ -32,6 +32,8 @@ Public entry: ``qlora_linear``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -177,25 +179,18 @@ def _out_dtype_gemm(device: torch.device) -> bool:
     return ok
 
 
-class _no_autocast:
-    """``torch.autocast(device_type, enabled=False)``, entered only when autocast is on (the
-    context manager costs host time on every call even when there is nothing to turn off)."""
+def _autocast_on(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``; False on devices autocast does not know (meta)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
 
-    __slots__ = ("device_type", "ctx")
 
-    def __init__(self, device_type: str):
-        self.device_type = device_type
-        self.ctx = None
-
-    def __enter__(self):
-        if torch.is_autocast_enabled(self.device_type):
-            self.ctx = torch.autocast(self.device_type, enabled=False)
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-        return False
+def _no_autocast(device_type: str):
+    """``torch.autocast(device_type, enabled=False)`` when autocast is on, else a no-op context (the
+    autocast context manager costs host time on every call even when there is nothing to turn off).
+    Used in a ``with`` statement, the form torch.compile traces (a hand-called ``__enter__`` is not)."""
+    if _autocast_on(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _scaled(v: Tensor, scale, acc: torch.dtype) -> Tensor:
@@ -349,7 +344,7 @@ def qlora_linear(x: Tensor, weight: NF4Weight | Tensor, lora_a: Tensor | None = 
         # route).  Same routes and kernels, so the same numbers as the autograd path; the arguments
         # were checked above, so ``lora_linear``'s checks are not run again.
         dev = x.device.type
-        if torch.is_autocast_enabled(dev):
+        if _autocast_on(dev):
             x = x.to(torch.get_autocast_dtype(dev))
         w = weight if isinstance(weight, NF4Weight) else weight.to(x.dtype)
         with _no_autocast(dev):
@@ -362,7 +357,7 @@ def qlora_linear(x: Tensor, weight: NF4Weight | Tensor, lora_a: Tensor | None = 
     s = scale.to(device=x.device, dtype=sdt) if isinstance(scale, Tensor) else float(scale)
 
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if _autocast_on(dev):
         x = x.to(torch.get_autocast_dtype(dev))
     cdt = x.dtype
     if bias is not None:

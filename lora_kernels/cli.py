@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
 
@@ -30,6 +31,8 @@ def _device_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"unknown device {text!r} (cpu, cuda or cuda:N)") from None
     if dev.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"device {text!r}: only cpu and cuda are supported")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise argparse.ArgumentTypeError(f"device {text!r}: the CPU is device 'cpu' (no index)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"device {text!r}: this machine has no CUDA GPU (torch sees none)")
     if dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -37,13 +40,40 @@ def _device_arg(text: str) -> str:
     return text
 
 
-def _positive_int(text: str) -> int:
+def _positive_int(text: str, most: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if most is not None and value > most:
+        raise argparse.ArgumentTypeError(f"must be at most {most}, got {value}")
+    return value
+
+
+def _layers_arg(text: str) -> int:
+    """--layers of quantize-demo: each layer is a real block quantized in memory."""
+    return _positive_int(text, most=1024)
+
+
+def _lr_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
+def _seed_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
     return value
 
 
@@ -140,6 +170,9 @@ def cmd_demo(args) -> int:
     if cfg.steps < 1:
         print("lora-kernels demo: error: --steps must be at least 1", file=sys.stderr)
         return 2
+    if cfg.out is not None and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        print(f"lora-kernels demo: error: --out {cfg.out!r} exists and is not a folder", file=sys.stderr)
+        return 2
     res = run_demo(cfg)
     ok = res.losses[-1][1] < res.losses[0][1] and res.reload_max_diff < 1e-4 and res.merge_max_diff < 1e-3
     print(f"\nloss {res.losses[0][1]:.4f} -> {res.losses[-1][1]:.4f}; reload diff {res.reload_max_diff:.2e}; "
@@ -169,14 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=30)
     demo.add_argument("--device", type=_device_arg, default=None, help="cpu or cuda (default: cuda if available)")
     demo.add_argument("--out", default=None, help="where to save the adapter (default: a new temporary folder)")
-    demo.add_argument("--lr", type=float, default=3e-3)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--lr", type=_lr_arg, default=3e-3)
+    demo.add_argument("--seed", type=_seed_arg, default=0)
     demo.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     demo.set_defaults(func=cmd_demo)
 
     qdemo = sub.add_parser("quantize-demo", help="quantize an embedded small model and report size and error")
     qdemo.add_argument("--device", type=_device_arg, default=None, help="cpu or cuda (default: cuda if available)")
-    qdemo.add_argument("--layers", type=_positive_int, default=4)
+    qdemo.add_argument("--layers", type=_layers_arg, default=4, help="1 to 1024")
     qdemo.add_argument("--blocksize", type=int, default=64, choices=VALID_BLOCKSIZES)
     qdemo.add_argument("--no-double-quant", action="store_true")
     qdemo.set_defaults(func=cmd_quantize_demo)

@@ -100,10 +100,12 @@ def select_backend(device: torch.device | str, requested: str | None = None) -> 
     device = torch.device(device)
     if requested is not None and not (isinstance(requested, str) and requested):
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {requested!r}")
-    requested = requested or os.environ.get("LORA_KERNELS_BACKEND") or None
+    from_env = requested is None and bool((os.environ.get("LORA_KERNELS_BACKEND") or "").strip())
+    requested = requested or (os.environ.get("LORA_KERNELS_BACKEND") or "").strip() or None
     if requested is not None:
         if requested not in BACKENDS:
-            raise ValueError(f"unknown backend {requested!r}; expected one of {BACKENDS}")
+            raise ValueError(f"unknown backend {requested!r}{' (from $LORA_KERNELS_BACKEND)' if from_env else ''}; "
+                             f"expected one of {BACKENDS}")
         if requested not in available_backends(device):
             raise RuntimeError(f"backend {requested!r} cannot run on {device} here "
                                f"(available: {available_backends(device)})")
@@ -120,8 +122,10 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     """Quantize ``w`` (any shape, fp32/bf16/fp16, at least one element) to NF4.
 
     Bit-identical to ``bitsandbytes.functional.quantize_4bit(w, blocksize, compress_statistics=
-    double_quant, quant_type="nf4")`` on the same device: its CUDA kernels for CUDA tensors, its CPU
-    path for CPU tensors (the two differ in the last ulp; see ``reference``'s "GPU flavour").  A
+    double_quant, quant_type="nf4")`` on CUDA tensors (its CUDA kernels).  On CPU tensors the packed
+    bytes and fp32 absmax match its CPU path; with double quantization that path picks the 8-bit
+    absmax codes through a lookup-table approximation that can land one code away near a midpoint
+    (``tests/test_nf4_format.py``; ours picks the nearest code).  A
     non-contiguous ``w`` is read in its logical row-major order.  NaN/inf raise ValueError (pass
     ``check_finite=False`` to skip that scan).
     """
@@ -319,7 +323,14 @@ def _gemv_variant_env() -> str | None:
 def gemv_variant_override() -> int | None:
     """$LORA_KERNELS_GEMV_VARIANT as an int (1-5; tests and A/B runs force a decode kernel with it), or None."""
     v = _gemv_variant_env()
-    return int(v) if v else None
+    return _parse_gemv_variant(v) if v else None
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_gemv_variant(v: str) -> int:
+    if v.strip() not in ("1", "2", "3", "4", "5"):
+        raise ValueError(f"${_GEMV_VARIANT_ENV}={v!r} must be a decode kernel variant, 1 to 5")
+    return int(v)
 
 
 def gemv_variant_chosen(M: int, N: int, K: int, has_lora: bool, blocksize: int = 64,
@@ -330,7 +341,7 @@ def gemv_variant_chosen(M: int, N: int, K: int, has_lora: bool, blocksize: int =
     (``lora_gemv_v2_workspace``, ``lora_gemv_v{3,4}_supported`` and ``lora_gemv_v5_slices`` say when)."""
     forced = _gemv_variant_env()    # gemv_variant_override, inlined (decode hot path)
     if forced:
-        return int(forced)
+        return _parse_gemv_variant(forced)
     return _gemv_variant_default(M, N, K, has_lora, blocksize, double_quant)
 
 
@@ -471,7 +482,7 @@ _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 #: the dense [N, K] weight never exists whole (issue 4: no N·K·2 allocation in a training step);
 #: inference merges a weight that fits whole.  0 = one chunk holding the whole merged weight (a
 #: fresh [N, K] tensor per call, bitsandbytes' way).
-WORKSPACE_BYTES = int(float(os.environ.get("LORA_KERNELS_WORKSPACE_MB", "64")) * 2**20)
+WORKSPACE_BYTES = int(_ext.env_number("LORA_KERNELS_WORKSPACE_MB", 64.0, float, minimum=0) * 2**20)
 _workspaces: dict = {}
 
 

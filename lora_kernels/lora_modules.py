@@ -424,7 +424,8 @@ class QLoRALinear(NF4WeightMixin, LoRALinear):
                 return y
         self._check_input(x)
         in_dtype = x.dtype
-        cast = self.compute_dtype is not None and not torch.is_autocast_enabled(x.device.type)
+        cast = self.compute_dtype is not None and not (x.device.type != "meta"
+                                                       and torch.is_autocast_enabled(x.device.type))
         if cast:
             x = x.to(self.compute_dtype)
         y = super().forward(x)

@@ -45,7 +45,7 @@ def _dtype_from_name(name: str, what: str) -> torch.dtype:
     raise NF4FormatError(f"{what}: unsupported dtype {name!r}; expected one of {sorted(_DTYPE_NAMES.values())}")
 
 
-@dataclass
+@dataclass(eq=False)      # equality is identity: a field-wise == on tensors has no single truth value
 class NF4Weight:
     """A frozen weight in NF4 (see the module docstring for every field)."""
 
@@ -196,7 +196,10 @@ class NF4Weight:
         return dequantize_nf4(self, dtype=dtype, backend=backend)
 
     def __repr__(self) -> str:
-        dq = f"double_quant (offset={self.offset.item():.6g})" if self.double_quant else "single_quant"
+        dq = "single_quant"
+        if self.double_quant:
+            dq = ("double_quant (offset on meta)" if self.offset.is_meta
+                  else f"double_quant (offset={self.offset.item():.6g})")
         return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, {dq}, "
                 f"device={self.device}, {self.nbytes() / 2**20:.2f} MiB, {self.bits_per_param:.3f} bits/param)")
 

@@ -398,3 +398,91 @@ def test_quantize_model_refuses_an_unsupported_layer_before_converting_any():
     with pytest.raises(TypeError, match=r"2 \(torch.float64\).*nothing was converted"):
         lk.quantize_model(m, progress=False)
     assert type(m[0]) is nn.Linear and m[0].weight is not None
+
+
+# ---------------------------------------------------------------------------------------- round 3
+@pytest.mark.parametrize("layer", ["lora", "qlora"])
+def test_compile_fullgraph_under_autocast(layer):
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 32)
+    m = LoRALinear.from_linear(lin, 4, 8) if layer == "lora" else lk.QLoRALinear.from_linear(lin, 4, 8)
+    nn.init.normal_(m.lora_B, std=0.1)
+    cm = torch.compile(m, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_eager, y_comp = m(x), cm(x)
+    assert y_comp.dtype == y_eager.dtype == torch.bfloat16
+    assert torch.equal(y_comp, y_eager)
+
+
+def test_layers_run_on_meta():
+    m = LoRALinear.from_linear(nn.Linear(100, 3), 2, 4).to("meta")
+    assert m(torch.randn(2, 100, device="meta")).shape == (2, 3)
+    q = lk.quantize_nf4(torch.randn(32, 64)).to("meta")
+    assert "offset on meta" in repr(q)
+
+
+def test_nf4weight_equality_is_identity():
+    a = lk.quantize_nf4(torch.randn(8, 64))
+    b = lk.NF4Weight.from_state_dict(a.state_dict())
+    assert a == a and a != b and a in [a] and b not in [a]
+    assert len({a, b}) == 2
+
+
+@pytest.mark.parametrize("var,value,match", [
+    ("LORA_KERNELS_WORKSPACE_MB", "abc", r"\$LORA_KERNELS_WORKSPACE_MB='abc' is not a number"),
+    ("LORA_KERNELS_WORKSPACE_MB", "nan", r"\$LORA_KERNELS_WORKSPACE_MB='nan' must be a finite number >= 0"),
+    ("LORA_KERNELS_WORKSPACE_MB", "-5", r"must be a finite number >= 0"),
+    ("LORA_KERNELS_MERGE_SMALL_RANK_MAX", "1.5", r"\$LORA_KERNELS_MERGE_SMALL_RANK_MAX='1.5' is not an integer"),
+])
+def test_bad_environment_numbers_name_the_variable(var, value, match):
+    import subprocess
+    import sys
+    mod = "lora_kernels.triton.nf4_merge" if "MERGE" in var else "lora_kernels"
+    env = dict(os.environ, **{var: value})
+    r = subprocess.run([sys.executable, "-c", f"import {mod}"], env=env, capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+    assert r.returncode != 0 and "ValueError" in r.stderr
+    import re
+    assert re.search(match, r.stderr), r.stderr[-500:]
+
+
+def test_bad_gemv_variant_and_backend_variables(monkeypatch):
+    from lora_kernels import library
+    monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "abc")
+    with pytest.raises(ValueError, match=r"\$LORA_KERNELS_GEMV_VARIANT='abc' must be a decode kernel variant, 1 to 5"):
+        library.gemv_variant_override()
+    with pytest.raises(ValueError, match="1 to 5"):
+        library.gemv_variant_chosen(1, 64, 64, False)
+    monkeypatch.setenv("LORA_KERNELS_GEMV_VARIANT", "99")
+    with pytest.raises(ValueError, match="1 to 5"):
+        library.gemv_variant_override()
+    monkeypatch.delenv("LORA_KERNELS_GEMV_VARIANT")
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "nope")
+    with pytest.raises(ValueError, match=r"unknown backend 'nope' \(from \$LORA_KERNELS_BACKEND\)"):
+        lk.select_backend("cpu")
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", " reference ")
+    assert lk.select_backend("cpu") == "reference"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["quantize-demo", "--layers", "100000000"], "must be at most 1024"),
+    (["quantize-demo", "--device", "cpu:1"], "the CPU is device 'cpu'"),
+    (["demo", "--lr", "nan"], "must be a positive finite number"),
+    (["demo", "--lr", "-1"], "must be a positive finite number"),
+    (["demo", "--seed", "99999999999999999999999"], "must be in [0, 2**63)"),
+])
+def test_demo_argument_errors(argv, message, capsys):
+    from lora_kernels.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_demo_out_must_be_a_folder(tmp_path, capsys):
+    pytest.importorskip("peft")
+    from lora_kernels.cli import main
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["demo", "--tiny", "--steps", "1", "--device", "cpu", "--out", str(f)]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err

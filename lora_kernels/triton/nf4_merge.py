@@ -57,6 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._ext import env_number
 from ..codes import NESTED_BLOCKSIZE
 from ..nf4 import NF4Weight
 from .launch import CachedLauncher
@@ -95,7 +96,7 @@ _CONFIG_KEYS = frozenset(DEFAULT_CONFIG)
 #: (A's L2 traffic per output element grows as 2r / BLOCK_N).  Without the low-rank term the tiles
 #: also go K_FASTEST: 0.239 -> 0.222 ms on 8192x28672, 0.062 -> 0.059 on 4096x14336 (with it, K_FASTEST
 #: was 1-3 % slower).
-SMALL_RANK_MAX = int(os.environ.get("LORA_KERNELS_MERGE_SMALL_RANK_MAX", "16"))
+SMALL_RANK_MAX = env_number("LORA_KERNELS_MERGE_SMALL_RANK_MAX", 16, int, minimum=-1)
 SMALL_RANK_TILE = dict(BLOCK_N=16, BLOCK_K=256, num_warps=2)
 
 
