@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,8 @@ def parse_config(cfg: dict[str, Any], ignore_unknown: bool = False) -> ModelShap
 
 
 def load_config(path: str | Path, ignore_unknown: bool = False) -> ModelShape:
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"config path must be a str or a path, got {type(path).__name__}")
     try:
         cfg = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -246,6 +249,9 @@ def load_config(path: str | Path, ignore_unknown: bool = False) -> ModelShape:
 def nf4_nbytes(n: int, blocksize: int = NF4_BLOCKSIZE, double_quant: bool = True) -> int:
     """Bytes of an NF4Weight of n elements (packed + absmax + nested absmax + offset; tables excluded),
     the same as ``quantize_nf4(w).nbytes()`` minus the code tables."""
+    for name, v in (("n", n), ("blocksize", blocksize)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"nf4_nbytes: {name} must be a positive int, got {v!r}")
     nb = -(-n // blocksize)
     if not double_quant:
         return (n + 1) // 2 + nb * 4
@@ -268,6 +274,12 @@ def _resolve_targets(shape: ModelShape, targets: str | list[str]) -> list[Linear
 def adapter_size(shape: ModelShape, r: int, targets: str | list[str] = "all-linear", alpha: float | None = None,
                  dtype: str = "bf16") -> dict[str, Any]:
     """The adapter's size per target module type and in total, and the base model in bf16 vs NF4."""
+    if not isinstance(shape, ModelShape):
+        raise ConfigError(f"shape must be a ModelShape (load_config / parse_config), got {type(shape).__name__}")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise ConfigError(f"targets must be 'all-linear', a comma-separated string or a list of names, got {targets!r}")
+    if not isinstance(dtype, str):
+        raise ConfigError(f"dtype must be a string such as 'bf16', got {dtype!r}")
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ConfigError(f"r must be a positive integer, got {r!r}")
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))

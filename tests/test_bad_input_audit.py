@@ -486,3 +486,21 @@ def test_demo_out_must_be_a_folder(tmp_path, capsys):
     f.write_text("x")
     assert main(["demo", "--tiny", "--steps", "1", "--device", "cpu", "--out", str(f)]) == 2
     assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_adapter_size_library_arguments():
+    from lora_kernels.adapter_size import ConfigError, adapter_size, load_config, nf4_nbytes
+    cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs",
+                       "llama-3-8b.json")
+    shape = load_config(cfg)
+    for kw, match in ((dict(targets=123), "targets must be"), (dict(alpha="8"), "alpha must be"),
+                      (dict(dtype=["bf16"]), "dtype must be a string")):
+        with pytest.raises(ConfigError, match=match):
+            adapter_size(shape, 8, **kw)
+    with pytest.raises(ConfigError, match="shape must be a ModelShape"):
+        adapter_size(None, 8)
+    with pytest.raises(ConfigError, match="config path must be a str or a path"):
+        load_config(None)
+    for args in ((-10,), (10.5,), (64, 0)):
+        with pytest.raises(ConfigError, match="must be a positive int"):
+            nf4_nbytes(*args)
