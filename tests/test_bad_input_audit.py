@@ -504,3 +504,36 @@ def test_adapter_size_library_arguments():
     for args in ((-10,), (10.5,), (64, 0)):
         with pytest.raises(ConfigError, match="must be a positive int"):
             nf4_nbytes(*args)
+
+
+def test_torch_save_of_a_patched_model_loads_back_patched():
+    import io
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100)
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    lk.patch_model_kernels(m)
+    pm = peft.get_peft_model(m, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    lk.patch_peft_model(pm)
+    ids = torch.randint(0, 100, (1, 8))
+    with torch.no_grad():
+        ref = pm(ids).logits
+    buf = io.BytesIO()
+    torch.save(pm, buf)
+    from lora_kernels.integrations import model_kernels, peft as lk_peft
+    saved = dict(model_kernels._PATCHED), dict(lk_peft._PATCHED)
+    model_kernels._PATCHED.clear()          # as in a fresh process: the classes are rebuilt from their names
+    lk_peft._PATCHED.clear()
+    try:
+        buf.seek(0)
+        pm2 = torch.load(buf, weights_only=False)
+    finally:
+        model_kernels._PATCHED.update(saved[0])
+        lk_peft._PATCHED.update(saved[1])
+    attn = pm2.base_model.model.model.layers[0].self_attn
+    assert type(attn).__name__ == "LoraKernelsLlamaAttention" and type(attn.q_proj).__name__ == "LoraKernelsLinear"
+    with torch.no_grad():
+        assert torch.equal(pm2(ids).logits, ref)
+    assert lk.unpatch_model_kernels(pm2) > 0

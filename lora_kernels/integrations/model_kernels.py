@@ -43,6 +43,7 @@ from ..model_ops.cross_entropy import causal_lm_loss
 from ..model_ops.rms_norm import rms_norm
 from ..model_ops.rope import apply_rotary
 from ..model_ops.swiglu import silu_mul
+from . import _classes
 
 KINDS = ("rms_norm", "swiglu", "rope", "loss")
 #: model families whose modules have Llama's RMSNorm / MLP / rotary code (transformers 5)
@@ -129,8 +130,14 @@ def _skip_reason(kind: str, module: nn.Module) -> str | None:
 def _patched_class(cls: type, kind: str) -> type:
     if cls not in _PATCHED:
         _PATCHED[cls] = type(f"LoraKernels{cls.__name__}", (cls,),
-                             {"forward": _FORWARDS[kind], _ORIGINAL: cls, "__module__": __name__})
+                             {"forward": _FORWARDS[kind], _ORIGINAL: cls, "__module__": __name__,
+                              "__qualname__": _classes.qualname_for(cls, kind)})
     return _PATCHED[cls]
+
+
+def __getattr__(name: str) -> type:
+    """The patched classes by their qualified names (what ``torch.save(model)`` pickles)."""
+    return _classes.resolve(name, _patched_class)
 
 
 def _is_causal_lm(module: nn.Module) -> bool:

@@ -24,6 +24,7 @@ from torch import nn
 from ..autograd import qlora_linear
 from ..modules import NF4Linear
 from ..nf4 import NF4Weight
+from . import _classes
 
 _PATCHED: dict[type, type] = {}
 
@@ -158,8 +159,13 @@ def _patched_class(cls: type, kind: str) -> type:
     if cls not in _PATCHED:
         _PATCHED[cls] = type(f"LoraKernels{cls.__name__}", (cls,),
                              {"forward": _fused_forward, "_lk_original_class": cls, "_lk_kind": kind,
-                              "__module__": __name__})
+                              "__module__": __name__, "__qualname__": _classes.qualname_for(cls, kind)})
     return _PATCHED[cls]
+
+
+def __getattr__(name: str) -> type:
+    """The patched classes by their qualified names (what ``torch.save(model)`` pickles)."""
+    return _classes.resolve(name, _patched_class)
 
 
 def patch_peft_model(model: nn.Module) -> PatchReport:
