@@ -208,7 +208,7 @@ TRITON_DEQUANTIZE_MIN_NUMEL = 1 << 27
 def _dequantize_backend(device: torch.device, numel: int, requested: str | None) -> str:
     name = select_backend(device, requested)
     if (name == "cuda" and numel >= TRITON_DEQUANTIZE_MIN_NUMEL and requested is None
-            and not os.environ.get("LORA_KERNELS_BACKEND") and _triton_on(device)):
+            and not (os.environ.get("LORA_KERNELS_BACKEND") or "").strip() and _triton_on(device)):
         return "triton"
     return name
 

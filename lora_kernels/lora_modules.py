@@ -119,8 +119,8 @@ class LoRALinear(nn.Module):
             raise ValueError(f"{name}: r must be a positive int, got {r!r}")
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
             raise TypeError(f"{name}: lora_alpha must be a number, got {type(lora_alpha).__name__}")
-        if not math.isfinite(lora_alpha):
-            raise ValueError(f"{name}: lora_alpha must be finite, got {lora_alpha}")
+        if not math.isfinite(lora_alpha) or abs(lora_alpha) > torch.finfo(torch.float32).max:
+            raise ValueError(f"{name}: lora_alpha must be finite in float32, got {lora_alpha}")
         if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) \
                 or not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"{name}: lora_dropout must be a float in [0, 1), got {lora_dropout!r}")

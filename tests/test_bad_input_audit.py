@@ -178,8 +178,9 @@ def test_load_adapter_config_not_an_object_and_non_tensor_values(tmp_path):
 
 
 def test_lora_linear_non_finite_alpha_and_merge_overflow_leave_the_weight_alone():
-    with pytest.raises(ValueError, match="lora_alpha must be finite"):
-        LoRALinear.from_linear(nn.Linear(64, 16), 4, float("nan"))
+    for alpha in (float("nan"), 1e308):
+        with pytest.raises(ValueError, match="lora_alpha must be finite in float32"):
+            LoRALinear.from_linear(nn.Linear(64, 16), 4, alpha)
     lin = nn.Linear(64, 16).half()
     m = LoRALinear.from_linear(lin, 4, 8.0)
     with torch.no_grad():
