@@ -48,13 +48,14 @@ def quantize_model(model: nn.Module, *, blocksize: int = 64, double_quant: bool 
     for name, mod in model.named_modules(remove_duplicate=False):
         if type(mod) is nn.Linear:
             aliases.setdefault(id(mod), []).append(name)
-    names = [name for name, mod in model.named_modules()
-             if type(mod) is nn.Linear
-             and not any(fnmatch.fnmatch(a, p) for a in aliases[id(mod)] for p in skip)
-             and (filter_fn is None or filter_fn(name, mod))]
+    linears = {name: mod for name, mod in model.named_modules()
+               if type(mod) is nn.Linear
+               and not any(fnmatch.fnmatch(a, p) for a in aliases[id(mod)] for p in skip)
+               and (filter_fn is None or filter_fn(name, mod))}
+    names = list(linears)
     # what would fail midway is refused before the first layer changes
-    bad = [f"{n} ({model.get_submodule(n).weight.dtype})" for n in names
-           if model.get_submodule(n).weight.dtype not in (torch.float32, torch.bfloat16, torch.float16)]
+    bad = [f"{n} ({m.weight.dtype})" for n, m in linears.items()
+           if m.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16)]
     if bad:
         raise TypeError(f"quantize_model: weights must be float32, bfloat16 or float16; {', '.join(bad[:5])}"
                         f"{' ...' if len(bad) > 5 else ''} (skip them, or cast the model first); nothing was converted")

@@ -94,14 +94,19 @@ def available_backends(device: torch.device | str) -> list[str]:
     return sorted(out, key=lambda b: prefs.index(b) if b in prefs else len(prefs))
 
 
+def _backend_env() -> str | None:
+    """$LORA_KERNELS_BACKEND, stripped; None when unset or blank."""
+    return (os.environ.get("LORA_KERNELS_BACKEND") or "").strip() or None
+
+
 def select_backend(device: torch.device | str, requested: str | None = None) -> str:
     """Pick the backend for a call on ``device``: ``requested``, else $LORA_KERNELS_BACKEND, else the
     first available in the device's preference list."""
     device = torch.device(device)
     if requested is not None and not (isinstance(requested, str) and requested):
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {requested!r}")
-    from_env = requested is None and bool((os.environ.get("LORA_KERNELS_BACKEND") or "").strip())
-    requested = requested or (os.environ.get("LORA_KERNELS_BACKEND") or "").strip() or None
+    from_env = requested is None and _backend_env() is not None
+    requested = requested or _backend_env()
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"unknown backend {requested!r}{' (from $LORA_KERNELS_BACKEND)' if from_env else ''}; "
@@ -208,7 +213,7 @@ TRITON_DEQUANTIZE_MIN_NUMEL = 1 << 27
 def _dequantize_backend(device: torch.device, numel: int, requested: str | None) -> str:
     name = select_backend(device, requested)
     if (name == "cuda" and numel >= TRITON_DEQUANTIZE_MIN_NUMEL and requested is None
-            and not (os.environ.get("LORA_KERNELS_BACKEND") or "").strip() and _triton_on(device)):
+            and _backend_env() is None and _triton_on(device)):
         return "triton"
     return name
 

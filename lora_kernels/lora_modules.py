@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .autograd import qlora_linear
+from .autograd import _autocast_on, qlora_linear
 from . import library
 from .library import dequantize_nf4, quantize_nf4
 from .modules import NF4WeightMixin
@@ -119,7 +119,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"{name}: r must be a positive int, got {r!r}")
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)):
             raise TypeError(f"{name}: lora_alpha must be a number, got {type(lora_alpha).__name__}")
-        if not math.isfinite(lora_alpha) or abs(lora_alpha) > torch.finfo(torch.float32).max:
+        if not math.isfinite(lora_alpha) or abs(lora_alpha) > library._FP32_MAX:
             raise ValueError(f"{name}: lora_alpha must be finite in float32, got {lora_alpha}")
         if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) \
                 or not 0.0 <= lora_dropout < 1.0:
@@ -424,8 +424,7 @@ class QLoRALinear(NF4WeightMixin, LoRALinear):
                 return y
         self._check_input(x)
         in_dtype = x.dtype
-        cast = self.compute_dtype is not None and not (x.device.type != "meta"
-                                                       and torch.is_autocast_enabled(x.device.type))
+        cast = self.compute_dtype is not None and not _autocast_on(x.device.type)
         if cast:
             x = x.to(self.compute_dtype)
         y = super().forward(x)

@@ -164,22 +164,20 @@ class NF4Weight:
         """NF4FormatError for scale values no quantizer writes: a block scale (absmax, nested absmax)
         negative or NaN/inf, a NaN/inf offset, a nested table other than the 8-bit dynamic one.
         (A negative absmax would flip its block's sign on dequantize, silently.)"""
-        if self.double_quant:
-            checks = (("nested_absmax", self.nested_absmax), ("offset", self.offset))
-            if not torch.equal(self.nested_code.cpu(), dynamic_code()):
-                raise NF4FormatError("nested_code (nested_quant_map) is not bitsandbytes' 8-bit dynamic table "
-                                     "(a corrupted weight?)")
-        else:
-            checks = (("absmax", self.absmax),)
-        flags = torch.stack([torch.isfinite(t).all() for _, t in checks]
-                            + [(t >= 0).all() for name, t in checks if name != "offset"]).cpu().tolist()
-        for (name, _), ok in zip(checks, flags):
-            if not ok:
-                raise NF4FormatError(f"{name} has NaN/inf values (a corrupted weight?)")
-        for (name, _), ok in zip([c for c in checks if c[0] != "offset"], flags[len(checks):]):
-            if not ok:
-                raise NF4FormatError(f"{name} has negative values; block scales are absolute maxima (a corrupted "
-                                     f"weight?)")
+        name, t = ("nested_absmax", self.nested_absmax) if self.double_quant else ("absmax", self.absmax)
+        if self.double_quant and not torch.equal(self.nested_code.cpu(), dynamic_code()):
+            raise NF4FormatError("nested_code (nested_quant_map) is not bitsandbytes' 8-bit dynamic table "
+                                 "(a corrupted weight?)")
+        offset = self.offset if self.double_quant else t.new_zeros(())
+        finite, nonneg, offset_ok = torch.stack([torch.isfinite(t).all(), (t >= 0).all(),
+                                                 torch.isfinite(offset).reshape(())]).tolist()
+        if not finite:
+            raise NF4FormatError(f"{name} has NaN/inf values (a corrupted weight?)")
+        if not offset_ok:
+            raise NF4FormatError("offset has NaN/inf values (a corrupted weight?)")
+        if not nonneg:
+            raise NF4FormatError(f"{name} has negative values; block scales are absolute maxima (a corrupted "
+                                 f"weight?)")
 
     # ------------------------------------------------------------------ conversions
     def to(self, device: torch.device | str) -> "NF4Weight":

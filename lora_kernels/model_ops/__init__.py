@@ -51,3 +51,12 @@ def use_triton(t: torch.Tensor) -> bool:
         return _ext.triton_available()
     return (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
             and _ext.triton_available())
+
+
+def refuse_double_backward(op: str) -> None:
+    """Called first in a kernel Function's backward: RuntimeError under ``create_graph=True`` (grad
+    mode on inside backward), since the kernels' gradient has no graph of its own and a second
+    derivative through it would be silently dropped."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: the Triton kernels' backward cannot be differentiated again "
+                           "(create_graph=True); unpatch the model or run the op's reference")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import KERNEL_DTYPES, _reference_under_compile, use_triton
+from . import KERNEL_DTYPES, _reference_under_compile, refuse_double_backward, use_triton
 
 __all__ = ["cross_entropy", "causal_lm_loss", "cross_entropy_reference", "causal_lm_loss_reference",
            "CrossEntropyFunction"]
@@ -107,9 +107,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         from ..triton.cross_entropy import cross_entropy_backward
-        if torch.is_grad_enabled():     # create_graph=True: the kernel's gradient has no graph of its own
-            raise RuntimeError("cross_entropy: the Triton kernels' backward cannot be differentiated again "
-                               "(create_graph=True); unpatch the model or run the op's reference")
+        refuse_double_backward("cross_entropy")
 
         logits, target, lse, count = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from . import KERNEL_DTYPES, _reference_under_compile, use_triton
+from . import KERNEL_DTYPES, _reference_under_compile, refuse_double_backward, use_triton
 
 __all__ = ["rms_norm", "rms_norm_reference", "RMSNormFunction", "WEIGHT_DTYPES"]
 
@@ -55,9 +55,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         from ..triton.rms_norm import rms_norm_backward
-        if torch.is_grad_enabled():     # create_graph=True: the kernel's gradient has no graph of its own
-            raise RuntimeError("rms_norm: the Triton kernels' backward cannot be differentiated again "
-                               "(create_graph=True); unpatch the model or run the op's reference")
+        refuse_double_backward("rms_norm")
 
         x, weight, rstd = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

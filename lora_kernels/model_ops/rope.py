@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import KERNEL_DTYPES, _reference_under_compile, use_triton
+from . import KERNEL_DTYPES, _reference_under_compile, refuse_double_backward, use_triton
 
 __all__ = ["apply_rotary", "apply_rotary_reference", "RotaryFunction", "check_rotary_args", "KERNEL_DTYPES"]
 
@@ -121,9 +121,7 @@ class RotaryFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_q_embed, grad_k_embed):
-        if torch.is_grad_enabled():     # create_graph=True: the kernel's gradient has no graph of its own
-            raise RuntimeError("apply_rotary_pos_emb: the Triton kernels' backward cannot be differentiated "
-                               "again (create_graph=True); unpatch the model or run the op's reference")
+        refuse_double_backward("apply_rotary_pos_emb")
         cos, sin = ctx.saved_tensors
         need_q = ctx.needs_input_grad[0] and grad_q_embed is not None
         need_k = ctx.needs_input_grad[1] and grad_k_embed is not None

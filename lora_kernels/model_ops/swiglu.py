@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import KERNEL_DTYPES, _reference_under_compile, use_triton
+from . import KERNEL_DTYPES, _reference_under_compile, refuse_double_backward, use_triton
 
 __all__ = ["silu_mul", "silu_mul_reference", "SiluMulFunction"]
 
@@ -50,9 +50,7 @@ class SiluMulFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh):
-        if torch.is_grad_enabled():     # create_graph=True: the kernel's gradient has no graph of its own
-            raise RuntimeError("silu_mul: the Triton kernels' backward cannot be differentiated again "
-                               "(create_graph=True); unpatch the model or run the op's reference")
+        refuse_double_backward("silu_mul")
         need_d_gate, need_d_up = ctx.needs_input_grad
         if not (need_d_gate or need_d_up):
             return None, None
