@@ -336,6 +336,130 @@ def merge_sweep(K: int, N: int, M: int, rounds: int, rep_ms: float, r: int = 16)
     return [row]
 
 
+#: workspace sizes (MB) ``pipes`` times each direction's chunk pipeline at
+PIPE_WS_MB = (8.0, 12.0, 16.0, 24.0, 32.0, 64.0)
+
+
+def pipes(K: int, N: int, M: int, rep_ms: float, carveouts=(0, 8, 16)) -> list[dict]:
+    """Each direction's merge + GEMM chunk pipeline alone (CUDA-graph replay), per chunk size in
+    PIPE_WS_MB, beside its one cuBLAS GEMM: does a chunk small enough to stay in the 50 MB L2 make the
+    merge's writes (and the GEMM's reads of them) cheaper?  ``fwd`` = y[:, rows] = x · W_eff[rows]ᵀ,
+    ``bwd`` = dX[:, cols] = dY · W_eff[:, cols] (the step's two pipelines), ``bwd_rows`` = dX accumulated
+    over row chunks (dX += dY[:, rows] · W_eff[rows], beta = 1 in bf16: one more rounding per chunk).
+    Then the SM carveout (``torch._C._set_sm_carveout_experimental``) under each cuBLAS backend: the
+    GEMM alone, and the forward pipeline with merge i + 1 on a side stream during GEMM i (eager with
+    the GEMMs on a high-priority stream, and graph-replayed)."""
+    from lora_kernels.triton import nf4_merge
+
+    W, q, A, B, x, g = _operands(K, N, M)
+    r, dev = A.shape[0], x.device
+    xd, Ad, Bd = x.detach(), A.detach(), B.detach()
+    s_scalar, s_vec = nf4_merge.scale_operands(SCALE, r, dev)
+    row = dict(shape=f"{K}x{N}", M=M, r=r,
+               fwd_floor_ms=_t(lambda: F.linear(xd, W), [()], True, rep_ms),
+               bwd_floor_ms=_t(lambda: g @ W, [()], True, rep_ms), sizes=[], carveout=[])
+    y = torch.empty((M, N), dtype=torch.bfloat16, device=dev)
+    dx = torch.empty((M, K), dtype=torch.bfloat16, device=dev)
+    unit_k = max(256, q.blocksize)
+
+    def merge(ws, rws, cls):
+        nf4_merge.merge_window(ws, q, Ad, Bd, s_scalar, s_vec, rws, cls)
+
+    def fwd(ws, rc):
+        for n0 in range(0, N, rc):
+            n1 = min(N, n0 + rc)
+            merge(ws, (n0, n1), (0, K))
+            torch.mm(xd, ws.as_strided((K, n1 - n0), (1, K)), out=y.narrow(1, n0, n1 - n0))
+
+    def bwd(ws, cc):
+        for k0 in range(0, K, cc):
+            k1 = min(K, k0 + cc)
+            merge(ws, (0, N), (k0, k1))
+            torch.mm(g, ws.as_strided((N, k1 - k0), (k1 - k0, 1)), out=dx.narrow(1, k0, k1 - k0))
+
+    def bwd_rows(ws, rc):
+        for n0 in range(0, N, rc):
+            n1 = min(N, n0 + rc)
+            merge(ws, (n0, n1), (0, K))
+            w = ws.as_strided((n1 - n0, K), (K, 1))
+            if n0 == 0:
+                torch.mm(g.narrow(1, n0, n1 - n0), w, out=dx)
+            else:
+                torch.addmm(dx, g.narrow(1, n0, n1 - n0), w, out=dx)
+
+    for mb in PIPE_WS_MB:
+        elems = int(mb * 2**20) // 2
+        rc = min(N, max(128, elems // K // 128 * 128))
+        cc = min(K, max(unit_k, elems // N // unit_k * unit_k))
+        ws = torch.empty(max(rc * K, N * cc), dtype=torch.bfloat16, device=dev)
+        rec = dict(workspace_mb=mb, rows=rc, cols=cc)
+        for name, fn in (("fwd_ms", lambda: fwd(ws, rc)), ("fwd_merges_ms",
+                          lambda: [merge(ws, (n0, min(N, n0 + rc)), (0, K)) for n0 in range(0, N, rc)]),
+                         ("bwd_ms", lambda: bwd(ws, cc)), ("bwd_rows_ms", lambda: bwd_rows(ws, rc))):
+            try:
+                rec[name] = _t(fn, [()], True, rep_ms)
+            except Exception as e:                               # noqa: BLE001
+                rec[name] = None
+                rec["note"] = f"{rec.get('note', '')} {name}: {harness.short_error(e)}".strip()
+        row["sizes"].append(rec)
+        print(json.dumps(rec), flush=True)
+        del ws
+
+    # the SM carveout: the GEMM alone, and the forward with the next chunk's merge beside it
+    rc = min(N, max(128, (32 * 2**19) // K // 128 * 128))       # two 32 MB buffers
+    bufs = [torch.empty(rc * K, dtype=torch.bfloat16, device=dev) for _ in range(2)]
+    hi = torch.cuda.Stream(dev, priority=-5)
+    side = torch.cuda.Stream(dev, priority=0)
+
+    def fwd_overlap(gemm_stream):
+        main = torch.cuda.current_stream()
+        gemm_stream.wait_stream(main)
+        side.wait_stream(main)
+        bounds = [(n0, min(N, n0 + rc)) for n0 in range(0, N, rc)]
+        done = [None, None]
+        merged = None
+        for i, (n0, n1) in enumerate(bounds):
+            with torch.cuda.stream(side):
+                if done[i & 1] is not None:
+                    side.wait_event(done[i & 1])
+                merge(bufs[i & 1], (n0, n1), (0, K))
+                merged = torch.cuda.Event()
+                merged.record(side)
+            gemm_stream.wait_event(merged)
+            with torch.cuda.stream(gemm_stream):
+                torch.mm(xd, bufs[i & 1].as_strided((K, n1 - n0), (1, K)), out=y.narrow(1, n0, n1 - n0))
+                done[i & 1] = torch.cuda.Event()
+                done[i & 1].record(gemm_stream)
+        main.wait_stream(gemm_stream)
+        main.wait_stream(side)
+
+    backend0 = torch.backends.cuda.preferred_blas_library()
+    try:
+        for lib in ("cublas", "cublaslt"):
+            for co in carveouts:
+                torch.backends.cuda.preferred_blas_library(lib)
+                torch._C._set_sm_carveout_experimental(co if co else None)
+                rec = dict(blas=lib, carveout=co, fwd_rows=rc)
+                for name, fn, graph in (
+                        ("chunk_gemm_ms", lambda: torch.mm(xd, bufs[0].as_strided((K, rc), (1, K)),
+                                                           out=y.narrow(1, 0, rc)), True),
+                        ("full_gemm_ms", lambda: F.linear(xd, W), True),
+                        ("fwd_inorder_ms", lambda: fwd(bufs[0], rc), True),
+                        ("fwd_overlap_eager_ms", lambda: fwd_overlap(hi), False),
+                        ("fwd_overlap_graph_ms", lambda: fwd_overlap(torch.cuda.current_stream()), True)):
+                    try:
+                        rec[name] = _t(fn, [()], graph, rep_ms)
+                    except Exception as e:                       # noqa: BLE001
+                        rec[name] = None
+                        rec["note"] = f"{rec.get('note', '')} {name}: {harness.short_error(e)}".strip()
+                row["carveout"].append(rec)
+                print(json.dumps(rec), flush=True)
+    finally:
+        torch.backends.cuda.preferred_blas_library(backend0)
+        torch._C._set_sm_carveout_experimental(None)
+    return [row]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", type=bf.parse_shapes, required=True)
@@ -347,6 +471,8 @@ def main(argv=None) -> None:
                    help="instead: the step under each opt-in, interleaved in ROUNDS rounds (see ab())")
     p.add_argument("--graph", action="store_true", help="--ab: time the step by CUDA-graph replay")
     p.add_argument("--r", type=int, default=16, help="LoRA rank (--merge-sweep only)")
+    p.add_argument("--pipes", action="store_true",
+                   help="instead: each direction's chunk pipeline per chunk size, and the SM carveout (see pipes())")
     p.add_argument("--merge-sweep", type=int, default=None, metavar="ROUNDS",
                    help="instead: the merge kernel over SWEEP_TILES, then the step with the best (see merge_sweep())")
     a = p.parse_args(argv)
@@ -354,7 +480,9 @@ def main(argv=None) -> None:
     out = {"env": env, "rows": []}
     for K, N in a.shapes:
         for M in a.ms:
-            if a.merge_sweep is not None:
+            if a.pipes:
+                out["rows"] += pipes(K, N, M, a.rep_ms)
+            elif a.merge_sweep is not None:
                 out["rows"] += merge_sweep(K, N, M, a.merge_sweep, a.rep_ms, a.r)
             elif a.ab:
                 out["rows"] += ab(K, N, M, a.workspace_mb, a.ab, a.rep_ms, a.graph)
