@@ -348,7 +348,8 @@ def pipes(K: int, N: int, M: int, rep_ms: float, carveouts=(0, 8, 16)) -> list[d
     over row chunks (dX += dY[:, rows] · W_eff[rows], beta = 1 in bf16: one more rounding per chunk).
     Then the SM carveout (``torch._C._set_sm_carveout_experimental``) under each cuBLAS backend: the
     GEMM alone, and the forward pipeline with merge i + 1 on a side stream during GEMM i (eager with
-    the GEMMs on a high-priority stream, and graph-replayed)."""
+    the GEMMs on a high-priority stream; graph-replayed with and without it: torch instantiates graphs
+    with cudaGraphInstantiateFlagUseNodePriority, so a captured kernel keeps its stream's priority)."""
     from lora_kernels.triton import nf4_merge
 
     W, q, A, B, x, g = _operands(K, N, M)
@@ -446,7 +447,8 @@ def pipes(K: int, N: int, M: int, rep_ms: float, carveouts=(0, 8, 16)) -> list[d
                         ("full_gemm_ms", lambda: F.linear(xd, W), True),
                         ("fwd_inorder_ms", lambda: fwd(bufs[0], rc), True),
                         ("fwd_overlap_eager_ms", lambda: fwd_overlap(hi), False),
-                        ("fwd_overlap_graph_ms", lambda: fwd_overlap(torch.cuda.current_stream()), True)):
+                        ("fwd_overlap_graph_ms", lambda: fwd_overlap(hi), True),
+                        ("fwd_overlap_noprio_graph_ms", lambda: fwd_overlap(torch.cuda.current_stream()), True)):
                     try:
                         rec[name] = _t(fn, [()], graph, rep_ms)
                     except Exception as e:                       # noqa: BLE001
