@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 import torch
@@ -172,11 +173,15 @@ def probe(K: int, N: int, M: int, ws_mb: list[float], rep_ms: float) -> list[dic
 
 
 #: (name, MERGE_OVERLAP, FUSED_DY_PASS, overrides of the merge's DEFAULT_CONFIG; the key SMALL_RANK_MAX
-#: sets nf4_merge.SMALL_RANK_MAX instead: -1 = the 64x128 tile at every rank, as before session 19).
+#: sets nf4_merge.SMALL_RANK_MAX instead: -1 = the 64x128 tile at every rank, as before session 19;
+#: the key CARVEOUT sets library.MERGE_CARVEOUT, session 21).  $AB_CONFIGS (names, comma-separated)
+#: picks a subset.
 #: Session 19 measured the merge's FMA low-rank path, its split-halves tile, K_FASTEST and a separate
 #: low-rank tile here too (all slower or within the spread; results/probe_training_ab_*_session19*).
 AB_CONFIGS = (("default", False, False, {}), ("tile_64x128", False, False, dict(SMALL_RANK_MAX=-1)),
-              ("overlap", True, False, {}), ("fused", False, True, {}))
+              ("overlap", True, False, {}), ("fused", False, True, {}),
+              ("carveout8", False, False, dict(CARVEOUT=8)), ("carveout16", False, False, dict(CARVEOUT=16)),
+              ("carveout8_fused", False, True, dict(CARVEOUT=8)))
 
 
 #: merge_window configs timed by ``ab`` beside the default (whole weight, r = 16, graph replay)
@@ -226,6 +231,9 @@ def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float, g
 
     default_merge, default_srm = dict(nf4_merge.DEFAULT_CONFIG), nf4_merge.SMALL_RANK_MAX
     configs = [c for c in AB_CONFIGS if not (graph and c[1])]   # MERGE_OVERLAP is a no-op under capture
+    pick = os.environ.get("AB_CONFIGS")
+    if pick:
+        configs = [c for c in configs if c[0] in pick.split(",")]
     rows = []
     for mb in ws_mb:
         library.WORKSPACE_BYTES = int(mb * 2**20)
@@ -235,12 +243,14 @@ def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float, g
                 library.MERGE_OVERLAP, library.FUSED_DY_PASS = overlap, fused
                 merge_cfg = dict(merge_cfg)
                 nf4_merge.SMALL_RANK_MAX = merge_cfg.pop("SMALL_RANK_MAX", default_srm)
+                library.MERGE_CARVEOUT = merge_cfg.pop("CARVEOUT", 0)
                 nf4_merge.DEFAULT_CONFIG.update(merge_cfg)        # merge_window's default cfg is this dict
                 library._workspaces.clear()
                 try:
                     times[name].append(_t(step, [()], graph, rep_ms))
                 finally:
                     library.MERGE_OVERLAP = library.FUSED_DY_PASS = False
+                    library.MERGE_CARVEOUT = 0
                     nf4_merge.DEFAULT_CONFIG.update(default_merge)
                     nf4_merge.SMALL_RANK_MAX = default_srm
         library._workspaces.clear()
