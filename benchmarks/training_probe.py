@@ -180,8 +180,8 @@ def probe(K: int, N: int, M: int, ws_mb: list[float], rep_ms: float) -> list[dic
 #: low-rank tile here too (all slower or within the spread; results/probe_training_ab_*_session19*).
 AB_CONFIGS = (("default", False, False, {}), ("tile_64x128", False, False, dict(SMALL_RANK_MAX=-1)),
               ("overlap", True, False, {}), ("fused", False, True, {}),
-              ("carveout8", False, False, dict(CARVEOUT=8)), ("carveout16", False, False, dict(CARVEOUT=16)),
-              ("carveout8_fused", False, True, dict(CARVEOUT=8)))
+              ("carveout4", False, False, dict(CARVEOUT=4)), ("carveout8", False, False, dict(CARVEOUT=8)),
+              ("carveout16", False, False, dict(CARVEOUT=16)), ("carveout4_fused", False, True, dict(CARVEOUT=4)))
 
 
 #: merge_window configs timed by ``ab`` beside the default (whole weight, r = 16, graph replay)
@@ -350,7 +350,7 @@ def merge_sweep(K: int, N: int, M: int, rounds: int, rep_ms: float, r: int = 16)
 PIPE_WS_MB = (8.0, 12.0, 16.0, 24.0, 32.0, 64.0)
 
 
-def pipes(K: int, N: int, M: int, rep_ms: float, carveouts=(0, 8, 16)) -> list[dict]:
+def pipes(K: int, N: int, M: int, rep_ms: float, carveouts=(0, 4, 8, 16)) -> list[dict]:
     """Each direction's merge + GEMM chunk pipeline alone (CUDA-graph replay), per chunk size in
     PIPE_WS_MB, beside its one cuBLAS GEMM: does a chunk small enough to stay in the 50 MB L2 make the
     merge's writes (and the GEMM's reads of them) cheaper?  ``fwd`` = y[:, rows] = x · W_eff[rows]ᵀ,
