@@ -490,6 +490,10 @@ _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 #: fresh [N, K] tensor per call, bitsandbytes' way).
 WORKSPACE_BYTES = int(_ext.env_number("LORA_KERNELS_WORKSPACE_MB", 64.0, float, minimum=0) * 2**20)
 _workspaces: dict = {}
+#: LORA_KERNELS_FWD_CHUNK_MB (opt-in, session 21; default 0 = WORKSPACE_BYTES): a lower cap for the
+#: forward's row chunks alone, e.g. 8-16 MB, small enough for the 50 MB L2 of an H100 to keep the
+#: merged chunk between the merge's writes and the GEMM's reads.
+FWD_CHUNK_BYTES = int(_ext.env_number("LORA_KERNELS_FWD_CHUNK_MB", 0.0, float, minimum=0) * 2**20)
 
 
 def _on_default_stream(device: torch.device) -> bool:
@@ -623,15 +627,17 @@ def lora_dy_pass(dy: torch.Tensor, lora_b: torch.Tensor, t: torch.Tensor, scale:
     return _triton_module("lora_grad").lora_dy_pass(dy, lora_b, t, scale, db_dtype=db_dtype)
 
 
-def merge_chunk(length: int, other: int, unit: int, whole_weight: bool = True) -> int:
+def merge_chunk(length: int, other: int, unit: int, whole_weight: bool = True, budget: int = 0) -> int:
     """Chunk length along a weight dimension of ``length`` (the other one has ``other`` elements):
     a multiple of ``unit`` holding at most WORKSPACE_BYTES of bf16 (half of it with MERGE_CARVEOUT,
-    whose two buffers share it), and with ``whole_weight=False``
+    whose two buffers share it; ``budget`` > 0 caps it lower), and with ``whole_weight=False``
     at most half of ``length``.  A result >= ``length`` means one chunk (WORKSPACE_BYTES == 0, a
     small weight, or a dimension shorter than two units)."""
     if WORKSPACE_BYTES <= 0:
         return length
-    budget = WORKSPACE_BYTES // 2 if MERGE_CARVEOUT > 0 else WORKSPACE_BYTES      # two buffers share it
+    budget = min(budget or WORKSPACE_BYTES, WORKSPACE_BYTES)
+    if MERGE_CARVEOUT > 0:
+        budget //= 2                                     # the pipeline's two buffers share it
     size = max(unit, budget // (2 * other) // unit * unit)
     if not whole_weight:
         half = -(-length // 2)
@@ -677,7 +683,7 @@ def _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias, whole_weight: bool =
 
     base, lora_a, lora_b, s_scalar, s_vec = _merge_args(weight, lora_a, lora_b, scale, dt)
     N, K = base.shape
-    rows = min(N, merge_chunk(N, K, 128, whole_weight))
+    rows = min(N, merge_chunk(N, K, 128, whole_weight, FWD_CHUNK_BYTES))
     if rows == N:       # one chunk (inference, a weight that fits): no output slices
         ws = _workspace(x2d.device, dt, rows * K)
         merge_window(ws, base, lora_a, lora_b, s_scalar, s_vec, (0, N), (0, K))
