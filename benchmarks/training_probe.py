@@ -174,15 +174,14 @@ def probe(K: int, N: int, M: int, ws_mb: list[float], rep_ms: float) -> list[dic
 
 #: (name, MERGE_OVERLAP, FUSED_DY_PASS, overrides of the merge's DEFAULT_CONFIG; the key SMALL_RANK_MAX
 #: sets nf4_merge.SMALL_RANK_MAX instead: -1 = the 64x128 tile at every rank, as before session 19;
-#: the keys CARVEOUT and FWD_CHUNK_MB set library.MERGE_CARVEOUT and FWD_CHUNK_BYTES, session 21).  $AB_CONFIGS (names, comma-separated)
-#: picks a subset.
+#: $AB_CONFIGS (names, comma-separated) picks a subset).
+#: Session 21 measured two more here, since removed from the library (the SM-carveout pipeline,
+#: LORA_KERNELS_MERGE_CARVEOUT, and an L2-sized forward chunk, LORA_KERNELS_FWD_CHUNK_MB; neither beat
+#: the default beyond the spread: results/probe_training_ab_m4096_*_graph_carveout_session21.*).
 #: Session 19 measured the merge's FMA low-rank path, its split-halves tile, K_FASTEST and a separate
 #: low-rank tile here too (all slower or within the spread; results/probe_training_ab_*_session19*).
 AB_CONFIGS = (("default", False, False, {}), ("tile_64x128", False, False, dict(SMALL_RANK_MAX=-1)),
-              ("overlap", True, False, {}), ("fused", False, True, {}),
-              ("carveout4", False, False, dict(CARVEOUT=4)), ("carveout8", False, False, dict(CARVEOUT=8)),
-              ("carveout16", False, False, dict(CARVEOUT=16)), ("carveout4_fused", False, True, dict(CARVEOUT=4)),
-              ("fwdchunk16", False, False, dict(FWD_CHUNK_MB=16)), ("fwdchunk8", False, False, dict(FWD_CHUNK_MB=8)))
+              ("overlap", True, False, {}), ("fused", False, True, {}))
 
 
 #: merge_window configs timed by ``ab`` beside the default (whole weight, r = 16, graph replay)
@@ -244,16 +243,12 @@ def ab(K: int, N: int, M: int, ws_mb: list[float], rounds: int, rep_ms: float, g
                 library.MERGE_OVERLAP, library.FUSED_DY_PASS = overlap, fused
                 merge_cfg = dict(merge_cfg)
                 nf4_merge.SMALL_RANK_MAX = merge_cfg.pop("SMALL_RANK_MAX", default_srm)
-                library.MERGE_CARVEOUT = merge_cfg.pop("CARVEOUT", 0)
-                library.FWD_CHUNK_BYTES = int(merge_cfg.pop("FWD_CHUNK_MB", 0) * 2**20)
                 nf4_merge.DEFAULT_CONFIG.update(merge_cfg)        # merge_window's default cfg is this dict
                 library._workspaces.clear()
                 try:
                     times[name].append(_t(step, [()], graph, rep_ms))
                 finally:
                     library.MERGE_OVERLAP = library.FUSED_DY_PASS = False
-                    library.MERGE_CARVEOUT = 0
-                    library.FWD_CHUNK_BYTES = 0
                     nf4_merge.DEFAULT_CONFIG.update(default_merge)
                     nf4_merge.SMALL_RANK_MAX = default_srm
         library._workspaces.clear()

@@ -18,7 +18,6 @@ name        implementation                   used for
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import math
@@ -490,10 +489,6 @@ _GEMV_DTYPES = (torch.bfloat16, torch.float16)
 #: fresh [N, K] tensor per call, bitsandbytes' way).
 WORKSPACE_BYTES = int(_ext.env_number("LORA_KERNELS_WORKSPACE_MB", 64.0, float, minimum=0) * 2**20)
 _workspaces: dict = {}
-#: LORA_KERNELS_FWD_CHUNK_MB (opt-in, session 21; default 0 = WORKSPACE_BYTES): a lower cap for the
-#: forward's row chunks alone, e.g. 8-16 MB, small enough for the 50 MB L2 of an H100 to keep the
-#: merged chunk between the merge's writes and the GEMM's reads.
-FWD_CHUNK_BYTES = int(_ext.env_number("LORA_KERNELS_FWD_CHUNK_MB", 0.0, float, minimum=0) * 2**20)
 
 
 def _on_default_stream(device: torch.device) -> bool:
@@ -528,81 +523,39 @@ def workspace_nbytes() -> int:
 #: torch.compile's cudagraphs) the chunks run in order as without it.  Session 18 (H100, M = 4096 and
 #: 16384 training steps): no difference from the in-order pipeline beyond the runs' spread.
 MERGE_OVERLAP = os.environ.get("LORA_KERNELS_MERGE_OVERLAP", "0") == "1"
-#: LORA_KERNELS_MERGE_CARVEOUT=n (opt-in, session 21): the overlapped pipeline with room for the merge.
-#: cuBLAS's persistent GEMM kernels take every SM, so a merge beside them only runs in their tails
-#: (session 18).  Here the chunk GEMMs run on a high-priority stream with cuBLASLt told to use all
-#: but n SMs (torch's experimental SM carveout, ``torch._C._set_sm_carveout_experimental``), and the
-#: merges on a low-priority side stream: merge i + 1 runs on the n free SMs during GEMM i.  The two
-#: buffers share the workspace (a chunk is half as large as in order), and it runs under CUDA-graph
-#: capture too (torch instantiates graphs with their captured kernels' stream priorities).
-MERGE_CARVEOUT = _ext.env_number("LORA_KERNELS_MERGE_CARVEOUT", 0, int, minimum=0)
 _merge_streams: dict = {}
-
-
-def _chunk_streams(device: torch.device, carveout: bool):
-    """(merge stream, GEMM stream or None for the current one), created once per device."""
-    key = (device, carveout)
-    streams = _merge_streams.get(key)
-    if streams is None:
-        if carveout:      # lower number = higher priority; torch maps out-of-range values to the ends
-            streams = (torch.cuda.Stream(device, priority=0), torch.cuda.Stream(device, priority=-8))
-        else:
-            streams = (torch.cuda.Stream(device), None)
-        _merge_streams[key] = streams
-    return streams
-
-
-@contextlib.contextmanager
-def _sm_carveout(n: int):
-    """cuBLAS(Lt) GEMMs launched inside target all but ``n`` SMs (n = 0: unchanged)."""
-    if n <= 0:
-        yield
-        return
-    prev_n, prev_blas = torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library()
-    torch._C._set_sm_carveout_experimental(n)
-    torch.backends.cuda.preferred_blas_library("cublaslt")          # the backend that reads the carveout
-    try:
-        yield
-    finally:
-        torch._C._set_sm_carveout_experimental(prev_n)
-        torch.backends.cuda.preferred_blas_library(prev_blas)
 
 
 def _run_chunks(device: torch.device, dtype: torch.dtype, numel: int, bounds, merge, gemm) -> None:
     """For each ``(a, b)`` of ``bounds``: ``merge(ws, a, b)`` writes a chunk of W_eff into the
     workspace ``ws`` (>= ``numel`` elements), then ``gemm(ws, a, b)`` consumes it.  In order on the
-    current stream, or with MERGE_OVERLAP / MERGE_CARVEOUT the merges on a side stream,
-    double-buffered: merge i + 1 waits only for GEMM i - 1 (the last reader of its buffer), GEMM i for
-    merge i (with MERGE_CARVEOUT the GEMMs on a high-priority stream, on all but MERGE_CARVEOUT SMs)."""
-    carve = MERGE_CARVEOUT > 0 and device.type == "cuda"
-    if len(bounds) < 2 or not (carve or (MERGE_OVERLAP and _on_default_stream(device))):
-        ws = _workspace(device, dtype, numel)        # WORKSPACE_BYTES <= 0: one chunk
+    current stream, or with MERGE_OVERLAP the merges on a side stream, double-buffered: merge i + 1
+    waits only for GEMM i - 1 (the last reader of its buffer), GEMM i for merge i."""
+    if not (MERGE_OVERLAP and len(bounds) > 1 and _on_default_stream(device)):   # WORKSPACE_BYTES <= 0: one chunk
+        ws = _workspace(device, dtype, numel)
         for a, b in bounds:
             merge(ws, a, b)
             gemm(ws, a, b)
         return
     main = torch.cuda.current_stream(device)
-    side, gemm_stream = _chunk_streams(device, carve)
-    gemm_stream = gemm_stream or main
+    side = _merge_streams.get(device)
+    if side is None:
+        side = _merge_streams[device] = torch.cuda.Stream(device)
     bufs = (_workspace(device, dtype, numel), _workspace(device, dtype, numel, slot=1))
     side.wait_stream(main)                  # the inputs, and the previous call's GEMMs on these buffers
-    gemm_stream.wait_stream(main)
     freed = [None, None]
-    with _sm_carveout(MERGE_CARVEOUT if carve else 0):
-        for i, (a, b) in enumerate(bounds):
-            ws = bufs[i & 1]
-            with torch.cuda.stream(side):
-                if freed[i & 1] is not None:
-                    side.wait_event(freed[i & 1])
-                merge(ws, a, b)
-                merged = torch.cuda.Event()
-                merged.record(side)
-            gemm_stream.wait_event(merged)
-            with torch.cuda.stream(gemm_stream):
-                gemm(ws, a, b)
-                freed[i & 1] = torch.cuda.Event()
-                freed[i & 1].record(gemm_stream)
-    main.wait_stream(gemm_stream)           # every GEMM waited for its merge: main is after all of them
+    for i, (a, b) in enumerate(bounds):
+        ws = bufs[i & 1]
+        with torch.cuda.stream(side):
+            if freed[i & 1] is not None:
+                side.wait_event(freed[i & 1])
+            merge(ws, a, b)
+            merged = torch.cuda.Event()
+            merged.record(side)
+        main.wait_event(merged)
+        gemm(ws, a, b)
+        freed[i & 1] = torch.cuda.Event()
+        freed[i & 1].record(main)
 
 
 #: LORA_KERNELS_FUSED_DY_PASS=1 (opt-in): the eager backward takes U = dY·B and dB = s·dYᵀ·T from
@@ -627,18 +580,14 @@ def lora_dy_pass(dy: torch.Tensor, lora_b: torch.Tensor, t: torch.Tensor, scale:
     return _triton_module("lora_grad").lora_dy_pass(dy, lora_b, t, scale, db_dtype=db_dtype)
 
 
-def merge_chunk(length: int, other: int, unit: int, whole_weight: bool = True, budget: int = 0) -> int:
+def merge_chunk(length: int, other: int, unit: int, whole_weight: bool = True) -> int:
     """Chunk length along a weight dimension of ``length`` (the other one has ``other`` elements):
-    a multiple of ``unit`` holding at most WORKSPACE_BYTES of bf16 (half of it with MERGE_CARVEOUT,
-    whose two buffers share it; ``budget`` > 0 caps it lower), and with ``whole_weight=False``
+    a multiple of ``unit`` holding at most WORKSPACE_BYTES of bf16, and with ``whole_weight=False``
     at most half of ``length``.  A result >= ``length`` means one chunk (WORKSPACE_BYTES == 0, a
     small weight, or a dimension shorter than two units)."""
     if WORKSPACE_BYTES <= 0:
         return length
-    budget = min(budget or WORKSPACE_BYTES, WORKSPACE_BYTES)
-    if MERGE_CARVEOUT > 0:
-        budget //= 2                                     # the pipeline's two buffers share it
-    size = max(unit, budget // (2 * other) // unit * unit)
+    size = max(unit, WORKSPACE_BYTES // (2 * other) // unit * unit)
     if not whole_weight:
         half = -(-length // 2)
         size = min(size, -(-half // unit) * unit)        # half the length, rounded up to the unit
@@ -683,7 +632,7 @@ def _merge_cublas(x2d, weight, lora_a, lora_b, scale, bias, whole_weight: bool =
 
     base, lora_a, lora_b, s_scalar, s_vec = _merge_args(weight, lora_a, lora_b, scale, dt)
     N, K = base.shape
-    rows = min(N, merge_chunk(N, K, 128, whole_weight, FWD_CHUNK_BYTES))
+    rows = min(N, merge_chunk(N, K, 128, whole_weight))
     if rows == N:       # one chunk (inference, a weight that fits): no output slices
         ws = _workspace(x2d.device, dt, rows * K)
         merge_window(ws, base, lora_a, lora_b, s_scalar, s_vec, (0, N), (0, K))

@@ -187,60 +187,6 @@ def test_overlapped_merge_pipeline_gives_the_in_order_bits(rng, monkeypatch, M, 
 
 
 @gpu
-@pytest.mark.parametrize("M,K,N,bias", [(300, 2048, 1408, True), (1031, 1536, 2560, False)], ids=lambda v: str(v))
-def test_carveout_merge_pipeline_eager_and_graph(rng, monkeypatch, M, K, N, bias):
-    """``LORA_KERNELS_MERGE_CARVEOUT``: the GEMMs on a high-priority stream under cuBLASLt's SM
-    carveout, the merges on a low-priority side stream.  cuBLASLt may pick other kernels than the
-    in-order cuBLAS path, so y and dX are compared with it at bf16 rounding; the same calls are
-    bit-equal call after call, and a CUDA graph captured in this mode replays them bit-equal too;
-    the carveout and the BLAS backend are restored afterwards."""
-    from lora_kernels import library
-
-    dev, r = "cuda", 16
-    q = lk.quantize_nf4(randn((N, K), torch.float32, rng, device=dev, scale=0.05))
-    A = randn((r, K), torch.bfloat16, rng, device=dev, scale=0.05)
-    B = randn((N, r), torch.bfloat16, rng, device=dev, scale=0.05)
-    b = randn((N,), torch.bfloat16, rng, device=dev) if bias else None
-    x = randn((M, K), torch.bfloat16, rng, device=dev)
-    dy = randn((M, N), torch.bfloat16, rng, device=dev)
-    monkeypatch.setattr(library, "WORKSPACE_BYTES", 4 * 256 * max(N, K))   # carveout: 2 buffers of >= 256 rows / columns
-
-    def run():
-        return (library._merge_cublas(x, q, A, B, 2.0, b, whole_weight=False), library.dx_2d(dy, q, A, B, 2.0))
-
-    monkeypatch.setattr(library, "MERGE_CARVEOUT", 0)
-    library._workspaces.clear()
-    want = run()
-    monkeypatch.setattr(library, "MERGE_CARVEOUT", 8)
-    assert library.merge_chunk(N, K, 128, False) < N and library.merge_chunk(K, N, 256, False) < K
-    blas0, co0 = torch.backends.cuda.preferred_blas_library(), torch._C._get_sm_carveout_experimental()
-    library._workspaces.clear()
-    got = run()
-    again = run()
-    assert torch.backends.cuda.preferred_blas_library() == blas0
-    assert torch._C._get_sm_carveout_experimental() == co0
-    for w, g_, a_ in zip(want, got, again):
-        assert torch.equal(g_, a_)
-        err = (g_.float() - w.float()).norm() / w.float().norm()
-        assert err <= 4e-3, err
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(graph):
-        captured = run()
-    for t in captured:
-        t.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    for g_, c_ in zip(got, captured):
-        assert torch.equal(g_, c_)
-    library._workspaces.clear()
-
-
-@gpu
 @pytest.mark.parametrize("M,K,N,r", [(17, 512, 333, 16), (2048, 2048, 5632, 16), (100, 1024, 771, 128)],
                          ids=lambda v: str(v))
 def test_fp32_adapters_with_bf16_activations_gpu(rng, M, K, N, r):

@@ -135,25 +135,6 @@ def test_dequant_cublas_route_on_cpu(vec_scale, rng):
     torch.testing.assert_close(lk.lora_linear(x, w, route="dequant-cublas"), x @ w.dequantize(torch.float32).t())
 
 
-def test_merge_carveout_halves_the_chunks(monkeypatch):
-    """With LORA_KERNELS_MERGE_CARVEOUT the pipeline's two buffers share the workspace: each chunk holds
-    at most half of WORKSPACE_BYTES (and the training cap of half the weight still holds); a
-    ``budget`` (the forward's LORA_KERNELS_FWD_CHUNK_MB) only lowers the cap."""
-    from lora_kernels import library
-
-    N, K = 14336, 4096
-    monkeypatch.setattr(library, "WORKSPACE_BYTES", 64 * 2**20)
-    monkeypatch.setattr(library, "MERGE_CARVEOUT", 0)
-    rows, cols = library.merge_chunk(N, K, 128, False), library.merge_chunk(K, N, 256, False)
-    assert (rows, cols) == (7168, 2048)                    # half the weight: 2 chunks a direction
-    assert library.merge_chunk(N, K, 128, False, 16 * 2**20) == 2048      # a lower budget (FWD_CHUNK_BYTES)
-    assert library.merge_chunk(N, K, 128, False, 2**40) == 7168           # never above the workspace
-    monkeypatch.setattr(library, "MERGE_CARVEOUT", 8)
-    rows, cols = library.merge_chunk(N, K, 128, False), library.merge_chunk(K, N, 256, False)
-    assert rows * K * 2 <= 32 * 2**20 and N * cols * 2 <= 32 * 2**20
-    assert (rows, cols) == (4096, 1024)
-
-
 @pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "dense"])
 @pytest.mark.parametrize("bs", [64, 128])
 @pytest.mark.parametrize("vec_scale", [False, True], ids=["scalar", "per-rank"])
