@@ -18,6 +18,9 @@ each size is also capped at half the weight, as on the training path):
 ``--merge-sweep ROUNDS`` instead times the merge kernel over a grid of tiles (SWEEP_TILES x K_FASTEST),
 whole-weight and as the step's chunks, then the step with the best against the default.
 
+``--pipes`` instead times each direction's merge + GEMM chunk pipeline alone per chunk size (8-64 MB),
+and the SM carveout with the next merge on a side stream (see ``pipes``; session 21).
+
 ``--ab ROUNDS`` instead times only the eager step under each of AB_CONFIGS (the opt-ins and the
 merge's tile configs), interleaved in rounds, plus the merge kernel alone (whole weight) beside
 dequantize_nf4 and over MERGE_SWEEP's tile shapes.  With ``--graph`` the step is timed by CUDA-graph
@@ -426,7 +429,6 @@ def pipes(K: int, N: int, M: int, rep_ms: float, carveouts=(0, 4, 8, 16)) -> lis
         side.wait_stream(main)
         bounds = [(n0, min(N, n0 + rc)) for n0 in range(0, N, rc)]
         done = [None, None]
-        merged = None
         for i, (n0, n1) in enumerate(bounds):
             with torch.cuda.stream(side):
                 if done[i & 1] is not None:
