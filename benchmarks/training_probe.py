@@ -347,6 +347,15 @@ def merge_sweep(K: int, N: int, M: int, rounds: int, rep_ms: float, r: int = 16)
     return [row]
 
 
+def _time_into(rec: dict, name: str, fn, graph: bool, rep_ms: float) -> None:
+    """rec[name] = fn's median time (ms), or None with the error appended to rec["note"]."""
+    try:
+        rec[name] = _t(fn, [()], graph, rep_ms)
+    except Exception as e:                                       # noqa: BLE001
+        rec[name] = None
+        rec["note"] = f"{rec.get('note', '')} {name}: {harness.short_error(e)}".strip()
+
+
 #: workspace sizes (MB) ``pipes`` times each direction's chunk pipeline at
 PIPE_WS_MB = (8.0, 12.0, 16.0, 24.0, 32.0, 64.0)
 
@@ -408,11 +417,7 @@ def pipes(K: int, N: int, M: int, rep_ms: float, carveouts=(0, 4, 8, 16)) -> lis
         for name, fn in (("fwd_ms", lambda: fwd(ws, rc)), ("fwd_merges_ms",
                           lambda: [merge(ws, (n0, min(N, n0 + rc)), (0, K)) for n0 in range(0, N, rc)]),
                          ("bwd_ms", lambda: bwd(ws, cc)), ("bwd_rows_ms", lambda: bwd_rows(ws, rc))):
-            try:
-                rec[name] = _t(fn, [()], True, rep_ms)
-            except Exception as e:                               # noqa: BLE001
-                rec[name] = None
-                rec["note"] = f"{rec.get('note', '')} {name}: {harness.short_error(e)}".strip()
+            _time_into(rec, name, fn, True, rep_ms)
         row["sizes"].append(rec)
         print(json.dumps(rec), flush=True)
         del ws
@@ -459,11 +464,7 @@ def pipes(K: int, N: int, M: int, rep_ms: float, carveouts=(0, 4, 8, 16)) -> lis
                         ("fwd_overlap_eager_ms", lambda: fwd_overlap(hi), False),
                         ("fwd_overlap_graph_ms", lambda: fwd_overlap(hi), True),
                         ("fwd_overlap_noprio_graph_ms", lambda: fwd_overlap(torch.cuda.current_stream()), True)):
-                    try:
-                        rec[name] = _t(fn, [()], graph, rep_ms)
-                    except Exception as e:                       # noqa: BLE001
-                        rec[name] = None
-                        rec["note"] = f"{rec.get('note', '')} {name}: {harness.short_error(e)}".strip()
+                    _time_into(rec, name, fn, graph, rep_ms)
                 row["carveout"].append(rec)
                 print(json.dumps(rec), flush=True)
     finally:
