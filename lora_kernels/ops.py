@@ -96,10 +96,9 @@ def _forward_fake(x, N, lora_a):
     return x.new_empty(x.shape[0], N), x.new_empty(x.shape[0], 0 if lora_a is None else lora_a.shape[0])
 
 
-def _check_forward(op, x, K, lora_a, lora_b, x_lora):
+def _check_forward(op, x, N, K, lora_a, lora_b, x_lora):
     _check_2d("x", op, x, K)
-    if (lora_a is None) != (lora_b is None):
-        raise ValueError(f"{op}: give both lora_a and lora_b, or neither")
+    library._check_adapters(op, lora_a, lora_b, N, K)       # before t = x·Aᵀ, which needs A's shape
     if x_lora is not None and x_lora.shape != x.shape:
         raise ValueError(f"{op}: x_lora must have x's shape {tuple(x.shape)}, got {tuple(x_lora.shape)}")
 
@@ -112,7 +111,7 @@ def nf4_lora_forward(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: O
                      bias: Optional[Tensor], x_lora: Optional[Tensor] = None,
                      route: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """(y [M, N], t [M, r]) with an NF4 base weight (N, K); see the module docstring."""
-    _check_forward("nf4_lora_forward", x, K, lora_a, lora_b, x_lora)
+    _check_forward("nf4_lora_forward", x, N, K, lora_a, lora_b, x_lora)
     w = _nf4_view(packed, absmax, nested_absmax, nested_code, offset, code, N, K, blocksize, x.dtype)
     return _forward_impl(x, w, lora_a, lora_b, scale, bias, x_lora, route)
 
@@ -128,7 +127,7 @@ def dense_lora_forward(x: Tensor, weight: Tensor, lora_a: Optional[Tensor], lora
                        scale: Tensor, bias: Optional[Tensor], x_lora: Optional[Tensor] = None,
                        route: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """(y [M, N], t [M, r]) with a dense base weight [N, K]; see the module docstring."""
-    _check_forward("dense_lora_forward", x, weight.shape[1], lora_a, lora_b, x_lora)
+    _check_forward("dense_lora_forward", x, weight.shape[0], weight.shape[1], lora_a, lora_b, x_lora)
     return _forward_impl(x, weight, lora_a, lora_b, scale, bias, x_lora, route)
 
 
@@ -138,10 +137,9 @@ def _(x, weight, lora_a, lora_b, scale, bias, x_lora=None, route=None):
 
 
 # ---------------------------------------------------------------------------------------------
-def _check_dx(op, dy, N, lora_a, lora_b):
+def _check_dx(op, dy, N, K, lora_a, lora_b):
     _check_2d("dy", op, dy, N)
-    if (lora_a is None) != (lora_b is None):
-        raise ValueError(f"{op}: give both lora_a and lora_b, or neither")
+    library._check_adapters(op, lora_a, lora_b, N, K)
 
 
 @torch.library.custom_op("lora_kernels::nf4_lora_backward_dx", mutates_args=())
@@ -150,7 +148,7 @@ def nf4_lora_backward_dx(dy: Tensor, packed: Tensor, absmax: Tensor, nested_absm
                          blocksize: int, lora_a: Optional[Tensor], lora_b: Optional[Tensor],
                          scale: Optional[Tensor]) -> Tensor:
     """dx [M, K] = dy [M, N] · (Ŵ + (lora_b ⊙ scale) · lora_a), in dy's dtype."""
-    _check_dx("nf4_lora_backward_dx", dy, N, lora_a, lora_b)
+    _check_dx("nf4_lora_backward_dx", dy, N, K, lora_a, lora_b)
     w = _nf4_view(packed, absmax, nested_absmax, nested_code, offset, code, N, K, blocksize, dy.dtype)
     return library.lora_linear_dx(dy, w, lora_a, lora_b, 1.0 if scale is None else scale)
 
@@ -164,7 +162,7 @@ def _(dy, packed, absmax, nested_absmax, nested_code, offset, code, N, K, blocks
 def dense_lora_backward_dx(dy: Tensor, weight: Tensor, lora_a: Optional[Tensor], lora_b: Optional[Tensor],
                            scale: Optional[Tensor]) -> Tensor:
     """dx [M, K] = dy [M, N] · (weight [N, K] + (lora_b ⊙ scale) · lora_a), in dy's dtype."""
-    _check_dx("dense_lora_backward_dx", dy, weight.shape[0], lora_a, lora_b)
+    _check_dx("dense_lora_backward_dx", dy, weight.shape[0], weight.shape[1], lora_a, lora_b)
     return library.lora_linear_dx(dy, weight, lora_a, lora_b, 1.0 if scale is None else scale)
 
 

@@ -538,3 +538,32 @@ def test_torch_save_of_a_patched_model_loads_back_patched():
     with torch.no_grad():
         assert torch.equal(pm2(ids).logits, ref)
     assert lk.unpatch_model_kernels(pm2) > 0
+
+
+def test_registered_ops_name_mismatched_adapters():
+    """Session 21: the torch.library ops (what a compiled graph calls) check the adapters' shapes
+    before t = x·Aᵀ, so a mismatched lora_a is named instead of failing inside a matmul (or, on the
+    dropout path, being multiplied before any check)."""
+    ops = torch.ops.lora_kernels
+    g = torch.Generator().manual_seed(0)
+    q = lk.quantize_nf4(torch.randn(32, 64, generator=g))
+    nf4 = (q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code, 32, 64, 64)
+    x, dy, s = torch.randn(3, 64, generator=g), torch.randn(3, 32, generator=g), torch.tensor(1.0)
+    bad = (torch.randn(4, 63, generator=g), torch.randn(32, 4, generator=g))      # lora_a [r, 63], K = 64
+    short_b = (torch.randn(4, 64, generator=g), torch.randn(31, 4, generator=g))  # lora_b [31, r], N = 32
+    for a, b in (bad, short_b):
+        msg = r"lora_a must be \[r, K=64\] and lora_b \[N=32, r\]"
+        with pytest.raises(ValueError, match=msg):
+            ops.nf4_lora_forward(x, *nf4, a, b, s, None)
+        with pytest.raises(ValueError, match=msg):
+            ops.nf4_lora_forward(x, *nf4, a, b, s, None, x_lora=x.clone())
+        with pytest.raises(ValueError, match=msg):
+            ops.dense_lora_forward(x, torch.randn(32, 64, generator=g), a, b, s, None)
+        with pytest.raises(ValueError, match=msg):
+            ops.nf4_lora_backward_dx(dy, *nf4, a, b, None)
+        with pytest.raises(ValueError, match=msg):
+            ops.dense_lora_backward_dx(dy, torch.randn(32, 64, generator=g), a, b, None)
+    with pytest.raises(ValueError, match="give both lora_a and lora_b, or neither"):
+        ops.nf4_lora_forward(x, *nf4, bad[0], None, s, None)
+    y, t = ops.nf4_lora_forward(x, *nf4, short_b[0], torch.randn(32, 4, generator=g), s, None)
+    assert y.shape == (3, 32) and t.shape == (3, 4)
