@@ -40,11 +40,15 @@ def _device_arg(text: str) -> str:
     return text
 
 
-def _positive_int(text: str, most: int | None = None) -> int:
+def _int(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+
+
+def _positive_int(text: str, most: int | None = None) -> int:
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     if most is not None and value > most:
@@ -68,10 +72,7 @@ def _lr_arg(text: str) -> float:
 
 
 def _seed_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    value = _int(text)
     if not 0 <= value < 2**63:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
     return value

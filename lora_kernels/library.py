@@ -105,8 +105,9 @@ def select_backend(device: torch.device | str, requested: str | None = None) -> 
     device = torch.device(device)
     if requested is not None and not (isinstance(requested, str) and requested):
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {requested!r}")
-    from_env = requested is None and _backend_env() is not None
-    requested = requested or _backend_env()
+    from_env = requested is None
+    if from_env:
+        requested = _backend_env()
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"unknown backend {requested!r}{' (from $LORA_KERNELS_BACKEND)' if from_env else ''}; "

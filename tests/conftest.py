@@ -83,3 +83,17 @@ def bad_dtype_cases(x, weight, dense, a, b):
             ((x, weight, a, b, torch.tensor(2)), {}, TypeError, "a scale tensor must be floating point"),
             ((x, weight, a.tolist(), b), {}, TypeError, "lora_a and lora_b must be tensors, got list")]
 
+
+def edit_quant_state(sd, none_deletes: bool, **changes):
+    """``sd`` (an NF4 state dict under the prefix "weight") with its quant_state JSON updated by
+    ``changes``; ``none_deletes``: a None value removes the field instead of writing JSON null."""
+    import json
+
+    key = "weight.quant_state.bitsandbytes__nf4"
+    meta = json.loads(bytes(sd[key].tolist()))
+    meta.update(changes)
+    if none_deletes:
+        for k in [k for k, v in changes.items() if v is None]:
+            del meta[k]
+    sd[key] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    return sd

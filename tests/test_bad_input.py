@@ -1,6 +1,6 @@
 """Bad input gets a clear Python error naming the problem (or a documented, defined result)."""
 
-import json
+import functools
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ import torch
 import lora_kernels as lk
 from lora_kernels.nf4 import NF4FormatError
 
-from .conftest import randn
+from .conftest import edit_quant_state, randn
 
 BACKENDS = lk.available_backends("cpu")
 
@@ -82,14 +82,7 @@ def _sd():
     return lk.quantize_nf4(torch.randn(16, 128), 64, True).state_dict()
 
 
-def _with_meta(sd, **changes):
-    key = "weight.quant_state.bitsandbytes__nf4"
-    meta = json.loads(bytes(sd[key].tolist()))
-    meta.update(changes)
-    for k in [k for k, v in changes.items() if v is None]:
-        del meta[k]
-    sd[key] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
-    return sd
+_with_meta = functools.partial(edit_quant_state, none_deletes=True)      # None: the field removed
 
 
 @pytest.mark.parametrize("corrupt,match", [

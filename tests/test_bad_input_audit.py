@@ -1,6 +1,7 @@
 """Bad inputs found by the session-20 audit of the public API (CPU): each used to return a silently
 wrong result, corrupt state, or fail with an error that did not name the problem."""
 
+import functools
 import json
 import os
 
@@ -11,6 +12,8 @@ from torch import nn
 import lora_kernels as lk
 from lora_kernels.lora_modules import LoRALinear
 from lora_kernels.nf4 import NF4FormatError
+
+from .conftest import edit_quant_state
 
 
 class _Three(nn.Module):
@@ -196,12 +199,7 @@ def _dq_state_dict(double_quant=True):
     return lk.quantize_nf4(torch.randn(32, 128), double_quant=double_quant).state_dict()
 
 
-def _edit_meta(sd, **kw):
-    key = "weight.quant_state.bitsandbytes__nf4"
-    meta = json.loads(bytes(sd[key].tolist()).decode())
-    meta.update(kw)
-    sd[key] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
-    return sd
+_edit_meta = functools.partial(edit_quant_state, none_deletes=False)     # None: written as JSON null
 
 
 @pytest.mark.parametrize("corrupt,match", [
