@@ -2,7 +2,9 @@
 
 1. Per-kernel device times of ``quantize_nf4(w, check_finite=False)`` (CUDA backend) from the
    torch profiler: the block pass, torch's mean, the nested pass, table copies.
-2. The Triton dequantize kernel under other launch shapes (elements per program x warps), by
+2. quantize_nf4's two double-quantization routes by CUDA-graph replay (two launches, torch.mean's
+   order replayed / three kernels with torch's mean).
+3. The Triton dequantize kernel under other launch shapes (elements per program x warps), by
    CUDA-graph replay over enough weights to defeat the L2, beside a torch copy of the same bytes.
 
     python -m benchmarks.nf4_probe [--shapes 4096x4096,8192x28672]
@@ -38,6 +40,34 @@ def _profile_quantize(w: torch.Tensor, reps: int = 20) -> None:
     print(f"  quantize_nf4 {tuple(w.shape)} per call, by kernel (device µs):")
     for name, t in sorted(tot.items(), key=lambda kv: -kv[1]):
         print(f"    {t / reps:8.2f} µs  x{cnt[name] / reps:.0f}  {name[:110]}")
+
+
+def _quantize_ab(shape: tuple[int, int], copy_bw: float) -> None:
+    """quantize_nf4 (CUDA backend, double quant, no finite check) by CUDA-graph replay: the two-launch
+    route (torch.mean's order replayed, library.FUSED_DOUBLE_QUANT) against the three-kernel one."""
+    import lora_kernels as lk
+    from lora_kernels import library
+
+    n = shape[0] * shape[1]
+    from benchmarks.bench_nf4 import quant_bytes
+
+    floor_ms = quant_bytes(n) / copy_bw * 1e3                       # the bench's floor
+    sets = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(harness.sets_for_l2(2 * n))]
+
+    def q(w):
+        lk.quantize_nf4(w, check_finite=False, backend="cuda")
+
+    res = {}
+    for fused in (True, False, True):
+        library.FUSED_DOUBLE_QUANT = fused
+        try:
+            t = harness.time_cuda(q, sets, use_graph=True)["median_ms"]
+        finally:
+            library.FUSED_DOUBLE_QUANT = True
+        res.setdefault(fused, []).append(t)
+    for fused, ts in res.items():
+        name = "two launches (replayed mean)" if fused else "three kernels (torch mean)"
+        print(f"  {shape} quantize {name:>30}: " + " / ".join(f"{t * 1e3:7.2f} µs frac {floor_ms / t:.3f}" for t in ts))
 
 
 def _dequant_sweep(shape: tuple[int, int], copy_bw: float) -> None:
@@ -90,6 +120,7 @@ def _dequant_sweep(shape: tuple[int, int], copy_bw: float) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="4096x4096,4096x14336,8192x28672")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the Triton dequantize launch-shape sweep")
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     copy_bw = harness.measure_copy_bandwidth()
@@ -98,7 +129,9 @@ def main() -> int:
         w = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
         _profile_quantize(w)
         del w
-        _dequant_sweep(shape, copy_bw)
+        _quantize_ab(shape, copy_bw)
+        if not args.no_sweep:
+            _dequant_sweep(shape, copy_bw)
         torch.cuda.empty_cache()
     return 0
 

@@ -64,6 +64,69 @@ std::tuple<at::Tensor, at::Tensor> quantize_absmax_nested(const at::Tensor& absm
   return {q, nested};
 }
 
+// Staging floats + the barrier counter of launch_absmax_mean_nested, in one fp32 buffer.
+std::pair<at::Tensor, int> mean_workspace(int64_t nb, const at::TensorOptions& opts, const char* fn) {
+  int staging = 0;
+  const cudaError_t err = cuda::absmax_mean_workspace(nb, &staging);
+  TORCH_CHECK(err == cudaSuccess, checks::fmt(fn, ": torch.mean's reduction layout is not replayed for ",
+                                               nb, " values on this device"));
+  return {at::empty({staging + 1}, opts.dtype(at::kFloat)), staging};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_nf4_double(
+    const at::Tensor& w, int64_t blocksize, const at::Tensor& nf4_code, const at::Tensor& dyn_code,
+    bool shfl_up) {
+  const char* fn = "quantize_nf4_double";
+  checks::check_quantize_blocks(w, blocksize, kDev);
+  checks::check_vector(nf4_code, fn, "nf4_code", at::kFloat, kDev);
+  checks::check_numel(nf4_code, fn, "nf4_code", nf4::kNumCodes, "the NF4 code");
+  checks::check_same_device(nf4_code, fn, "nf4_code", w, "w");
+  checks::check_vector(dyn_code, fn, "dyn_code", at::kFloat, kDev);
+  checks::check_numel(dyn_code, fn, "dyn_code", nf4::kDynamicCodeSize, "the sorted dynamic 8-bit code");
+  checks::check_same_device(dyn_code, fn, "dyn_code", w, "w");
+  const c10::cuda::CUDAGuard guard(w.device());
+  const int64_t n = w.numel();
+  const int64_t nb = checks::ceil_div(n, blocksize);
+  auto [work, staging] = mean_workspace(nb, w.options(), fn);
+  auto packed = at::empty({(n + 1) / 2}, w.options().dtype(at::kByte));
+  auto absmax = at::empty({nb}, w.options().dtype(at::kFloat));
+  auto q = at::empty({nb}, w.options().dtype(at::kByte));
+  auto nested = at::empty({checks::ceil_div(nb, nf4::kNestedBlocksize)}, absmax.options());
+  auto offset = at::empty({}, absmax.options());
+  auto code = at::empty({nf4::kNumCodes}, absmax.options());
+  auto nested_code = at::empty({nf4::kDynamicCodeSize}, absmax.options());
+  auto* arrived = reinterpret_cast<uint32_t*>(work.data_ptr<float>() + staging);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_launch(cuda::launch_quantize_blocks(w.data_ptr(), to_dtype(w.scalar_type()), n,
+                                            static_cast<int>(blocksize), packed.data_ptr<uint8_t>(),
+                                            absmax.data_ptr<float>(), stream, arrived),
+               fn);
+  check_launch(cuda::launch_absmax_mean_nested(
+                   absmax.data_ptr<float>(), nb, shfl_up, work.data_ptr<float>(), arrived,
+                   offset.data_ptr<float>(), dyn_code.data_ptr<float>(), q.data_ptr<uint8_t>(),
+                   nested.data_ptr<float>(), nf4_code.data_ptr<float>(), code.data_ptr<float>(),
+                   nested_code.data_ptr<float>(), stream),
+               fn);
+  return {packed, q, nested, offset, code, nested_code};
+}
+
+at::Tensor torch_order_mean(const at::Tensor& x, bool shfl_up, int64_t wait_ns) {
+  const char* fn = "torch_order_mean";
+  checks::check_vector(x, fn, "x", at::kFloat, kDev);
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, checks::fmt(fn, ": x must be 16-byte aligned"));
+  auto [work, staging] = mean_workspace(x.numel(), x.options(), fn);
+  work.zero_();
+  auto offset = at::empty({}, x.options());
+  check_launch(cuda::launch_absmax_mean_nested(
+                   x.data_ptr<float>(), x.numel(), shfl_up, work.data_ptr<float>(),
+                   reinterpret_cast<uint32_t*>(work.data_ptr<float>() + staging), offset.data_ptr<float>(),
+                   nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                   c10::cuda::getCurrentCUDAStream().stream(), wait_ns),
+               fn);
+  return offset;
+}
+
 at::Tensor dequantize(const at::Tensor& packed, const at::Tensor& absmax,
                       const std::optional<at::Tensor>& nested_absmax,
                       const std::optional<at::Tensor>& nested_code,
@@ -421,6 +484,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "5 = csrc/cuda/nf4_gemv_v5.cu (variant 4's MMA fed from a per-warp cp.async ring, M <= 16, K % 256 == 0;\n"
       "falls back to 1 where it does not fit, see lora_gemv_v5_slices).\n"
       "lora_kernels reads LORA_KERNELS_GEMV_VARIANT.";
+  m.def("quantize_nf4_double", &lora_kernels::quantize_nf4_double,
+        "quantize_blocks + torch.mean of the absmax + quantize_absmax_nested in two launches, the mean\n"
+        "in the order of torch's CUDA reduction (shfl_up: torch < 2.13's warp-shuffle order; the caller\n"
+        "checks the order against torch.mean first, see torch_order_mean).  Needs\n"
+        "ceil(numel / blocksize) >= 2048.  Returns (packed, absmax_q, nested_absmax, offset [0-d],\n"
+        "code [16], nested_code [256]); the two tables are fresh copies of nf4_code and dyn_code.",
+        py::arg("w"), py::arg("blocksize"), py::arg("nf4_code"), py::arg("dyn_code"), py::arg("shfl_up"));
+  m.def("torch_order_mean", &lora_kernels::torch_order_mean,
+        "x.mean() (x: contiguous fp32 [n], n >= 2048, on the GPU) replayed in the order of torch's CUDA\n"
+        "reduction by quantize_nf4_double's kernel; equal to torch's bits only where that order is right.\n"
+        "wait_ns: the grid barrier's timeout before a CTA computes its peers' partials itself (-1: 2 ms;\n"
+        "0 exercises that path).",
+        py::arg("x"), py::arg("shfl_up"), py::arg("wait_ns") = -1);
   m.def("lora_gemv", &lora_kernels::lora_gemv, gemv_doc.c_str(), py::arg("x"), py::arg("packed"),
         py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"), py::arg("offset"), py::arg("code"),
         py::arg("n"), py::arg("blocksize"), py::arg("lora_a") = py::none(), py::arg("lora_b") = py::none(),

@@ -56,14 +56,24 @@ def _dynamic_code_values() -> tuple[float, ...]:
 _on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
-def _cached(name: str, values, device) -> torch.Tensor:
-    """A fresh copy of a table on ``device``, cloned from a per-device cache (no host->device copy
-    or sync after the first call; fresh, so that saved state dicts share no storage)."""
+def _cache_entry(name: str, values, device) -> torch.Tensor:
     device = torch.device(device)
     key = (name, device)
     if key not in _on_device:
-        _on_device[key] = torch.tensor(values, dtype=torch.float32).to(device)
-    return _on_device[key].clone()
+        _on_device[key] = torch.tensor(values() if callable(values) else values, dtype=torch.float32).to(device)
+    return _on_device[key]
+
+
+def _cached(name: str, values, device) -> torch.Tensor:
+    """A fresh copy of a table on ``device``, cloned from a per-device cache (no host->device copy
+    or sync after the first call; fresh, so that saved state dicts share no storage)."""
+    return _cache_entry(name, values, device).clone()
+
+
+def shared_table(name: str, device: torch.device | str) -> torch.Tensor:
+    """The cached table itself ("nf4": [16], "dynamic": [256]) on ``device``, for kernels that read
+    it or copy it into fresh outputs.  Shared by every caller: never mutate it or hand it out."""
+    return _cache_entry(name, {"nf4": NF4_CODE, "dynamic": _dynamic_code_values}[name], device)
 
 
 def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
@@ -84,4 +94,4 @@ def nf4_thresholds_cuda(device: torch.device | str = "cuda") -> torch.Tensor:
 
 def dynamic_code(device: torch.device | str = "cpu") -> torch.Tensor:
     """The signed dynamic 8-bit map as an fp32 tensor [256], sorted ascending."""
-    return _cached("dynamic", _dynamic_code_values(), device)
+    return _cached("dynamic", _dynamic_code_values, device)

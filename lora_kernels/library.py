@@ -28,7 +28,7 @@ import types
 import torch
 
 from . import _ext, reference
-from .codes import VALID_BLOCKSIZES, dynamic_code, nf4_code
+from .codes import VALID_BLOCKSIZES, dynamic_code, nf4_code, shared_table
 from .nf4 import NF4Weight
 
 BACKENDS = ("cuda", "triton", "cpp", "reference")
@@ -152,19 +152,87 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         _check_finite(w)
     impl = backend_module(select_backend(w.device, backend))
     flat = w.detach().reshape(-1).contiguous()
+    if double_quant:
+        shfl_up = _fused_double_quant_order(impl, flat, blocksize)
+        if shfl_up is not None:
+            return _quantize_nf4_fused(impl, flat, w, blocksize, shfl_up, check_finite)
     packed, absmax = impl.quantize_blocks(flat, blocksize)
     nested_absmax = nested_code = offset = None
     if double_quant:
         # bitsandbytes' offset is torch's mean: keep it for bit-identical results.
         offset = absmax.mean()
         if check_finite and not bool(torch.isfinite(offset)):
-            raise ValueError("quantize_nf4: the double quantization's offset (the mean of the block absmaxes) "
-                             "overflows float32 for weights this large; pass double_quant=False")
+            raise ValueError(_OFFSET_OVERFLOW)
         nested_code = dynamic_code(w.device)
         absmax, nested_absmax = impl.quantize_absmax_nested(absmax, offset, nested_code)
     return NF4Weight(packed=packed.reshape(-1, 1), absmax=absmax, code=nf4_code(w.device), shape=w.shape,
                      dtype=w.dtype, blocksize=blocksize, nested_absmax=nested_absmax,
                      nested_code=nested_code, offset=offset, check_tables=False)
+
+
+_OFFSET_OVERFLOW = ("quantize_nf4: the double quantization's offset (the mean of the block absmaxes) "
+                    "overflows float32 for weights this large; pass double_quant=False")
+#: quantize_nf4's two-launch double quantization on CUDA (the block pass, then one kernel that
+#: replays torch.mean's reduction order for the offset and runs the nested pass; see
+#: csrc/cuda/nf4_cuda.cu).  False: the block pass, torch's own mean and the nested pass (benchmarks
+#: flip it to compare).
+FUSED_DOUBLE_QUANT = True
+#: values from which torch's mean of an fp32 vector runs 512-thread vectorized CTAs (the replay's domain)
+_MEAN_REPLAY_MIN = 2048
+#: (device, number of values) -> the replay's warp-shuffle order that gave torch.mean's bits
+#: (False: offsets 16..1, torch >= 2.13; True: 1..16), or None where neither did
+_mean_replay_orders: dict[tuple[int, int], bool | None] = {}
+
+
+def _fused_double_quant_order(impl, flat: torch.Tensor, blocksize: int) -> bool | None:
+    """The ``shfl_up`` argument of ``impl.quantize_nf4_double`` when that route may take ``flat``, else
+    None (another backend, an extension built before it, fewer than 2048 blocks, the route switched
+    off, or a replay that does not reproduce torch.mean here)."""
+    if not (FUSED_DOUBLE_QUANT and flat.is_cuda and hasattr(impl, "quantize_nf4_double")):
+        return None
+    nb = -(-flat.numel() // blocksize)
+    if nb < _MEAN_REPLAY_MIN:
+        return None
+    return mean_replay_order(impl, flat.device, nb)
+
+
+def mean_replay_order(ext, device: torch.device, nb: int) -> bool | None:
+    """Which warp-shuffle order of ``ext.torch_order_mean`` reproduces ``torch.mean``'s bits for fp32
+    vectors of ``nb`` values on ``device`` (None: neither).  Checked once per (device, nb) on three
+    random vectors whose values span 2^-24..2^8 (any other summation order changes their sums'
+    low bits); costs one sync.  While a CUDA graph is being captured an unchecked size answers None
+    (no sync possible) and stays unchecked."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device, nb)
+    if key in _mean_replay_orders:
+        return _mean_replay_orders[key]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    g = torch.Generator(device=device).manual_seed(0x5EED + nb)
+    xs = [torch.rand(nb, device=device, generator=g)
+          * torch.exp2(torch.randint(-24, 9, (nb,), device=device, generator=g).float()) for _ in range(3)]
+    ref = torch.stack([x.mean() for x in xs]).view(torch.int32)
+    found = None
+    for shfl_up in (False, True):
+        ours = torch.stack([ext.torch_order_mean(x, shfl_up) for x in xs]).view(torch.int32)
+        if torch.equal(ours, ref):
+            found = shfl_up
+            break
+    _mean_replay_orders[key] = found
+    return found
+
+
+def _quantize_nf4_fused(impl, flat: torch.Tensor, w: torch.Tensor, blocksize: int, shfl_up: bool,
+                        check_finite: bool) -> NF4Weight:
+    packed, absmax_q, nested_absmax, offset, code, nested_code = impl.quantize_nf4_double(
+        flat, blocksize, shared_table("nf4", flat.device), shared_table("dynamic", flat.device), shfl_up)
+    if check_finite and not bool(torch.isfinite(offset)):
+        raise ValueError(_OFFSET_OVERFLOW)
+    return NF4Weight(packed=packed.reshape(-1, 1), absmax=absmax_q, code=code, shape=w.shape, dtype=w.dtype,
+                     blocksize=blocksize, nested_absmax=nested_absmax, nested_code=nested_code, offset=offset,
+                     check_tables=False)
 
 
 def _check_finite(w: torch.Tensor) -> None:

@@ -164,7 +164,8 @@ __device__ __forceinline__ float inv_scale(float amax) {
 template <DType D, int BS>
 __global__ void __launch_bounds__(kThreads)
     quantize_blocks_kernel(const void* __restrict__ w, int64_t n, uint8_t* __restrict__ packed,
-                           float* __restrict__ absmax, QuantLut lut_in, bool vec_ok) {
+                           float* __restrict__ absmax, QuantLut lut_in, bool vec_ok,
+                           uint32_t* __restrict__ zero_word) {
   using In = Elem<D>;
   constexpr int E = 16 / In::kSize;          // elements per 16-byte unit: 4 (fp32) or 8
   constexpr int K = 16 / E;                  // units per thread per tile: 16 elements
@@ -177,6 +178,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ LutEntry lut[nf4::kLutCells];
   __shared__ uint32_t red[2][kWarps];
   if (threadIdx.x < nf4::kLutCells) lut[threadIdx.x] = lut_in.e[threadIdx.x];
+  if (zero_word != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *zero_word = 0u;  // see launch_quantize_nf4_double
   __syncthreads();
 
   const int lane = threadIdx.x & 31;
@@ -326,6 +328,205 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
+// Double quantization in one launch: torch.mean's offset, then the nested pass
+// ---------------------------------------------------------------------------------------------
+// bitsandbytes' offset is torch's `absmax.mean()`, whose bits depend on the order of torch's CUDA
+// reduction (ATen/native/cuda/Reduce.cuh).  For a contiguous, 16-byte aligned fp32 vector of
+// nb >= 2048 values torch runs `ctas` CTAs of 512 threads (ctas from its setReduceConfig, given
+// to this kernel by the host): thread x of torch CTA c adds the float4 vectors x + c*512 +
+// j*512*ctas (all fully inside nb) into four accumulators, one per vector lane, starting from
+// 0.0f; CTA 0's threads 0..2 add the nb % 4 tail elements to accumulator 0; the thread's value is
+// ((a0 + a1) + a2) + a3.  A CTA reduces its 512 values by a shared-memory tree (offsets 256..32)
+// then a warp-shuffle tree (shfl_down, offsets 16..1 in torch >= 2.13, 1..16 before: `shfl_up`).
+// With ctas > 1, one CTA folds the ctas partials: thread x starts from 0.0f and adds partials
+// x, x + 512, ..., then the same CTA tree.  mean = fold * factor, factor = fl(1 / fl(nb)).
+// This kernel replays that order with G co-resident CTAs (G <= #SMs; CTA g plays torch CTAs g,
+// g + G, ...), meets at a grid barrier, and every CTA folds the partials itself (same operations,
+// same bits), then quantizes absmax - offset in nested blocks of 256 (as
+// quantize_absmax_nested_kernel, two blocks per 512-thread step).  A CTA whose barrier wait
+// times out (its peers not resident; 2 ms) computes every partial itself: slower, same bits.
+// The host checks the replay against torch.mean once per (device, nb) before using it
+// (lora_kernels/library.py), so a torch whose order differs only costs that check.
+constexpr int kMeanThreads = 512;
+constexpr int kMeanMaxCtas = 1024;
+constexpr int64_t kMeanMinValues = 2048;  // from here torch's CTAs are 512 x 1, vectorized
+constexpr unsigned long long kMeanWaitNs = 2ull * 1000 * 1000;
+
+__device__ __forceinline__ unsigned long long mean_timer_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ uint32_t ld_acquire_u32(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Torch's CTA reduction of one value per thread (512 threads); the sum lands in thread 0.
+// `sh` holds 512 floats; the caller must not touch it until the next __syncthreads().
+__device__ __forceinline__ float torch_cta_sum(float v, float* sh, bool shfl_up) {
+  const int x = threadIdx.x;
+  __syncthreads();  // earlier readers of sh are done
+  sh[x] = v;
+  for (int off = kMeanThreads / 2; off >= 32; off >>= 1) {
+    __syncthreads();
+    if (x < off) {
+      v = __fadd_rn(v, sh[x + off]);
+      sh[x] = v;
+    }
+  }
+  __syncthreads();
+  if (shfl_up) {
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) v = __fadd_rn(v, __shfl_down_sync(kFullMask, v, off));
+  } else {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v = __fadd_rn(v, __shfl_down_sync(kFullMask, v, off));
+  }
+  return v;
+}
+
+// Torch CTA c's partial sum of x[0, nb) (valid in thread 0).
+__device__ float torch_cta_partial(const float* __restrict__ x, int64_t nb, int c, int ctas,
+                                   float* sh, bool shfl_up) {
+  const float4* vec = reinterpret_cast<const float4*>(x);
+  const int64_t nvec = nb / 4;  // vectors wholly inside nb
+  const int64_t stride = static_cast<int64_t>(kMeanThreads) * ctas;
+  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+  int64_t v = threadIdx.x + static_cast<int64_t>(c) * kMeanThreads;
+  for (; v + 3 * stride < nvec; v += 4 * stride) {  // four loads in flight, added in order
+    float4 f[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) f[u] = __ldg(vec + v + u * stride);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      a0 = __fadd_rn(a0, f[u].x);
+      a1 = __fadd_rn(a1, f[u].y);
+      a2 = __fadd_rn(a2, f[u].z);
+      a3 = __fadd_rn(a3, f[u].w);
+    }
+  }
+  for (; v < nvec; v += stride) {
+    const float4 f = __ldg(vec + v);
+    a0 = __fadd_rn(a0, f.x);
+    a1 = __fadd_rn(a1, f.y);
+    a2 = __fadd_rn(a2, f.z);
+    a3 = __fadd_rn(a3, f.w);
+  }
+  if (c == 0) {
+    const int64_t t = nvec * 4 + threadIdx.x;
+    if (t < nb) a0 = __fadd_rn(a0, __ldg(x + t));
+  }
+  return torch_cta_sum(__fadd_rn(__fadd_rn(__fadd_rn(a0, a1), a2), a3), sh, shfl_up);
+}
+
+__global__ void __launch_bounds__(kMeanThreads)
+    absmax_mean_nested_kernel(const float* __restrict__ absmax, int64_t nb, int ctas, bool shfl_up,
+                              float factor, float* __restrict__ staging,
+                              uint32_t* __restrict__ arrived, float* __restrict__ offset_out,
+                              const float* __restrict__ dyn_code, uint8_t* __restrict__ q,
+                              float* __restrict__ nested_absmax,
+                              const float* __restrict__ nf4_code_in,
+                              float* __restrict__ code_out, float* __restrict__ dyn_code_out,
+                              unsigned long long wait_ns) {
+  __shared__ float sh[kMeanThreads];
+  __shared__ float part[kMeanMaxCtas];
+  __shared__ float bounds[nf4::kDynamicCodeSize];
+  __shared__ uint32_t red[kMeanThreads / 32];
+  __shared__ float off_s;
+  __shared__ int ok_s;
+  const int t = threadIdx.x;
+  const int G = gridDim.x;
+
+  // 1. torch CTAs blockIdx.x, + G, ...: partial sums to the staging buffer
+  for (int c = blockIdx.x; c < ctas; c += G) {
+    const float p = torch_cta_partial(absmax, nb, c, ctas, sh, shfl_up);
+    if (t == 0) staging[c] = p;
+  }
+  // 2. grid barrier (or, after a timeout, every partial computed here)
+  __syncthreads();
+  if (t == 0) {
+    __threadfence();
+    atomicAdd(arrived, 1u);
+    const unsigned long long t0 = mean_timer_ns();
+    int ok = 1;
+    while (ld_acquire_u32(arrived) < static_cast<uint32_t>(G)) {
+      if (mean_timer_ns() - t0 > wait_ns) {
+        ok = 0;
+        break;
+      }
+      __nanosleep(64);
+    }
+    ok_s = ok;
+  }
+  __syncthreads();
+  if (ok_s) {
+    for (int c = t; c < ctas; c += kMeanThreads) part[c] = __ldcg(staging + c);
+  } else {
+    for (int c = 0; c < ctas; ++c) {
+      const float p = torch_cta_partial(absmax, nb, c, ctas, sh, shfl_up);
+      if (t == 0) part[c] = p;
+    }
+  }
+  __syncthreads();
+  // 3. the fold and the offset (every CTA, same bits)
+  float total;
+  if (ctas == 1) {
+    total = part[0];
+  } else {
+    float v = 0.0f;
+    for (int c = t; c < ctas; c += kMeanThreads) v = __fadd_rn(v, part[c]);
+    total = torch_cta_sum(v, sh, shfl_up);
+  }
+  if (t == 0) {
+    off_s = __fmul_rn(total, factor);
+    if (blockIdx.x == 0) *offset_out = off_s;
+  }
+  if (blockIdx.x == 0 && code_out != nullptr) {
+    if (t < nf4::kNumCodes) code_out[t] = nf4_code_in[t];
+    if (t < nf4::kDynamicCodeSize) dyn_code_out[t] = dyn_code[t];
+  }
+  if (q == nullptr) return;  // mean only
+  if (t < nf4::kDynamicCodeSize) {
+    bounds[t] = t < nf4::kDynamicCodeSize - 1
+                    ? __fmul_rn(__fadd_rn(dyn_code[t], dyn_code[t + 1]), 0.5f)
+                    : __int_as_float(0x7f800000);
+  }
+  __syncthreads();
+  const float off = off_s;
+  // 4. nested blocks 2p, 2p + 1 per step: the 256 threads of half h take block 2p + h
+  const int lane = t & 31;
+  const int warp = t >> 5;
+  const int half = t >> 8;
+  const int64_t nnested = (nb + nf4::kNestedBlocksize - 1) / nf4::kNestedBlocksize;
+  for (int64_t pair = blockIdx.x; 2 * pair < nnested; pair += G) {
+    const int64_t blk = 2 * pair + half;
+    const int64_t i = blk * nf4::kNestedBlocksize + (t & (nf4::kNestedBlocksize - 1));
+    const float d = i < nb ? __fsub_rn(__ldg(absmax + i), off) : 0.0f;
+    uint32_t m = __float_as_uint(d) & kAbsMask;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = umax(m, __shfl_xor_sync(kFullMask, m, o));
+    if (lane == 0) red[warp] = m;
+    __syncthreads();
+    m = red[half * 8];
+#pragma unroll
+    for (int j = 1; j < 8; ++j) m = umax(m, red[half * 8 + j]);
+    __syncthreads();  // red is rewritten by the next step
+    const float am = __uint_as_float(m);
+    if (blk < nnested) {
+      if ((t & (nf4::kNestedBlocksize - 1)) == 0) nested_absmax[blk] = am;
+      if (i < nb) {
+        uint32_t qi = 0;  // a nested block with max |d| == 0 stores index 0
+        if (am != 0.0f) qi = nf4::nearest_dynamic_index(__fmul_rn(d, inv_scale(am)), bounds);
+        q[i] = static_cast<uint8_t>(qi);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Dequantization (one launch, double quant decoded in place)
 // ---------------------------------------------------------------------------------------------
 template <DType D, bool kNested>
@@ -447,7 +648,7 @@ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 template <DType D, int BS>
 cudaError_t quantize_blocks_launch(const void* w, int64_t n, uint8_t* packed, float* absmax,
-                                   cudaStream_t stream) {
+                                   uint32_t* zero_word, cudaStream_t stream) {
   constexpr int E = 16 / Elem<D>::kSize;
   constexpr int kTile = 4096;
   constexpr QuantLut kLut = nf4::make_quant_lut(nf4::kThresholdsCuda);  // bitsandbytes' CUDA thresholds
@@ -458,22 +659,22 @@ cudaError_t quantize_blocks_launch(const void* w, int64_t n, uint8_t* packed, fl
   const int64_t ntiles = (n + kTile - 1) / kTile;
   const int grid = static_cast<int>(min64(ntiles, ctas));
   const bool vec_ok = aligned(w, 16) && aligned(packed, E / 2);
-  kernel<<<grid, kThreads, 0, stream>>>(w, n, packed, absmax, kLut, vec_ok);
+  kernel<<<grid, kThreads, 0, stream>>>(w, n, packed, absmax, kLut, vec_ok, zero_word);
   return cudaGetLastError();
 }
 
 template <DType D>
 cudaError_t quantize_blocks_dispatch_bs(const void* w, int64_t n, int blocksize, uint8_t* packed,
-                                        float* absmax, cudaStream_t stream) {
+                                        float* absmax, uint32_t* zero_word, cudaStream_t stream) {
   switch (blocksize) {
-    case 32: return quantize_blocks_launch<D, 32>(w, n, packed, absmax, stream);
-    case 64: return quantize_blocks_launch<D, 64>(w, n, packed, absmax, stream);
-    case 128: return quantize_blocks_launch<D, 128>(w, n, packed, absmax, stream);
-    case 256: return quantize_blocks_launch<D, 256>(w, n, packed, absmax, stream);
-    case 512: return quantize_blocks_launch<D, 512>(w, n, packed, absmax, stream);
-    case 1024: return quantize_blocks_launch<D, 1024>(w, n, packed, absmax, stream);
-    case 2048: return quantize_blocks_launch<D, 2048>(w, n, packed, absmax, stream);
-    case 4096: return quantize_blocks_launch<D, 4096>(w, n, packed, absmax, stream);
+    case 32: return quantize_blocks_launch<D, 32>(w, n, packed, absmax, zero_word, stream);
+    case 64: return quantize_blocks_launch<D, 64>(w, n, packed, absmax, zero_word, stream);
+    case 128: return quantize_blocks_launch<D, 128>(w, n, packed, absmax, zero_word, stream);
+    case 256: return quantize_blocks_launch<D, 256>(w, n, packed, absmax, zero_word, stream);
+    case 512: return quantize_blocks_launch<D, 512>(w, n, packed, absmax, zero_word, stream);
+    case 1024: return quantize_blocks_launch<D, 1024>(w, n, packed, absmax, zero_word, stream);
+    case 2048: return quantize_blocks_launch<D, 2048>(w, n, packed, absmax, zero_word, stream);
+    case 4096: return quantize_blocks_launch<D, 4096>(w, n, packed, absmax, zero_word, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -514,16 +715,19 @@ cudaError_t dequantize_dispatch_nested(const uint8_t* packed, const float* absma
 }  // namespace
 
 cudaError_t launch_quantize_blocks(const void* w, DType dtype, int64_t n, int blocksize,
-                                   uint8_t* packed, float* absmax, cudaStream_t stream) {
+                                   uint8_t* packed, float* absmax, cudaStream_t stream,
+                                   uint32_t* zero_word) {
   if (n < 1 || !nf4::is_valid_blocksize(blocksize)) return cudaErrorInvalidValue;
   switch (dtype) {
     case DType::kFloat32:
-      return quantize_blocks_dispatch_bs<DType::kFloat32>(w, n, blocksize, packed, absmax, stream);
+      return quantize_blocks_dispatch_bs<DType::kFloat32>(w, n, blocksize, packed, absmax,
+                                                          zero_word, stream);
     case DType::kBFloat16:
       return quantize_blocks_dispatch_bs<DType::kBFloat16>(w, n, blocksize, packed, absmax,
-                                                           stream);
+                                                           zero_word, stream);
     case DType::kFloat16:
-      return quantize_blocks_dispatch_bs<DType::kFloat16>(w, n, blocksize, packed, absmax, stream);
+      return quantize_blocks_dispatch_bs<DType::kFloat16>(w, n, blocksize, packed, absmax,
+                                                          zero_word, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -536,6 +740,57 @@ cudaError_t launch_quantize_absmax_nested(const float* absmax, int64_t nb, const
   if (grid > 0x7fffffffLL) return cudaErrorInvalidValue;
   quantize_absmax_nested_kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
       absmax, nb, offset, code, q, nested_absmax);
+  return cudaGetLastError();
+}
+
+static int torch_mean_ctas(int64_t nb, int sms, int max_threads_per_sm) {
+  // setReduceConfig for one output, a contiguous fp32 input of nb >= 2048 values: vectorized
+  // (input_vec_size 4), block 512 x 1, values_per_thread = div_up(nb, 512); the input is split
+  // over CTAs when values_per_thread >= 256 (max_values_per_thread), into
+  // max(min(target grid, div_up(vpt, 16)), div_up(vpt, 256)) CTAs.
+  if (nb < kMeanMinValues) return 0;
+  const int64_t vpt = (nb + kMeanThreads - 1) / kMeanThreads;
+  if (vpt < 256) return 1;
+  const int64_t target = static_cast<int64_t>(sms) * (max_threads_per_sm / kMeanThreads);
+  const int64_t c2 = (vpt + 15) / 16, c3 = (vpt + 255) / 256;
+  const int64_t c = c2 < target ? c2 : target;
+  return static_cast<int>(c > c3 ? c : c3);
+}
+
+static cudaError_t mean_ctas_here(int64_t nb, int* ctas, int* sms) {
+  int dev = 0, mt = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&mt, cudaDevAttrMaxThreadsPerMultiProcessor, dev);
+  if (err != cudaSuccess) return err;
+  *ctas = torch_mean_ctas(nb, *sms, mt);
+  return (*ctas < 1 || *ctas > kMeanMaxCtas) ? cudaErrorInvalidValue : cudaSuccess;
+}
+
+cudaError_t absmax_mean_workspace(int64_t nb, int* staging_floats) {
+  int ctas = 0, sms = 0;
+  cudaError_t err = mean_ctas_here(nb, &ctas, &sms);
+  *staging_floats = ctas;
+  return err;
+}
+
+cudaError_t launch_absmax_mean_nested(const float* absmax, int64_t nb, bool shfl_up,
+                                      float* staging, uint32_t* arrived, float* offset,
+                                      const float* dyn_code, uint8_t* q, float* nested_absmax,
+                                      const float* nf4_code, float* code_out, float* dyn_code_out,
+                                      cudaStream_t stream, int64_t wait_ns) {
+  if (!aligned(absmax, 16)) return cudaErrorInvalidValue;  // torch's vector path starts at 0
+  int ctas = 0, sms = 0;
+  cudaError_t err = mean_ctas_here(nb, &ctas, &sms);
+  if (err != cudaSuccess) return err;
+  const int64_t pairs = (nb + 2 * nf4::kNestedBlocksize - 1) / (2 * nf4::kNestedBlocksize);
+  const int64_t want = q == nullptr ? ctas : (pairs > ctas ? pairs : ctas);
+  const int grid = static_cast<int>(min64(want, sms));
+  const float factor = 1.0f / static_cast<float>(nb);  // torch: float(num_outputs) / numel
+  absmax_mean_nested_kernel<<<grid, kMeanThreads, 0, stream>>>(
+      absmax, nb, ctas, shfl_up, factor, staging, arrived, offset, dyn_code, q, nested_absmax,
+      nf4_code, code_out, dyn_code_out,
+      wait_ns < 0 ? kMeanWaitNs : static_cast<unsigned long long>(wait_ns));
   return cudaGetLastError();
 }
 
