@@ -340,7 +340,7 @@ __global__ void __launch_bounds__(kThreads)
 // then a warp-shuffle tree (shfl_down, offsets 16..1 in torch >= 2.13, 1..16 before: `shfl_up`).
 // With ctas > 1, one CTA folds the ctas partials: thread x starts from 0.0f and adds partials
 // x, x + 512, ..., then the same CTA tree.  mean = fold * factor, factor = fl(1 / fl(nb)).
-// This kernel replays that order with G co-resident CTAs (G <= #SMs; CTA g plays torch CTAs g,
+// This kernel replays that order with G co-resident CTAs (G <= resident CTAs; CTA g plays torch CTAs g,
 // g + G, ...), meets at a grid barrier, and every CTA folds the partials itself (same operations,
 // same bits), then quantizes absmax - offset in nested blocks of 256 (as
 // quantize_absmax_nested_kernel, two blocks per 512-thread step).  A CTA whose barrier wait
@@ -783,9 +783,19 @@ cudaError_t launch_absmax_mean_nested(const float* absmax, int64_t nb, bool shfl
   int ctas = 0, sms = 0;
   cudaError_t err = mean_ctas_here(nb, &ctas, &sms);
   if (err != cudaSuccess) return err;
+  // As many CTAs as the nested pass has pairs of blocks, up to what is resident at once (the
+  // barrier's peers; one that is not resident only costs its waiters the timeout).
+  static std::atomic<int> cached_per_sm{0};
+  int per_sm = cached_per_sm.load(std::memory_order_relaxed);
+  if (per_sm == 0) {
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, absmax_mean_nested_kernel, kMeanThreads, 0);
+    if (err != cudaSuccess) return err;
+    per_sm = per_sm > 0 ? per_sm : 1;
+    cached_per_sm.store(per_sm, std::memory_order_relaxed);
+  }
   const int64_t pairs = (nb + 2 * nf4::kNestedBlocksize - 1) / (2 * nf4::kNestedBlocksize);
   const int64_t want = q == nullptr ? ctas : (pairs > ctas ? pairs : ctas);
-  const int grid = static_cast<int>(min64(want, sms));
+  const int grid = static_cast<int>(min64(want, static_cast<int64_t>(sms) * per_sm));
   const float factor = 1.0f / static_cast<float>(nb);  // torch: float(num_outputs) / numel
   absmax_mean_nested_kernel<<<grid, kMeanThreads, 0, stream>>>(
       absmax, nb, ctas, shfl_up, factor, staging, arrived, offset, dyn_code, q, nested_absmax,
