@@ -428,3 +428,32 @@ def test_cuda_sources_compile_with_nvcc(cu, tmp_path):
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
     assert "warning" not in (res.stdout + res.stderr).lower(), res.stdout + res.stderr
     assert (tmp_path / (cu.stem + ".o")).stat().st_size > 0
+
+
+def test_cuda_bindings_parse_against_torch_headers(tmp_path):
+    """csrc/bindings_cuda.cpp (pybind11 + ATen + c10/cuda) type-checks with the host compiler against
+    the installed torch's headers and the CUDA toolkit's: a wrong ATen or launcher call fails here, on
+    the CPU, instead of in a GPU session's build.  A CPU-only torch lacks one generated CUDA header
+    (c10/cuda/impl/cuda_cmake_macros.h); an empty stand-in is enough for parsing."""
+    nvcc = _nvcc()
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if nvcc is None or cxx is None:
+        pytest.skip("needs nvcc (for the CUDA headers) and a C++ compiler")
+    cuda_inc = pathlib.Path(os.path.realpath(nvcc)).parent.parent / "include"
+    if not (cuda_inc / "cuda_runtime_api.h").exists():
+        found = [p for p in pathlib.Path("/usr/local").glob("cuda*/include/cuda_runtime_api.h")]
+        if not found:
+            pytest.skip("CUDA headers not found beside nvcc or under /usr/local/cuda*")
+        cuda_inc = found[0].parent
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    cmd = [cxx, "-std=c++17", "-fsyntax-only", f"-I{ROOT / 'csrc'}", *(f"-I{p}" for p in include_paths()),
+           f"-I{tmp_path}", f"-I{cuda_inc}", f"-I{sysconfig.get_paths()['include']}",
+           "-DTORCH_EXTENSION_NAME=_C_cuda", str(ROOT / "csrc" / "bindings_cuda.cpp")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr[-4000:]}"
