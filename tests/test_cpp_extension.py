@@ -4,6 +4,7 @@
   lora_kernels.reference over fresh random inputs (the seed is printed on failure);
 * every argument check raises an error whose message names the argument;
 * every csrc/cuda/*.cu compiles with the machine's nvcc (skipped without nvcc).
+* csrc/bindings_cuda.cpp parses against torch's and the CUDA toolkit's headers (skipped without them).
 The CPU quantizer uses the same NF4 index function as the CUDA kernel (csrc/nf4_common.h), so
 the parity and boundary tests here also cover that part of the CUDA path.
 """
