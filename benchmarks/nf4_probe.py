@@ -65,6 +65,7 @@ def _quantize_ab(shape: tuple[int, int], copy_bw: float) -> None:
         finally:
             library.FUSED_DOUBLE_QUANT = True
         res.setdefault(fused, []).append(t)
+    print(f"  torch.mean replay orders found (shfl_up per (device, nb)): {library._mean_replay_orders}")
     for fused, ts in res.items():
         name = "two launches (replayed mean)" if fused else "three kernels (torch mean)"
         print(f"  {shape} quantize {name:>30}: " + " / ".join(f"{t * 1e3:7.2f} µs frac {floor_ms / t:.3f}" for t in ts))
