@@ -9,7 +9,7 @@ set +e
 source benchmarks/device_env.sh
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 echo "=== pytest -m gpu fused double quant + format $(date +%T)"
-timeout 230 python3 -m pytest -m gpu -q -p no:cacheprovider -rfs --durations=8 tests/test_fused_double_quant.py tests/test_gpu_nf4.py \
+timeout ${TEST_S:-230} python3 -m pytest -m gpu -q -p no:cacheprovider -rfs --durations=8 ${TESTS:-tests/test_fused_double_quant.py tests/test_gpu_nf4.py} \
   > "$OUT/gpu_tests_issue2.log" 2>&1
 echo "pytest rc=$?"; grep -E "passed|failed|^FAILED|^ERROR|Error" "$OUT/gpu_tests_issue2.log" | tail -12 | cut -c1-300
 echo "=== nf4_probe $(date +%T)"
