@@ -158,12 +158,6 @@ def test_two_launch_route_equals_three_kernel_route(dtype, monkeypatch):
         for t, name in ((ours.code, "nf4"), (ours.nested_code, "dynamic")):
             assert t.data_ptr() != shared_table(name, t.device).data_ptr(), f"{ctx}: {name} table not fresh"
         assert torch.equal(lk.dequantize_nf4(ours), lk.dequantize_nf4(ref)), ctx
-        if shape == FUSED_CASES[0][0] and bs == FUSED_CASES[0][1]:      # the plain launch, not a dependent
-            monkeypatch.setenv("LORA_KERNELS_DQ_PDL", "0")
-            plain = lk.quantize_nf4(w, bs, backend="cuda")
-            monkeypatch.delenv("LORA_KERNELS_DQ_PDL")
-            assert torch.equal(plain.absmax, ref.absmax) and _bits(plain.offset) == _bits(ref.offset), ctx
-            assert torch.equal(plain.nested_absmax, ref.nested_absmax) and torch.equal(plain.packed, ref.packed), ctx
 
 
 @pytest.mark.gpu

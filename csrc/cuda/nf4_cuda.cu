@@ -29,10 +29,8 @@
 #include <cuda_fp16.h>
 
 #include <atomic>
-#include <cstdlib>
 #include <cstring>
 
-#include "cuda/pdl.cuh"
 #include "nf4_common.h"
 
 namespace lora_kernels {
@@ -180,8 +178,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ LutEntry lut[nf4::kLutCells];
   __shared__ uint32_t red[2][kWarps];
   if (threadIdx.x < nf4::kLutCells) lut[threadIdx.x] = lut_in.e[threadIdx.x];
-  if (zero_word != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *zero_word = 0u;  // see launch_absmax_mean_nested
-  griddep_launch_dependents();  // its CTAs may take the SM slots ours free (it waits for our writes)
+  if (zero_word != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *zero_word = 0u;  // see launch_quantize_nf4_double
   __syncthreads();
 
   const int lane = threadIdx.x & 31;
@@ -442,26 +439,6 @@ __global__ void __launch_bounds__(kMeanThreads)
   __shared__ int ok_s;
   const int t = threadIdx.x;
   const int G = gridDim.x;
-  const int lane = t & 31;
-  const int warp = t >> 5;
-  const int half = t >> 8;
-  const int64_t nnested = (nb + nf4::kNestedBlocksize - 1) / nf4::kNestedBlocksize;
-
-  // 0. while the block pass may still run (programmatic dependent launch): inputs it does not write
-  if (blockIdx.x == 0 && code_out != nullptr) {
-    if (t < nf4::kNumCodes) code_out[t] = nf4_code_in[t];
-    if (t < nf4::kDynamicCodeSize) dyn_code_out[t] = dyn_code[t];
-  }
-  if (q != nullptr && t < nf4::kDynamicCodeSize) {
-    bounds[t] = t < nf4::kDynamicCodeSize - 1
-                    ? __fmul_rn(__fadd_rn(dyn_code[t], dyn_code[t + 1]), 0.5f)
-                    : __int_as_float(0x7f800000);
-  }
-  griddep_wait();  // absmax and *arrived are the block pass's
-  // this CTA's first nested value, requested now so that its latency overlaps steps 1-3
-  const int64_t i_first = (2 * static_cast<int64_t>(blockIdx.x) + half) * nf4::kNestedBlocksize +
-                          (t & (nf4::kNestedBlocksize - 1));
-  const float a_first = (q != nullptr && i_first < nb) ? __ldg(absmax + i_first) : 0.0f;
 
   // 1. torch CTAs blockIdx.x, + G, ...: partial sums to the staging buffer
   for (int c = blockIdx.x; c < ctas; c += G) {
@@ -494,24 +471,10 @@ __global__ void __launch_bounds__(kMeanThreads)
     }
   }
   __syncthreads();
-  // 3. the fold and the offset (every CTA, same bits).  With ctas <= 32 the shared-memory levels of
-  // the tree only add +0.0 (threads >= ctas hold 0.0f, and no value is -0.0), so warp 0's shuffle
-  // tree alone gives the same sum.
-  float total = 0.0f;
+  // 3. the fold and the offset (every CTA, same bits)
+  float total;
   if (ctas == 1) {
     total = part[0];
-  } else if (ctas <= 32) {
-    if (warp == 0) {
-      float v = t < ctas ? __fadd_rn(0.0f, part[t]) : 0.0f;
-      if (shfl_up) {
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) v = __fadd_rn(v, __shfl_down_sync(kFullMask, v, off));
-      } else {
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) v = __fadd_rn(v, __shfl_down_sync(kFullMask, v, off));
-      }
-      total = v;
-    }
   } else {
     float v = 0.0f;
     for (int c = t; c < ctas; c += kMeanThreads) v = __fadd_rn(v, part[c]);
@@ -521,15 +484,27 @@ __global__ void __launch_bounds__(kMeanThreads)
     off_s = __fmul_rn(total, factor);
     if (blockIdx.x == 0) *offset_out = off_s;
   }
+  if (blockIdx.x == 0 && code_out != nullptr) {
+    if (t < nf4::kNumCodes) code_out[t] = nf4_code_in[t];
+    if (t < nf4::kDynamicCodeSize) dyn_code_out[t] = dyn_code[t];
+  }
   if (q == nullptr) return;  // mean only
+  if (t < nf4::kDynamicCodeSize) {
+    bounds[t] = t < nf4::kDynamicCodeSize - 1
+                    ? __fmul_rn(__fadd_rn(dyn_code[t], dyn_code[t + 1]), 0.5f)
+                    : __int_as_float(0x7f800000);
+  }
   __syncthreads();
   const float off = off_s;
   // 4. nested blocks 2p, 2p + 1 per step: the 256 threads of half h take block 2p + h
+  const int lane = t & 31;
+  const int warp = t >> 5;
+  const int half = t >> 8;
+  const int64_t nnested = (nb + nf4::kNestedBlocksize - 1) / nf4::kNestedBlocksize;
   for (int64_t pair = blockIdx.x; 2 * pair < nnested; pair += G) {
     const int64_t blk = 2 * pair + half;
     const int64_t i = blk * nf4::kNestedBlocksize + (t & (nf4::kNestedBlocksize - 1));
-    const float a = pair == blockIdx.x ? a_first : (i < nb ? __ldg(absmax + i) : 0.0f);
-    const float d = i < nb ? __fsub_rn(a, off) : 0.0f;
+    const float d = i < nb ? __fsub_rn(__ldg(absmax + i), off) : 0.0f;
     uint32_t m = __float_as_uint(d) & kAbsMask;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) m = umax(m, __shfl_xor_sync(kFullMask, m, o));
@@ -782,11 +757,6 @@ static int torch_mean_ctas(int64_t nb, int sms, int max_threads_per_sm) {
   return static_cast<int>(c > c3 ? c : c3);
 }
 
-static int dev_of_current() {
-  int dev = 0;
-  return cudaGetDevice(&dev) == cudaSuccess ? dev : 0;
-}
-
 static cudaError_t mean_ctas_here(int64_t nb, int* ctas, int* sms) {
   int dev = 0, mt = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -827,17 +797,11 @@ cudaError_t launch_absmax_mean_nested(const float* absmax, int64_t nb, bool shfl
   const int64_t want = q == nullptr ? ctas : (pairs > ctas ? pairs : ctas);
   const int grid = static_cast<int>(min64(want, static_cast<int64_t>(sms) * per_sm));
   const float factor = 1.0f / static_cast<float>(nb);  // torch: float(num_outputs) / numel
-  // A programmatic dependent of the block pass on sm_90 (its prologue and launch overlap that
-  // kernel's tail); $LORA_KERNELS_DQ_PDL=0 launches it plainly.
-  int major = 0;
-  err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev_of_current());
-  if (err != cudaSuccess) return err;
-  const char* env = std::getenv("LORA_KERNELS_DQ_PDL");
-  const bool pdl = q != nullptr && major >= 9 && !(env != nullptr && env[0] == '0');
-  return launch_maybe_pdl(absmax_mean_nested_kernel, dim3(grid), dim3(kMeanThreads), 0, stream, pdl,
-                          absmax, nb, ctas, shfl_up, factor, staging, arrived, offset, dyn_code, q,
-                          nested_absmax, nf4_code, code_out, dyn_code_out,
-                          wait_ns < 0 ? kMeanWaitNs : static_cast<unsigned long long>(wait_ns));
+  absmax_mean_nested_kernel<<<grid, kMeanThreads, 0, stream>>>(
+      absmax, nb, ctas, shfl_up, factor, staging, arrived, offset, dyn_code, q, nested_absmax,
+      nf4_code, code_out, dyn_code_out,
+      wait_ns < 0 ? kMeanWaitNs : static_cast<unsigned long long>(wait_ns));
+  return cudaGetLastError();
 }
 
 cudaError_t launch_dequantize(const uint8_t* packed, const float* absmax_f32,
