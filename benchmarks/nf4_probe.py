@@ -46,11 +46,10 @@ def _quantize_ab(shape: tuple[int, int], copy_bw: float) -> None:
     """quantize_nf4 (CUDA backend, double quant, no finite check) by CUDA-graph replay: the two-launch
     route (torch.mean's order replayed, library.FUSED_DOUBLE_QUANT) against the three-kernel one."""
     import lora_kernels as lk
+    from benchmarks.bench_nf4 import quant_bytes
     from lora_kernels import library
 
     n = shape[0] * shape[1]
-    from benchmarks.bench_nf4 import quant_bytes
-
     floor_ms = quant_bytes(n) / copy_bw * 1e3                       # the bench's floor
     sets = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(harness.sets_for_l2(2 * n))]
 

@@ -181,7 +181,7 @@ FUSED_DOUBLE_QUANT = True
 _MEAN_REPLAY_MIN = 2048
 #: (device, number of values) -> the replay's warp-shuffle order that gave torch.mean's bits
 #: (False: offsets 16..1, torch >= 2.13; True: 1..16), or None where neither did
-_mean_replay_orders: dict[tuple[int, int], bool | None] = {}
+_mean_replay_orders: dict[tuple[torch.device, int], bool | None] = {}
 
 
 def _fused_double_quant_order(impl, flat: torch.Tensor, blocksize: int) -> bool | None:

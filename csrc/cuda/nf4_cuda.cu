@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ LutEntry lut[nf4::kLutCells];
   __shared__ uint32_t red[2][kWarps];
   if (threadIdx.x < nf4::kLutCells) lut[threadIdx.x] = lut_in.e[threadIdx.x];
-  if (zero_word != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *zero_word = 0u;  // see launch_quantize_nf4_double
+  if (zero_word != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *zero_word = 0u;  // see launch_absmax_mean_nested
   __syncthreads();
 
   const int lane = threadIdx.x & 31;
