@@ -8,6 +8,7 @@ timeout path), the two-launch route against the three-kernel one field by field,
 CUDA-graph capture.  bitsandbytes equality of the route is test_gpu_nf4's (its >= 2048-block
 shapes take it)."""
 
+import os
 import types
 
 import pytest
@@ -107,7 +108,7 @@ REPLAY_SIZES = [2048, 2049, 2050, 2051, 3001, 7680, 7681, 8191, 65536, 131071, 1
 def test_replay_reproduces_torch_mean_bits():
     ext = _ext()
     dev = torch.device("cuda", torch.cuda.current_device())
-    gen = torch.Generator(device=dev).manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    gen = torch.Generator(device=dev).manual_seed(int.from_bytes(os.urandom(4), "little"))
     other_order_differs = False
     for nb in REPLAY_SIZES:
         order = library.mean_replay_order(ext, dev, nb)
@@ -140,7 +141,7 @@ FUSED_CASES = [((4096, 4096), 64), ((1000, 1001), 64), ((11, 64 * 1023 + 7), 32)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 def test_two_launch_route_equals_three_kernel_route(dtype, monkeypatch):
     ext = _ext()
-    gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
     for shape, bs in FUSED_CASES:
         w = (torch.randn(shape, device="cuda", generator=gen) * float(torch.rand(1) * 4 + 0.01)).to(dtype)
         assert library._fused_double_quant_order(ext, w.reshape(-1), bs) is not None, (shape, bs)
