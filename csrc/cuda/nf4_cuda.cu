@@ -626,7 +626,7 @@ bool aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p
 // CTAs that fill the current device once (grid-stride kernels); at least 1.  The occupancy of
 // a kernel is queried once per kernel (it only sizes the grid, never affects results).
 template <typename Kernel>
-cudaError_t resident_ctas(Kernel kernel, int* ctas) {
+cudaError_t resident_ctas(Kernel kernel, int* ctas, int threads = kThreads) {
   static std::atomic<int> cached_per_sm{0};
   int dev = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -635,7 +635,7 @@ cudaError_t resident_ctas(Kernel kernel, int* ctas) {
   if (err != cudaSuccess) return err;
   int per_sm = cached_per_sm.load(std::memory_order_relaxed);
   if (per_sm == 0) {
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
     if (err != cudaSuccess) return err;
     per_sm = per_sm > 0 ? per_sm : 1;
     cached_per_sm.store(per_sm, std::memory_order_relaxed);
@@ -785,17 +785,12 @@ cudaError_t launch_absmax_mean_nested(const float* absmax, int64_t nb, bool shfl
   if (err != cudaSuccess) return err;
   // As many CTAs as the nested pass has pairs of blocks, up to what is resident at once (the
   // barrier's peers; one that is not resident only costs its waiters the timeout).
-  static std::atomic<int> cached_per_sm{0};
-  int per_sm = cached_per_sm.load(std::memory_order_relaxed);
-  if (per_sm == 0) {
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, absmax_mean_nested_kernel, kMeanThreads, 0);
-    if (err != cudaSuccess) return err;
-    per_sm = per_sm > 0 ? per_sm : 1;
-    cached_per_sm.store(per_sm, std::memory_order_relaxed);
-  }
+  int resident = 0;
+  err = resident_ctas(absmax_mean_nested_kernel, &resident, kMeanThreads);
+  if (err != cudaSuccess) return err;
   const int64_t pairs = (nb + 2 * nf4::kNestedBlocksize - 1) / (2 * nf4::kNestedBlocksize);
   const int64_t want = q == nullptr ? ctas : (pairs > ctas ? pairs : ctas);
-  const int grid = static_cast<int>(min64(want, static_cast<int64_t>(sms) * per_sm));
+  const int grid = static_cast<int>(min64(want, resident));
   const float factor = 1.0f / static_cast<float>(nb);  // torch: float(num_outputs) / numel
   absmax_mean_nested_kernel<<<grid, kMeanThreads, 0, stream>>>(
       absmax, nb, ctas, shfl_up, factor, staging, arrived, offset, dyn_code, q, nested_absmax,
