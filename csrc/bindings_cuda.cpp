@@ -64,7 +64,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_absmax_nested(const at::Tensor& absm
   return {q, nested};
 }
 
-// Staging floats + the barrier counter of launch_absmax_mean_nested, in one fp32 buffer.
+// Staging floats (one per torch CTA: the returned count) + the barrier counter of
+// launch_absmax_mean_nested, in one fp32 buffer.
 std::pair<at::Tensor, int> mean_workspace(int64_t nb, const at::TensorOptions& opts, const char* fn) {
   int staging = 0;
   const cudaError_t err = cuda::absmax_mean_workspace(nb, &staging);
@@ -102,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                             absmax.data_ptr<float>(), stream, arrived),
                fn);
   check_launch(cuda::launch_absmax_mean_nested(
-                   absmax.data_ptr<float>(), nb, shfl_up, work.data_ptr<float>(), arrived,
+                   absmax.data_ptr<float>(), nb, staging, shfl_up, work.data_ptr<float>(), arrived,
                    offset.data_ptr<float>(), dyn_code.data_ptr<float>(), q.data_ptr<uint8_t>(),
                    nested.data_ptr<float>(), nf4_code.data_ptr<float>(), code.data_ptr<float>(),
                    nested_code.data_ptr<float>(), stream),
@@ -119,7 +120,7 @@ at::Tensor torch_order_mean(const at::Tensor& x, bool shfl_up, int64_t wait_ns) 
   work.zero_();
   auto offset = at::empty({}, x.options());
   check_launch(cuda::launch_absmax_mean_nested(
-                   x.data_ptr<float>(), x.numel(), shfl_up, work.data_ptr<float>(),
+                   x.data_ptr<float>(), x.numel(), staging, shfl_up, work.data_ptr<float>(),
                    reinterpret_cast<uint32_t*>(work.data_ptr<float>() + staging), offset.data_ptr<float>(),
                    nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
                    c10::cuda::getCurrentCUDAStream().stream(), wait_ns),

@@ -757,36 +757,28 @@ static int torch_mean_ctas(int64_t nb, int sms, int max_threads_per_sm) {
   return static_cast<int>(c > c3 ? c : c3);
 }
 
-static cudaError_t mean_ctas_here(int64_t nb, int* ctas, int* sms) {
-  int dev = 0, mt = 0;
+cudaError_t absmax_mean_workspace(int64_t nb, int* ctas) {
+  int dev = 0, sms = 0, mt = 0;
   cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&mt, cudaDevAttrMaxThreadsPerMultiProcessor, dev);
   if (err != cudaSuccess) return err;
-  *ctas = torch_mean_ctas(nb, *sms, mt);
+  *ctas = torch_mean_ctas(nb, sms, mt);
   return (*ctas < 1 || *ctas > kMeanMaxCtas) ? cudaErrorInvalidValue : cudaSuccess;
 }
 
-cudaError_t absmax_mean_workspace(int64_t nb, int* staging_floats) {
-  int ctas = 0, sms = 0;
-  cudaError_t err = mean_ctas_here(nb, &ctas, &sms);
-  *staging_floats = ctas;
-  return err;
-}
-
-cudaError_t launch_absmax_mean_nested(const float* absmax, int64_t nb, bool shfl_up,
+cudaError_t launch_absmax_mean_nested(const float* absmax, int64_t nb, int ctas, bool shfl_up,
                                       float* staging, uint32_t* arrived, float* offset,
                                       const float* dyn_code, uint8_t* q, float* nested_absmax,
                                       const float* nf4_code, float* code_out, float* dyn_code_out,
                                       cudaStream_t stream, int64_t wait_ns) {
-  if (!aligned(absmax, 16)) return cudaErrorInvalidValue;  // torch's vector path starts at 0
-  int ctas = 0, sms = 0;
-  cudaError_t err = mean_ctas_here(nb, &ctas, &sms);
-  if (err != cudaSuccess) return err;
+  if (!aligned(absmax, 16) || nb < kMeanMinValues || ctas < 1 || ctas > kMeanMaxCtas) {
+    return cudaErrorInvalidValue;  // torch's vector path starts at 0; ctas from absmax_mean_workspace
+  }
   // As many CTAs as the nested pass has pairs of blocks, up to what is resident at once (the
   // barrier's peers; one that is not resident only costs its waiters the timeout).
   int resident = 0;
-  err = resident_ctas(absmax_mean_nested_kernel, &resident, kMeanThreads);
+  const cudaError_t err = resident_ctas(absmax_mean_nested_kernel, &resident, kMeanThreads);
   if (err != cudaSuccess) return err;
   const int64_t pairs = (nb + 2 * nf4::kNestedBlocksize - 1) / (2 * nf4::kNestedBlocksize);
   const int64_t want = q == nullptr ? ctas : (pairs > ctas ? pairs : ctas);

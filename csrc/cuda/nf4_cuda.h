@@ -29,10 +29,11 @@ cudaError_t launch_quantize_absmax_nested(const float* absmax, int64_t nb, const
 // nested_absmax as launch_quantize_absmax_nested, and fresh copies of the tables (code_out [16]
 // from nf4_code, dyn_code_out [256] from dyn_code; both may be nullptr).  q == nullptr: the
 // offset only.  absmax: fp32 [nb], nb >= 2048, 16-byte aligned; offset: fp32 [1];
-// staging: fp32 [absmax_mean_workspace(nb)]; *arrived must be 0 at launch.  wait_ns: how long a
+// ctas: torch's CTA count for nb values on the current device, from absmax_mean_workspace, which is
+// also the size of staging (fp32 [ctas]); *arrived must be 0 at launch.  wait_ns: how long a
 // CTA waits at the grid barrier before computing its peers' partials itself (< 0: 2 ms).
-cudaError_t absmax_mean_workspace(int64_t nb, int* staging_floats);
-cudaError_t launch_absmax_mean_nested(const float* absmax, int64_t nb, bool shfl_up,
+cudaError_t absmax_mean_workspace(int64_t nb, int* ctas);
+cudaError_t launch_absmax_mean_nested(const float* absmax, int64_t nb, int ctas, bool shfl_up,
                                       float* staging, uint32_t* arrived, float* offset,
                                       const float* dyn_code, uint8_t* q, float* nested_absmax,
                                       const float* nf4_code, float* code_out, float* dyn_code_out,
