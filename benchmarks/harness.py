@@ -106,6 +106,8 @@ def env_info() -> dict[str, Any]:
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # the package's own switches in force (launch variants under A/B, quiet, ...)
+        "lora_kernels_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORA_KERNELS_")},
     }
     if not torch.cuda.is_available():
         env.update(device="cpu", gpu=None, key="cpu",

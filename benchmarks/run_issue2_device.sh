@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 2 in one device call: the two-launch double quantization (torch.mean's order replayed,
 # csrc/cuda/nf4_cuda.cu absmax_mean_nested_kernel).  Builds the CUDA extension, then runs
-# the quantize A/B of benchmarks/nf4_probe.py (two launches against three kernels, graph replay),
-# bench_nf4 on the issue's four weights, then (last, in the time left; $TEST_S reserved for them)
+# the A/B of benchmarks/nf4_probe.py (quantize: the second kernel's launch variants against three
+# kernels; dequantize: with and without programmatic dependent launch; graph replay), bench_nf4 on
+# the issue's four weights with the switches the probe found best, then (last, in the time left; $TEST_S reserved for them)
 # the GPU tests ($TESTS: default the route's and the format's, bitsandbytes equality).
 #     OUT=$OUT bash benchmarks/run_issue2_device.sh      (carry .whl: the bitsandbytes wheel)
 OUT="${OUT:-/tmp/lk_out}"; mkdir -p "$OUT"; ENV_S="${ENVELOPE:-570}"
@@ -10,8 +11,11 @@ set +e
 source benchmarks/device_env.sh
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 echo "=== nf4_probe $(date +%T)"
-timeout 150 python3 -m benchmarks.nf4_probe --no-sweep > "$OUT/nf4_probe_issue2.log" 2>&1
+timeout ${PROBE_S:-200} python3 -m benchmarks.nf4_probe --no-sweep --shapes ${PROBE_SHAPES:-4096x4096,4096x14336,8192x28672} \
+  --choose "$OUT/best_env.sh" > "$OUT/nf4_probe_issue2.log" 2>&1
 echo "nf4_probe rc=$?"; cat "$OUT/nf4_probe_issue2.log" | cut -c1-200
+# the bench runs with the launch switches the probe measured best (recorded in its JSON's env)
+[ -s "$OUT/best_env.sh" ] && source "$OUT/best_env.sh" && env | grep ^LORA_KERNELS_
 LEFT=$(( ENV_S - SECONDS - ${TEST_S:-150} ))
 echo "=== bench_nf4 ($LEFT s) $(date +%T)"
 [ $LEFT -gt 30 ] && timeout $LEFT python3 -m benchmarks.bench_nf4 --out "$OUT" > "$OUT/bench_nf4.log" 2>&1

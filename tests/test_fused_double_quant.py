@@ -104,8 +104,15 @@ REPLAY_SIZES = [2048, 2049, 2050, 2051, 3001, 7680, 7681, 8191, 65536, 131071, 1
                 1_000_003, 3_670_016]
 
 
+# $LORA_KERNELS_DQ_VARIANT (csrc/cuda/nf4_cuda.cu launch_absmax_mean_nested): bit 1 the v2 kernel,
+# bit 0 a programmatic dependent launch of it; every variant must give the same bits.
+DQ_VARIANTS = ["0", "1", "2", "3"]
+
+
 @pytest.mark.gpu
-def test_replay_reproduces_torch_mean_bits():
+@pytest.mark.parametrize("variant", ["0", "2"], ids=["v1", "v2"])
+def test_replay_reproduces_torch_mean_bits(variant, monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_DQ_VARIANT", variant)
     ext = _ext()
     dev = torch.device("cuda", torch.cuda.current_device())
     gen = torch.Generator(device=dev).manual_seed(int.from_bytes(os.urandom(4), "little"))
@@ -138,19 +145,30 @@ FUSED_CASES = [((4096, 4096), 64), ((1000, 1001), 64), ((11, 64 * 1023 + 7), 32)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", DQ_VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-def test_two_launch_route_equals_three_kernel_route(dtype, monkeypatch):
+def test_two_launch_route_equals_three_kernel_route(dtype, variant, monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_DQ_VARIANT", variant)
     ext = _ext()
     gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
-    for shape, bs in FUSED_CASES:
-        w = (torch.randn(shape, device="cuda", generator=gen) * float(torch.rand(1) * 4 + 0.01)).to(dtype)
+    # the random cases, then a constant weight (every absmax equals the offset: nested blocks with
+    # max |absmax - offset| == 0, the index-0 path) and one with a few large outliers
+    cases = [(shape, bs, None) for shape, bs in FUSED_CASES] + [((4096, 4096), 64, "constant"),
+                                                               ((2049, 1000), 64, "outliers")]
+    for shape, bs, kind in cases:
+        w = torch.randn(shape, device="cuda", generator=gen) * float(torch.rand(1) * 4 + 0.01)
+        if kind == "constant":
+            w = torch.full(shape, 0.75, device="cuda")
+        elif kind == "outliers":
+            w.view(-1)[torch.randint(0, w.numel(), (40,), device="cuda", generator=gen)] = 300.0
+        w = w.to(dtype)
         assert library._fused_double_quant_order(ext, w.reshape(-1), bs) is not None, (shape, bs)
         monkeypatch.setattr(library, "FUSED_DOUBLE_QUANT", False)
         ref = lk.quantize_nf4(w, bs, backend="cuda")
         monkeypatch.setattr(library, "FUSED_DOUBLE_QUANT", True)
         _poison_allocator(ref.packed, ref.absmax, ref.nested_absmax, ref.offset, ref.code, ref.nested_code)
         ours = lk.quantize_nf4(w, bs, backend="cuda")
-        ctx = f"{shape} bs={bs} {dtype}"
+        ctx = f"{shape} bs={bs} {kind} {dtype} variant {variant}"
         assert torch.equal(ours.packed, ref.packed), ctx
         assert ours.absmax.dtype == torch.uint8 and torch.equal(ours.absmax, ref.absmax), ctx
         assert torch.equal(ours.nested_absmax, ref.nested_absmax), ctx
@@ -162,7 +180,9 @@ def test_two_launch_route_equals_three_kernel_route(dtype, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_two_launch_route_under_cuda_graph_capture():
+@pytest.mark.parametrize("variant", DQ_VARIANTS)
+def test_two_launch_route_under_cuda_graph_capture(variant, monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_DQ_VARIANT", variant)
     ext = _ext()
     w = torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16)     # 32768 blocks
     expected = lk.quantize_nf4(w, check_finite=False)                   # checks the size's order first

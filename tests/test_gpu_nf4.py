@@ -97,6 +97,39 @@ def test_gpu_matches_reference_all_blocksizes_and_poison(backend, cuda_gen):
             assert torch.equal(out, ref), (n, blocksize)
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_dequantize_as_programmatic_dependent(backend, cuda_gen, monkeypatch):
+    """$LORA_KERNELS_DEQUANT_PDL=1 (the dequantize launched as a programmatic dependent of the
+    previous kernel): right behind the quantize that writes its inputs, eagerly and replayed in a
+    CUDA graph on a new weight, it gives the plain launch's values in every element."""
+    if backend not in GPU_BACKENDS:
+        pytest.skip(f"{backend} backend not available")
+    monkeypatch.delenv("LORA_KERNELS_DEQUANT_PDL", raising=False)
+    for shape in [(4096, 4096), (1000, 1001), (333, 4096), (8, 64)]:
+        w = _randn(shape, torch.bfloat16, cuda_gen, 2.0)
+        plain = lk.dequantize_nf4(lk.quantize_nf4(w, check_finite=False), backend=backend)
+        monkeypatch.setenv("LORA_KERNELS_DEQUANT_PDL", "1")
+        torch.cuda.synchronize()
+        out = torch.full(shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+        lk.dequantize_nf4(lk.quantize_nf4(w, check_finite=False), backend=backend, out=out)
+        assert torch.equal(out, plain), (backend, shape, "eager")
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            lk.dequantize_nf4(lk.quantize_nf4(w, check_finite=False), backend=backend, out=out)  # warm-up
+            with torch.cuda.graph(g):
+                lk.dequantize_nf4(lk.quantize_nf4(w, check_finite=False), backend=backend, out=out)
+        torch.cuda.current_stream().wait_stream(s)
+        w.copy_(_randn(shape, torch.bfloat16, cuda_gen, 3.0))
+        out.fill_(float("nan"))
+        g.replay()
+        monkeypatch.delenv("LORA_KERNELS_DEQUANT_PDL")
+        fresh = lk.dequantize_nf4(lk.quantize_nf4(w, check_finite=False), backend=backend)
+        assert not torch.equal(fresh, plain)
+        assert torch.equal(out, fresh), (backend, shape, "graph replay")
+
+
 def test_all_zero_blocks_on_gpu_dequantize_to_zero():
     """Our zero blocks store the 0.0 level and decode to exact zeros, double-quantized or not.
     (bitsandbytes' CUDA kernel computes 0 * (1/0) = NaN there and stores level 0, which decodes

@@ -265,7 +265,7 @@ bs = int(sys.argv[1])
 rows = max(1, 8192 // bs)
 deq = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "nested_ptr": "*fp32", "ncode_ptr": "*fp32",
        "offset_ptr": "*fp32", "code_ptr": "*fp32", "out_ptr": "*bf16", "n": "i32", "nbytes": "i32", "nblocks": "i32"}
-dc = {"BLOCKSIZE": bs, "ROWS": rows, "NESTED": True, "NBS": 256, "VEC": 4}
+dc = {"BLOCKSIZE": bs, "ROWS": rows, "NESTED": True, "NBS": 256, "VEC": 4, "PDL": False}
 q = {"w_ptr": "*bf16", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "thr_ptr": "*fp32", "n": "i32",
      "nbytes": "i32", "nblocks": "i32"}
 nq = {"absmax_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32", "q_ptr": "*u8",
@@ -273,6 +273,7 @@ nq = {"absmax_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32", "q_ptr"
 print(json.dumps({
     "deq": ptx(K._nf4_dequantize_kernel, deq, dc, num_warps=8, enable_fp_fusion=False),
     "deq_fused": ptx(K._nf4_dequantize_kernel, deq, dc, num_warps=8, enable_fp_fusion=True),
+    "deq_pdl": ptx(K._nf4_dequantize_kernel, deq, {**dc, "PDL": True}, num_warps=8, enable_fp_fusion=False),
     "quant": ptx(K._nf4_quantize_kernel, q, {"BLOCKSIZE": bs, "ROWS": rows, "VEC": 4, "APPROX_RCP": True},
                  num_warps=8,
                  enable_fp_fusion=False),
@@ -303,6 +304,10 @@ def test_sm90_ptx_compiles_vectorized_and_fma_free(bs):
     # vector may be: at most a couple of st.shared)
     assert "st.global.v4.b32" in p["deq"] and p["deq"].count("st.shared") <= 2
     assert "fma.rn.f32" in p["deq_fused"]  # the fusion guard is what keeps the FMA out
+    # the programmatic-dependent variant waits for the previous grid (and lets the next one launch);
+    # the plain one has neither instruction
+    assert "griddepcontrol.wait" in p["deq_pdl"] and "griddepcontrol.launch_dependents" in p["deq_pdl"]
+    assert "griddepcontrol" not in p["deq"]
     # block scales: bitsandbytes' approximate reciprocal for normal absmax, IEEE division otherwise
     assert "rcp.approx.ftz.f32" in p["quant"] and "div.rn.f32" in p["quant"] and "ld.global.v4.b32" in p["quant"]
     assert "rcp.approx.ftz.f32" in p["nested"] and "fma.rn.f32" not in p["nested"]

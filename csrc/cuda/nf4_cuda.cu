@@ -29,8 +29,10 @@
 #include <cuda_fp16.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 
+#include "cuda/pdl.cuh"
 #include "nf4_common.h"
 
 namespace lora_kernels {
@@ -179,6 +181,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ uint32_t red[2][kWarps];
   if (threadIdx.x < nf4::kLutCells) lut[threadIdx.x] = lut_in.e[threadIdx.x];
   if (zero_word != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *zero_word = 0u;  // see launch_absmax_mean_nested
+  griddep_launch_dependents();  // the double quantization's second kernel may take the SM slots ours free
   __syncthreads();
 
   const int lane = threadIdx.x & 31;
@@ -439,6 +442,7 @@ __global__ void __launch_bounds__(kMeanThreads)
   __shared__ int ok_s;
   const int t = threadIdx.x;
   const int G = gridDim.x;
+  griddep_wait();  // when launched as the block pass's programmatic dependent
 
   // 1. torch CTAs blockIdx.x, + G, ...: partial sums to the staging buffer
   for (int c = blockIdx.x; c < ctas; c += G) {
@@ -526,6 +530,174 @@ __global__ void __launch_bounds__(kMeanThreads)
   }
 }
 
+// Variant 2 of the kernel above (same bits; $LORA_KERNELS_DQ_VARIANT picks, see
+// launch_absmax_mean_nested).  Differences: (a) the table copies and the bounds table come before
+// griddepcontrol.wait, so that they overlap the block pass when this kernel is launched as its
+// programmatic dependent; (b) only the CTAs that hold torch partials arrive at the barrier; (c) one
+// warp per nested block of 256 (8 values a lane, a shuffle max, no CTA-wide syncs), and each warp's
+// first block is requested right after the wait, so that its latency overlaps the partials and the
+// barrier; (d) with <= 32 torch CTAs the fold is warp 0's shuffle tree alone (the shared-memory
+// levels of torch's tree only add +0.0 there: threads >= ctas hold 0.0f and 0.0f + p is never -0.0).
+struct MeanNestedArgs {
+  const float* absmax;
+  int64_t nb;
+  int ctas;
+  bool shfl_up;
+  float factor;
+  float* staging;
+  uint32_t* arrived;
+  float* offset_out;
+  const float* dyn_code;
+  uint8_t* q;  // nullptr: the offset only
+  float* nested_absmax;
+  const float* nf4_code_in;
+  float* code_out;  // nullptr: no table copies
+  float* dyn_code_out;
+  unsigned long long wait_ns;
+  bool q_vec;  // q is 8-byte aligned
+};
+
+constexpr int kMeanWarps = kMeanThreads / 32;
+
+// absmax[blk * 256 + lane * 8 + e], e < 8 (0.0f past nb)
+__device__ __forceinline__ void load_nested8(const float* __restrict__ absmax, int64_t nb, int64_t blk,
+                                             int lane, float (&a)[8]) {
+  const int64_t i0 = blk * nf4::kNestedBlocksize + lane * 8;
+  if (i0 + 8 <= nb) {
+    const float4* p = reinterpret_cast<const float4*>(absmax + i0);
+    const float4 f0 = __ldcg(p), f1 = __ldcg(p + 1);
+    a[0] = f0.x; a[1] = f0.y; a[2] = f0.z; a[3] = f0.w;
+    a[4] = f1.x; a[5] = f1.y; a[6] = f1.z; a[7] = f1.w;
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) a[e] = i0 + e < nb ? __ldcg(absmax + i0 + e) : 0.0f;
+  }
+}
+
+__global__ void __launch_bounds__(kMeanThreads, 4) absmax_mean_nested_v2_kernel(const MeanNestedArgs p) {
+  __shared__ float sh[kMeanThreads];
+  __shared__ float part[kMeanMaxCtas];
+  __shared__ float bounds[nf4::kDynamicCodeSize];
+  __shared__ float off_s;
+  __shared__ int ok_s;
+  const int t = threadIdx.x;
+  const int lane = t & 31;
+  const int warp = t >> 5;
+  const int G = gridDim.x;
+  const int64_t nnested = (p.nb + nf4::kNestedBlocksize - 1) / nf4::kNestedBlocksize;
+  const int64_t warps_total = static_cast<int64_t>(G) * kMeanWarps;
+  const int64_t blk0 = static_cast<int64_t>(blockIdx.x) * kMeanWarps + warp;
+
+  // 0. inputs the block pass does not write (they may overlap it: programmatic dependent launch)
+  if (blockIdx.x == 0 && p.code_out != nullptr) {
+    if (t < nf4::kNumCodes) p.code_out[t] = p.nf4_code_in[t];
+    if (t < nf4::kDynamicCodeSize) p.dyn_code_out[t] = p.dyn_code[t];
+  }
+  if (p.q != nullptr && t < nf4::kDynamicCodeSize) {
+    bounds[t] = t < nf4::kDynamicCodeSize - 1
+                    ? __fmul_rn(__fadd_rn(p.dyn_code[t], p.dyn_code[t + 1]), 0.5f)
+                    : __int_as_float(0x7f800000);
+  }
+  griddep_wait();  // absmax and *arrived are the block pass's
+  float a[8];
+  if (p.q != nullptr && blk0 < nnested) load_nested8(p.absmax, p.nb, blk0, lane, a);
+
+  // 1. torch CTAs blockIdx.x, + G, ...: partial sums to the staging buffer; those CTAs arrive
+  const int arrivers = G < p.ctas ? G : p.ctas;
+  if (static_cast<int>(blockIdx.x) < arrivers) {
+    for (int c = blockIdx.x; c < p.ctas; c += G) {
+      const float s = torch_cta_partial(p.absmax, p.nb, c, p.ctas, sh, p.shfl_up);
+      if (t == 0) p.staging[c] = s;
+    }
+  }
+  // 2. grid barrier (or, after a timeout, every partial computed here)
+  if (t == 0) {
+    if (static_cast<int>(blockIdx.x) < arrivers) {
+      __threadfence();
+      atomicAdd(p.arrived, 1u);
+    }
+    const unsigned long long t0 = mean_timer_ns();
+    int ok = 1;
+    while (ld_acquire_u32(p.arrived) < static_cast<uint32_t>(arrivers)) {
+      if (mean_timer_ns() - t0 > p.wait_ns) {
+        ok = 0;
+        break;
+      }
+      __nanosleep(32);
+    }
+    ok_s = ok;
+  }
+  __syncthreads();
+  if (ok_s) {
+    for (int c = t; c < p.ctas; c += kMeanThreads) part[c] = __ldcg(p.staging + c);
+  } else {
+    for (int c = 0; c < p.ctas; ++c) {
+      const float s = torch_cta_partial(p.absmax, p.nb, c, p.ctas, sh, p.shfl_up);
+      if (t == 0) part[c] = s;
+    }
+  }
+  __syncthreads();
+  // 3. the fold and the offset (every CTA, same bits)
+  if (p.ctas == 1) {
+    if (t == 0) off_s = __fmul_rn(part[0], p.factor);
+  } else if (p.ctas <= 32) {
+    if (warp == 0) {
+      float v = lane < p.ctas ? __fadd_rn(0.0f, part[lane]) : 0.0f;
+      if (p.shfl_up) {
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) v = __fadd_rn(v, __shfl_down_sync(kFullMask, v, o));
+      } else {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_down_sync(kFullMask, v, o));
+      }
+      if (lane == 0) off_s = __fmul_rn(v, p.factor);
+    }
+  } else {
+    float v = 0.0f;
+    for (int c = t; c < p.ctas; c += kMeanThreads) v = __fadd_rn(v, part[c]);
+    v = torch_cta_sum(v, sh, p.shfl_up);
+    if (t == 0) off_s = __fmul_rn(v, p.factor);
+  }
+  __syncthreads();
+  const float off = off_s;
+  if (blockIdx.x == 0 && t == 0) *p.offset_out = off;
+  if (p.q == nullptr) return;  // mean only
+  // 4. nested blocks: warp w of the grid takes blocks w, w + warps_total, ...
+  for (int64_t blk = blk0; blk < nnested; blk += warps_total) {
+    if (blk != blk0) load_nested8(p.absmax, p.nb, blk, lane, a);
+    const int64_t i0 = blk * nf4::kNestedBlocksize + lane * 8;
+    float d[8];
+    uint32_t m = 0u;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      d[e] = i0 + e < p.nb ? __fsub_rn(a[e], off) : 0.0f;
+      m = umax(m, __float_as_uint(d[e]) & kAbsMask);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = umax(m, __shfl_xor_sync(kFullMask, m, o));
+    const float am = __uint_as_float(m);
+    if (lane == 0) p.nested_absmax[blk] = am;
+    uint32_t qb[8];
+    const float inv = am != 0.0f ? inv_scale(am) : 0.0f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      // a nested block with max |d| == 0 stores index 0
+      qb[e] = am != 0.0f ? nf4::nearest_dynamic_index(__fmul_rn(d[e], inv), bounds) : 0u;
+    }
+    if (p.q_vec && i0 + 8 <= p.nb) {
+      uint2 w;
+      w.x = qb[0] | (qb[1] << 8) | (qb[2] << 16) | (qb[3] << 24);
+      w.y = qb[4] | (qb[5] << 8) | (qb[6] << 16) | (qb[7] << 24);
+      *reinterpret_cast<uint2*>(p.q + i0) = w;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        if (i0 + e < p.nb) p.q[i0 + e] = static_cast<uint8_t>(qb[e]);
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dequantization (one launch, double quant decoded in place)
 // ---------------------------------------------------------------------------------------------
@@ -546,6 +718,8 @@ __global__ void __launch_bounds__(kThreads)
 
   __shared__ float s_code[nf4::kNumCodes];
   __shared__ float s_ncode[kNested ? nf4::kDynamicCodeSize : 1];
+  griddep_wait();  // when launched as a programmatic dependent: its inputs may be the previous kernel's
+  griddep_launch_dependents();
   if (threadIdx.x < nf4::kNumCodes) s_code[threadIdx.x] = code[threadIdx.x];
   if constexpr (kNested) {
     static_assert(kThreads == nf4::kDynamicCodeSize, "one thread per nested code entry");
@@ -623,6 +797,11 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------
 bool aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) % a) == 0; }
 
+int current_device() {
+  int dev = 0;
+  return cudaGetDevice(&dev) == cudaSuccess ? dev : 0;
+}
+
 // CTAs that fill the current device once (grid-stride kernels); at least 1.  The occupancy of
 // a kernel is queried once per kernel (it only sizes the grid, never affects results).
 template <typename Kernel>
@@ -693,9 +872,16 @@ cudaError_t dequantize_launch(const uint8_t* packed, const float* absmax_f32,
   const int64_t ntiles = (n + kWarpTile - 1) / kWarpTile;
   const int grid = static_cast<int>(min64((ntiles + kWarps - 1) / kWarps, ctas));
   const bool vec_ok = aligned(packed, E / 2) && aligned(out, 16);
-  kernel<<<grid, kThreads, 0, stream>>>(packed, absmax_f32, absmax_q, nested_absmax, nested_code,
-                                        offset, code, n, log2_bs, out, vec_ok);
-  return cudaGetLastError();
+  // $LORA_KERNELS_DEQUANT_PDL=1 (an A/B switch until the GPU measures it): launched as a
+  // programmatic dependent of the previous kernel on the stream (sm_90), so that its launch and
+  // CTA placement overlap that kernel's tail; it waits for that kernel before reading anything.
+  const char* env = std::getenv("LORA_KERNELS_DEQUANT_PDL");
+  int major = 0;
+  err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, current_device());
+  if (err != cudaSuccess) return err;
+  const bool pdl = env != nullptr && env[0] == '1' && major >= 9;
+  return launch_maybe_pdl(kernel, dim3(grid), dim3(kThreads), 0, stream, pdl, packed, absmax_f32, absmax_q,
+                          nested_absmax, nested_code, offset, code, n, log2_bs, out, vec_ok);
 }
 
 template <DType D>
@@ -775,20 +961,41 @@ cudaError_t launch_absmax_mean_nested(const float* absmax, int64_t nb, int ctas,
   if (!aligned(absmax, 16) || nb < kMeanMinValues || ctas < 1 || ctas > kMeanMaxCtas) {
     return cudaErrorInvalidValue;  // torch's vector path starts at 0; ctas from absmax_mean_workspace
   }
+  // $LORA_KERNELS_DQ_VARIANT (read per launch; an A/B switch until the GPU measures it): bit 1
+  // picks absmax_mean_nested_v2_kernel, bit 0 launches the kernel as a programmatic dependent of
+  // the block pass (sm_90, with q only: the mean-only call follows a memset).  Same bits either way.
+  const char* env = std::getenv("LORA_KERNELS_DQ_VARIANT");
+  const int variant = env != nullptr ? std::atoi(env) : 0;
+  int major = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, current_device());
+  if (err != cudaSuccess) return err;
+  const bool pdl = (variant & 1) != 0 && q != nullptr && major >= 9;
+  const float factor = 1.0f / static_cast<float>(nb);  // torch: float(num_outputs) / numel
+  const unsigned long long wait = wait_ns < 0 ? kMeanWaitNs : static_cast<unsigned long long>(wait_ns);
+  const int64_t nnested = (nb + nf4::kNestedBlocksize - 1) / nf4::kNestedBlocksize;
+  int resident = 0;
+  if (variant & 2) {
+    // One warp per nested block, up to what is resident at once (the barrier's peers)
+    err = resident_ctas(absmax_mean_nested_v2_kernel, &resident, kMeanThreads);
+    if (err != cudaSuccess) return err;
+    const int64_t cta_blocks = (nnested + kMeanWarps - 1) / kMeanWarps;
+    const int64_t want = q == nullptr ? ctas : (cta_blocks > ctas ? cta_blocks : ctas);
+    const int grid = static_cast<int>(min64(want, resident));
+    const MeanNestedArgs args{absmax, nb, ctas, shfl_up, factor, staging, arrived, offset, dyn_code, q,
+                              nested_absmax, nf4_code, code_out, dyn_code_out, wait, aligned(q, 8)};
+    return launch_maybe_pdl(absmax_mean_nested_v2_kernel, dim3(grid), dim3(kMeanThreads), 0, stream, pdl,
+                            args);
+  }
   // As many CTAs as the nested pass has pairs of blocks, up to what is resident at once (the
   // barrier's peers; one that is not resident only costs its waiters the timeout).
-  int resident = 0;
-  const cudaError_t err = resident_ctas(absmax_mean_nested_kernel, &resident, kMeanThreads);
+  err = resident_ctas(absmax_mean_nested_kernel, &resident, kMeanThreads);
   if (err != cudaSuccess) return err;
-  const int64_t pairs = (nb + 2 * nf4::kNestedBlocksize - 1) / (2 * nf4::kNestedBlocksize);
+  const int64_t pairs = (nnested + 1) / 2;
   const int64_t want = q == nullptr ? ctas : (pairs > ctas ? pairs : ctas);
   const int grid = static_cast<int>(min64(want, resident));
-  const float factor = 1.0f / static_cast<float>(nb);  // torch: float(num_outputs) / numel
-  absmax_mean_nested_kernel<<<grid, kMeanThreads, 0, stream>>>(
-      absmax, nb, ctas, shfl_up, factor, staging, arrived, offset, dyn_code, q, nested_absmax,
-      nf4_code, code_out, dyn_code_out,
-      wait_ns < 0 ? kMeanWaitNs : static_cast<unsigned long long>(wait_ns));
-  return cudaGetLastError();
+  return launch_maybe_pdl(absmax_mean_nested_kernel, dim3(grid), dim3(kMeanThreads), 0, stream, pdl,
+                          absmax, nb, ctas, shfl_up, factor, staging, arrived, offset, dyn_code, q,
+                          nested_absmax, nf4_code, code_out, dyn_code_out, wait);
 }
 
 cudaError_t launch_dequantize(const uint8_t* packed, const float* absmax_f32,

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "cuda/nf4_gemv.h"
+#include "cuda/pdl.cuh"
 #include "nf4_common.h"
 
 namespace lora_kernels {
@@ -124,18 +125,7 @@ inline size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 // Pieces of the decode kernels that run the low-rank term as T = (x · Aᵀ) ⊙ s first and the GEMV
 // as its programmatic dependent (nf4_gemv_v3.cu, nf4_gemv_v4.cu)
 // ---------------------------------------------------------------------------------------------
-// Programmatic dependent launch (sm_90; no-ops below, and wait returns at once when the grid was
-// not launched as a dependent).
-__device__ __forceinline__ void griddep_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void griddep_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
+// Programmatic dependent launch: griddep_wait / griddep_launch_dependents / launch_maybe_pdl (cuda/pdl.cuh).
 
 // T[m, j] = s_j · Σ_k x[m, k] A[j, k]  (grid (r, M), kThreads threads; K % 8 == 0, 16-byte rows);
 // s_j = scale_vec[j] when given, else scale.  Lets its dependent grid start at once.
@@ -241,27 +231,6 @@ __global__ void __launch_bounds__(kThreads) slices_finish_kernel(const P p) {
 }
 
 // Host side of the T -> GEMV -> finish chain (v3, v4) -------------------------------------------------
-// A plain launch, or (pdl) one that may start before the previous kernel on the stream completes
-// (programmatic stream serialization: the kernel must griddep_wait before reading its output).
-template <typename Kern, typename... Args>
-cudaError_t launch_maybe_pdl(Kern kern, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
-                             Args... args) {
-  if (!pdl) {
-    kern<<<grid, block, smem, stream>>>(args...);
-    return cudaGetLastError();
-  }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kern, args...);
-}
 
 // The fields every chain's parameter struct P shares, from the call's arguments (t_ws: T [M, r] or
 // nullptr; part: the fp32 slice partials or nullptr).

@@ -28,12 +28,28 @@ Exactness notes (each one matters for torch.equal against the reference):
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from ..codes import NESTED_BLOCKSIZE, VALID_BLOCKSIZES, nf4_thresholds, nf4_thresholds_cuda
 from .launch import device_guard
+
+try:  # programmatic dependent launch (sm_90): grid dependency control, triton >= 3.3
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    _HAVE_GDC = True
+except ImportError:  # pragma: no cover - older triton
+    _HAVE_GDC = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
 
 __all__ = ["quantize_blocks", "quantize_absmax_nested", "dequantize"]
 
@@ -268,8 +284,11 @@ def quantize_absmax_nested(
 def _nf4_dequantize_kernel(
     packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, code_ptr, out_ptr, n, nbytes, nblocks,
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, NESTED: tl.constexpr, NBS: tl.constexpr,
-    VEC: tl.constexpr,
+    VEC: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:  # launched as a programmatic dependent: the inputs may be the previous kernel's
+        gdc_wait()
+        gdc_launch_dependents()
     # Bytes moved per program: ROWS*BLOCKSIZE/2 packed + ROWS absmax (1 or 4 B) read,
     # ROWS*BLOCKSIZE*out.itemsize written (8192 elements: 4 KiB in, 16 KiB bf16 out).
     HALF: tl.constexpr = BLOCKSIZE // 2
@@ -369,6 +388,18 @@ def dequantize(
             code, out, n, (n + 1) // 2, nblocks,
             BLOCKSIZE=blocksize, ROWS=rows, NESTED=nested, NBS=NESTED_BLOCKSIZE,
             VEC=8 // out.element_size(),
-            num_warps=_DEQUANT_WARPS, enable_fp_fusion=_fp_fusion,
+            num_warps=_DEQUANT_WARPS, enable_fp_fusion=_fp_fusion, **_pdl_kwargs(packed),
         )
     return out
+
+
+def _pdl_kwargs(t: torch.Tensor) -> dict:
+    """Launch options for a programmatic dependent launch (the kernel's launch and CTA placement
+    overlap the previous kernel's tail; it waits for that kernel before reading), when
+    $LORA_KERNELS_DEQUANT_PDL=1 (an A/B switch until the GPU measures it) on sm_90+ with a triton
+    that has grid dependency control; else none."""
+    if (not _HAVE_GDC or os.environ.get("LORA_KERNELS_DEQUANT_PDL") != "1" or t.device.type != "cuda"
+            or os.environ.get("TRITON_INTERPRET") == "1"
+            or torch.cuda.get_device_capability(t.device)[0] < 9):
+        return {}
+    return {"PDL": True, "launch_pdl": True}
