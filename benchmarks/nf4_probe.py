@@ -45,7 +45,9 @@ def _profile_quantize(w: torch.Tensor, reps: int = 20) -> None:
         print(f"    {t / reps:8.2f} µs  x{cnt[name] / reps:.0f}  {name[:110]}")
 
 
-DQ_VARIANTS = {"0": "v1", "1": "v1+pdl", "2": "v2", "3": "v2+pdl"}  # $LORA_KERNELS_DQ_VARIANT
+DQ_VARIANTS = {"0": "v1", "1": "v1+pdl", "2": "v2", "3": "v2+pdl", "7": "v2+pdl2"}  # $LORA_KERNELS_DQ_VARIANT
+# (pdl: the second kernel a programmatic dependent of the block pass; pdl2: the block pass one of
+# the kernel before it, too)
 
 
 def _quantize_ab(shape: tuple[int, int], copy_bw: float, results: dict) -> None:

@@ -105,8 +105,9 @@ REPLAY_SIZES = [2048, 2049, 2050, 2051, 3001, 7680, 7681, 8191, 65536, 131071, 1
 
 
 # $LORA_KERNELS_DQ_VARIANT (csrc/cuda/nf4_cuda.cu launch_absmax_mean_nested): bit 1 the v2 kernel,
-# bit 0 a programmatic dependent launch of it; every variant must give the same bits.
-DQ_VARIANTS = ["0", "1", "2", "3"]
+# bit 0 a programmatic dependent launch of it, bit 2 one of the block pass; every variant must give
+# the same bits.
+DQ_VARIANTS = ["0", "1", "2", "3", "7"]
 
 
 @pytest.mark.gpu

@@ -180,6 +180,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ LutEntry lut[nf4::kLutCells];
   __shared__ uint32_t red[2][kWarps];
   if (threadIdx.x < nf4::kLutCells) lut[threadIdx.x] = lut_in.e[threadIdx.x];
+  griddep_wait();  // when launched as a programmatic dependent: w and zero_word may be the previous kernel's
   if (zero_word != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *zero_word = 0u;  // see launch_absmax_mean_nested
   griddep_launch_dependents();  // the double quantization's second kernel may take the SM slots ours free
   __syncthreads();
@@ -838,8 +839,16 @@ cudaError_t quantize_blocks_launch(const void* w, int64_t n, uint8_t* packed, fl
   const int64_t ntiles = (n + kTile - 1) / kTile;
   const int grid = static_cast<int>(min64(ntiles, ctas));
   const bool vec_ok = aligned(w, 16) && aligned(packed, E / 2);
-  kernel<<<grid, kThreads, 0, stream>>>(w, n, packed, absmax, kLut, vec_ok, zero_word);
-  return cudaGetLastError();
+  // Bit 2 of $LORA_KERNELS_DQ_VARIANT (see launch_absmax_mean_nested; the two-launch route only):
+  // a programmatic dependent of the previous kernel on the stream (sm_90).
+  const char* env = zero_word != nullptr ? std::getenv("LORA_KERNELS_DQ_VARIANT") : nullptr;
+  int major = 0;
+  if (env != nullptr && (std::atoi(env) & 4) != 0) {
+    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, current_device());
+    if (err != cudaSuccess) return err;
+  }
+  return launch_maybe_pdl(kernel, dim3(grid), dim3(kThreads), 0, stream, major >= 9, w, n, packed, absmax, kLut,
+                          vec_ok, zero_word);
 }
 
 template <DType D>
@@ -963,7 +972,8 @@ cudaError_t launch_absmax_mean_nested(const float* absmax, int64_t nb, int ctas,
   }
   // $LORA_KERNELS_DQ_VARIANT (read per launch; an A/B switch until the GPU measures it): bit 1
   // picks absmax_mean_nested_v2_kernel, bit 0 launches the kernel as a programmatic dependent of
-  // the block pass (sm_90, with q only: the mean-only call follows a memset).  Same bits either way.
+  // the block pass (sm_90, with q only: the mean-only call follows a memset), bit 2 the block pass
+  // as one of the kernel before it (quantize_blocks_launch).  Same bits either way.
   const char* env = std::getenv("LORA_KERNELS_DQ_VARIANT");
   const int variant = env != nullptr ? std::atoi(env) : 0;
   int major = 0;
