@@ -886,9 +886,11 @@ cudaError_t dequantize_launch(const uint8_t* packed, const float* absmax_f32,
   // CTA placement overlap that kernel's tail; it waits for that kernel before reading anything.
   const char* env = std::getenv("LORA_KERNELS_DEQUANT_PDL");
   int major = 0;
-  err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, current_device());
-  if (err != cudaSuccess) return err;
-  const bool pdl = env != nullptr && env[0] == '1' && major >= 9;
+  if (env != nullptr && env[0] == '1') {
+    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, current_device());
+    if (err != cudaSuccess) return err;
+  }
+  const bool pdl = major >= 9;
   return launch_maybe_pdl(kernel, dim3(grid), dim3(kThreads), 0, stream, pdl, packed, absmax_f32, absmax_q,
                           nested_absmax, nested_code, offset, code, n, log2_bs, out, vec_ok);
 }
@@ -977,9 +979,12 @@ cudaError_t launch_absmax_mean_nested(const float* absmax, int64_t nb, int ctas,
   const char* env = std::getenv("LORA_KERNELS_DQ_VARIANT");
   const int variant = env != nullptr ? std::atoi(env) : 0;
   int major = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, current_device());
-  if (err != cudaSuccess) return err;
-  const bool pdl = (variant & 1) != 0 && q != nullptr && major >= 9;
+  cudaError_t err = cudaSuccess;
+  if ((variant & 1) != 0 && q != nullptr) {
+    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, current_device());
+    if (err != cudaSuccess) return err;
+  }
+  const bool pdl = major >= 9;
   const float factor = 1.0f / static_cast<float>(nb);  // torch: float(num_outputs) / numel
   const unsigned long long wait = wait_ns < 0 ? kMeanWaitNs : static_cast<unsigned long long>(wait_ns);
   const int64_t nnested = (nb + nf4::kNestedBlocksize - 1) / nf4::kNestedBlocksize;
