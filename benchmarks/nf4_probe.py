@@ -55,8 +55,6 @@ def _quantize_ab(shape: tuple[int, int], copy_bw: float, results: dict) -> None:
     route (torch.mean's order replayed, library.FUSED_DOUBLE_QUANT) in each $LORA_KERNELS_DQ_VARIANT,
     interleaved twice, against the three-kernel one; every variant's fields checked against the
     three-kernel route's."""
-    import os
-
     import lora_kernels as lk
     from benchmarks.bench_nf4 import quant_bytes
     from lora_kernels import library
@@ -95,8 +93,6 @@ def _dequant_pdl_ab(shape: tuple[int, int], copy_bw: float, results: dict) -> No
     """dequantize_nf4 (bf16 out, graph replay) on the CUDA and Triton backends with and without
     $LORA_KERNELS_DEQUANT_PDL=1, interleaved twice, beside a copy of the same bytes; values checked
     against the plain launch."""
-    import os
-
     import lora_kernels as lk
     from benchmarks.bench_nf4 import dequant_bytes
 
