@@ -103,7 +103,7 @@ def test_dequantize_as_programmatic_dependent(backend, cuda_gen, monkeypatch):
     previous kernel): right behind the quantize that writes its inputs, eagerly and replayed in a
     CUDA graph on a new weight, it gives the plain launch's values in every element."""
     if backend not in GPU_BACKENDS:
-        pytest.skip(f"{backend} backend not available")
+        pytest.skip(f"{backend} backend unavailable")
     monkeypatch.delenv("LORA_KERNELS_DEQUANT_PDL", raising=False)
     for shape in [(4096, 4096), (1000, 1001), (333, 4096), (8, 64)]:
         w = _randn(shape, torch.bfloat16, cuda_gen, 2.0)

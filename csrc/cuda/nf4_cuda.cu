@@ -426,6 +426,43 @@ __device__ float torch_cta_partial(const float* __restrict__ x, int64_t nb, int 
   return torch_cta_sum(__fadd_rn(__fadd_rn(__fadd_rn(a0, a1), a2), a3), sh, shfl_up);
 }
 
+// The replay's grid barrier, then all ctas torch partials in part[] (every thread of the CTA calls
+// it).  Thread 0 of an arriving CTA publishes after its own staging writes; the CTA waits until
+// `expected` CTAs have arrived, or, after wait_ns, computes every partial itself (same bits).
+__device__ void meet_and_gather_partials(const float* __restrict__ absmax, int64_t nb, int ctas, bool shfl_up,
+                                         const float* staging, uint32_t* arrived, bool arrive,
+                                         uint32_t expected, unsigned long long wait_ns, float* sh,
+                                         float* part) {
+  __shared__ int ok_s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    if (arrive) {
+      __threadfence();
+      atomicAdd(arrived, 1u);
+    }
+    const unsigned long long t0 = mean_timer_ns();
+    int ok = 1;
+    while (ld_acquire_u32(arrived) < expected) {
+      if (mean_timer_ns() - t0 > wait_ns) {
+        ok = 0;
+        break;
+      }
+      __nanosleep(64);
+    }
+    ok_s = ok;
+  }
+  __syncthreads();
+  if (ok_s) {
+    for (int c = threadIdx.x; c < ctas; c += kMeanThreads) part[c] = __ldcg(staging + c);
+  } else {
+    for (int c = 0; c < ctas; ++c) {
+      const float v = torch_cta_partial(absmax, nb, c, ctas, sh, shfl_up);
+      if (threadIdx.x == 0) part[c] = v;
+    }
+  }
+  __syncthreads();
+}
+
 __global__ void __launch_bounds__(kMeanThreads)
     absmax_mean_nested_kernel(const float* __restrict__ absmax, int64_t nb, int ctas, bool shfl_up,
                               float factor, float* __restrict__ staging,
@@ -440,7 +477,6 @@ __global__ void __launch_bounds__(kMeanThreads)
   __shared__ float bounds[nf4::kDynamicCodeSize];
   __shared__ uint32_t red[kMeanThreads / 32];
   __shared__ float off_s;
-  __shared__ int ok_s;
   const int t = threadIdx.x;
   const int G = gridDim.x;
   griddep_wait();  // when launched as the block pass's programmatic dependent
@@ -451,31 +487,8 @@ __global__ void __launch_bounds__(kMeanThreads)
     if (t == 0) staging[c] = p;
   }
   // 2. grid barrier (or, after a timeout, every partial computed here)
-  __syncthreads();
-  if (t == 0) {
-    __threadfence();
-    atomicAdd(arrived, 1u);
-    const unsigned long long t0 = mean_timer_ns();
-    int ok = 1;
-    while (ld_acquire_u32(arrived) < static_cast<uint32_t>(G)) {
-      if (mean_timer_ns() - t0 > wait_ns) {
-        ok = 0;
-        break;
-      }
-      __nanosleep(64);
-    }
-    ok_s = ok;
-  }
-  __syncthreads();
-  if (ok_s) {
-    for (int c = t; c < ctas; c += kMeanThreads) part[c] = __ldcg(staging + c);
-  } else {
-    for (int c = 0; c < ctas; ++c) {
-      const float p = torch_cta_partial(absmax, nb, c, ctas, sh, shfl_up);
-      if (t == 0) part[c] = p;
-    }
-  }
-  __syncthreads();
+  meet_and_gather_partials(absmax, nb, ctas, shfl_up, staging, arrived, true, static_cast<uint32_t>(G), wait_ns,
+                           sh, part);
   // 3. the fold and the offset (every CTA, same bits)
   float total;
   if (ctas == 1) {
@@ -580,7 +593,6 @@ __global__ void __launch_bounds__(kMeanThreads, 4) absmax_mean_nested_v2_kernel(
   __shared__ float part[kMeanMaxCtas];
   __shared__ float bounds[nf4::kDynamicCodeSize];
   __shared__ float off_s;
-  __shared__ int ok_s;
   const int t = threadIdx.x;
   const int lane = t & 31;
   const int warp = t >> 5;
@@ -611,33 +623,10 @@ __global__ void __launch_bounds__(kMeanThreads, 4) absmax_mean_nested_v2_kernel(
       if (t == 0) p.staging[c] = s;
     }
   }
-  // 2. grid barrier (or, after a timeout, every partial computed here)
-  if (t == 0) {
-    if (static_cast<int>(blockIdx.x) < arrivers) {
-      __threadfence();
-      atomicAdd(p.arrived, 1u);
-    }
-    const unsigned long long t0 = mean_timer_ns();
-    int ok = 1;
-    while (ld_acquire_u32(p.arrived) < static_cast<uint32_t>(arrivers)) {
-      if (mean_timer_ns() - t0 > p.wait_ns) {
-        ok = 0;
-        break;
-      }
-      __nanosleep(32);
-    }
-    ok_s = ok;
-  }
-  __syncthreads();
-  if (ok_s) {
-    for (int c = t; c < p.ctas; c += kMeanThreads) part[c] = __ldcg(p.staging + c);
-  } else {
-    for (int c = 0; c < p.ctas; ++c) {
-      const float s = torch_cta_partial(p.absmax, p.nb, c, p.ctas, sh, p.shfl_up);
-      if (t == 0) part[c] = s;
-    }
-  }
-  __syncthreads();
+  // 2. grid barrier among those CTAs (or, after a timeout, every partial computed here)
+  meet_and_gather_partials(p.absmax, p.nb, p.ctas, p.shfl_up, p.staging, p.arrived,
+                           static_cast<int>(blockIdx.x) < arrivers, static_cast<uint32_t>(arrivers), p.wait_ns,
+                           sh, part);
   // 3. the fold and the offset (every CTA, same bits)
   if (p.ctas == 1) {
     if (t == 0) off_s = __fmul_rn(part[0], p.factor);
@@ -798,9 +787,16 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------
 bool aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) % a) == 0; }
 
-int current_device() {
-  int dev = 0;
-  return cudaGetDevice(&dev) == cudaSuccess ? dev : 0;
+// *pdl = asked and the current device launches programmatic dependents (sm_90+); the device is
+// queried only when asked, so the plain launch path costs nothing extra.
+cudaError_t pdl_when_asked(bool asked, bool* pdl) {
+  *pdl = false;
+  if (!asked) return cudaSuccess;
+  int dev = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  *pdl = err == cudaSuccess && major >= 9;
+  return err;
 }
 
 // CTAs that fill the current device once (grid-stride kernels); at least 1.  The occupancy of
@@ -842,13 +838,11 @@ cudaError_t quantize_blocks_launch(const void* w, int64_t n, uint8_t* packed, fl
   // Bit 2 of $LORA_KERNELS_DQ_VARIANT (see launch_absmax_mean_nested; the two-launch route only):
   // a programmatic dependent of the previous kernel on the stream (sm_90).
   const char* env = zero_word != nullptr ? std::getenv("LORA_KERNELS_DQ_VARIANT") : nullptr;
-  int major = 0;
-  if (env != nullptr && (std::atoi(env) & 4) != 0) {
-    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, current_device());
-    if (err != cudaSuccess) return err;
-  }
-  return launch_maybe_pdl(kernel, dim3(grid), dim3(kThreads), 0, stream, major >= 9, w, n, packed, absmax, kLut,
-                          vec_ok, zero_word);
+  bool pdl = false;
+  err = pdl_when_asked(env != nullptr && (std::atoi(env) & 4) != 0, &pdl);
+  if (err != cudaSuccess) return err;
+  return launch_maybe_pdl(kernel, dim3(grid), dim3(kThreads), 0, stream, pdl, w, n, packed, absmax, kLut, vec_ok,
+                          zero_word);
 }
 
 template <DType D>
@@ -885,12 +879,9 @@ cudaError_t dequantize_launch(const uint8_t* packed, const float* absmax_f32,
   // programmatic dependent of the previous kernel on the stream (sm_90), so that its launch and
   // CTA placement overlap that kernel's tail; it waits for that kernel before reading anything.
   const char* env = std::getenv("LORA_KERNELS_DEQUANT_PDL");
-  int major = 0;
-  if (env != nullptr && env[0] == '1') {
-    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, current_device());
-    if (err != cudaSuccess) return err;
-  }
-  const bool pdl = major >= 9;
+  bool pdl = false;
+  err = pdl_when_asked(env != nullptr && env[0] == '1', &pdl);
+  if (err != cudaSuccess) return err;
   return launch_maybe_pdl(kernel, dim3(grid), dim3(kThreads), 0, stream, pdl, packed, absmax_f32, absmax_q,
                           nested_absmax, nested_code, offset, code, n, log2_bs, out, vec_ok);
 }
@@ -978,13 +969,9 @@ cudaError_t launch_absmax_mean_nested(const float* absmax, int64_t nb, int ctas,
   // as one of the kernel before it (quantize_blocks_launch).  Same bits either way.
   const char* env = std::getenv("LORA_KERNELS_DQ_VARIANT");
   const int variant = env != nullptr ? std::atoi(env) : 0;
-  int major = 0;
-  cudaError_t err = cudaSuccess;
-  if ((variant & 1) != 0 && q != nullptr) {
-    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, current_device());
-    if (err != cudaSuccess) return err;
-  }
-  const bool pdl = major >= 9;
+  bool pdl = false;
+  cudaError_t err = pdl_when_asked((variant & 1) != 0 && q != nullptr, &pdl);
+  if (err != cudaSuccess) return err;
   const float factor = 1.0f / static_cast<float>(nb);  // torch: float(num_outputs) / numel
   const unsigned long long wait = wait_ns < 0 ? kMeanWaitNs : static_cast<unsigned long long>(wait_ns);
   const int64_t nnested = (nb + nf4::kNestedBlocksize - 1) / nf4::kNestedBlocksize;
