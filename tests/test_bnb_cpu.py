@@ -29,3 +29,14 @@ def test_from_bnb_refuses_a_cpu_repacked_weight():
     p.quant_state.packing_format_for_cpu = True
     with pytest.raises(lk.NF4FormatError, match="repacked this weight"):
         lk.NF4Weight.from_bnb(p)
+
+
+def test_probe_compiles_nothing():
+    # bitsandbytes' portable CPU ops are torch.compile'd; the probe (run by the conftest before the
+    # first test, GPU runs included) must run them eagerly instead of compiling them with inductor.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()                         # nothing compiled yet, so a compile would count
+    before = dict(counters["stats"])
+    bnb_cpu.bnb_cpu_dequantize_is_wrong()
+    assert dict(counters["stats"]) == before

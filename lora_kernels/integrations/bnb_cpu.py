@@ -37,13 +37,26 @@ def bnb_cpu_dequantize_is_wrong() -> bool:
     [3, 96] weight with blocksize 64 (a row length that is not a multiple of the blocksize)."""
     import bitsandbytes.functional as F
 
-    w = torch.randn(3, 96, generator=torch.Generator().manual_seed(0))
-    q, state = F.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
-    try:
-        native = F.dequantize_4bit(q, state)
-    except Exception:  # noqa: BLE001 - a crash is as wrong as a wrong value
-        return True
-    return not torch.equal(native, _portable_dequantize_4bit(q, state.absmax, 64, "nf4", (3, 96), torch.float32))
+    # bitsandbytes wraps its portable CPU ops in torch.compile: run them eagerly here, or this probe
+    # compiles them with inductor first (~12 s on a cold cache on this project's CPU machine, and on
+    # every fresh GPU machine before its first test), for a [3, 96] weight.
+    with _eager():
+        w = torch.randn(3, 96, generator=torch.Generator().manual_seed(0))
+        q, state = F.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+        try:
+            native = F.dequantize_4bit(q, state)
+        except Exception:  # noqa: BLE001 - a crash is as wrong as a wrong value
+            return True
+        portable = _portable_dequantize_4bit(q, state.absmax, 64, "nf4", (3, 96), torch.float32)
+    return not torch.equal(native, portable)
+
+
+def _eager():
+    """A context in which torch.compile'd functions run as plain eager code."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is not None:
+        return set_stance("force_eager")
+    return torch._dynamo.config.patch(disable=True)
 
 
 def use_portable_bnb_cpu_paths() -> bool:
