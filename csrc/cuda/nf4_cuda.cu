@@ -799,22 +799,28 @@ cudaError_t pdl_when_asked(bool asked, bool* pdl) {
   return err;
 }
 
-// CTAs that fill the current device once (grid-stride kernels); at least 1.  The occupancy of
-// a kernel is queried once per kernel (it only sizes the grid, never affects results).
-template <typename Kernel>
-cudaError_t resident_ctas(Kernel kernel, int* ctas, int threads = kThreads) {
-  static std::atomic<int> cached_per_sm{0};
+// CTAs of kKernel (launched with `threads` threads, always the same per kernel) that fill the current
+// device once (grid-stride kernels); at least 1.  The occupancy is queried once per kernel
+// instantiation and device (the template argument is the kernel itself, not its type: the
+// instantiations of one template share a signature but not a register count, e.g. quantize_blocks_kernel
+// 40 or 48 by dtype and blocksize).  It only sizes grids, never affects results.
+constexpr int kCachedDevices = 16;
+
+template <auto kKernel>
+cudaError_t resident_ctas(int* ctas, int threads = kThreads) {
+  static std::atomic<int> cached_per_sm[kCachedDevices] = {};
   int dev = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err != cudaSuccess) return err;
-  int per_sm = cached_per_sm.load(std::memory_order_relaxed);
+  const bool cacheable = dev >= 0 && dev < kCachedDevices;
+  int per_sm = cacheable ? cached_per_sm[dev].load(std::memory_order_relaxed) : 0;
   if (per_sm == 0) {
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kKernel, threads, 0);
     if (err != cudaSuccess) return err;
     per_sm = per_sm > 0 ? per_sm : 1;
-    cached_per_sm.store(per_sm, std::memory_order_relaxed);
+    if (cacheable) cached_per_sm[dev].store(per_sm, std::memory_order_relaxed);
   }
   *ctas = sms * per_sm > 0 ? sms * per_sm : 1;
   return cudaSuccess;
@@ -828,9 +834,9 @@ cudaError_t quantize_blocks_launch(const void* w, int64_t n, uint8_t* packed, fl
   constexpr int E = 16 / Elem<D>::kSize;
   constexpr int kTile = 4096;
   constexpr QuantLut kLut = nf4::make_quant_lut(nf4::kThresholdsCuda);  // bitsandbytes' CUDA thresholds
-  auto kernel = quantize_blocks_kernel<D, BS>;
+  constexpr auto kernel = quantize_blocks_kernel<D, BS>;
   int ctas = 0;
-  cudaError_t err = resident_ctas(kernel, &ctas);
+  cudaError_t err = resident_ctas<kernel>(&ctas);
   if (err != cudaSuccess) return err;
   const int64_t ntiles = (n + kTile - 1) / kTile;
   const int grid = static_cast<int>(min64(ntiles, ctas));
@@ -868,9 +874,9 @@ cudaError_t dequantize_launch(const uint8_t* packed, const float* absmax_f32,
                               int64_t n, int log2_bs, void* out, cudaStream_t stream) {
   constexpr int E = 16 / Elem<D>::kSize;
   constexpr int kWarpTile = 4 * 32 * E;
-  auto kernel = dequantize_kernel<D, kNested>;
+  constexpr auto kernel = dequantize_kernel<D, kNested>;
   int ctas = 0;
-  cudaError_t err = resident_ctas(kernel, &ctas);
+  cudaError_t err = resident_ctas<kernel>(&ctas);
   if (err != cudaSuccess) return err;
   const int64_t ntiles = (n + kWarpTile - 1) / kWarpTile;
   const int grid = static_cast<int>(min64((ntiles + kWarps - 1) / kWarps, ctas));
@@ -978,7 +984,7 @@ cudaError_t launch_absmax_mean_nested(const float* absmax, int64_t nb, int ctas,
   int resident = 0;
   if (variant & 2) {
     // One warp per nested block, up to what is resident at once (the barrier's peers)
-    err = resident_ctas(absmax_mean_nested_v2_kernel, &resident, kMeanThreads);
+    err = resident_ctas<absmax_mean_nested_v2_kernel>(&resident, kMeanThreads);
     if (err != cudaSuccess) return err;
     const int64_t cta_blocks = (nnested + kMeanWarps - 1) / kMeanWarps;
     const int64_t want = q == nullptr ? ctas : (cta_blocks > ctas ? cta_blocks : ctas);
@@ -990,7 +996,7 @@ cudaError_t launch_absmax_mean_nested(const float* absmax, int64_t nb, int ctas,
   }
   // As many CTAs as the nested pass has pairs of blocks, up to what is resident at once (the
   // barrier's peers; one that is not resident only costs its waiters the timeout).
-  err = resident_ctas(absmax_mean_nested_kernel, &resident, kMeanThreads);
+  err = resident_ctas<absmax_mean_nested_kernel>(&resident, kMeanThreads);
   if (err != cudaSuccess) return err;
   const int64_t pairs = (nnested + 1) / 2;
   const int64_t want = q == nullptr ? ctas : (pairs > ctas ? pairs : ctas);
