@@ -45,6 +45,15 @@ def _dtype_from_name(name: str, what: str) -> torch.dtype:
     raise NF4FormatError(f"{what}: unsupported dtype {name!r}; expected one of {sorted(_DTYPE_NAMES.values())}")
 
 
+def _check_nested_dtype(dtype: torch.dtype, what: str) -> None:
+    """bitsandbytes recovers the absmax in its nested dtype (dyn[q] * nested_absmax, before the offset)
+    and always writes float32 there; ours recover it in float32 only."""
+    if dtype != torch.float32:
+        raise NF4FormatError(f"{what} is {_DTYPE_NAMES.get(dtype, dtype)!s}, only float32 is supported (what "
+                             f"bitsandbytes writes): bitsandbytes would recover this weight's absmax rounded to "
+                             f"that dtype, which lora_kernels does not reproduce")
+
+
 @dataclass(eq=False)      # equality is identity: a field-wise == on tensors has no single truth value
 class NF4Weight:
     """A frozen weight in NF4 (see the module docstring for every field)."""
@@ -261,7 +270,8 @@ class NF4Weight:
             if meta.get("nested_blocksize") != NESTED_BLOCKSIZE or "nested_offset" not in meta:
                 raise NF4FormatError(f"{qs_keys[0]}: nested_blocksize must be {NESTED_BLOCKSIZE} "
                                      f"and nested_offset present, got {meta}")
-            _dtype_from_name(meta.get("nested_dtype", ""), f"{qs_keys[0]} nested_dtype")
+            _check_nested_dtype(_dtype_from_name(meta.get("nested_dtype", ""), f"{qs_keys[0]} nested_dtype"),
+                                f"{qs_keys[0]}: nested_dtype")
         packed = sd[prefix]
         if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage: same bytes viewed as another dtype
             packed = packed.contiguous().view(torch.uint8)
@@ -329,6 +339,8 @@ class NF4Weight:
         nested = getattr(qs, "nested", qs.state2 is not None)
         if nested and qs.state2.blocksize != NESTED_BLOCKSIZE:
             raise NF4FormatError(f"nested blocksize {qs.state2.blocksize} is not {NESTED_BLOCKSIZE}")
+        if nested:
+            _check_nested_dtype(qs.state2.dtype, "quant_state.state2.dtype")
         offset = None
         if nested:
             offset = torch.as_tensor(qs.offset, dtype=torch.float32).to(data.device).reshape(())

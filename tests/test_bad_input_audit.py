@@ -221,6 +221,9 @@ def test_from_state_dict_refuses_corrupt_scales_single_quant(corrupt, match):
     (lambda sd: _edit_meta(sd, nested_offset=float("inf")), "offset has NaN/inf"),
     (lambda sd: sd.update({"weight.nested_quant_map": torch.zeros(256)}), "8-bit dynamic table"),
     (lambda sd: _edit_meta(sd, nested_offset="abc"), "nested_offset must be a number"),
+    (lambda sd: _edit_meta(sd, nested_dtype="bfloat16"), "nested_dtype is bfloat16, only float32"),
+    (lambda sd: _edit_meta(sd, nested_dtype="float16"), "nested_dtype is float16, only float32"),
+    (lambda sd: _edit_meta(sd, nested_dtype="int8"), "nested_dtype: unsupported dtype"),
     (lambda sd: _edit_meta(sd, blocksize=None), "blocksize must be an int"),
     (lambda sd: _edit_meta(sd, blocksize=64.0), "blocksize must be an int"),
     (lambda sd: _edit_meta(sd, shape=[32.9, 128]), "shape must be a list of ints"),
@@ -282,6 +285,15 @@ def test_quantize_nf4_blocksize_type_and_routes_take_a_device_string():
 def test_from_bnb_rejects_a_non_quant_state():
     with pytest.raises(NF4FormatError, match="quant_state must be a bitsandbytes QuantState, got object"):
         lk.NF4Weight.from_bnb(torch.zeros(8, dtype=torch.uint8), quant_state=object())
+
+
+def test_from_bnb_rejects_a_non_fp32_nested_state():
+    q = lk.quantize_nf4(torch.randn(32, 128))
+    qs = q.to_bnb_quant_state()
+    assert lk.NF4Weight.from_bnb(q.packed, quant_state=qs).dequantize().equal(q.dequantize())
+    qs.state2.dtype = torch.bfloat16
+    with pytest.raises(NF4FormatError, match="state2.dtype is bfloat16, only float32"):
+        lk.NF4Weight.from_bnb(q.packed, quant_state=qs)
 
 
 def test_patch_peft_model_type_and_double_quant_offset_overflow():
