@@ -6,6 +6,8 @@
 # the issue's four weights with the switches the probe found best, then (last, in the time left; $TEST_S reserved for them)
 # the GPU tests ($TESTS: default the route's and the format's, bitsandbytes equality).
 #     OUT=$OUT bash benchmarks/run_issue2_device.sh      (carry .whl: the bitsandbytes wheel)
+# NO_TESTS=1 stops after the bench (then PART=custom TESTS=... run_gpu_tests_device.sh in a second call:
+# two shorter calls lose less when a machine is taken back mid-call).
 OUT="${OUT:-/tmp/lk_out}"; mkdir -p "$OUT"; ENV_S="${ENVELOPE:-570}"
 set +e
 source benchmarks/device_env.sh
@@ -20,6 +22,7 @@ LEFT=$(( ENV_S - SECONDS - ${TEST_S:-150} ))
 echo "=== bench_nf4 ($LEFT s) $(date +%T)"
 [ $LEFT -gt 30 ] && timeout $LEFT python3 -m benchmarks.bench_nf4 --out "$OUT" > "$OUT/bench_nf4.log" 2>&1
 echo "bench_nf4 rc=$?"; sed -n '/^== short table/,$p' "$OUT/bench_nf4.log" | grep -E 'graph|short|shape' | cut -c1-250
+[ -n "$NO_TESTS" ] && { echo "=== no tests (NO_TESTS) $(date +%T) ($SECONDS s)"; exit 0; }
 echo "=== pytest -m gpu fused double quant + format $(date +%T)"
 timeout $(( ENV_S - SECONDS - 5 )) python3 -m pytest -m gpu -q -p no:cacheprovider -rfs --durations=8 ${TESTS:-tests/test_fused_double_quant.py tests/test_gpu_nf4.py} \
   > "$OUT/gpu_tests_issue2.log" 2>&1
