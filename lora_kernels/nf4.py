@@ -337,12 +337,11 @@ class NF4Weight:
         if data.dtype != torch.uint8:
             data = data.contiguous().view(torch.uint8)
         nested = getattr(qs, "nested", qs.state2 is not None)
-        if nested and qs.state2.blocksize != NESTED_BLOCKSIZE:
-            raise NF4FormatError(f"nested blocksize {qs.state2.blocksize} is not {NESTED_BLOCKSIZE}")
-        if nested:
-            _check_nested_dtype(qs.state2.dtype, "quant_state.state2.dtype")
         offset = None
         if nested:
+            if qs.state2.blocksize != NESTED_BLOCKSIZE:
+                raise NF4FormatError(f"nested blocksize {qs.state2.blocksize} is not {NESTED_BLOCKSIZE}")
+            _check_nested_dtype(qs.state2.dtype, "quant_state.state2.dtype")
             offset = torch.as_tensor(qs.offset, dtype=torch.float32).to(data.device).reshape(())
         return cls(packed=data.reshape(-1, 1), absmax=qs.absmax, code=qs.code.float(), shape=qs.shape,
                    dtype=qs.dtype, blocksize=int(qs.blocksize),
