@@ -33,6 +33,7 @@
 #include <cstring>
 
 #include "cuda/pdl.cuh"
+#include "cuda/spin_wait.cuh"
 #include "nf4_common.h"
 
 namespace lora_kernels {
@@ -356,18 +357,6 @@ constexpr int kMeanMaxCtas = 1024;
 constexpr int64_t kMeanMinValues = 2048;  // from here torch's CTAs are 512 x 1, vectorized
 constexpr unsigned long long kMeanWaitNs = 2ull * 1000 * 1000;
 
-__device__ __forceinline__ unsigned long long mean_timer_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
-  return t;
-}
-
-__device__ __forceinline__ uint32_t ld_acquire_u32(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
 // Torch's CTA reduction of one value per thread (512 threads); the sum lands in thread 0.
 // `sh` holds 512 floats; the caller must not touch it until the next __syncthreads().
 __device__ __forceinline__ float torch_cta_sum(float v, float* sh, bool shfl_up) {
@@ -440,16 +429,7 @@ __device__ void meet_and_gather_partials(const float* __restrict__ absmax, int64
       __threadfence();
       atomicAdd(arrived, 1u);
     }
-    const unsigned long long t0 = mean_timer_ns();
-    int ok = 1;
-    while (ld_acquire_u32(arrived) < expected) {
-      if (mean_timer_ns() - t0 > wait_ns) {
-        ok = 0;
-        break;
-      }
-      __nanosleep(64);
-    }
-    ok_s = ok;
+    ok_s = spin_until([&] { return ld_acquire_u32(arrived) >= expected; }, wait_ns, 64);
   }
   __syncthreads();
   if (ok_s) {

@@ -46,6 +46,7 @@
 
 #include "nf4_common.h"
 #include "cuda/nf4_gemv_common.cuh"
+#include "cuda/spin_wait.cuh"
 
 namespace lora_kernels {
 namespace cuda {
@@ -85,16 +86,6 @@ __device__ __forceinline__ uint32_t lut_addr(uint32_t w, uint32_t lane_base) {
 }
 // CTA barrier that may be reached from different code locations by different warps.
 __device__ __forceinline__ void barrier_any() { asm volatile("barrier.sync 0;\n" ::: "memory"); }
-__device__ __forceinline__ unsigned long long ld_acquire_u64(const unsigned long long* p) {
-  unsigned long long v;
-  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];\n" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ unsigned long long global_timer_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
-  return t;
-}
 // Epoch-tagged counter {epoch: hi 32 bits, count: lo 32}: a word tagged with another epoch counts
 // as 0.  Returns the count after the increment.
 __device__ __forceinline__ uint32_t epoch_inc(unsigned long long* w, uint32_t epoch) {
@@ -581,16 +572,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_v2_kernel(const V2Params
   if (tid == 0) {
     const unsigned long long target =
         (static_cast<unsigned long long>(p.epoch) << 32) | static_cast<unsigned long long>(p.P + 1);
-    const unsigned long long t_start = global_timer_ns();
-    int ok = 1;
-    while (ld_acquire_u64(p.sync) != target) {
-      if (global_timer_ns() - t_start > kWaitNs) {
-        ok = 0;
-        break;
-      }
-      __nanosleep(200);
-    }
-    flag_s = ok;
+    flag_s = spin_until([&] { return ld_acquire_u64(p.sync) == target; }, kWaitNs, 200);
   }
   __syncthreads();
   const int MR = p.M * p.r;
